@@ -1,0 +1,145 @@
+"""The model registry: which providers exist, how to reach them, and which model aliases they serve.
+
+It is one YAML file (``GATEWAY_CONFIG``; the built-in ``default_registry.yaml`` otherwise)::
+
+    providers:
+      openai:
+        kind: openai                 # adapter module in workers/adapters/
+        base_url: https://api.openai.com/v1
+        api_key_env: OPENAI_API_KEY  # credentials come from the environment, never from the file
+        base_url_env: OPENAI_BASE_URL
+        pool: 32                     # concurrent calls per worker process
+        timeout: 600                 # seconds for one upstream call
+    models:
+      gpt-4o-mini:
+        provider: openai
+        model: gpt-4o-mini           # the provider's own name for it
+        context_window: 128000
+        capabilities: [chat, tools, vision, json]
+        price: {input: 0.15, output: 0.60}   # USD per 1M tokens
+
+A provider that needs a key and has none in the environment is *not routable*: its models are
+listed in ``/health`` as unavailable and calls to them get a clear 503, never a hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ProviderKind = Literal["openai", "mock"]
+Capability = Literal["chat", "tools", "vision", "json", "embeddings", "stream"]
+
+
+class RegistryError(ValueError):
+    """The registry file is unreadable or inconsistent; the message says where."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(_Strict):
+    """USD per one million tokens."""
+
+    input: Decimal = Decimal(0)
+    output: Decimal = Decimal(0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        return (self.input * prompt_tokens + self.output * completion_tokens) / Decimal(1_000_000)
+
+
+class Provider(_Strict):
+    name: str = ""
+    kind: ProviderKind
+    base_url: str | None = None
+    api_key_env: str | None = None
+    base_url_env: str | None = None
+    requires_key: bool = True
+    pool: int = Field(default=32, ge=1, le=10_000)
+    timeout: float = Field(default=600.0, gt=0)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    # resolved from the environment at load time
+    api_key: str | None = Field(default=None, repr=False)
+
+    @property
+    def routable(self) -> bool:
+        return self.unroutable_reason is None
+
+    @property
+    def unroutable_reason(self) -> str | None:
+        if self.kind == "mock":
+            return None
+        if not self.base_url:
+            return f"no base URL (set {self.base_url_env or 'base_url'})"
+        if self.requires_key and not self.api_key:
+            return f"no credentials (set {self.api_key_env})"
+        return None
+
+
+class Model(_Strict):
+    alias: str = ""
+    provider: str
+    model: str
+    context_window: int = Field(default=8192, gt=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    capabilities: tuple[Capability, ...] = ("chat",)
+    price: Price = Price()
+
+
+class Registry(_Strict):
+    providers: dict[str, Provider]
+    models: dict[str, Model]
+
+    @model_validator(mode="after")
+    def _models_name_known_providers(self) -> Registry:
+        for alias, model in self.models.items():
+            if model.provider not in self.providers:
+                raise ValueError(f"model {alias!r} names unknown provider {model.provider!r}")
+        return self
+
+    def model(self, alias: str) -> Model | None:
+        return self.models.get(alias)
+
+    def provider_of(self, model: Model) -> Provider:
+        return self.providers[model.provider]
+
+
+def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
+    """Validate a registry document and resolve credentials and base URLs from ``env``."""
+    if not isinstance(data, dict):
+        raise RegistryError("the registry must be a mapping with 'providers' and 'models'")
+    try:
+        raw = Registry.model_validate(data)
+    except ValidationError as exc:
+        raise RegistryError(f"invalid registry: {exc}") from None
+    providers = {}
+    for name, p in raw.providers.items():
+        base_url = (env.get(p.base_url_env) if p.base_url_env else None) or p.base_url
+        api_key = env.get(p.api_key_env) if p.api_key_env else None
+        providers[name] = p.model_copy(
+            update={"name": name, "base_url": base_url.rstrip("/") if base_url else None, "api_key": api_key}
+        )
+    models = {alias: m.model_copy(update={"alias": alias}) for alias, m in raw.models.items()}
+    return Registry(providers=providers, models=models)
+
+
+def load_registry(path: Path, env: Mapping[str, str]) -> Registry:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RegistryError(f"cannot read GATEWAY_CONFIG {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        return parse_registry(data, env)
+    except RegistryError as exc:
+        raise RegistryError(f"{path}: {exc}") from None

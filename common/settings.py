@@ -1,0 +1,114 @@
+"""Typed settings, read from the environment once at start-up.
+
+This is the only module that looks at the environment. Everything else receives a
+:class:`Settings` (or the piece of it it needs) from whoever built it: ``create_app(settings)``,
+``make_celery(settings)``, the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.registry import Registry, load_registry
+
+DEFAULT_REGISTRY = Path(__file__).with_name("default_registry.yaml")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable and what it expects."""
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    return int(_float(env, name, default, minimum=minimum))
+
+
+def normalise_database_url(url: str) -> str:
+    """SQLAlchemy needs the driver named; accept the ecosystem's plain ``postgres(ql)://`` too."""
+    for plain in ("postgres://", "postgresql://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain):]
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway's processes need to know, resolved and validated."""
+
+    redis_url: str | None
+    database_url: str | None
+    registry: Registry
+    key_prefix: str = "gw"
+    default_max_wait: float = 60.0          # seconds a sync call may wait in line before its 429
+    max_wait_limit: float = 3600.0          # the largest per-request max_wait we accept
+    async_max_wait: float = 86400.0         # async jobs wait in line up to this long
+    task_time_limit: float = 600.0          # hard limit on one job's run (upstream call + retries)
+    max_body_bytes: int = 4 * 1024 * 1024
+    auth_mode: str = "auto"                 # auto | required | off
+    state_dir: Path = field(default_factory=lambda: Path(".state"))
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    flower_port: int = 5555
+    visibility_timeout_override: float | None = None
+
+    @property
+    def visibility_timeout(self) -> float:
+        """A reserved message is redelivered only after this long: it must outlast any job's
+        longest legitimate run so that a slow job is never executed twice."""
+        if self.visibility_timeout_override is not None:
+            return self.visibility_timeout_override
+        return self.max_wait_limit + self.task_time_limit + 60.0
+
+    def routable_providers(self) -> list[str]:
+        """Providers that have what they need (credentials, base URL) to take calls."""
+        return [name for name, p in self.registry.providers.items() if p.routable]
+
+    def queue_for(self, provider: str) -> str:
+        return f"llm.{provider}"
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``env`` (the process environment by default)."""
+    env = os.environ if env is None else env
+    config_path = Path(env.get("GATEWAY_CONFIG") or DEFAULT_REGISTRY)
+    registry = load_registry(config_path, env)
+    auth_mode = env.get("GATEWAY_AUTH", "auto")
+    if auth_mode not in ("auto", "required", "off"):
+        raise SettingsError(f"GATEWAY_AUTH={auth_mode!r} must be one of auto, required, off")
+    database_url = env.get("DATABASE_URL") or None
+    visibility = env.get("GATEWAY_VISIBILITY_TIMEOUT")
+    settings = Settings(
+        redis_url=env.get("REDIS_URL") or None,
+        database_url=normalise_database_url(database_url) if database_url else None,
+        registry=registry,
+        key_prefix=env.get("GATEWAY_KEY_PREFIX", "gw"),
+        default_max_wait=_float(env, "GATEWAY_MAX_WAIT", 60.0, minimum=0.1),
+        max_wait_limit=_float(env, "GATEWAY_MAX_WAIT_LIMIT", 3600.0, minimum=0.1),
+        async_max_wait=_float(env, "GATEWAY_ASYNC_MAX_WAIT", 86400.0, minimum=1.0),
+        task_time_limit=_float(env, "GATEWAY_TASK_TIME_LIMIT", 600.0, minimum=1.0),
+        max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
+        auth_mode=auth_mode,
+        state_dir=Path(env.get("GATEWAY_STATE_DIR", ".state")),
+        api_host=env.get("GATEWAY_HOST", "127.0.0.1"),
+        api_port=_int(env, "GATEWAY_PORT", 8080, minimum=1),
+        flower_port=_int(env, "GATEWAY_FLOWER_PORT", 5555, minimum=1),
+        visibility_timeout_override=float(visibility) if visibility else None,
+    )
+    if settings.default_max_wait > settings.max_wait_limit:
+        raise SettingsError("GATEWAY_MAX_WAIT must not exceed GATEWAY_MAX_WAIT_LIMIT")
+    return settings

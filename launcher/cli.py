@@ -1,0 +1,172 @@
+"""``llm-gateway`` — the operator's entry point.
+
+    llm-gateway up        the whole system (embedded Redis/Postgres when no URLs are set)
+    llm-gateway api       the HTTP front end (gunicorn + gevent)
+    llm-gateway worker    one Celery worker pool for one provider queue (llm.<provider>)
+    llm-gateway flower    the queue dashboard
+    llm-gateway migrate   alembic upgrade head
+    llm-gateway keys      create / list / revoke API keys
+    llm-gateway providers which providers are routable, and why not
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from common.settings import Settings, SettingsError, load_settings
+
+
+def _require(settings: Settings, what: str) -> None:
+    missing = [name for name, value in (("REDIS_URL", settings.redis_url), ("DATABASE_URL", settings.database_url))
+               if value is None]
+    if missing:
+        raise SystemExit(f"llm-gateway {what}: set {' and '.join(missing)} (or use `llm-gateway up`, "
+                         "which starts embedded servers when they are unset)")
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    _require(settings, "api")
+    argv = [
+        sys.executable, "-m", "gunicorn",
+        "--worker-class", "gevent",
+        "--workers", str(args.workers),
+        "--worker-connections", str(args.connections),
+        "--bind", f"{args.host or settings.api_host}:{args.port or settings.api_port}",
+        "--graceful-timeout", "10",
+        "--keep-alive", "75",
+        "--access-logfile", "-" if args.access_log else "/dev/null",
+        "api.wsgi:app",
+    ]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover - execv does not return
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    _require(settings, "worker")
+    provider = settings.registry.providers.get(args.provider)
+    if provider is None:
+        raise SystemExit(f"unknown provider {args.provider!r}; known: {', '.join(settings.registry.providers)}")
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "worker",
+        "--queues", settings.queue_for(provider.name),
+        "--pool", "gevent",
+        "--concurrency", str(args.concurrency or provider.pool),
+        "--hostname", f"{provider.name}-{args.name or os.getpid()}@%h",
+        "--prefetch-multiplier", "1",
+        "--task-events",
+        "--without-mingle", "--without-gossip",
+        "--loglevel", args.loglevel,
+    ]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
+def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
+    _require(settings, "flower")
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "flower",
+            f"--port={args.port or settings.flower_port}", "--address=127.0.0.1" if not args.public else "--address=0.0.0.0"]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from common.db import migrate
+
+    if settings.database_url is None:
+        raise SystemExit("llm-gateway migrate: set DATABASE_URL")
+    migrate(settings.database_url)
+    print("database schema is at head")
+    return 0
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from common.apikeys import create_key, list_keys, revoke_key
+    from common.db import make_session_factory
+
+    if settings.database_url is None:
+        raise SystemExit("llm-gateway keys: set DATABASE_URL")
+    sessions = make_session_factory(settings.database_url)
+    if args.action == "create":
+        key_id, secret = create_key(sessions, args.name)
+        print(f"created key {key_id} ({args.name}). It is shown only once:\n{secret}")
+    elif args.action == "list":
+        for row in list_keys(sessions):
+            print(f"{row.id}\t{row.name}\t{row.prefix}…\t{'revoked' if row.revoked_at else 'active'}")
+    else:
+        if not revoke_key(sessions, args.key_id):
+            raise SystemExit(f"no active key {args.key_id}")
+        print(f"revoked {args.key_id}")
+    return 0
+
+
+def cmd_providers(settings: Settings, args: argparse.Namespace) -> int:
+    for name, p in settings.registry.providers.items():
+        print(f"{name}\t{p.kind}\t{'routable' if p.routable else 'NOT routable: ' + str(p.unroutable_reason)}")
+    return 0
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from launcher.supervisor import run_up
+
+    return run_up(settings, host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-gateway", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run everything (embedded Redis/Postgres if REDIS_URL/DATABASE_URL unset)")
+    up.add_argument("--host", default=None)
+    up.add_argument("--port", type=int, default=None)
+    up.set_defaults(func=cmd_up)
+
+    api = sub.add_parser("api", help="run the HTTP API under gunicorn+gevent")
+    api.add_argument("--host", default=None)
+    api.add_argument("--port", type=int, default=None)
+    api.add_argument("--workers", type=int, default=1, help="gunicorn processes (default 1)")
+    api.add_argument("--connections", type=int, default=10000, help="held connections per process")
+    api.add_argument("--access-log", action="store_true")
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run a Celery worker for one provider queue")
+    worker.add_argument("--provider", required=True)
+    worker.add_argument("--concurrency", type=int, default=None, help="default: the provider's pool")
+    worker.add_argument("--name", default=None, help="node name suffix (default: pid)")
+    worker.add_argument("--loglevel", default="warning")
+    worker.set_defaults(func=cmd_worker)
+
+    flower = sub.add_parser("flower", help="run the Flower dashboard")
+    flower.add_argument("--port", type=int, default=None)
+    flower.add_argument("--public", action="store_true", help="listen on all interfaces")
+    flower.set_defaults(func=cmd_flower)
+
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("providers", help="show which providers are routable").set_defaults(func=cmd_providers)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    create = keys_sub.add_parser("create")
+    create.add_argument("--name", required=True)
+    keys_sub.add_parser("list")
+    revoke = keys_sub.add_parser("revoke")
+    revoke.add_argument("key_id")
+    keys.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except (SettingsError, ValueError) as exc:
+        print(f"llm-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return args.func(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
