@@ -50,7 +50,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if provider is None:
         raise SystemExit(f"unknown provider {args.provider!r}; known: {', '.join(settings.registry.providers)}")
     argv = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "worker",
+        sys.executable, "-m", "celery", "-A", "workers.worker:app", "worker",
         "--queues", settings.queue_for(provider.name),
         "--pool", "gevent",
         "--concurrency", str(args.concurrency or provider.pool),
@@ -66,7 +66,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
     _require(settings, "flower")
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "flower",
+    argv = [sys.executable, "-m", "celery", "-A", "workers.worker:app", "flower",
             f"--port={args.port or settings.flower_port}", "--address=127.0.0.1" if not args.public else "--address=0.0.0.0"]
     os.execv(sys.executable, argv)
     return 0  # pragma: no cover

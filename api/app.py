@@ -1,0 +1,60 @@
+"""The Flask app factory. Collaborators are built here from settings (or passed in by tests)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+import redis
+from flask import Flask, Response, g, request
+
+from api import health, jobs_routes, openai_routes
+from api.auth import Authenticator
+from api.dispatcher import ReplyDispatcher
+from api.errors import install_error_handlers
+from api.gateway import Gateway
+from common.apikeys import active_key_hashes
+from common.db import make_session_factory
+from common.jobs import JobStore
+from common.settings import Settings
+from workers.celery_app import make_celery
+
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def create_app(settings: Settings) -> Flask:
+    if settings.redis_url is None or settings.database_url is None:
+        raise ValueError("the API needs REDIS_URL and DATABASE_URL")
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.compact = True  # type: ignore[attr-defined]
+
+    # bounded: thousands of held requests share these, none holds one while it waits
+    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=10,
+                                                 health_check_interval=30)
+    store = JobStore(redis.Redis(connection_pool=pool), settings.key_prefix)
+    sessions = make_session_factory(settings.database_url, pool_size=5)
+    gateway = Gateway(settings, store, make_celery(settings), sessions, ReplyDispatcher(store))
+    authenticator = Authenticator(settings.auth_mode, lambda: active_key_hashes(sessions))
+    app.extensions["gateway"] = gateway
+
+    @app.before_request
+    def _identify() -> None:
+        incoming = request.headers.get("x-request-id", "")
+        g.request_id = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(12)
+        g.api_key_id = None
+        if request.path not in PUBLIC_PATHS:
+            g.api_key_id = authenticator.authenticate(request.headers)
+
+    @app.after_request
+    def _tag(response: Response) -> Response:
+        response.headers["x-request-id"] = g.get("request_id", "")
+        return response
+
+    install_error_handlers(app)
+    app.register_blueprint(openai_routes.bp)
+    app.register_blueprint(jobs_routes.bp)
+    app.register_blueprint(health.bp)
+    return app

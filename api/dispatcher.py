@@ -1,0 +1,84 @@
+"""One Redis subscription per API process delivers every job event to the request waiting for it.
+
+Workers publish each event of a job to the channel of the API process that submitted it
+(``reply_to``). This process keeps one pubsub connection on its channel and hands each event to
+the waiting request's in-memory queue — so 5,000 held requests cost one Redis connection and no
+polling. If the subscription breaks, every waiter is told to re-read its job's stream (events are
+also kept there), so nothing published during the gap is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+
+import redis
+
+from common.jobs import Event, JobStore, parse_reply
+
+log = logging.getLogger(__name__)
+
+RESYNC = Event("", {"type": "_resync"})  # "re-read your job's stream": the subscription was re-established
+
+
+class ReplyDispatcher:
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.instance_id = secrets.token_hex(8)
+        self.channel = store.reply_channel(self.instance_id)
+        self._waiters: dict[str, queue.SimpleQueue[Event]] = {}
+        self._subscribed = threading.Event()
+        self._start_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def ensure_started(self, timeout: float = 5.0) -> None:
+        """Start the listener (once per process, after fork) and wait until it is subscribed."""
+        if self._subscribed.is_set():
+            return
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="reply-dispatcher", daemon=True)
+                self._thread.start()
+        if not self._subscribed.wait(timeout):
+            raise redis.ConnectionError("could not subscribe to the reply channel")
+
+    def register(self, job_id: str) -> queue.SimpleQueue[Event]:
+        self.ensure_started()
+        waiter: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._waiters[job_id] = waiter
+        return waiter
+
+    def unregister(self, job_id: str) -> None:
+        self._waiters.pop(job_id, None)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.store.redis.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                for message in pubsub.listen():
+                    if message["type"] == "subscribe":
+                        backoff = 0.1
+                        self._subscribed.set()
+                        for waiter in list(self._waiters.values()):
+                            waiter.put(RESYNC)
+                    elif message["type"] == "message":
+                        job_id, event = parse_reply(message["data"])
+                        waiter = self._waiters.get(job_id)
+                        if waiter is not None:
+                            waiter.put(event)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                self._subscribed.clear()
+                log.warning("reply subscription lost (%s); reconnecting in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                pubsub.close()

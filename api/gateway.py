@@ -1,0 +1,228 @@
+"""What the API does with a validated call, whatever protocol it arrived in.
+
+:class:`Gateway` resolves the model, creates the job (Redis; plus Postgres for async jobs), sends it
+to the provider's Celery queue and — for a synchronous call — holds the caller until the job's
+result arrives through the :class:`~api.dispatcher.ReplyDispatcher`, or its ``max_wait`` passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
+from sqlalchemy import update
+from sqlalchemy.orm import sessionmaker
+
+from api.dispatcher import RESYNC, ReplyDispatcher
+from common.db import Job
+from common.errors import (
+    GatewayError,
+    InvalidRequest,
+    JobConflict,
+    ModelNotFound,
+    NotFound,
+    ProviderUnavailable,
+    QueueTimeout,
+)
+from common.jobs import TERMINAL, Event, JobStore, new_job_id
+from common.registry import Model, Provider
+from common.settings import Settings
+from common.types import ChatRequest
+from workers.celery_app import TASK_NAME
+
+log = logging.getLogger(__name__)
+
+SAFETY_POLL_S = 30.0     # re-read the job's stream this often even without a notification
+EVENT_TTL_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Route:
+    model: Model
+    provider: Provider
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A settled job as the protocol layer renders it."""
+
+    job_id: str
+    result: dict[str, Any]
+    meta: dict[str, Any]
+
+
+class Gateway:
+    def __init__(self, settings: Settings, store: JobStore, celery: Celery, sessions: sessionmaker,
+                 dispatcher: ReplyDispatcher) -> None:
+        self.settings = settings
+        self.store = store
+        self.celery = celery
+        self.sessions = sessions
+        self.dispatcher = dispatcher
+
+    # resolution ---------------------------------------------------------------------------------
+    def route(self, alias: str) -> Route:
+        model = self.settings.registry.model(alias)
+        if model is None:
+            raise ModelNotFound(f"The model '{alias}' does not exist or you do not have access to it.",
+                                param="model")
+        provider = self.settings.registry.provider_of(model)
+        if not provider.routable:
+            raise ProviderUnavailable(f"model '{alias}' is served by provider '{provider.name}', which is "
+                                      f"not configured: {provider.unroutable_reason}")
+        return Route(model, provider)
+
+    def max_wait(self, header: str | None, body_value: Any, default: float) -> float:
+        """The caller's max_wait: ``x-gateway-max-wait`` header or ``max_wait`` body field, in seconds."""
+        raw = body_value if body_value is not None else header
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"max_wait must be a number of seconds, got {raw!r}", param="max_wait") from None
+        if isinstance(raw, bool) or not math.isfinite(value) or value <= 0:
+            raise InvalidRequest("max_wait must be a positive number of seconds", param="max_wait")
+        if value > self.settings.max_wait_limit:
+            raise InvalidRequest(f"max_wait may be at most {self.settings.max_wait_limit:g} seconds",
+                                 param="max_wait")
+        return value
+
+    # synchronous calls --------------------------------------------------------------------------
+    def call(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> Outcome:
+        """Queue the call and hold until it settles; past ``max_wait`` in line raise QueueTimeout."""
+        job_id = new_job_id()
+        waiter = self.dispatcher.register(job_id)
+        try:
+            spec = _spec(request, route, api_key_id)
+            self.store.create(job_id, spec, max_wait=max_wait, reply_to=self.dispatcher.channel,
+                              ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S, mode="sync")
+            self._send(job_id, route)
+            return self._wait(job_id, route, waiter, max_wait)
+        finally:
+            self.dispatcher.unregister(job_id)
+
+    def _wait(self, job_id: str, route: Route, waiter: queue.SimpleQueue[Event], max_wait: float) -> Outcome:
+        now = time.monotonic()
+        deadline = now + max_wait
+        running = False
+        last_id = "0-0"
+        while True:
+            limit = deadline if not running else deadline + self.settings.task_time_limit + 30
+            timeout = min(SAFETY_POLL_S, limit - time.monotonic())
+            events: list[Event] = []
+            try:
+                event = waiter.get(timeout=max(timeout, 0.0))
+                events = [event] if event is not RESYNC else self.store.read_events(job_id, last_id)
+            except queue.Empty:
+                events = self.store.read_events(job_id, last_id)
+            for event in events:
+                if event.stream_id:
+                    last_id = event.stream_id
+                outcome = self._final(job_id, route, event)
+                if outcome is not None:
+                    return outcome
+            if not events and time.monotonic() >= limit:
+                if running:
+                    raise GatewayError("the job did not finish within the task time limit", status=504,
+                                       code="job_timeout")
+                state = self.store.withdraw(job_id, "expired")
+                if state == "expired":
+                    raise QueueTimeout(f"the request waited {max_wait:g}s in the queue for '{route.model.alias}' "
+                                       "without a free slot and was withdrawn; retry later or raise max_wait",
+                                       retry_after=self.retry_after(route.provider, max_wait))
+                running = True  # a worker claimed it just in time: it will run, so keep waiting
+
+    def _final(self, job_id: str, route: Route, event: Event) -> Outcome | None:
+        kind = event.data.get("type")
+        if kind == "result":
+            return Outcome(job_id, event.data["result"], event.data.get("meta", {}))
+        if kind == "error":
+            raise GatewayError.from_dict(event.data["error"])
+        if kind == "expired":
+            raise QueueTimeout(event.data.get("message", "the job expired in the queue"),
+                               retry_after=self.retry_after(route.provider, 1.0))
+        if kind == "cancelled":
+            raise GatewayError("the job was cancelled", status=409, code="job_cancelled")
+        return None
+
+    def retry_after(self, provider: Provider, waited: float) -> int:
+        """Seconds until a retry is likely to get a slot: the queue ahead divided by the rate at which
+        the provider's workers settled jobs over the last minute. With no completions to go by, the
+        time this call already waited is the honest lower bound."""
+        depth = self.queue_depth(provider)
+        rate = self.store.completion_rate(provider.name)
+        estimate = depth / rate if rate > 0 else waited
+        return int(min(max(math.ceil(estimate), 1), 3600))
+
+    def queue_depth(self, provider: Provider) -> int:
+        return int(self.store.redis.llen(self.settings.queue_for(provider.name)))
+
+    def _send(self, job_id: str, route: Route) -> None:
+        try:
+            self.celery.send_task(TASK_NAME, args=[job_id], task_id=job_id,
+                                  queue=self.settings.queue_for(route.provider.name))
+        except (OperationalError, redis.RedisError) as exc:
+            log.error("job %s: broker unavailable: %s", job_id, exc)
+            self.store.withdraw(job_id, "cancelled")
+            raise GatewayError("the job queue is unavailable; nothing was run, retry shortly", status=503,
+                               code="queue_unavailable", retry_after=1) from None
+
+    # async jobs ---------------------------------------------------------------------------------
+    def submit(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> Job:
+        """Accept an async job: durable row first, then live state, then the queue."""
+        if request.stream:
+            raise InvalidRequest("async jobs return a whole completion; do not set 'stream'", param="stream")
+        job_id = new_job_id()
+        created = datetime.now(UTC)
+        spec = _spec(request, route, api_key_id)
+        job = Job(id=job_id, api_key_id=api_key_id, model=route.model.alias, provider=route.provider.name,
+                  request=spec["request"], status="queued", attempts=0, created_at=created,
+                  deadline_at=created + timedelta(seconds=max_wait))
+        with self.sessions.begin() as session:
+            session.add(job)
+        self.store.create(job_id, spec, max_wait=max_wait, reply_to="", ttl=max_wait + EVENT_TTL_S * 24,
+                          mode="async")
+        try:
+            self._send(job_id, route)
+        except GatewayError:
+            self._update_job(job_id, status="failed", finished_at=datetime.now(UTC),
+                             error={"message": "the job queue was unavailable", "code": "queue_unavailable"})
+            raise
+        return job
+
+    def job(self, job_id: str, api_key_id: str | None) -> Job:
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+        if job is None or (api_key_id is not None and job.api_key_id not in (None, api_key_id)):
+            raise NotFound(f"no job with id '{job_id}'", param="id", code="job_not_found")
+        return job
+
+    def cancel(self, job_id: str, api_key_id: str | None) -> Job:
+        job = self.job(job_id, api_key_id)
+        if job.status in TERMINAL:
+            raise JobConflict(f"job '{job_id}' already {job.status}")
+        state = self.store.withdraw(job_id, "cancelled")
+        if state not in ("cancelled", "missing"):
+            raise JobConflict(f"job '{job_id}' is {state} and can no longer be cancelled")
+        return self._update_job(job_id, status="cancelled", finished_at=datetime.now(UTC))
+
+    def _update_job(self, job_id: str, **values: Any) -> Job:
+        with self.sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+            job = session.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        return job
+
+
+def _spec(request: ChatRequest, route: Route, api_key_id: str | None) -> dict[str, Any]:
+    return {"model": route.model.alias, "provider": route.provider.name,
+            "request": request.model_dump(exclude_none=True), "api_key_id": api_key_id}

@@ -1,0 +1,42 @@
+"""``GET /health``: can we reach Redis and Postgres, and which providers can take calls (and why not)."""
+
+from __future__ import annotations
+
+import redis
+from flask import Blueprint, Response, jsonify
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from api.openai_routes import gateway
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/health")
+def health() -> Response:
+    gw = gateway()
+    checks: dict[str, str] = {}
+    try:
+        gw.store.redis.ping()
+        checks["redis"] = "ok"
+    except redis.RedisError as exc:
+        checks["redis"] = f"error: {type(exc).__name__}"
+    try:
+        with gw.sessions() as session:
+            session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except SQLAlchemyError as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    providers = {}
+    for name, p in gw.settings.registry.providers.items():
+        entry: dict[str, object] = {"kind": p.kind, "routable": p.routable, "queue": gw.settings.queue_for(name),
+                                    "models": [a for a, m in gw.settings.registry.models.items() if m.provider == name]}
+        if not p.routable:
+            entry["reason"] = p.unroutable_reason
+        elif checks["redis"] == "ok":
+            entry["queue_depth"] = gw.queue_depth(p)
+        providers[name] = entry
+    healthy = all(v == "ok" for v in checks.values())
+    response = jsonify({"status": "ok" if healthy else "degraded", **checks, "providers": providers})
+    response.status_code = 200 if healthy else 503
+    return response

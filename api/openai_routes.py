@@ -1,0 +1,69 @@
+"""OpenAI ingress: ``POST /v1/chat/completions``, ``GET /v1/models``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from api.gateway import Gateway, Outcome
+from common.errors import InvalidRequest
+from common.protocols.openai import parse_chat_request
+
+bp = Blueprint("openai", __name__)
+
+
+def gateway() -> Gateway:
+    return current_app.extensions["gateway"]
+
+
+def json_body() -> Any:
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    chat, extensions = parse_chat_request(json_body())
+    if chat.stream:
+        raise InvalidRequest("streaming is not available yet on this gateway; send stream=false",
+                             param="stream", code="unsupported_parameter")
+    gw = gateway()
+    route = gw.route(chat.model)
+    max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), extensions.get("max_wait"),
+                           gw.settings.default_max_wait)
+    outcome = gw.call(chat, route, max_wait=max_wait, api_key_id=g.api_key_id)
+    return completion_response(outcome)
+
+
+def completion_response(outcome: Outcome) -> Response:
+    body = dict(outcome.result)
+    body["x-gateway"] = {"job_id": outcome.job_id, **outcome.meta}
+    response = jsonify(body)
+    for name, key in (("x-gateway-provider", "provider"), ("x-gateway-model", "provider_model"),
+                      ("x-gateway-queue-wait-ms", "queue_wait_ms"), ("x-gateway-cost-usd", "cost_usd")):
+        if key in outcome.meta:
+            response.headers[name] = str(outcome.meta[key])
+    response.headers["x-gateway-job-id"] = outcome.job_id
+    return response
+
+
+@bp.get("/v1/models")
+def list_models() -> Response:
+    registry = gateway().settings.registry
+    data = [{"id": alias, "object": "model", "created": 0, "owned_by": m.provider,
+             "context_window": m.context_window, "capabilities": list(m.capabilities)}
+            for alias, m in registry.models.items() if registry.provider_of(m).routable]
+    return jsonify({"object": "list", "data": data})
+
+
+@bp.get("/v1/models/<path:alias>")
+def get_model(alias: str) -> Response:
+    route = gateway().route(alias)
+    return jsonify({"id": alias, "object": "model", "created": 0, "owned_by": route.provider.name})

@@ -1,0 +1,93 @@
+"""The canonical request and response that travel between API and workers.
+
+Every ingress protocol translates *to* :class:`ChatRequest`, every provider adapter translates *from*
+it, and back via :class:`ChatResponse`. The shape follows OpenAI Chat Completions, the lingua franca
+the other formats already map onto; fields we do not model travel in ``extra`` so OpenAI-family
+upstreams still receive them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The message's plain text (text parts joined), for echoing and token estimates."""
+        if isinstance(self.content, str):
+            return self.content
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return ""
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
+
+
+class ChatRequest(BaseModel):
+    """A validated chat call. ``model`` is the gateway alias until an adapter swaps in the provider's name."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    stop: str | list[str] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+
+    def upstream_body(self, provider_model: str) -> dict[str, Any]:
+        """The OpenAI-format body to send upstream: the provider's model name, no unset fields."""
+        body = self.model_dump(exclude_none=True)
+        body["model"] = provider_model
+        if not body.get("stream"):
+            body.pop("stream", None)
+        return body
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class ChatResponse(BaseModel):
+    """An upstream's answer: ``body`` is an OpenAI ChatCompletion object; ``usage`` what it cost."""
+
+    body: dict[str, Any]
+    usage: Usage

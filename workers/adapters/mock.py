@@ -1,0 +1,43 @@
+"""The built-in ``mock`` provider: deterministic answers with no network and no key.
+
+It answers ``"mock: <last user message>"`` and counts tokens as whitespace-separated words, so a
+fresh install works end to end and tests can predict every byte.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import requests
+
+from common.registry import Model, Provider
+from common.types import ChatRequest, ChatResponse, Usage
+from workers.adapters.base import register
+
+
+def count_words(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+@register("mock")
+class MockAdapter:
+    def __init__(self, provider: Provider, session: requests.Session) -> None:
+        self.provider = provider
+
+    def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
+        last_user = next((m.text() for m in reversed(request.messages) if m.role == "user"), "")
+        content = f"mock: {last_user}"
+        prompt_tokens = sum(count_words(m.text()) for m in request.messages)
+        completion_tokens = count_words(content)
+        body = {
+            "id": "chatcmpl-" + secrets.token_hex(12),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+        return ChatResponse(body=body, usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))

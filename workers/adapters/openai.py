@@ -1,0 +1,90 @@
+"""OpenAI Chat Completions, and any server that speaks it at a base URL (``kind: openai``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+from common.errors import (
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from common.registry import Model, Provider
+from common.types import ChatRequest, ChatResponse, Usage
+from workers.adapters.base import register
+
+
+@register("openai")
+class OpenAIAdapter:
+    def __init__(self, provider: Provider, session: requests.Session) -> None:
+        self.provider = provider
+        self.session = session
+        self.url = f"{provider.base_url}/chat/completions"
+        self.headers = {"Content-Type": "application/json"}
+        if provider.api_key:
+            self.headers["Authorization"] = f"Bearer {provider.api_key}"
+
+    def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
+        body = request.upstream_body(model.model)
+        try:
+            response = self.session.post(self.url, json=body, headers=self.headers,
+                                         timeout=(self.provider.connect_timeout, self.provider.timeout))
+        except requests.Timeout:
+            raise UpstreamTimeout(f"{self.provider.name} did not answer within {self.provider.timeout:g}s") from None
+        except requests.ConnectionError:
+            raise UpstreamUnavailable(f"cannot reach {self.provider.name}") from None
+        if response.status_code >= 400:
+            raise map_error(self.provider.name, response)
+        try:
+            data = response.json()
+            usage = data.get("usage") or {}
+            return ChatResponse(body=data, usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                                                       completion_tokens=int(usage.get("completion_tokens") or 0)))
+        except (ValueError, AttributeError):
+            raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
+
+
+def map_error(provider: str, response: requests.Response) -> UpstreamError:
+    """Turn an OpenAI-style error response into ours. The upstream's own message passes through,
+    except for credential errors, which are the gateway operator's problem, not the caller's."""
+    status = response.status_code
+    message = _upstream_message(response)
+    if status == 429:
+        return UpstreamRateLimited(f"{provider} is rate limiting: {message}",
+                                   retry_after=retry_after_seconds(response.headers))
+    if status in (401, 403):
+        return UpstreamUnavailable(f"{provider} rejected the gateway's credentials (HTTP {status}); "
+                                   "the operator must fix its API key", code="upstream_auth_failed")
+    if status in (408, 504):
+        return UpstreamTimeout(f"{provider} timed out: {message}")
+    if status >= 500:
+        return UpstreamUnavailable(f"{provider} failed (HTTP {status}): {message}")
+    return UpstreamRejected(message, status=status)
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """Seconds to wait per ``retry-after-ms`` / ``Retry-After`` (OpenAI sends both)."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value) / scale)
+            except ValueError:
+                continue
+    return None
+
+
+def _upstream_message(response: requests.Response) -> str:
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])[:2000]
+    if isinstance(error, str):
+        return error[:2000]
+    return f"HTTP {response.status_code}"

@@ -1,0 +1,53 @@
+"""The Celery app, configured from :class:`Settings` — shared by the API (producer) and workers.
+
+Delivery guarantees, and why each setting is what it is:
+
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acked only after its job settled,
+  so a worker that dies mid-call leaves the message to be redelivered, not lost.
+* ``worker_prefetch_multiplier = 1``: a worker reserves only what its pool can start now; queued work
+  stays in the shared queue where any worker (on any machine) can take it.
+* ``visibility_timeout`` > max_wait + task time limit: Redis redelivers an unacked message after this
+  long, so it must outlast any legitimate run or a slow job would run twice. Abandoned messages are
+  swept every ``unacked_restore_interval`` seconds (kombu's default sweep is ~100 s).
+* No result backend: results travel on per-job Redis streams (``common.jobs``), which also carry streams.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from common.settings import Settings
+
+TASK_NAME = "gateway.run_job"
+
+
+def make_celery(settings: Settings) -> Celery:
+    if settings.redis_url is None:
+        raise ValueError("REDIS_URL is required to build the Celery app")
+    app = Celery("llm_gateway", set_as_current=False)
+    visibility = settings.visibility_timeout
+    app.conf.update(
+        broker_url=settings.redis_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": max(1, min(10, int(visibility / 5))),
+            "unacked_restore_throttle": 1,
+        },
+        broker_pool_limit=64,
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_create_missing_queues=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        include=["workers.tasks"],
+    )
+    app.gateway_settings = settings  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,222 @@
+"""Running one job: claim it, call its provider, record what it cost, settle it, tell the waiter.
+
+:class:`JobRunner` holds a worker process's collaborators (built once by :func:`build_runner`) and
+is what the Celery task calls. Every exit path settles the job exactly once and releases its lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import redis
+
+from common.errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
+from common.jobs import JobStore
+from common.registry import Model, Provider
+from common.settings import Settings
+from common.types import ChatRequest, ChatResponse
+from workers.adapters.base import Adapter, build_adapter, make_http_session
+from workers.usage import UsageLedger, UsageRecord
+
+log = logging.getLogger(__name__)
+
+EVENT_TTL = 3600.0  # seconds a job's event stream stays readable after its last event
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, store: JobStore, ledger: UsageLedger,
+                 adapters: dict[str, Adapter]) -> None:
+        self.settings = settings
+        self.store = store
+        self.ledger = ledger
+        self.adapters = adapters
+        self.lease_ttl = max(2.0, min(30.0, settings.visibility_timeout / 3))
+
+    def run(self, job_id: str) -> str:
+        """Run a delivered job; returns what happened (for logs and tests)."""
+        execution = f"{os.getpid()}:{secrets.token_hex(4)}"
+        claim = self.store.claim(job_id, execution, self.lease_ttl)
+        if claim.outcome == "missing":
+            return self._recover_missing(job_id)
+        if claim.outcome == "expired":
+            self._settle_unrun(job_id, "expired", "the job waited longer than its max_wait and was withdrawn")
+            return "expired"
+        if claim.outcome != "run":
+            return claim.outcome  # busy (another worker runs it) or already settled: nothing to do
+        spec = self.store.spec(job_id)
+        if spec is None:
+            return "missing"
+        heartbeat = _LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl)
+        heartbeat.start()
+        try:
+            return self._execute(job_id, spec, execution, claim.attempt, claim.queue_wait_s)
+        finally:
+            heartbeat.stop()
+
+    # ------------------------------------------------------------------------------------------
+    def _execute(self, job_id: str, spec: dict[str, Any], execution: str, attempt: int, queue_wait_s: float) -> str:
+        is_async = spec["mode"] == "async"
+        model = self.settings.registry.models[spec["model"]]
+        provider = self.settings.registry.provider_of(model)
+        queue_wait_ms = int(queue_wait_s * 1000)
+        if is_async:
+            if attempt > 1:
+                done = self._replay_if_settled(job_id, execution, provider.name)
+                if done:
+                    return done
+            self.ledger.mark_job(job_id, status="running", started_at=_now(), attempts=attempt)
+        request = ChatRequest.model_validate(spec["request"])
+        deadline = float(spec["deadline"])
+        try:
+            response, latency_ms, call_id = self._call_with_retries(job_id, attempt, spec, request, model,
+                                                                     provider, queue_wait_ms, deadline)
+        except GatewayError as exc:
+            self._settle(job_id, execution, provider.name, is_async, state="failed",
+                         event={"type": "error", "error": exc.to_dict()},
+                         job_update={"error": exc.to_dict()})
+            return "failed"
+        cost = model.price.cost(response.usage.prompt_tokens, response.usage.completion_tokens)
+        meta = {"provider": provider.name, "provider_model": model.model, "queue_wait_ms": queue_wait_ms,
+                "upstream_latency_ms": latency_ms, "cost_usd": _money(cost), "attempt": attempt}
+        usage_row = UsageRecord(call_id=call_id, job_id=job_id, api_key_id=spec.get("api_key_id"),
+                                model=model.alias, provider=provider.name, provider_model=model.model,
+                                prompt_tokens=response.usage.prompt_tokens,
+                                completion_tokens=response.usage.completion_tokens, cost_usd=cost,
+                                queue_wait_ms=queue_wait_ms, upstream_latency_ms=latency_ms,
+                                outcome="success", status_code=200)
+        self._settle(job_id, execution, provider.name, is_async, state="succeeded",
+                     event={"type": "result", "result": response.body, "meta": meta}, usage=usage_row,
+                     job_update={"result": response.body,
+                                 "usage": {**response.usage.model_dump(), "cost_usd": _money(cost)}})
+        return "succeeded"
+
+    def _call_with_retries(self, job_id: str, attempt: int, spec: dict[str, Any], request: ChatRequest,
+                           model: Model, provider: Provider, queue_wait_ms: int,
+                           deadline: float) -> tuple[ChatResponse, int, str]:
+        """Call upstream; retry 5xx/timeouts with backoff and 429s after their Retry-After while the
+        job's time allows. Every call that got an answer from upstream leaves a usage row."""
+        adapter = self.adapters[provider.name]
+        give_up_at = time.time() + self.settings.task_time_limit
+        tries = 0
+        while True:
+            tries += 1
+            call_id = f"{job_id}:{attempt}:{tries}"
+            started = time.perf_counter()
+            try:
+                response = adapter.complete(request, model)
+                return response, int((time.perf_counter() - started) * 1000), call_id
+            except UpstreamError as exc:
+                latency_ms = int((time.perf_counter() - started) * 1000)
+                if not isinstance(exc, UpstreamTimeout | UpstreamUnavailable) or exc.code == "upstream_auth_failed":
+                    self.ledger.record(UsageRecord(
+                        call_id=call_id, job_id=job_id, api_key_id=spec.get("api_key_id"), model=model.alias,
+                        provider=provider.name, provider_model=model.model, prompt_tokens=0,
+                        completion_tokens=0, cost_usd=Decimal(0), queue_wait_ms=queue_wait_ms,
+                        upstream_latency_ms=latency_ms, outcome=exc.code or "error", status_code=exc.status,
+                        error=exc.message[:500]))
+                wait = self._retry_delay(exc, tries, provider, max(deadline, give_up_at))
+                if wait is None:
+                    raise
+                log.info("job %s: %s; retrying in %.2fs", job_id, exc.code, wait)
+                time.sleep(wait)
+
+    @staticmethod
+    def _retry_delay(exc: UpstreamError, tries: int, provider: Provider, limit: float) -> float | None:
+        if isinstance(exc, UpstreamRateLimited):
+            wait = exc.retry_after if exc.retry_after is not None else min(2.0 ** tries, 30.0)
+        elif isinstance(exc, UpstreamTimeout | UpstreamUnavailable) and exc.code != "upstream_auth_failed":
+            if tries > provider.max_retries:
+                return None
+            wait = min(0.25 * 2 ** (tries - 1), 5.0)
+        else:
+            return None
+        return wait if time.time() + wait < limit else None
+
+    def _settle(self, job_id: str, execution: str, provider: str, is_async: bool, *, state: str,
+                event: dict[str, Any], usage: UsageRecord | None = None,
+                job_update: dict[str, Any] | None = None) -> None:
+        """Durable first (Postgres), then live (Redis): a crash in between is repaired on redelivery
+        by :meth:`_replay_if_settled` instead of calling upstream again."""
+        if usage is not None or is_async:
+            update = {"status": state, "finished_at": _now(), **(job_update or {})} if is_async else None
+            self.ledger.record(usage, job_update=update, job_id=job_id)
+        self.store.emit(job_id, event, ttl=EVENT_TTL, final_state=state, worker_id=execution, provider=provider)
+
+    def _settle_unrun(self, job_id: str, state: str, message: str) -> None:
+        spec = self.store.spec(job_id) or {}
+        if spec.get("mode") == "async":
+            self.ledger.mark_job(job_id, status=state, finished_at=_now())
+        self.store.emit(job_id, {"type": state, "message": message}, ttl=EVENT_TTL)
+
+    def _replay_if_settled(self, job_id: str, execution: str, provider: str) -> str | None:
+        job = self.ledger.load_job(job_id)
+        if job is None or job.status not in ("succeeded", "failed"):
+            return None
+        event = ({"type": "result", "result": job.result, "meta": {"provider": provider}}
+                 if job.status == "succeeded" else {"type": "error", "error": job.error})
+        self.store.emit(job_id, event, ttl=EVENT_TTL, final_state=job.status, worker_id=execution, provider=provider)
+        return job.status
+
+    def _recover_missing(self, job_id: str) -> str:
+        """Redis lost the job's live state (e.g. a Redis restart): an async job is rebuilt from its
+        durable row so it still runs; a sync job's caller is gone with it."""
+        job = self.ledger.load_job(job_id)
+        if job is None or job.status not in ("queued", "running"):
+            return "missing"
+        remaining = (job.deadline_at - datetime.now(UTC)).total_seconds()
+        if remaining <= 0:
+            self.ledger.mark_job(job_id, status="expired", finished_at=_now())
+            return "expired"
+        spec = {"mode": "async", "model": job.model, "provider": job.provider, "request": job.request,
+                "api_key_id": job.api_key_id}
+        self.store.create(job_id, spec, max_wait=remaining, reply_to="", ttl=remaining + EVENT_TTL, mode="async")
+        return self.run(job_id)
+
+
+class _LeaseHeartbeat:
+    """Renews a running job's lease every third of its TTL; if the worker dies the lease lapses."""
+
+    def __init__(self, store: JobStore, job_id: str, execution: str, ttl: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(store, job_id, execution, ttl), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self, store: JobStore, job_id: str, execution: str, ttl: float) -> None:
+        while not self._stop.wait(ttl / 3):
+            try:
+                if not store.renew_lease(job_id, execution, ttl):
+                    return
+            except redis.RedisError as exc:
+                log.warning("job %s: lease renewal failed: %s", job_id, exc)
+
+
+def build_runner(settings: Settings) -> JobRunner:
+    from common.db import make_session_factory
+
+    if settings.redis_url is None or settings.database_url is None:
+        raise ValueError("workers need REDIS_URL and DATABASE_URL")
+    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    adapters = {name: build_adapter(p, make_http_session(p.pool))
+                for name, p in settings.registry.providers.items() if p.routable}
+    return JobRunner(settings, JobStore(client, settings.key_prefix),
+                     UsageLedger(make_session_factory(settings.database_url)), adapters)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _money(value: Decimal) -> str:
+    return format(value.quantize(Decimal("0.0000000001")).normalize(), "f")
