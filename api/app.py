@@ -17,7 +17,6 @@ from common.apikeys import active_key_hashes
 from common.db import make_session_factory
 from common.jobs import JobStore
 from common.settings import Settings
-from workers.celery_app import make_celery
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -36,7 +35,7 @@ def create_app(settings: Settings) -> Flask:
                                                  health_check_interval=30)
     store = JobStore(redis.Redis(connection_pool=pool), settings.key_prefix)
     sessions = make_session_factory(settings.database_url, pool_size=5)
-    gateway = Gateway(settings, store, make_celery(settings), sessions, ReplyDispatcher(store))
+    gateway = Gateway(settings, store, sessions, ReplyDispatcher(store))
     authenticator = Authenticator(settings.auth_mode, lambda: active_key_hashes(sessions))
     app.extensions["gateway"] = gateway
 

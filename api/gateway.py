@@ -16,8 +16,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from celery import Celery
-from kombu.exceptions import OperationalError
 from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
@@ -36,7 +34,7 @@ from common.jobs import TERMINAL, Event, JobStore, new_job_id
 from common.registry import Model, Provider
 from common.settings import Settings
 from common.types import ChatRequest
-from workers.celery_app import TASK_NAME
+from common.taskwire import task_message
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +58,10 @@ class Outcome:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, store: JobStore, celery: Celery, sessions: sessionmaker,
+    def __init__(self, settings: Settings, store: JobStore, sessions: sessionmaker,
                  dispatcher: ReplyDispatcher) -> None:
         self.settings = settings
         self.store = store
-        self.celery = celery
         self.sessions = sessions
         self.dispatcher = dispatcher
 
@@ -103,9 +100,8 @@ class Gateway:
         waiter = self.dispatcher.register(job_id)
         try:
             spec = _spec(request, route, api_key_id)
-            self.store.create(job_id, spec, max_wait=max_wait, reply_to=self.dispatcher.channel,
-                              ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S, mode="sync")
-            self._send(job_id, route)
+            self._enqueue(job_id, spec, route, max_wait=max_wait, reply_to=self.dispatcher.channel,
+                          ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S, mode="sync")
             return self._wait(job_id, route, waiter, max_wait)
         finally:
             self.dispatcher.unregister(job_id)
@@ -166,14 +162,14 @@ class Gateway:
     def queue_depth(self, provider: Provider) -> int:
         return int(self.store.redis.llen(self.settings.queue_for(provider.name)))
 
-    def _send(self, job_id: str, route: Route) -> None:
+    def _enqueue(self, job_id: str, spec: dict[str, Any], route: Route, **job: Any) -> None:
+        """Record the job and push its Celery message onto ``llm.<provider>`` in one Redis step."""
+        queue_name = self.settings.queue_for(route.provider.name)
         try:
-            self.celery.send_task(TASK_NAME, args=[job_id], task_id=job_id,
-                                  queue=self.settings.queue_for(route.provider.name))
-        except (OperationalError, redis.RedisError) as exc:
+            self.store.create(job_id, spec, queue=queue_name, message=task_message(job_id, queue_name), **job)
+        except redis.RedisError as exc:
             log.error("job %s: broker unavailable: %s", job_id, exc)
-            self.store.withdraw(job_id, "cancelled")
-            raise GatewayError("the job queue is unavailable; nothing was run, retry shortly", status=503,
+            raise GatewayError("the job queue is unavailable; nothing was queued, retry shortly", status=503,
                                code="queue_unavailable", retry_after=1) from None
 
     # async jobs ---------------------------------------------------------------------------------
@@ -189,10 +185,9 @@ class Gateway:
                   deadline_at=created + timedelta(seconds=max_wait))
         with self.sessions.begin() as session:
             session.add(job)
-        self.store.create(job_id, spec, max_wait=max_wait, reply_to="", ttl=max_wait + EVENT_TTL_S * 24,
-                          mode="async")
         try:
-            self._send(job_id, route)
+            self._enqueue(job_id, spec, route, max_wait=max_wait, reply_to="", ttl=max_wait + EVENT_TTL_S * 24,
+                          mode="async")
         except GatewayError:
             self._update_job(job_id, status="failed", finished_at=datetime.now(UTC),
                              error={"message": "the job queue was unavailable", "code": "queue_unavailable"})

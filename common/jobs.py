@@ -30,7 +30,9 @@ import redis
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 STATES = ("queued", "running", *sorted(TERMINAL))
 
-# KEYS: job   ARGV: spec, max_wait_s, reply_to, ttl_s, mode
+# KEYS: job, queue   ARGV: spec, max_wait_s, reply_to, ttl_s, mode, message
+# Records the job and pushes its queue message in one step: a job is never queued without its
+# state, nor recorded without being queued.
 _CREATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -38,11 +40,12 @@ redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'state', 'queued', 'created_at', st
            'deadline', string.format('%.6f', now + tonumber(ARGV[2])), 'reply_to', ARGV[3],
            'mode', ARGV[5], 'attempts', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+if ARGV[6] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[6]) end
 return string.format('%.6f', now)
 """
 
 # KEYS: job, lease   ARGV: worker_id, lease_ttl_ms
-# -> {'run', attempt, queued_wait_s} | {'expired'} | {'busy'} | {'missing'} | {<terminal state>}
+# -> {'run', attempt, queued_wait_s, spec, deadline, mode} | {'expired'} | {'busy'} | {'missing'} | {<terminal>}
 _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing'} end
@@ -61,8 +64,8 @@ else
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-local wait = now - tonumber(redis.call('HGET', KEYS[1], 'created_at'))
-return {'run', attempt, string.format('%.6f', wait)}
+local job = redis.call('HMGET', KEYS[1], 'created_at', 'spec', 'deadline', 'mode')
+return {'run', attempt, string.format('%.6f', now - tonumber(job[1])), job[2], job[3], job[4]}
 """
 
 # KEYS: job   ARGV: new_state (expired|cancelled)  -> the state the job is in afterwards
@@ -74,7 +77,10 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', string.format('%.6f
 return ARGV[1]
 """
 
-# KEYS: events, job, lease, stats   ARGV: job_id, payload, ttl_ms, final_state ('' = not final), worker_id
+# KEYS: events, job, lease, stats, usage   ARGV: job_id, payload, ttl_ms, final_state ('' = not final),
+#                                             worker_id, usage row ('' = none)
+# A final event may carry the call's usage row: it joins the usage stream in the same atomic step
+# that settles the job, and the ledger moves it to Postgres in batches (workers/usage.py).
 # A final event also counts one completion in the provider's 10-second ring of buckets (12 slots):
 # the API divides the queue ahead by that rate to give an honest Retry-After.
 _EMIT = """
@@ -91,6 +97,7 @@ if ARGV[4] ~= '' then
   end
   redis.call('HINCRBY', KEYS[4], 'c' .. slot, 1)
   redis.call('EXPIRE', KEYS[4], 600)
+  if ARGV[6] ~= '' then redis.call('XADD', KEYS[5], '*', 'u', ARGV[6]) end
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'e', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -122,6 +129,7 @@ class Claim:
     outcome: str            # run | expired | busy | missing | succeeded | failed | cancelled
     attempt: int = 0
     queue_wait_s: float = 0.0
+    spec: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -157,11 +165,12 @@ class JobStore:
 
     # the API's side -------------------------------------------------------------------------
     def create(self, job_id: str, spec: dict[str, Any], *, max_wait: float, reply_to: str, ttl: float,
-               mode: str) -> float:
-        """Record a new queued job; returns its creation time (Redis clock, epoch seconds)."""
-        created = self._create(keys=[self.job_key(job_id)],
+               mode: str, queue: str = "", message: str = "") -> float:
+        """Record a new queued job and (with ``queue``) push its broker ``message`` in the same atomic
+        step; returns its creation time (Redis clock, epoch seconds)."""
+        created = self._create(keys=[self.job_key(job_id), queue or self.job_key(job_id)],
                                args=[json.dumps(spec, separators=(",", ":")), max_wait, reply_to,
-                                     int(ttl) + 1, mode])
+                                     int(ttl) + 1, mode, message])
         return float(created)
 
     def withdraw(self, job_id: str, new_state: str) -> str:
@@ -197,7 +206,10 @@ class JobStore:
                             args=[worker_id, int(lease_ttl * 1000)])
         outcome = _text(reply[0])
         if outcome == "run":
-            return Claim("run", int(reply[1]), float(reply[2]))
+            spec: dict[str, Any] = json.loads(reply[3])
+            spec["deadline"] = float(reply[4])
+            spec["mode"] = _text(reply[5])
+            return Claim("run", int(reply[1]), float(reply[2]), spec)
         return Claim(outcome)
 
     def renew_lease(self, job_id: str, worker_id: str, lease_ttl: float) -> bool:
@@ -214,16 +226,20 @@ class JobStore:
         done = sum(raw.get(f"c{slot}", 0) for slot in range(12) if raw.get(f"t{slot}", -1) >= oldest)
         return done / float(window_s)
 
+    def usage_key(self) -> str:
+        return f"{self.prefix}:usage"
+
     def emit(self, job_id: str, event: dict[str, Any], *, ttl: float, final_state: str = "",
-             worker_id: str = "", provider: str = "") -> bool:
+             worker_id: str = "", provider: str = "", usage: dict[str, Any] | None = None) -> bool:
         """Append ``event`` to the job's stream and publish it to the waiting API process.
 
         With ``final_state`` it also settles the job (and drops our lease) in the same atomic step;
         returns False if the job was already settled, in which case nothing is emitted."""
         payload = json.dumps(event, separators=(",", ":"))
         done = self._emit(keys=[self.events_key(job_id), self.job_key(job_id), self.lease_key(job_id),
-                                self.stats_key(provider)],
-                          args=[job_id, payload, int(ttl * 1000), final_state, worker_id])
+                                self.stats_key(provider), self.usage_key()],
+                          args=[job_id, payload, int(ttl * 1000), final_state, worker_id,
+                                json.dumps(usage, separators=(",", ":"), default=str) if usage else ""])
         return bool(done)
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 from celery import Celery
 
 from common.settings import Settings
+from common.taskwire import TASK_NAME  # noqa: F401  (re-exported for tasks)
 
-TASK_NAME = "gateway.run_job"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -51,3 +51,4 @@ def make_celery(settings: Settings) -> Celery:
     )
     app.gateway_settings = settings  # type: ignore[attr-defined]
     return app
+

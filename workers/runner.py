@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from common.registry import Model, Provider
 from common.settings import Settings
 from common.types import ChatRequest, ChatResponse
 from workers.adapters.base import Adapter, build_adapter, make_http_session
-from workers.usage import UsageLedger, UsageRecord
+from workers.usage import UsageFlusher, UsageLedger, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,9 @@ class JobRunner:
         if claim.outcome == "expired":
             self._settle_unrun(job_id, "expired", "the job waited longer than its max_wait and was withdrawn")
             return "expired"
-        if claim.outcome != "run":
+        if claim.outcome != "run" or claim.spec is None:
             return claim.outcome  # busy (another worker runs it) or already settled: nothing to do
-        spec = self.store.spec(job_id)
-        if spec is None:
-            return "missing"
+        spec = claim.spec
         heartbeat = _LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl)
         heartbeat.start()
         try:
@@ -142,12 +141,18 @@ class JobRunner:
     def _settle(self, job_id: str, execution: str, provider: str, is_async: bool, *, state: str,
                 event: dict[str, Any], usage: UsageRecord | None = None,
                 job_update: dict[str, Any] | None = None) -> None:
-        """Durable first (Postgres), then live (Redis): a crash in between is repaired on redelivery
-        by :meth:`_replay_if_settled` instead of calling upstream again."""
-        if usage is not None or is_async:
-            update = {"status": state, "finished_at": _now(), **(job_update or {})} if is_async else None
+        """Settle the job and account for its call, atomically.
+
+        Async job: its row and usage row in one Postgres transaction, then the Redis state (a crash in
+        between is repaired on redelivery by :meth:`_replay_if_settled`, not by calling upstream again).
+        Sync job: the usage row rides in the same Redis script that settles the job, onto the usage
+        stream that the ledger drains into Postgres in batches — one round trip on the hot path."""
+        if is_async:
+            update = {"status": state, "finished_at": _now(), **(job_update or {})}
             self.ledger.record(usage, job_update=update, job_id=job_id)
-        self.store.emit(job_id, event, ttl=EVENT_TTL, final_state=state, worker_id=execution, provider=provider)
+            usage = None
+        self.store.emit(job_id, event, ttl=EVENT_TTL, final_state=state, worker_id=execution, provider=provider,
+                        usage=usage.as_row() if usage is not None else None)
 
     def _settle_unrun(self, job_id: str, state: str, message: str) -> None:
         spec = self.store.spec(job_id) or {}
@@ -210,8 +215,10 @@ def build_runner(settings: Settings) -> JobRunner:
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     adapters = {name: build_adapter(p, make_http_session(p.pool))
                 for name, p in settings.registry.providers.items() if p.routable}
-    return JobRunner(settings, JobStore(client, settings.key_prefix),
-                     UsageLedger(make_session_factory(settings.database_url)), adapters)
+    store = JobStore(client, settings.key_prefix)
+    ledger = UsageLedger(make_session_factory(settings.database_url))
+    UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
+    return JobRunner(settings, store, ledger, adapters)
 
 
 def _now() -> datetime:
