@@ -78,20 +78,8 @@ class Gateway:
         return Route(model, provider)
 
     def max_wait(self, header: str | None, body_value: Any, default: float) -> float:
-        """The caller's max_wait: ``x-gateway-max-wait`` header or ``max_wait`` body field, in seconds."""
-        raw = body_value if body_value is not None else header
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise InvalidRequest(f"max_wait must be a number of seconds, got {raw!r}", param="max_wait") from None
-        if isinstance(raw, bool) or not math.isfinite(value) or value <= 0:
-            raise InvalidRequest("max_wait must be a positive number of seconds", param="max_wait")
-        if value > self.settings.max_wait_limit:
-            raise InvalidRequest(f"max_wait may be at most {self.settings.max_wait_limit:g} seconds",
-                                 param="max_wait")
-        return value
+        return parse_max_wait(body_value if body_value is not None else header, default,
+                              self.settings.max_wait_limit)
 
     # synchronous calls --------------------------------------------------------------------------
     def call(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> Outcome:
@@ -160,13 +148,14 @@ class Gateway:
         return int(min(max(math.ceil(estimate), 1), 3600))
 
     def queue_depth(self, provider: Provider) -> int:
-        return int(self.store.redis.llen(self.settings.queue_for(provider.name)))
+        return int(self.store.redis.llen(self.settings.queue_key(provider.name)))
 
     def _enqueue(self, job_id: str, spec: dict[str, Any], route: Route, **job: Any) -> None:
         """Record the job and push its Celery message onto ``llm.<provider>`` in one Redis step."""
         queue_name = self.settings.queue_for(route.provider.name)
         try:
-            self.store.create(job_id, spec, queue=queue_name, message=task_message(job_id, queue_name), **job)
+            self.store.create(job_id, spec, queue=self.settings.queue_key(route.provider.name),
+                              message=task_message(job_id, queue_name), **job)
         except redis.RedisError as exc:
             log.error("job %s: broker unavailable: %s", job_id, exc)
             raise GatewayError("the job queue is unavailable; nothing was queued, retry shortly", status=503,
@@ -216,6 +205,23 @@ class Gateway:
             job = session.get(Job, job_id, populate_existing=True)
         assert job is not None
         return job
+
+
+def parse_max_wait(raw: Any, default: float, limit: float) -> float:
+    """The caller's max_wait in seconds (``max_wait`` body field, else ``x-gateway-max-wait`` header)."""
+    if raw is None:
+        return default
+    if isinstance(raw, bool):
+        raise InvalidRequest("max_wait must be a number of seconds", param="max_wait")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"max_wait must be a number of seconds, got {raw!r}", param="max_wait") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidRequest("max_wait must be a positive number of seconds", param="max_wait")
+    if value > limit:
+        raise InvalidRequest(f"max_wait may be at most {limit:g} seconds", param="max_wait")
+    return value
 
 
 def _spec(request: ChatRequest, route: Route, api_key_id: str | None) -> dict[str, Any]:

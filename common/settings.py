@@ -79,7 +79,12 @@ class Settings:
         return [name for name, p in self.registry.providers.items() if p.routable]
 
     def queue_for(self, provider: str) -> str:
+        """The Celery queue name (what workers consume, what Flower shows)."""
         return f"llm.{provider}"
+
+    def queue_key(self, provider: str) -> str:
+        """The Redis list that holds that queue's messages (kombu's ``global_keyprefix`` + name)."""
+        return f"{self.key_prefix}:{self.queue_for(provider)}"
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

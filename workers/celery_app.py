@@ -33,6 +33,8 @@ def make_celery(settings: Settings) -> Celery:
             "visibility_timeout": visibility,
             "unacked_restore_interval": max(1, min(10, int(visibility / 5))),
             "unacked_restore_throttle": 1,
+            # every broker key under our prefix: gateways (and test runs) can share one Redis
+            "global_keyprefix": f"{settings.key_prefix}:",
         },
         broker_pool_limit=64,
         task_ignore_result=True,
