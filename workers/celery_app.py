@@ -21,6 +21,11 @@ from common.taskwire import TASK_NAME  # noqa: F401  (re-exported for tasks)
 
 
 
+def restore_interval(settings: Settings) -> int:
+    """Seconds between sweeps for abandoned messages: a fifth of the visibility timeout, 1..10 s."""
+    return max(1, min(10, int(settings.visibility_timeout / 5)))
+
+
 def make_celery(settings: Settings) -> Celery:
     if settings.redis_url is None:
         raise ValueError("REDIS_URL is required to build the Celery app")
@@ -31,7 +36,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": visibility,
-            "unacked_restore_interval": max(1, min(10, int(visibility / 5))),
+            "unacked_restore_interval": restore_interval(settings),
             "unacked_restore_throttle": 1,
             # every broker key under our prefix: gateways (and test runs) can share one Redis
             "global_keyprefix": f"{settings.key_prefix}:",
