@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 from common.apikeys import hash_secret
 from common.errors import AuthenticationFailed
 
-CACHE_SECONDS = 5.0
+CACHE_SECONDS = 5.0        # a revoked key stops working within this long
+MISS_RELOAD_SECONDS = 1.0  # an unknown key triggers a reload at most this often, so new keys work at once
 
 
 class Authenticator:
@@ -25,10 +26,10 @@ class Authenticator:
         self._loaded_at = float("-inf")
         self._lock = threading.Lock()
 
-    def _active(self) -> dict[str, str]:
-        if time.monotonic() - self._loaded_at > CACHE_SECONDS:
+    def _active(self, max_age: float = CACHE_SECONDS) -> dict[str, str]:
+        if time.monotonic() - self._loaded_at > max_age:
             with self._lock:
-                if time.monotonic() - self._loaded_at > CACHE_SECONDS:
+                if time.monotonic() - self._loaded_at > max_age:
                     self._hashes = self._load()
                     self._loaded_at = time.monotonic()
         return self._hashes
@@ -43,7 +44,10 @@ class Authenticator:
         secret = _presented_key(headers)
         if not secret:
             raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'")
-        key_id = active.get(hash_secret(secret))
+        digest = hash_secret(secret)
+        key_id = active.get(digest)
+        if key_id is None:
+            key_id = self._active(MISS_RELOAD_SECONDS).get(digest)
         if key_id is None:
             raise AuthenticationFailed("invalid or revoked API key")
         return key_id
