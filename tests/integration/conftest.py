@@ -131,31 +131,54 @@ class Process:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def start_worker(gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
-    started: list[Process] = []
-    logs = tmp_path_factory.mktemp("logs")
+class WorkerFactory:
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.count = 0
 
-    def start(provider: str, name: str | None = None) -> Process:
-        name = name or f"{provider}{len(started)}"
+    def start(self, provider: str, name: str | None = None) -> Process:
+        self.count += 1
+        name = name or f"{provider}{self.count}"
         proc = Process(["worker", "--provider", provider, "--name", name, "--loglevel", "info"],
-                       gateway_env, logs / f"worker-{name}.log")
-        started.append(proc)
+                       self.env, self.logs / f"worker-{name}.log")
         wait_until(lambda: "ready." in proc.output() or proc.proc.poll() is not None, 30)
         assert proc.proc.poll() is None, proc.output()
         return proc
 
-    yield start
-    for proc in started:  # warm shutdowns take seconds each: let them run side by side
+
+def stop_all(processes: list[Process]) -> None:
+    for proc in processes:  # warm shutdowns take seconds each: let them run side by side
         proc.terminate()
-    for proc in started:
+    for proc in processes:
         proc.stop()
 
 
 @pytest.fixture(scope="session")
-def workers(start_worker) -> list[Process]:
-    """Two real Celery worker processes on ``llm.fake``."""
-    return [start_worker("fake", "a"), start_worker("fake", "b")]
+def worker_factory(gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> WorkerFactory:
+    return WorkerFactory(gateway_env, tmp_path_factory.mktemp("logs"))
+
+
+@pytest.fixture
+def start_worker(worker_factory: WorkerFactory):
+    """Start extra workers for one test; they are stopped when the test ends."""
+    started: list[Process] = []
+
+    def start(provider: str, name: str | None = None) -> Process:
+        proc = worker_factory.start(provider, name)
+        started.append(proc)
+        return proc
+
+    yield start
+    stop_all(started)
+
+
+@pytest.fixture(scope="session")
+def workers(worker_factory: WorkerFactory) -> Iterator[list[Process]]:
+    """Two real Celery worker processes on ``llm.fake`` for the whole session."""
+    procs = [worker_factory.start("fake", "a"), worker_factory.start("fake", "b")]
+    yield procs
+    stop_all(procs)
 
 
 class Api:
