@@ -8,7 +8,8 @@ It is one YAML file (``GATEWAY_CONFIG``; the built-in ``default_registry.yaml`` 
         base_url: https://api.openai.com/v1
         api_key_env: OPENAI_API_KEY  # credentials come from the environment, never from the file
         base_url_env: OPENAI_BASE_URL
-        pool: 32                     # concurrent calls per worker process
+        pool: 32                     # jobs per worker process (running + waiting in line)
+        limits: {concurrency: 50, rpm: 500, tpm: 200000}   # held across all workers; unset = none
         timeout: 600                 # seconds for one upstream call
     models:
       gpt-4o-mini:
@@ -54,6 +55,20 @@ class Price(_Strict):
         return (self.input * prompt_tokens + self.output * completion_tokens) / Decimal(1_000_000)
 
 
+class Limits(_Strict):
+    """What the upstream allows; enforced across every worker (``common/limits.py``). Unset = unlimited.
+
+    ``rpm``/``tpm`` hold over any sliding 60-second window; ``concurrency`` counts calls in flight."""
+
+    concurrency: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.concurrency, self.rpm, self.tpm))
+
+
 class Provider(_Strict):
     name: str = ""
     kind: ProviderKind
@@ -65,6 +80,7 @@ class Provider(_Strict):
     timeout: float = Field(default=600.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10)
+    limits: Limits = Limits()
     # resolved from the environment at load time
     api_key: str | None = Field(default=None, repr=False)
 
@@ -91,11 +107,14 @@ class Model(_Strict):
     max_output_tokens: int | None = Field(default=None, gt=0)
     capabilities: tuple[Capability, ...] = ("chat",)
     price: Price = Price()
+    limits: Limits = Limits()
 
 
 class Registry(_Strict):
     providers: dict[str, Provider]
     models: dict[str, Model]
+    # fair share inside a provider's line: an API key with weight 2 gets twice the turns of one with 1
+    key_weights: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _models_name_known_providers(self) -> Registry:
@@ -127,7 +146,10 @@ def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
             update={"name": name, "base_url": base_url.rstrip("/") if base_url else None, "api_key": api_key}
         )
     models = {alias: m.model_copy(update={"alias": alias}) for alias, m in raw.models.items()}
-    return Registry(providers=providers, models=models)
+    for name, weight in raw.key_weights.items():
+        if weight <= 0:
+            raise RegistryError(f"key_weights.{name} must be positive, got {weight}")
+    return Registry(providers=providers, models=models, key_weights=raw.key_weights)
 
 
 def load_registry(path: Path, env: Mapping[str, str]) -> Registry:

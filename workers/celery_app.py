@@ -20,7 +20,6 @@ from common.settings import Settings
 from common.taskwire import TASK_NAME  # noqa: F401  (re-exported for tasks)
 
 
-
 def restore_interval(settings: Settings) -> int:
     """Seconds between sweeps for abandoned messages: a fifth of the visibility timeout, 1..10 s."""
     return max(1, min(10, int(settings.visibility_timeout / 5)))

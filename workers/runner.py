@@ -12,18 +12,29 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import redis
 
-from common.errors import GatewayError, UpstreamError, UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
-from common.jobs import JobStore
+from common.errors import (
+    GatewayError,
+    InvalidRequest,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from common.jobs import Claim, JobStore
+from common.limits import Limiter, Scope
 from common.registry import Model, Provider
 from common.settings import Settings
+from common.tokens import reservation
 from common.types import ChatRequest, ChatResponse
 from workers.adapters.base import Adapter, build_adapter, make_http_session
+from workers.admission import AdmissionControl, Permit, scopes_for
 from workers.usage import UsageFlusher, UsageLedger, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -33,17 +44,38 @@ EVENT_TTL = 3600.0  # seconds a job's event stream stays readable after its last
 
 class JobRunner:
     def __init__(self, settings: Settings, store: JobStore, ledger: UsageLedger,
-                 adapters: dict[str, Adapter]) -> None:
+                 adapters: dict[str, Adapter], admission: AdmissionControl) -> None:
         self.settings = settings
         self.store = store
         self.ledger = ledger
         self.adapters = adapters
-        self.lease_ttl = max(2.0, min(30.0, settings.visibility_timeout / 3))
+        self.admission = admission
+        self.lease_ttl = job_lease_ttl(settings)
 
     def run(self, job_id: str) -> str:
         """Run a delivered job; returns what happened (for logs and tests)."""
         execution = f"{os.getpid()}:{secrets.token_hex(4)}"
-        claim = self.store.claim(job_id, execution, self.lease_ttl)
+        peek = self.store.spec(job_id)
+        if peek is None:
+            return self._recover_missing(job_id)
+        model = self.settings.registry.models[peek["model"]]
+        provider = self.settings.registry.provider_of(model)
+        call = _Call(job_id, execution, peek, model, provider, scopes_for(self.settings.registry, model, provider))
+        if call.scopes:  # wait in the provider's line; admission claims the job atomically
+            attempt, call.permit = self.admission.wait_for_turn(
+                job_id=job_id, provider=provider.name, scopes=call.scopes, tokens=call.tokens, key=call.key,
+                weight=self.settings.registry.key_weights.get(call.key, 1.0), deadline=peek["deadline"],
+                execution=execution, job_lease_s=self.lease_ttl)
+            if attempt.outcome == "too_large":
+                error = InvalidRequest(f"this request needs about {call.tokens} tokens, more than the "
+                                       f"{attempt.detail} tokens per minute {provider.name} allows",
+                                       code="request_exceeds_tpm", param="max_tokens")
+                self._settle(job_id, execution, provider.name, peek["mode"] == "async", state="failed",
+                             event={"type": "error", "error": error.to_dict()}, job_update={"error": error.to_dict()})
+                return "failed"
+            claim = attempt.claim or Claim("busy" if attempt.detail == "busy" else attempt.outcome)
+        else:
+            claim = self.store.claim(job_id, execution, self.lease_ttl)
         if claim.outcome == "missing":
             return self._recover_missing(job_id)
         if claim.outcome == "expired":
@@ -51,19 +83,20 @@ class JobRunner:
             return "expired"
         if claim.outcome != "run" or claim.spec is None:
             return claim.outcome  # busy (another worker runs it) or already settled: nothing to do
-        spec = claim.spec
-        heartbeat = _LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl)
+        heartbeat = _LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl,
+                                    renew_permit=lambda: call.permit and self.admission.renew(call.permit))
         heartbeat.start()
         try:
-            return self._execute(job_id, spec, execution, claim.attempt, claim.queue_wait_s)
+            return self._execute(call, claim.spec, claim.attempt, claim.queue_wait_s)
         finally:
             heartbeat.stop()
+            if call.permit is not None:
+                self.admission.release(call.permit, None)
 
     # ------------------------------------------------------------------------------------------
-    def _execute(self, job_id: str, spec: dict[str, Any], execution: str, attempt: int, queue_wait_s: float) -> str:
+    def _execute(self, call: _Call, spec: dict[str, Any], attempt: int, queue_wait_s: float) -> str:
+        job_id, execution, model, provider = call.job_id, call.execution, call.model, call.provider
         is_async = spec["mode"] == "async"
-        model = self.settings.registry.models[spec["model"]]
-        provider = self.settings.registry.provider_of(model)
         queue_wait_ms = int(queue_wait_s * 1000)
         if is_async:
             if attempt > 1:
@@ -74,8 +107,8 @@ class JobRunner:
         request = ChatRequest.model_validate(spec["request"])
         deadline = float(spec["deadline"])
         try:
-            response, latency_ms, call_id = self._call_with_retries(job_id, attempt, spec, request, model,
-                                                                     provider, queue_wait_ms, deadline)
+            response, latency_ms, call_id = self._call_with_retries(call, attempt, request, queue_wait_ms,
+                                                                     deadline)
         except GatewayError as exc:
             self._settle(job_id, execution, provider.name, is_async, state="failed",
                          event={"type": "error", "error": exc.to_dict()},
@@ -96,11 +129,14 @@ class JobRunner:
                                  "usage": {**response.usage.model_dump(), "cost_usd": _money(cost)}})
         return "succeeded"
 
-    def _call_with_retries(self, job_id: str, attempt: int, spec: dict[str, Any], request: ChatRequest,
-                           model: Model, provider: Provider, queue_wait_ms: int,
+    def _call_with_retries(self, call: _Call, attempt: int, request: ChatRequest, queue_wait_ms: int,
                            deadline: float) -> tuple[ChatResponse, int, str]:
-        """Call upstream; retry 5xx/timeouts with backoff and 429s after their Retry-After while the
-        job's time allows. Every call that got an answer from upstream leaves a usage row."""
+        """Call upstream. 5xx/timeouts are retried with backoff (``max_retries``); an upstream 429 puts
+        the provider into a cooldown shared by all workers and the job back at the head of its line,
+        retried until its deadline — a 429 is not a failure while the caller's max_wait remains.
+        Every call that got an answer from upstream leaves a usage row; permits are settled after
+        each call (TPM to the real token count; a 429 refunds its tokens)."""
+        job_id, model, provider = call.job_id, call.model, call.provider
         adapter = self.adapters[provider.name]
         give_up_at = time.time() + self.settings.task_time_limit
         tries = 0
@@ -110,21 +146,43 @@ class JobRunner:
             started = time.perf_counter()
             try:
                 response = adapter.complete(request, model)
-                return response, int((time.perf_counter() - started) * 1000), call_id
             except UpstreamError as exc:
                 latency_ms = int((time.perf_counter() - started) * 1000)
+                rate_limited = isinstance(exc, UpstreamRateLimited)
+                if call.permit is not None:
+                    self.admission.release(call.permit, None, refund=rate_limited)
+                if rate_limited and call.scopes:
+                    self.admission.limiter.cool_down(provider.name, exc.retry_after or 1.0)
                 if not isinstance(exc, UpstreamTimeout | UpstreamUnavailable) or exc.code == "upstream_auth_failed":
                     self.ledger.record(UsageRecord(
-                        call_id=call_id, job_id=job_id, api_key_id=spec.get("api_key_id"), model=model.alias,
+                        call_id=call_id, job_id=job_id, api_key_id=call.spec.get("api_key_id"), model=model.alias,
                         provider=provider.name, provider_model=model.model, prompt_tokens=0,
                         completion_tokens=0, cost_usd=Decimal(0), queue_wait_ms=queue_wait_ms,
                         upstream_latency_ms=latency_ms, outcome=exc.code or "error", status_code=exc.status,
                         error=exc.message[:500]))
-                wait = self._retry_delay(exc, tries, provider, max(deadline, give_up_at))
+                wait = self._retry_delay(exc, tries, provider, deadline if rate_limited else give_up_at)
                 if wait is None:
                     raise
                 log.info("job %s: %s; retrying in %.2fs", job_id, exc.code, wait)
-                time.sleep(wait)
+                if call.scopes:
+                    self._rewait(call, exc, wait if not rate_limited else 0.0, deadline if rate_limited else give_up_at)
+                else:
+                    time.sleep(wait)
+                continue
+            latency_ms = int((time.perf_counter() - started) * 1000)
+            if call.permit is not None:
+                self.admission.release(call.permit, response.usage.total_tokens)
+            return response, latency_ms, call_id
+
+    def _rewait(self, call: _Call, exc: UpstreamError, backoff: float, limit: float) -> None:
+        """Back to the head of the line for fresh permits (after the shared cooldown, if any)."""
+        if backoff:
+            time.sleep(backoff)
+        attempt, call.permit = self.admission.wait_for_turn(
+            job_id=call.job_id, provider=call.provider.name, scopes=call.scopes, tokens=call.tokens, key=call.key,
+            weight=1.0, deadline=limit, execution=call.execution, job_lease_s=self.lease_ttl, rewait=True)
+        if attempt.outcome != "run":
+            raise exc
 
     @staticmethod
     def _retry_delay(exc: UpstreamError, tries: int, provider: Provider, limit: float) -> float | None:
@@ -185,11 +243,30 @@ class JobRunner:
         return self.run(job_id)
 
 
-class _LeaseHeartbeat:
-    """Renews a running job's lease every third of its TTL; if the worker dies the lease lapses."""
+class _Call:
+    """One job's run: what it calls, the limits it counts against, the permit it holds now."""
 
-    def __init__(self, store: JobStore, job_id: str, execution: str, ttl: float) -> None:
+    def __init__(self, job_id: str, execution: str, spec: dict[str, Any], model: Model, provider: Provider,
+                 scopes: list[Scope]) -> None:
+        self.job_id = job_id
+        self.execution = execution
+        self.spec = spec
+        self.model = model
+        self.provider = provider
+        self.scopes = scopes
+        self.key = spec.get("api_key_id") or "-"
+        self.tokens = reservation(ChatRequest.model_validate(spec["request"]), model) if scopes else 0
+        self.permit: Permit | None = None
+
+
+class _LeaseHeartbeat:
+    """Renews a running job's lease (and its concurrency permit) every third of its TTL; if the worker
+    dies both lapse."""
+
+    def __init__(self, store: JobStore, job_id: str, execution: str, ttl: float,
+                 renew_permit: Callable[[], object]) -> None:
         self._stop = threading.Event()
+        self._renew_permit = renew_permit
         self._thread = threading.Thread(target=self._loop, args=(store, job_id, execution, ttl), daemon=True)
 
     def start(self) -> None:
@@ -203,6 +280,7 @@ class _LeaseHeartbeat:
             try:
                 if not store.renew_lease(job_id, execution, ttl):
                     return
+                self._renew_permit()
             except redis.RedisError as exc:
                 log.warning("job %s: lease renewal failed: %s", job_id, exc)
 
@@ -218,7 +296,14 @@ def build_runner(settings: Settings) -> JobRunner:
     store = JobStore(client, settings.key_prefix)
     ledger = UsageLedger(make_session_factory(settings.database_url))
     UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
-    return JobRunner(settings, store, ledger, adapters)
+    lease_ttl = job_lease_ttl(settings)
+    return JobRunner(settings, store, ledger, adapters, AdmissionControl(Limiter(store), call_lease_s=lease_ttl))
+
+
+def job_lease_ttl(settings: Settings) -> float:
+    """How long a dead worker keeps a job's (and a concurrency permit's) lease: short, but renewed
+    three times per period while the call runs; below the visibility timeout so redelivery can take over."""
+    return max(2.0, min(30.0, settings.visibility_timeout / 3))
 
 
 def _now() -> datetime:

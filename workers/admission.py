@@ -1,0 +1,141 @@
+"""Waiting in line for a provider's permits, inside a worker process.
+
+A job delivered to a worker joins its provider's line (``common/limits.py``) and its greenlet sleeps
+until the line's head changes to it (one pubsub subscription per process, ``P:lim:wake``), or until the
+time the head was told a permit frees (a sliding-window slot, a cooldown), or its deadline — never a
+busy poll, and never a ``retry(countdown)`` that would reorder the queue or outlive the visibility
+timeout. The job stays ``queued`` while it waits, so the API can still withdraw it at its max_wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from common.limits import Attempt, Limiter, Scope
+from common.registry import Model, Provider, Registry
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5.0
+PROC_TTL_S = 15.0
+IDLE_RECHECK_S = 5.0   # a waiter re-checks this often even without a wake (it also proves it is alive)
+
+
+def scopes_for(registry: Registry, model: Model, provider: Provider) -> list[Scope]:
+    scopes = []
+    if provider.limits.any:
+        scopes.append(Scope(provider.name, provider.limits))
+    if model.limits.any:
+        scopes.append(Scope(f"{provider.name}/{model.alias}", model.limits))
+    return scopes
+
+
+@dataclass
+class Permit:
+    """The permits one upstream call holds; give them back with :meth:`AdmissionControl.release`."""
+
+    provider: str
+    scopes: list[Scope]
+    call_id: str
+    tokens: int
+    released: bool = field(default=False)
+
+
+class AdmissionControl:
+    def __init__(self, limiter: Limiter, call_lease_s: float) -> None:
+        self.limiter = limiter
+        self.call_lease_s = call_lease_s
+        self.proc_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._waiters: dict[str, threading.Event] = {}
+        self._started = threading.Event()
+        self._lock = threading.Lock()
+
+    def _ensure_started(self) -> None:
+        if self._started.is_set():
+            return
+        with self._lock:
+            if not self._started.is_set():
+                self.limiter.heartbeat(self.proc_id, PROC_TTL_S)
+                threading.Thread(target=self._heartbeat, name="admission-heartbeat", daemon=True).start()
+                threading.Thread(target=self._listen, name="admission-wake", daemon=True).start()
+                self._started.set()
+
+    def wait_for_turn(self, *, job_id: str, provider: str, scopes: list[Scope], tokens: int, key: str,
+                      weight: float, deadline: float, execution: str, job_lease_s: float,
+                      rewait: bool = False) -> tuple[Attempt, Permit | None]:
+        """Block until the job may start (``run``, with a :class:`Permit`) or must not (``expired``,
+        ``gone``, ``too_large``). In ``rewait`` mode (after an upstream 429) the job is already running
+        and waits at the head of the line; past ``deadline`` it gives up with ``expired``."""
+        self._ensure_started()
+        wake = threading.Event()
+        self._waiters[job_id] = wake
+        try:
+            while True:
+                call_id = f"{job_id}:{secrets.token_hex(4)}"
+                attempt = self.limiter.acquire(
+                    provider=provider, scopes=scopes, job_id=job_id, execution=execution, job_lease_s=job_lease_s,
+                    call_id=call_id, call_lease_s=self.call_lease_s, tokens=tokens, key=key, weight=weight,
+                    proc_id=self.proc_id, rewait=rewait)
+                if attempt.outcome == "run":
+                    return attempt, Permit(provider, scopes, call_id, tokens)
+                if attempt.outcome != "wait":
+                    return attempt, None
+                remaining = deadline - time.time()
+                if rewait and remaining <= 0:
+                    self.limiter.redis.zrem(self.limiter.key(provider, "line"), job_id)
+                    return Attempt("expired"), None
+                timeout = attempt.wait_ms / 1000 if attempt.wait_ms else IDLE_RECHECK_S
+                # wake at the deadline too: the next acquire then expires the job (queued) atomically
+                wake.wait(max(0.0, min(timeout, IDLE_RECHECK_S, remaining + 0.01)))
+                wake.clear()
+        finally:
+            self._waiters.pop(job_id, None)
+
+    def release(self, permit: Permit, actual_tokens: int | None, *, refund: bool = False) -> None:
+        if permit.released:
+            return
+        permit.released = True
+        self.limiter.release(provider=permit.provider, scopes=permit.scopes, call_id=permit.call_id,
+                             actual_tokens=actual_tokens, refund=refund)
+
+    def renew(self, permit: Permit) -> None:
+        if not permit.released:
+            self.limiter.renew(permit.scopes, permit.call_id, self.call_lease_s)
+
+    def _heartbeat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            try:
+                self.limiter.heartbeat(self.proc_id, PROC_TTL_S)
+            except redis.RedisError as exc:
+                log.warning("admission heartbeat failed: %s", exc)
+
+    def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.limiter.redis.pubsub()
+            try:
+                pubsub.subscribe(self.limiter.wake_channel)
+                for message in pubsub.listen():
+                    if message["type"] == "subscribe":
+                        backoff = 0.1
+                        for waiter in list(self._waiters.values()):  # we may have missed a wake
+                            waiter.set()
+                    elif message["type"] == "message":
+                        waiter = self._waiters.get(message["data"].decode())
+                        if waiter is not None:
+                            waiter.set()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("wake subscription lost (%s); reconnecting", exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                pubsub.close()
