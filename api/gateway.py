@@ -31,10 +31,11 @@ from common.errors import (
     QueueTimeout,
 )
 from common.jobs import TERMINAL, Event, JobStore, new_job_id
+from common.limits import Limiter, Scope
 from common.registry import Model, Provider
 from common.settings import Settings
-from common.types import ChatRequest
 from common.taskwire import task_message
+from common.types import ChatRequest
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Gateway:
                  dispatcher: ReplyDispatcher) -> None:
         self.settings = settings
         self.store = store
+        self.limiter = Limiter(store)
         self.sessions = sessions
         self.dispatcher = dispatcher
 
@@ -146,6 +148,29 @@ class Gateway:
         rate = self.store.completion_rate(provider.name)
         estimate = depth / rate if rate > 0 else waited
         return int(min(max(math.ceil(estimate), 1), 3600))
+
+    def limits(self) -> dict[str, Any]:
+        """Each provider's limits, current use, line, broker queue depth and cooldown."""
+        out: dict[str, Any] = {}
+        for name, provider in self.settings.registry.providers.items():
+            scopes = [Scope(name, provider.limits)] + [
+                Scope(f"{name}/{alias}", m.limits) for alias, m in self.settings.registry.models.items()
+                if m.provider == name and m.limits.any]
+            entry: dict[str, Any] = {"routable": provider.routable, "queue": self.settings.queue_for(name),
+                                     "queue_depth": self.queue_depth(provider),
+                                     "completions_per_s": round(self.store.completion_rate(name), 3)}
+            entry.update(self.limiter.snapshot(name, scopes))
+            out[name] = entry
+        return out
+
+    def position(self, job: Job) -> dict[str, Any]:
+        """Where a queued job stands: its place in the provider's line (None while it is still in the
+        broker queue, not yet held by a worker) and when it may start at the recent completion rate."""
+        rank = self.limiter.position(job.provider, job.id)
+        rate = self.store.completion_rate(job.provider)
+        ahead = rank if rank is not None else self.queue_depth(self.settings.registry.providers[job.provider])
+        return {"position": rank, "ahead": ahead,
+                "estimated_start_s": round(ahead / rate, 1) if rate > 0 else None}
 
     def queue_depth(self, provider: Provider) -> int:
         return int(self.store.redis.llen(self.settings.queue_key(provider.name)))

@@ -40,3 +40,10 @@ def health() -> Response:
     response = jsonify({"status": "ok" if healthy else "degraded", **checks, "providers": providers})
     response.status_code = 200 if healthy else 503
     return response
+
+
+@bp.get("/v1/limits")
+def limits() -> Response:
+    """Every provider's configured limits, use over the last 60 s, jobs waiting in line and in the
+    broker queue, and any cooldown an upstream 429 imposed."""
+    return jsonify({"providers": gateway().limits()})

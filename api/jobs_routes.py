@@ -33,7 +33,12 @@ def create_job() -> tuple[Response, int]:
 
 @bp.get("/v1/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    return jsonify(render_job(gateway().job(job_id, g.api_key_id)))
+    gw = gateway()
+    job = gw.job(job_id, g.api_key_id)
+    body = render_job(job)
+    if job.status == "queued":
+        body["queue"] = gw.position(job)
+    return jsonify(body)
 
 
 @bp.delete("/v1/jobs/<job_id>")

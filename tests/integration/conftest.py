@@ -78,9 +78,15 @@ def gateway_env(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, da
         f"  {name}:\n    kind: openai\n    base_url: {fake.base_url}\n    api_key_env: FAKE_API_KEY\n"
         f"    pool: 64\n    max_retries: 1\n    timeout: 30"
         for name in ("fake", "stalled", "crashy"))
+    limited = {"limited": "{concurrency: 2}", "metered": "{tpm: 400}", "fair": "{concurrency: 1}"}
+    providers += "\n" + "\n".join(
+        f"  {name}:\n    kind: openai\n    base_url: {fake.base_url}\n    api_key_env: FAKE_API_KEY\n"
+        f"    pool: 64\n    max_retries: 1\n    timeout: 30\n    limits: {limits}"
+        for name, limits in limited.items())
     models = "\n".join(
         f"  {alias}:\n    provider: {provider}\n    model: fake-model\n    price: {{input: 1.0, output: 2.0}}"
-        for alias, provider in (("fake-model", "fake"), ("stalled-model", "stalled"), ("crashy-model", "crashy")))
+        for alias, provider in (("fake-model", "fake"), ("stalled-model", "stalled"), ("crashy-model", "crashy"),
+                                ("limited-model", "limited"), ("metered-model", "metered"), ("fair-model", "fair")))
     config.write_text(f"providers:\n{providers}\n  nokey:\n    kind: openai\n    base_url: {fake.base_url}\n"
                       f"    api_key_env: GATEWAY_TEST_UNSET_KEY\nmodels:\n{models}\n"
                       f"  nokey-model:\n    provider: nokey\n    model: fake-model\n")
