@@ -141,10 +141,11 @@ class Gateway:
         return None
 
     def retry_after(self, provider: Provider, waited: float) -> int:
-        """Seconds until a retry is likely to get a slot: the queue ahead divided by the rate at which
-        the provider's workers settled jobs over the last minute. With no completions to go by, the
-        time this call already waited is the honest lower bound."""
-        depth = self.queue_depth(provider)
+        """Seconds until a retry is likely to get a slot: the jobs ahead (waiting in the provider's
+        line at the workers plus those still in the broker queue) divided by the rate at which its
+        workers settled jobs over the last minute. With no completions to go by, the time this call
+        already waited is the honest lower bound. Checked against measurement in bench/limits.py."""
+        depth = self.queue_depth(provider) + self.limiter.line_length(provider.name)
         rate = self.store.completion_rate(provider.name)
         estimate = depth / rate if rate > 0 else waited
         return int(min(max(math.ceil(estimate), 1), 3600))

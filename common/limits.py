@@ -317,6 +317,9 @@ class Limiter:
                                   "tokens_last_60s": int(tok or 0)}
         return {"scopes": scopes_out, "waiting_in_line": values[-2], "cooldown_ms": max(0, values[-1])}
 
+    def line_length(self, provider: str) -> int:
+        return int(self.redis.zcard(self.key(provider, "line")))
+
     def position(self, provider: str, job_id: str) -> int | None:
         rank = self.redis.zrank(self.key(provider, "line"), job_id)
         return None if rank is None else int(rank)

@@ -91,3 +91,5 @@ class ChatResponse(BaseModel):
 
     body: dict[str, Any]
     usage: Usage
+    # the provider said its quota is spent for this long (rate-limit headers); 0 = no such signal
+    quota_reset_s: float = 0.0

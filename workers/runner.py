@@ -172,6 +172,9 @@ class JobRunner:
             latency_ms = int((time.perf_counter() - started) * 1000)
             if call.permit is not None:
                 self.admission.release(call.permit, response.usage.total_tokens)
+            if response.quota_reset_s and call.scopes:
+                # the provider's headers say its quota is spent: hold everyone back before the 429s come
+                self.admission.limiter.cool_down(provider.name, response.quota_reset_s)
             return response, latency_ms, call_id
 
     def _rewait(self, call: _Call, exc: UpstreamError, backoff: float, limit: float) -> None:

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 GROUP = "ledger"
 BATCH = 500
 CLAIM_IDLE_MS = 30_000
+LINGER_S = 0.2         # after a short batch, let rows gather: a few inserts a second, not one per call
+CLAIM_EVERY_S = 15.0   # how often to look for entries a dead worker read but never acked
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,10 @@ class UsageFlusher:
     def start(self) -> None:
         self._thread.start()
 
-    def flush_once(self, block_ms: int | None = 1000) -> int:
-        """Move one batch to Postgres: first our own unacked entries, then abandoned ones, then new ones.
-        Returns how many rows were written."""
-        entries = self._read("0", None) or self._claim_abandoned() or self._read(">", block_ms)
+    def flush_once(self, block_ms: int | None = 1000, *, recover: bool = True) -> int:
+        """Move one batch to Postgres: with ``recover``, first our own unacked entries and abandoned
+        ones, then new ones. Returns how many rows were written."""
+        entries = (recover and (self._read("0", None) or self._claim_abandoned())) or self._read(">", block_ms)
         if not entries:
             return 0
         rows = [json.loads(fields[b"u"]) for _, fields in entries]
@@ -136,8 +138,13 @@ class UsageFlusher:
         while True:
             try:
                 self.ensure_group()
+                recovered_at = 0.0
                 while True:
-                    self.flush_once()
+                    recover = time.monotonic() - recovered_at > CLAIM_EVERY_S
+                    if recover:
+                        recovered_at = time.monotonic()
+                    if self.flush_once(recover=recover) < BATCH:
+                        time.sleep(LINGER_S)
                     backoff = 0.5
             except (redis.RedisError, SQLAlchemyError, OSError) as exc:
                 log.warning("usage flush failed (%s); entries stay pending, retrying in %.1fs", exc, backoff)

@@ -78,7 +78,8 @@ def gateway_env(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, da
         f"  {name}:\n    kind: openai\n    base_url: {fake.base_url}\n    api_key_env: FAKE_API_KEY\n"
         f"    pool: 64\n    max_retries: 1\n    timeout: 30"
         for name in ("fake", "stalled", "crashy"))
-    limited = {"limited": "{concurrency: 2}", "metered": "{tpm: 400}", "fair": "{concurrency: 1}"}
+    limited = {"limited": "{concurrency: 2}", "metered": "{tpm: 400}", "fair": "{concurrency: 1}",
+               "leasy": "{concurrency: 1}"}
     providers += "\n" + "\n".join(
         f"  {name}:\n    kind: openai\n    base_url: {fake.base_url}\n    api_key_env: FAKE_API_KEY\n"
         f"    pool: 64\n    max_retries: 1\n    timeout: 30\n    limits: {limits}"
@@ -86,7 +87,8 @@ def gateway_env(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, da
     models = "\n".join(
         f"  {alias}:\n    provider: {provider}\n    model: fake-model\n    price: {{input: 1.0, output: 2.0}}"
         for alias, provider in (("fake-model", "fake"), ("stalled-model", "stalled"), ("crashy-model", "crashy"),
-                                ("limited-model", "limited"), ("metered-model", "metered"), ("fair-model", "fair")))
+                                ("limited-model", "limited"), ("metered-model", "metered"), ("fair-model", "fair"),
+                                ("leasy-model", "leasy")))
     config.write_text(f"providers:\n{providers}\n  nokey:\n    kind: openai\n    base_url: {fake.base_url}\n"
                       f"    api_key_env: GATEWAY_TEST_UNSET_KEY\nmodels:\n{models}\n"
                       f"  nokey-model:\n    provider: nokey\n    model: fake-model\n")
@@ -154,8 +156,9 @@ class WorkerFactory:
 
 
 def stop_all(processes: list[Process]) -> None:
-    for proc in processes:  # warm shutdowns take seconds each: let them run side by side
-        proc.terminate()
+    for proc in processes:  # cold shutdown: a test's leftover job need not finish (it is redelivered)
+        if proc.proc.poll() is None:
+            os.killpg(proc.proc.pid, signal.SIGQUIT)
     for proc in processes:
         proc.stop()
 

@@ -46,6 +46,7 @@ def build_adapter(provider: Provider, session: requests.Session) -> Adapter:
 def make_http_session(pool_size: int) -> requests.Session:
     """One pooled, keep-alive session per worker process and provider."""
     session = requests.Session()
+    session.trust_env = False  # no proxy/netrc lookups from the environment on every call (~5% CPU)
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)

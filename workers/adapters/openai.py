@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import requests
@@ -43,7 +44,8 @@ class OpenAIAdapter:
             data = response.json()
             usage = data.get("usage") or {}
             return ChatResponse(body=data, usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                                       completion_tokens=int(usage.get("completion_tokens") or 0)))
+                                                       completion_tokens=int(usage.get("completion_tokens") or 0)),
+                                quota_reset_s=quota_exhausted_for(response.headers))
         except (ValueError, AttributeError):
             raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
 
@@ -54,8 +56,10 @@ def map_error(provider: str, response: requests.Response) -> UpstreamError:
     status = response.status_code
     message = _upstream_message(response)
     if status == 429:
-        return UpstreamRateLimited(f"{provider} is rate limiting: {message}",
-                                   retry_after=retry_after_seconds(response.headers))
+        retry_after = retry_after_seconds(response.headers)
+        if retry_after is None:
+            retry_after = quota_exhausted_for(response.headers) or None
+        return UpstreamRateLimited(f"{provider} is rate limiting: {message}", retry_after=retry_after)
     if status in (401, 403):
         return UpstreamUnavailable(f"{provider} rejected the gateway's credentials (HTTP {status}); "
                                    "the operator must fix its API key", code="upstream_auth_failed")
@@ -76,6 +80,29 @@ def retry_after_seconds(headers: Any) -> float | None:
             except ValueError:
                 continue
     return None
+
+
+def quota_exhausted_for(headers: Any) -> float:
+    """Seconds until OpenAI's quota refills when its ``x-ratelimit-remaining-*`` headers say a limit is
+    spent (``x-ratelimit-reset-*`` reads like ``1s``, ``6m0s``, ``120ms``); 0 when nothing is spent."""
+    wait = 0.0
+    for kind in ("requests", "tokens"):
+        remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+        if remaining is not None and remaining.strip() == "0":
+            wait = max(wait, parse_duration(headers.get(f"x-ratelimit-reset-{kind}", "")) or 1.0)
+    return wait
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """``"6m0s"`` → 360.0, ``"120ms"`` → 0.12, ``"1.5s"`` → 1.5; None if unreadable."""
+    parts = _DURATION.findall(text.strip())
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        return None
+    return sum(float(n) * _UNIT[u] for n, u in parts)
 
 
 def _upstream_message(response: requests.Response) -> str:
