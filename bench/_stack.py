@@ -1,0 +1,289 @@
+"""Shared plumbing for the benchmarks: start the fake upstream, a fresh database, and the gateway's
+API and worker through the real CLI (``llm-gateway``), each in its own process group; stop them all.
+
+Not a benchmark itself; imported by ``bench/overhead.py`` and ``bench/held.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Self
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.fakeprovider import FakeProvider
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"          # its own DB: nothing else's queues or keys
+DEFAULT_ADMIN_DB_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+CHAT_BODY = b'{"model":"fake-model","messages":[{"role":"user","content":"hello from the benchmark"}]}'
+AUTH = {"Authorization": "Bearer bench-key"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gateway_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("llm-gateway")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "launcher.cli"]
+
+
+class Proc:
+    """A child in its own process group (so gunicorn's/celery's children go with it), output to a log."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path) -> None:
+        self.name = name
+        self.log = logdir / f"{name}.log"
+        self._fh = self.log.open("wb")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self, tail: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=5)
+        # stray members of the group (e.g. a gunicorn worker that outlived its master)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._fh.close()
+
+
+def create_database(admin_url: str, name: str) -> str:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = admin_url.rpartition("/")
+    return f"{base}/{name}"
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def post_json(url: str, body: bytes, headers: dict[str, str] | None = None, timeout: float = 10.0
+              ) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class Stack:
+    """fake upstream + fresh database + ``llm-gateway api`` + ``llm-gateway worker --provider fake``."""
+
+    def __init__(self, *, latency_ms: float = 0.0, worker_concurrency: int | None = None, pool: int = 256,
+                 api_workers: int = 1, redis_url: str = DEFAULT_REDIS_URL, admin_db_url: str = DEFAULT_ADMIN_DB_URL,
+                 db_name: str = "bench_gateway", max_wait: float = 60.0, provider_timeout: float = 120.0,
+                 extra_env: dict[str, str] | None = None, keep_logs: bool = False) -> None:
+        self.latency_ms = latency_ms
+        self.worker_concurrency = worker_concurrency
+        self.pool = pool
+        self.api_workers = api_workers
+        self.redis_url = redis_url
+        self.admin_db_url = admin_db_url
+        self.db_name = db_name
+        self.max_wait = max_wait
+        self.provider_timeout = provider_timeout
+        self.extra_env = extra_env or {}
+        self.keep_logs = keep_logs
+        self.prefix = "bench" + secrets.token_hex(4)
+        self.workdir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
+        self.fake: FakeProvider | None = None
+        self.api: Proc | None = None
+        self.worker: Proc | None = None
+        self.api_port: int | None = None
+        self.database_url: str | None = None
+
+    # ------------------------------------------------------------------ start
+    def start_fake(self) -> FakeProvider:
+        self.fake = FakeProvider(latency_ms=self.latency_ms).start()
+        return self.fake
+
+    def env(self) -> dict[str, str]:
+        assert self.fake is not None
+        config = self.workdir / "registry.yaml"
+        config.write_text(
+            "providers:\n"
+            "  fake:\n"
+            "    kind: openai\n"
+            f"    base_url: {self.fake.base_url}\n"
+            "    api_key_env: FAKE_API_KEY\n"
+            f"    pool: {self.pool}\n"
+            f"    timeout: {self.provider_timeout:g}\n"
+            "models:\n"
+            "  fake-model:\n"
+            "    provider: fake\n"
+            "    model: fake-model\n"
+            "    price: {input: 1.0, output: 2.0}\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update({
+            "REDIS_URL": self.redis_url,
+            "DATABASE_URL": self.database_url or "",
+            "GATEWAY_CONFIG": str(config),
+            "GATEWAY_KEY_PREFIX": self.prefix,
+            "GATEWAY_AUTH": "off",
+            "GATEWAY_MAX_WAIT": f"{self.max_wait:g}",
+            "FAKE_API_KEY": "sk-bench-upstream",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.extra_env)
+        return env
+
+    def start(self, ready_timeout: float = 90.0) -> Self:
+        try:
+            if self.fake is None:
+                self.start_fake()
+            self.database_url = create_database(self.admin_db_url, self.db_name)
+            env = self.env()
+            mig = subprocess.run([*gateway_cli(), "migrate"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=120, check=False)
+            if mig.returncode != 0:
+                raise RuntimeError(f"llm-gateway migrate failed:\n{mig.stdout}\n{mig.stderr}")
+            self.api_port = free_port()
+            self.worker = Proc("worker", [*gateway_cli(), "worker", "--provider", "fake", "--name", self.prefix,
+                                          *([] if self.worker_concurrency is None
+                                            else ["--concurrency", str(self.worker_concurrency)])],
+                               env, self.workdir)
+            self.api = Proc("api", [*gateway_cli(), "api", "--host", "127.0.0.1", "--port", str(self.api_port),
+                                    "--workers", str(self.api_workers)], env, self.workdir)
+            self.wait_ready(ready_timeout)
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}/v1/chat/completions"
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            for p in (self.api, self.worker):
+                if p is not None and not p.alive():
+                    raise RuntimeError(f"{p.name} exited ({p.proc.returncode}):\n{p.output()}")
+            try:
+                status, body = post_json(self.url, CHAT_BODY, AUTH, timeout=10)
+                if status == 200 and b"echo: hello from the benchmark" in body:
+                    return
+                last = f"HTTP {status}: {body[:500]!r}"
+            except OSError as exc:
+                last = repr(exc)
+            time.sleep(0.5)
+        raise RuntimeError(f"gateway did not answer a chat call within {timeout:g}s: {last}\n"
+                           f"--- api log ---\n{self.api.output() if self.api else ''}\n"
+                           f"--- worker log ---\n{self.worker.output() if self.worker else ''}")
+
+    # ------------------------------------------------------------------ inspection
+    def api_processes(self) -> list[Any]:
+        """psutil.Process for the gunicorn master and its workers."""
+        import psutil
+
+        if self.api is None or not self.api.alive():
+            return []
+        master = psutil.Process(self.api.pid)
+        return [master, *master.children(recursive=True)]
+
+    def worker_processes(self) -> list[Any]:
+        import psutil
+
+        if self.worker is None or not self.worker.alive():
+            return []
+        root = psutil.Process(self.worker.pid)
+        return [root, *root.children(recursive=True)]
+
+    # ------------------------------------------------------------------ stop
+    def stop(self) -> None:
+        for p in (self.api, self.worker):
+            if p is not None:
+                p.stop()
+        if self.fake is not None:
+            self.fake.stop()
+        if self.database_url is not None:
+            try:
+                drop_database(self.admin_db_url, self.db_name)
+            except Exception as exc:  # noqa: BLE001 - cleanup is best effort
+                print(f"warning: could not drop database {self.db_name}: {exc}", file=sys.stderr)
+        try:
+            import redis
+
+            client = redis.Redis.from_url(self.redis_url)
+            keys = list(client.scan_iter(f"{self.prefix}:*", count=1000))
+            for i in range(0, len(keys), 500):
+                client.delete(*keys[i:i + 500])
+            client.close()
+        except Exception as exc:  # noqa: BLE001
+            print(f"warning: could not clean Redis keys {self.prefix}:*: {exc}", file=sys.stderr)
+        if not self.keep_logs:
+            import shutil
+
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def cpu_seconds(procs: list[Any]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(Exception):  # a process may be gone
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,879 @@
+"""A fake OpenAI upstream that speaks OpenAI's real wire format — for integration tests and benchmarks.
+
+Run it::
+
+    python -m tests.fakeprovider --port 0 [--host 127.0.0.1] [--latency-ms 0] [--api-key SECRET]
+
+It prints exactly one line ``READY <port>`` on stdout once it listens (``--port 0`` picks a free port).
+It is a plain WSGI app served by ``gevent.pywsgi`` (monkey-patched), so thousands of slow calls can be
+held open at once and a fast call costs well under a millisecond of CPU.
+
+From Python (tests)::
+
+    from tests.fakeprovider import FakeProvider
+    with FakeProvider(latency_ms=0) as fake:
+        client = openai.OpenAI(base_url=fake.base_url, api_key="x")
+        fake.configure(fail_next={"count": 2, "status": 429, "retry_after": 1})
+        fake.stats()["calls"]; fake.reset(); fake.requests()
+
+Endpoints (all answers carry ``x-request-id``, ``openai-version``, ``openai-processing-ms`` and the
+``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers, as OpenAI sends them)
+----------------------------------------------------------------------------------------------------
+``POST /v1/chat/completions``
+    Needs ``Authorization: Bearer <key>`` (401, OpenAI error shape, otherwise; with ``--api-key`` the
+    key must also match: 401 ``invalid_api_key``). Non-streaming: a ``chat.completion`` object whose
+    ``choices[0].message.content`` is ``"echo: " + <text of the last user message>`` (text parts of a
+    content list are joined with a space). If the last message is a ``tool`` result instead, the
+    content is ``"echo: " + <that tool result>``.
+    ``"stream": true``: ``text/event-stream`` of ``data: {chat.completion.chunk}\\n\\n`` events — first a
+    chunk with ``delta.role`` (and ``content: ""``), then one chunk per word of the content (words keep
+    their leading space, so joining the deltas gives the exact content), then a chunk with an empty
+    delta and ``finish_reason``; with ``stream_options.include_usage`` every chunk has ``"usage": null``
+    and one more chunk with ``"choices": []`` and the usage follows; then ``data: [DONE]\\n\\n``.
+    Tool calls: when the request has ``tools`` (and ``tool_choice`` is not ``"none"``) and the LAST
+    message is a user message containing the word "weather", the answer is one tool call
+    (``id`` "call_…", ``type`` "function", ``function.name`` = the first tool whose name contains
+    "weather", else the first tool; ``function.arguments`` a JSON string filling the tool's required
+    parameters — ``location``/``city`` get the word after "in" in the message, default "Paris"),
+    ``content`` null and ``finish_reason`` "tool_calls". Streamed as ``delta.tool_calls`` with
+    ``index`` 0: the first carries id/type/name and ``arguments: ""``, the next ones pieces of the
+    arguments string.
+    ``max_tokens`` / ``max_completion_tokens`` smaller than the answer's word count truncate the
+    answer to that many words with ``finish_reason`` "length".
+``POST /v1/embeddings``
+    ``input`` a string or a list of strings (token arrays are accepted and hashed as text); each gets
+    a deterministic unit vector of ``dimensions`` floats (default 8) derived from SHA-256 of the text.
+    ``encoding_format: "base64"`` (the openai SDK's default) returns little-endian float32 in base64.
+``GET /v1/models``, ``GET /v1/models/<id>``
+    OpenAI list / model objects; the list holds ``fake-model`` and ``fake-embedding`` plus every model
+    name requested so far.
+
+Token counting (deterministic, documented so tests can predict it)
+------------------------------------------------------------------
+A text's token count is ``max(1, len(text.split()))`` — whitespace-separated words.
+``prompt_tokens`` = sum over all messages of the words of their text content (tool-call arguments of
+assistant messages included), at least 1. ``completion_tokens`` = words of the answer content, or for a
+tool call the words of ``name + " " + arguments``, at least 1. ``total_tokens`` is their sum. For
+embeddings ``prompt_tokens`` = ``total_tokens`` = sum of the inputs' word counts.
+
+Behaviour on command
+--------------------
+Magic contents (the last user message's text, checked with ``startswith``; whitespace-separated
+prefixes can be combined, e.g. ``"sleep:0.5 status:503 hi"``):
+
+``sleep:<seconds>``   sleep that long before answering (the answer is still the echo of the full text).
+``status:<code>``     answer with that HTTP error in OpenAI's error shape (429 gets Retry-After: 1 and
+                      rate-limit headers; 5xx a ``server_error``; other 4xx ``invalid_request_error``).
+``drop:``             send the response headers and part of the body, then cut the connection (for a
+                      stream: after the first content chunk) — a broken upstream.
+
+Control API (JSON in, JSON out; not authenticated — the fake listens on loopback):
+
+``POST /_control/config``  partial update of any of
+    ``latency_ms``      delay before every /v1 answer (``null`` restores ``--latency-ms``).
+    ``chunk_delay_ms``  delay between streamed chunks (default 0).
+    ``fail_next``       ``{"count": N, "status": S, "retry_after": seconds, "message": optional}``: the
+                        next N POSTs to /v1/* fail with S (default 429, retry_after 1).
+                        429 → ``{"error": {"message": "Rate limit reached for requests", "type":
+                        "requests", "param": null, "code": "rate_limit_exceeded"}}`` plus
+                        ``Retry-After``, ``retry-after-ms`` and ``x-ratelimit-remaining-requests: 0``
+                        (``type`` "requests" is what OpenAI sends for an RPM limit); 500/502/503 →
+                        ``type`` "server_error"; ``{"count": 0}`` clears it.
+    ``hang_next``       ``{"count": N, "seconds": X}``: the next N POSTs to /v1/* wait X seconds first.
+    ``api_key``         required bearer key (``null``: any key).
+    Answers with the whole config.
+``GET /_control/config``   the config.
+``GET /_control/stats``    ``{"calls": chat calls received, "embeddings_calls", "models_calls",
+                           "in_flight": chat+embeddings requests being answered now, "concurrent_max":
+                           the most in flight at once, "by_status": {"200": n, ...}, "by_content":
+                           {last user message text: n} (first 10,000 distinct texts), "by_model"}``.
+``GET /_control/requests`` the last 100 /v1 POSTs as ``[{"path", "headers": {lower-case name: value},
+                           "body": parsed JSON}]`` (``Authorization`` included), oldest first.
+``POST /_control/reset``   zero the stats and request log, clear fail_next/hang_next, restore the
+                           latency to ``--latency-ms`` and the chunk delay to 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any, Self
+
+BASE_MODELS = ("fake-model", "fake-embedding")
+SYSTEM_FINGERPRINT = "fp_fake0001"
+_MAX_BY_CONTENT = 10_000
+_REQUEST_LOG = 100
+_RATE_LIMIT_REQUESTS = 10_000
+_RATE_LIMIT_TOKENS = 30_000_000
+
+_JSON_HEADERS = [("Content-Type", "application/json")]
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def count_tokens(text: str) -> int:
+    """The fake's tokenizer: whitespace-separated words, at least 1."""
+    return max(1, len(text.split()))
+
+
+def message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, str):
+                parts.append(part)
+        return " ".join(parts)
+    return ""
+
+
+def _go_duration(seconds: float) -> str:
+    """Format a duration like OpenAI's x-ratelimit-reset-* headers: "120ms", "1s", "6m0s"."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    minutes, secs = divmod(seconds, 60)
+    secs_text = f"{secs:g}s" if secs != int(secs) else f"{int(secs)}s"
+    if minutes >= 1:
+        return f"{int(minutes)}m{secs_text}"
+    return secs_text
+
+
+_ERROR_DEFAULTS = {
+    400: ("invalid_request_error", None, "Invalid request."),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
+    403: ("invalid_request_error", "unsupported_country_region_territory", "Request not allowed."),
+    404: ("invalid_request_error", "model_not_found", "The model does not exist or you do not have access to it."),
+    408: ("server_error", None, "Request timed out."),
+    409: ("invalid_request_error", None, "Conflict."),
+    422: ("invalid_request_error", None, "Unprocessable request."),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests"),
+    500: ("server_error", None, "The server had an error while processing your request. Sorry about that!"),
+    502: ("server_error", None, "Bad gateway."),
+    503: ("server_error", None, "The engine is currently overloaded, please try again later."),
+    504: ("server_error", None, "Gateway timeout."),
+}
+
+_REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large",
+    422: "Unprocessable Entity", 429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+
+def _status_line(status: int) -> str:
+    return f"{status} {_REASONS.get(status, 'Error')}"
+
+
+_UNSET: Any = object()
+
+
+def error_body(status: int, message: str | None = None, code: Any = _UNSET,
+               type_: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}} (``code`` may be null)."""
+    d_type, d_code, d_message = _ERROR_DEFAULTS.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", None, f"HTTP {status}"))
+    return {"error": {"message": message or d_message, "type": type_ or d_type, "param": None,
+                      "code": d_code if code is _UNSET else code}}
+
+
+class _Drop(Exception):
+    """Raised inside a response iterator to cut the connection (pywsgi closes the socket)."""
+
+
+class FakeUpstream:
+    """The WSGI application. One instance per process; greenlets share its state."""
+
+    def __init__(self, latency_ms: float = 0.0, api_key: str | None = None) -> None:
+        self.default_latency_ms = float(latency_ms)
+        self.default_api_key = api_key
+        self.reset()
+
+    # ---------------------------------------------------------------- state
+    def reset(self) -> None:
+        self.latency_ms = self.default_latency_ms
+        self.chunk_delay_ms = 0.0
+        self.api_key = self.default_api_key
+        self.fail_next: dict[str, Any] = {"count": 0}
+        self.hang_next: dict[str, Any] = {"count": 0}
+        self.calls = 0
+        self.embeddings_calls = 0
+        self.models_calls = 0
+        self.in_flight = 0
+        self.concurrent_max = 0
+        self.by_status: dict[str, int] = {}
+        self.by_content: dict[str, int] = {}
+        self.by_model: dict[str, int] = {}
+        self.seen_models: dict[str, None] = {}
+        self.request_log: deque[dict[str, Any]] = deque(maxlen=_REQUEST_LOG)
+
+    def config(self) -> dict[str, Any]:
+        return {"latency_ms": self.latency_ms, "chunk_delay_ms": self.chunk_delay_ms,
+                "fail_next": dict(self.fail_next), "hang_next": dict(self.hang_next),
+                "api_key": self.api_key}
+
+    def stats(self) -> dict[str, Any]:
+        return {"calls": self.calls, "embeddings_calls": self.embeddings_calls,
+                "models_calls": self.models_calls, "in_flight": self.in_flight,
+                "concurrent_max": self.concurrent_max, "by_status": dict(self.by_status),
+                "by_content": dict(self.by_content), "by_model": dict(self.by_model)}
+
+    def apply_config(self, cfg: dict[str, Any]) -> None:
+        if "latency_ms" in cfg:
+            self.latency_ms = self.default_latency_ms if cfg["latency_ms"] is None else float(cfg["latency_ms"])
+        if "chunk_delay_ms" in cfg:
+            self.chunk_delay_ms = float(cfg["chunk_delay_ms"] or 0)
+        if "fail_next" in cfg:
+            f = dict(cfg["fail_next"] or {})
+            self.fail_next = {"count": int(f.get("count", 1)), "status": int(f.get("status", 429)),
+                              "retry_after": f.get("retry_after", 1), "message": f.get("message")}
+        if "hang_next" in cfg:
+            h = dict(cfg["hang_next"] or {})
+            self.hang_next = {"count": int(h.get("count", 1)), "seconds": float(h.get("seconds", 30))}
+        if "api_key" in cfg:
+            self.api_key = cfg["api_key"]
+
+    # ---------------------------------------------------------------- plumbing
+    @staticmethod
+    def _sleep(seconds: float) -> None:
+        if seconds > 0:
+            import gevent
+            gevent.sleep(seconds)
+
+    def _headers(self, extra: Iterable[tuple[str, str]] = (), *, content_type: str = "application/json",
+                 remaining: int | None = None, started: float | None = None) -> list[tuple[str, str]]:
+        left = _RATE_LIMIT_REQUESTS - 1 if remaining is None else remaining
+        headers = [
+            ("Content-Type", content_type),
+            ("x-request-id", "req_" + uuid.uuid4().hex),
+            ("openai-version", "2020-10-01"),
+            ("openai-organization", "fake-org"),
+            ("openai-processing-ms", str(int((time.monotonic() - started) * 1000) if started else 0)),
+            ("x-ratelimit-limit-requests", str(_RATE_LIMIT_REQUESTS)),
+            ("x-ratelimit-limit-tokens", str(_RATE_LIMIT_TOKENS)),
+            ("x-ratelimit-remaining-requests", str(left)),
+            ("x-ratelimit-remaining-tokens", str(_RATE_LIMIT_TOKENS - 1)),
+            ("x-ratelimit-reset-requests", "6ms"),
+            ("x-ratelimit-reset-tokens", "0s"),
+        ]
+        headers.extend(extra)
+        return headers
+
+    def _count_status(self, status: int) -> None:
+        key = str(status)
+        self.by_status[key] = self.by_status.get(key, 0) + 1
+
+    def _json(self, start_response: Any, status: int, obj: Any, headers: list[tuple[str, str]] | None = None
+              ) -> list[bytes]:
+        body = _dumps(obj)
+        hdrs = headers if headers is not None else self._headers()
+        hdrs.append(("Content-Length", str(len(body))))
+        start_response(_status_line(status), hdrs)
+        return [body]
+
+    def _error(self, start_response: Any, status: int, message: str | None = None, *,
+               code: Any = _UNSET, type_: str | None = None, retry_after: float | None = None,
+               started: float | None = None) -> list[bytes]:
+        self._count_status(status)
+        extra: list[tuple[str, str]] = []
+        remaining = None
+        if status == 429:
+            ra = 1.0 if retry_after is None else float(retry_after)
+            extra += [("Retry-After", f"{ra:g}"), ("retry-after-ms", str(int(ra * 1000)))]
+            remaining = 0
+            if message is None:
+                message = (f"Rate limit reached for requests on requests per min (RPM): Limit "
+                           f"{_RATE_LIMIT_REQUESTS}, Used {_RATE_LIMIT_REQUESTS}, Requested 1. "
+                           f"Please try again in {_go_duration(ra)}.")
+        elif retry_after is not None:
+            extra.append(("Retry-After", f"{float(retry_after):g}"))
+        headers = self._headers(extra, remaining=remaining, started=started)
+        if status == 429 and remaining == 0:
+            ra = 1.0 if retry_after is None else float(retry_after)
+            headers = [(k, _go_duration(ra)) if k == "x-ratelimit-reset-requests" else (k, v) for k, v in headers]
+        return self._json(start_response, status, error_body(status, message, code, type_), headers)
+
+    # ---------------------------------------------------------------- WSGI entry
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            if path.startswith("/_control/"):
+                return self._control(environ, start_response, path, method)
+            if path in ("/v1/chat/completions", "/chat/completions") and method == "POST":
+                return self._model_call(environ, start_response, "chat")
+            if path in ("/v1/embeddings", "/embeddings") and method == "POST":
+                return self._model_call(environ, start_response, "embeddings")
+            if path.startswith("/v1/models") and method == "GET":
+                return self._models(environ, start_response, path)
+            if path == "/healthz":
+                return self._json(start_response, 200, {"ok": True})
+            return self._error(start_response, 404, f"Invalid URL ({method} {path})", code="unknown_url")
+        except _Drop:
+            raise
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - a bug in the fake: answer in OpenAI's shape
+            return self._error(start_response, 500, f"fakeprovider bug: {type(exc).__name__}: {exc}")
+
+    def _read_body(self, environ: dict[str, Any]) -> bytes:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        stream = environ["wsgi.input"]
+        return stream.read(length) if length > 0 else stream.read()
+
+    # ---------------------------------------------------------------- control API
+    def _control(self, environ: dict[str, Any], start_response: Any, path: str, method: str) -> list[bytes]:
+        name = path[len("/_control/"):].strip("/")
+        if name == "config" and method == "POST":
+            raw = self._read_body(environ)
+            try:
+                cfg = json.loads(raw or b"{}")
+                if not isinstance(cfg, dict):
+                    raise TypeError("config must be a JSON object")
+                self.apply_config(cfg)
+            except (ValueError, TypeError) as exc:
+                return self._json(start_response, 400, {"error": str(exc)}, list(_JSON_HEADERS))
+            return self._json(start_response, 200, self.config(), list(_JSON_HEADERS))
+        if name == "config":
+            return self._json(start_response, 200, self.config(), list(_JSON_HEADERS))
+        if name == "stats":
+            return self._json(start_response, 200, self.stats(), list(_JSON_HEADERS))
+        if name == "requests":
+            return self._json(start_response, 200, list(self.request_log), list(_JSON_HEADERS))
+        if name == "reset" and method == "POST":
+            self.reset()
+            return self._json(start_response, 200, {"ok": True}, list(_JSON_HEADERS))
+        return self._json(start_response, 404, {"error": f"no control endpoint {method} {path}"},
+                          list(_JSON_HEADERS))
+
+    # ---------------------------------------------------------------- /v1/models
+    def _models(self, environ: dict[str, Any], start_response: Any, path: str) -> list[bytes]:
+        self.models_calls += 1
+        if not self._bearer(environ):
+            return self._auth_error(start_response, environ)
+        names = list(BASE_MODELS) + [m for m in self.seen_models if m not in BASE_MODELS]
+        rest = path[len("/v1/models"):].strip("/")
+        if rest:
+            if rest not in names:
+                return self._error(start_response, 404, f"The model `{rest}` does not exist or you do not "
+                                   "have access to it.", code="model_not_found")
+            self._count_status(200)
+            return self._json(start_response, 200, _model_object(rest))
+        self._count_status(200)
+        return self._json(start_response, 200, {"object": "list", "data": [_model_object(n) for n in names]})
+
+    def _bearer(self, environ: dict[str, Any]) -> str | None:
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        if not auth.startswith("Bearer "):
+            return None
+        key = auth[7:].strip()
+        return key or None
+
+    def _auth_error(self, start_response: Any, environ: dict[str, Any]) -> list[bytes]:
+        if not environ.get("HTTP_AUTHORIZATION", "").startswith("Bearer ") or not self._bearer(environ):
+            return self._error(start_response, 401, "You didn't provide an API key. You need to provide your "
+                               "API key in an Authorization header using Bearer auth (i.e. Authorization: "
+                               "Bearer YOUR_KEY).", code=None)
+        return self._error(start_response, 401, "Incorrect API key provided.", code="invalid_api_key")
+
+    # ---------------------------------------------------------------- model calls
+    def _model_call(self, environ: dict[str, Any], start_response: Any, kind: str) -> Iterable[bytes]:
+        started = time.monotonic()
+        if kind == "chat":
+            self.calls += 1
+        else:
+            self.embeddings_calls += 1
+        self.in_flight += 1
+        self.concurrent_max = max(self.concurrent_max, self.in_flight)
+        streaming = False
+        try:
+            raw = self._read_body(environ)
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                body = None
+            self.request_log.append({
+                "path": environ.get("PATH_INFO"),
+                "headers": {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
+                            if k.startswith("HTTP_")} | ({"content-type": environ["CONTENT_TYPE"]}
+                                                         if environ.get("CONTENT_TYPE") else {}),
+                "body": body if body is not None else raw.decode("utf-8", "replace")[:10_000],
+            })
+            key = self._bearer(environ)
+            if key is None or (self.api_key is not None and key != self.api_key):
+                return self._auth_error(start_response, environ)
+            if body is None:
+                return self._error(start_response, 400, "We could not parse the JSON body of your request. "
+                                   "(HINT: This likely means you aren't using your HTTP library correctly.)")
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                return self._error(start_response, 400, "you must provide a model parameter")
+            self.by_model[model] = self.by_model.get(model, 0) + 1
+            if model not in self.seen_models and len(self.seen_models) < 1000:
+                self.seen_models[model] = None
+
+            # commanded behaviour: hang, fail, latency
+            if self.hang_next.get("count", 0) > 0:
+                self.hang_next["count"] -= 1
+                self._sleep(float(self.hang_next.get("seconds", 0)))
+            if self.fail_next.get("count", 0) > 0:
+                self.fail_next["count"] -= 1
+                f = self.fail_next
+                self._sleep(self.latency_ms / 1000.0)
+                return self._error(start_response, int(f.get("status") or 429), f.get("message"),
+                                   retry_after=f.get("retry_after"), started=started)
+
+            if kind == "embeddings":
+                self._sleep(self.latency_ms / 1000.0)
+                return self._embeddings(start_response, body, model, started)
+
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                return self._error(start_response, 400, "'messages' must be a non-empty array of objects",
+                                   type_="invalid_request_error")
+            last_user = next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
+            if len(self.by_content) < _MAX_BY_CONTENT or last_user in self.by_content:
+                self.by_content[last_user] = self.by_content.get(last_user, 0) + 1
+
+            # magic contents
+            text = last_user
+            drop = False
+            while True:
+                text = text.lstrip()
+                if text.startswith("sleep:"):
+                    m = re.match(r"sleep:([0-9]*\.?[0-9]+)", text)
+                    if not m:
+                        break
+                    self._sleep(float(m.group(1)))
+                    text = text[m.end():]
+                elif text.startswith("status:"):
+                    m = re.match(r"status:([0-9]{3})", text)
+                    if not m:
+                        break
+                    self._sleep(self.latency_ms / 1000.0)
+                    return self._error(start_response, int(m.group(1)), started=started)
+                elif text.startswith("drop:"):
+                    drop = True
+                    text = text[5:]
+                else:
+                    break
+
+            if self.latency_ms > 0:
+                self._sleep(self.latency_ms / 1000.0)
+            else:
+                # Yield once even with no latency: a keep-alive client that sends its next request at
+                # once would otherwise keep this greenlet running and starve the other connections
+                # (p99 of seconds when the fake is saturated).
+                import gevent
+                gevent.sleep(0)
+            answer = self._answer(body, messages)
+            if body.get("stream"):
+                streaming = True
+                self._count_status(200)
+                start_response("200 OK", self._headers(content_type="text/event-stream; charset=utf-8",
+                                                       started=started))
+                return self._stream(body, model, answer, drop)
+            self._count_status(200)
+            payload = _dumps(self._completion(model, answer))
+            headers = self._headers(started=started)
+            headers.append(("Content-Length", str(len(payload))))
+            start_response("200 OK", headers)
+            if drop:
+                return self._dropping([payload[: len(payload) // 2]])
+            return [payload]
+        finally:
+            if not streaming:
+                self.in_flight -= 1
+
+    def _dropping(self, pieces: list[bytes]) -> Iterator[bytes]:
+        yield from pieces
+        raise _Drop("connection dropped on command")
+
+    # ---------------------------------------------------------------- answers
+    def _answer(self, body: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """Decide the reply: {"content": str|None, "tool_call": dict|None, "finish_reason": str, usage...}."""
+        prompt_words = 0
+        for m in messages:
+            prompt_words += len(message_text(m).split())
+            for tc in m.get("tool_calls") or []:
+                if isinstance(tc, dict):
+                    fn = tc.get("function") or {}
+                    prompt_words += len(f"{fn.get('name', '')} {fn.get('arguments', '')}".split())
+        prompt_tokens = max(1, prompt_words)
+        last = messages[-1]
+        tools = body.get("tools")
+        last_text = message_text(last)
+        if (last.get("role") == "user" and isinstance(tools, list) and tools and body.get("tool_choice") != "none"
+                and re.search(r"\bweather\b", last_text, re.IGNORECASE)):
+            tool = _pick_tool(tools)
+            name = tool.get("name") or "get_weather"
+            arguments = json.dumps(_tool_arguments(tool.get("parameters") or {}, last_text))
+            call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                    "function": {"name": name, "arguments": arguments}}
+            return {"content": None, "tool_call": call, "finish_reason": "tool_calls",
+                    "prompt_tokens": prompt_tokens, "completion_tokens": count_tokens(f"{name} {arguments}")}
+        if last.get("role") == "tool":
+            content = "echo: " + last_text
+        else:
+            content = "echo: " + next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
+        finish = "stop"
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(limit, int) and limit > 0:
+            words = re.findall(r"\s*\S+", content)
+            if len(words) > limit:
+                content = "".join(words[:limit])
+                finish = "length"
+        return {"content": content, "tool_call": None, "finish_reason": finish,
+                "prompt_tokens": prompt_tokens, "completion_tokens": count_tokens(content)}
+
+    @staticmethod
+    def _usage(answer: dict[str, Any]) -> dict[str, Any]:
+        p, c = answer["prompt_tokens"], answer["completion_tokens"]
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                              "accepted_prediction_tokens": 0,
+                                              "rejected_prediction_tokens": 0}}
+
+    def _completion(self, model: str, answer: dict[str, Any]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": answer["content"], "refusal": None,
+                                   "annotations": []}
+        if answer["tool_call"] is not None:
+            message["tool_calls"] = [answer["tool_call"]]
+        return {
+            "id": "chatcmpl-" + uuid.uuid4().hex,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": answer["finish_reason"]}],
+            "usage": self._usage(answer),
+            "service_tier": "default",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+
+    def _stream(self, body: dict[str, Any], model: str, answer: dict[str, Any], drop: bool) -> Iterator[bytes]:
+        try:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            base = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
+                    "created": int(time.time()), "model": model, "service_tier": "default",
+                    "system_fingerprint": SYSTEM_FINGERPRINT}
+
+            def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+                obj = dict(base)
+                obj["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                if include_usage:
+                    obj["usage"] = None
+                return b"data: " + _dumps(obj) + b"\n\n"
+
+            delay = self.chunk_delay_ms / 1000.0
+            call = answer["tool_call"]
+            if call is not None:
+                yield chunk({"role": "assistant", "content": None, "tool_calls": [
+                    {"index": 0, "id": call["id"], "type": "function",
+                     "function": {"name": call["function"]["name"], "arguments": ""}}], "refusal": None})
+                args = call["function"]["arguments"]
+                pieces = [args[i:i + 8] for i in range(0, len(args), 8)] or [""]
+                for n, piece in enumerate(pieces):
+                    self._sleep(delay)
+                    yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                    if drop and n == 0:
+                        raise _Drop("stream dropped on command")
+            else:
+                yield chunk({"role": "assistant", "content": "", "refusal": None})
+                for n, piece in enumerate(re.findall(r"\s*\S+", answer["content"]) or [answer["content"]]):
+                    self._sleep(delay)
+                    yield chunk({"content": piece})
+                    if drop and n == 0:
+                        raise _Drop("stream dropped on command")
+            self._sleep(delay)
+            yield chunk({}, answer["finish_reason"])
+            if include_usage:
+                obj = dict(base)
+                obj["choices"] = []
+                obj["usage"] = self._usage(answer)
+                yield b"data: " + _dumps(obj) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        finally:
+            self.in_flight -= 1
+
+    def _embeddings(self, start_response: Any, body: dict[str, Any], model: str, started: float) -> list[bytes]:
+        inp = body.get("input")
+        if isinstance(inp, str):
+            texts = [inp]
+        elif isinstance(inp, list) and inp and all(isinstance(x, int) for x in inp):
+            texts = [" ".join(map(str, inp))]
+        elif isinstance(inp, list) and inp:
+            texts = [x if isinstance(x, str) else " ".join(map(str, x)) for x in inp]
+        else:
+            return self._error(start_response, 400, "'input' must be a string or a non-empty array")
+        dims = body.get("dimensions") or 8
+        if not isinstance(dims, int) or dims < 1 or dims > 4096:
+            return self._error(start_response, 400, "'dimensions' must be an integer between 1 and 4096")
+        b64 = body.get("encoding_format") == "base64"
+        data = []
+        for i, text in enumerate(texts):
+            vec = embedding_vector(text, dims)
+            emb: Any = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if b64 else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        tokens = sum(count_tokens(t) for t in texts)
+        self._count_status(200)
+        return self._json(start_response, 200, {"object": "list", "data": data, "model": model,
+                                                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                          self._headers(started=started))
+
+
+def embedding_vector(text: str, dims: int = 8) -> list[float]:
+    """Deterministic unit vector for ``text`` (what the fake returns; float32-exact values)."""
+    raw = b""
+    counter = 0
+    while len(raw) < dims * 2:
+        raw += hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        counter += 1
+    vals = [(int.from_bytes(raw[2 * i:2 * i + 2], "little") / 65535.0) * 2 - 1 for i in range(dims)]
+    norm = sum(v * v for v in vals) ** 0.5 or 1.0
+    # round-trip through float32 so the float and base64 encodings give identical numbers
+    return list(struct.unpack(f"<{dims}f", struct.pack(f"<{dims}f", *(v / norm for v in vals))))
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 1700000000, "owned_by": "fakeprovider"}
+
+
+def _pick_tool(tools: list[Any]) -> dict[str, Any]:
+    fns = [t.get("function") or {} for t in tools if isinstance(t, dict)]
+    for fn in fns:
+        if "weather" in str(fn.get("name", "")).lower():
+            return fn
+    return fns[0] if fns else {}
+
+
+def _tool_arguments(schema: dict[str, Any], text: str) -> dict[str, Any]:
+    props = schema.get("properties") or {}
+    wanted = schema.get("required") or list(props)
+    m = re.search(r"\bin\s+([A-Z][\w-]*|\w+)", text)
+    place = m.group(1).strip("?.!,") if m else "Paris"
+    args: dict[str, Any] = {}
+    for name in wanted:
+        spec = props.get(name) or {}
+        typ = spec.get("type", "string")
+        if spec.get("enum"):
+            args[name] = spec["enum"][0]
+        elif name in ("location", "city", "place"):
+            args[name] = place
+        elif typ in ("integer", "number"):
+            args[name] = 1
+        elif typ == "boolean":
+            args[name] = True
+        elif typ == "array":
+            args[name] = []
+        elif typ == "object":
+            args[name] = {}
+        else:
+            args[name] = "fake"
+    if not args:
+        args = {"location": place}
+    return args
+
+
+# ===================================================================================== server
+def serve(host: str, port: int, latency_ms: float, api_key: str | None = None) -> None:
+    from gevent import monkey
+
+    monkey.patch_all()
+    import logging
+    import resource
+
+    from gevent.pywsgi import WSGIHandler, WSGIServer
+
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+
+    class QuietHandler(WSGIHandler):
+        def handle(self) -> Any:
+            # pywsgi sends the headers and the body in two writes: without TCP_NODELAY, Nagle +
+            # the client's delayed ACK add ~40 ms to every response.
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return super().handle()
+
+        def log_request(self) -> None:  # no access log: it costs CPU in benchmarks
+            pass
+
+        def handle_error(self, t: Any, v: Any, tb: Any) -> None:
+            if isinstance(v, _Drop):  # commanded connection cut: close the socket without a 500
+                self.close_connection = True
+                self.response_use_chunked = False
+                with contextlib.suppress(Exception):
+                    self.socket.shutdown(2)
+                return
+            super().handle_error(t, v, tb)
+
+    app = FakeUpstream(latency_ms=latency_ms, api_key=api_key)
+    server = WSGIServer((host, port), app, handler_class=QuietHandler, log=None,
+                        error_log=logging.getLogger("fakeprovider"), backlog=4096)
+    server.init_socket()
+    actual = server.socket.getsockname()[1]
+    import signal
+
+    import gevent
+
+    gevent.signal_handler(signal.SIGTERM, server.stop, 1)
+    gevent.signal_handler(signal.SIGINT, server.stop, 1)
+    sys.stdout.write(f"READY {actual}\n")
+    sys.stdout.flush()
+    server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.fakeprovider",
+                                     description="Fake OpenAI upstream (see the module docstring).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed as READY <port>)")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before every /v1 answer")
+    parser.add_argument("--api-key", default=None, help="require exactly this bearer key (default: any)")
+    args = parser.parse_args(argv)
+    serve(args.host, args.port, args.latency_ms, args.api_key)
+    return 0
+
+
+# ===================================================================================== test helper
+class FakeProvider:
+    """Runs ``python -m tests.fakeprovider`` as a subprocess on a free port (a context manager).
+
+    ``.base_url`` is ``http://127.0.0.1:<port>/v1`` — give it to ``openai.OpenAI(base_url=...)`` or put it
+    in a registry YAML. ``.url`` is the root (for ``/_control``).
+    """
+
+    def __init__(self, latency_ms: float = 0.0, *, host: str = "127.0.0.1", port: int = 0,
+                 api_key: str | None = None, startup_timeout: float = 20.0,
+                 stderr: Any = None, env: dict[str, str] | None = None) -> None:
+        self.host, self.latency_ms, self.api_key = host, latency_ms, api_key
+        self._requested_port = port
+        self.startup_timeout = startup_timeout
+        self._stderr = stderr
+        self._env = env
+        self.proc: Any = None
+        self.port: int | None = None
+
+    # lifecycle -------------------------------------------------------------
+    def start(self) -> Self:
+        import select
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ if self._env is None else self._env)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        cmd = [sys.executable, "-m", "tests.fakeprovider", "--host", self.host,
+               "--port", str(self._requested_port), "--latency-ms", str(self.latency_ms)]
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.startup_timeout
+        line = b""
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                line = self.proc.stdout.readline()
+                if line.startswith(b"READY "):
+                    self.port = int(line.split()[1])
+                    return self
+                if not line:
+                    break
+            elif self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"fakeprovider did not start (last stdout line {line!r})")
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # addresses ---------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    # control API -------------------------------------------------------------
+    def _control(self, method: str, name: str, payload: Any = None) -> Any:
+        import urllib.request
+
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(f"{self.url}/_control/{name}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def stats(self) -> dict[str, Any]:
+        return self._control("GET", "stats")
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The last 100 /v1 POSTs the fake received: [{"path", "headers", "body"}], oldest first."""
+        return self._control("GET", "requests")
+
+    def configure(self, **config: Any) -> dict[str, Any]:
+        """e.g. ``configure(latency_ms=50)``, ``configure(fail_next={"count": 2, "status": 429,
+        "retry_after": 1})``, ``configure(hang_next={"count": 1, "seconds": 30})``."""
+        return self._control("POST", "config", config)
+
+    def config(self) -> dict[str, Any]:
+        return self._control("GET", "config")
+
+    def reset(self) -> None:
+        self._control("POST", "reset", {})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
