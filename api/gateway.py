@@ -11,6 +11,7 @@ import logging
 import math
 import queue
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -84,50 +85,33 @@ class Gateway:
                               self.settings.max_wait_limit)
 
     # synchronous calls --------------------------------------------------------------------------
-    def call(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> Outcome:
-        """Queue the call and hold until it settles; past ``max_wait`` in line raise QueueTimeout."""
+    def start(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> JobWatch:
+        """Queue a call whose caller waits for it; the returned watch yields the job's events."""
         job_id = new_job_id()
         waiter = self.dispatcher.register(job_id)
         try:
-            spec = _spec(request, route, api_key_id)
-            self._enqueue(job_id, spec, route, max_wait=max_wait, reply_to=self.dispatcher.channel,
+            self._enqueue(job_id, _spec(request, route, api_key_id), route, max_wait=max_wait,
+                          reply_to=self.dispatcher.channel,
                           ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S, mode="sync")
-            return self._wait(job_id, route, waiter, max_wait)
-        finally:
+        except GatewayError:
             self.dispatcher.unregister(job_id)
+            raise
+        return JobWatch(self, job_id, route, waiter, max_wait)
 
-    def _wait(self, job_id: str, route: Route, waiter: queue.SimpleQueue[Event], max_wait: float) -> Outcome:
-        now = time.monotonic()
-        deadline = now + max_wait
-        running = False
-        last_id = "0-0"
-        while True:
-            limit = deadline if not running else deadline + self.settings.task_time_limit + 30
-            timeout = min(SAFETY_POLL_S, limit - time.monotonic())
-            events: list[Event] = []
-            try:
-                event = waiter.get(timeout=max(timeout, 0.0))
-                events = [event] if event is not RESYNC else self.store.read_events(job_id, last_id)
-            except queue.Empty:
-                events = self.store.read_events(job_id, last_id)
-            for event in events:
-                if event.stream_id:
-                    last_id = event.stream_id
-                outcome = self._final(job_id, route, event)
+    def call(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> Outcome:
+        """Queue the call and hold until it settles; past ``max_wait`` in line raise QueueTimeout."""
+        watch = self.start(request, route, max_wait=max_wait, api_key_id=api_key_id)
+        try:
+            while True:
+                event = watch.next()
+                assert event is not None
+                outcome = self.final(watch.job_id, route, event)
                 if outcome is not None:
                     return outcome
-            if not events and time.monotonic() >= limit:
-                if running:
-                    raise GatewayError("the job did not finish within the task time limit", status=504,
-                                       code="job_timeout")
-                state = self.store.withdraw(job_id, "expired")
-                if state == "expired":
-                    raise QueueTimeout(f"the request waited {max_wait:g}s in the queue for '{route.model.alias}' "
-                                       "without a free slot and was withdrawn; retry later or raise max_wait",
-                                       retry_after=self.retry_after(route.provider, max_wait))
-                running = True  # a worker claimed it just in time: it will run, so keep waiting
+        finally:
+            watch.close()
 
-    def _final(self, job_id: str, route: Route, event: Event) -> Outcome | None:
+    def final(self, job_id: str, route: Route, event: Event) -> Outcome | None:
         kind = event.data.get("type")
         if kind == "result":
             return Outcome(job_id, event.data["result"], event.data.get("meta", {}))
@@ -231,6 +215,83 @@ class Gateway:
             job = session.get(Job, job_id, populate_existing=True)
         assert job is not None
         return job
+
+
+class JobWatch:
+    """A waiting caller's view of its job: the job's events in order, each exactly once (whether it
+    came by pubsub or by re-reading the job's stream), until the job settles.
+
+    Past the job's max_wait in line :meth:`next` withdraws it and raises :class:`QueueTimeout`; if a
+    worker claimed it first, the watch keeps going (a started job is never reported as expired)."""
+
+    def __init__(self, gateway: Gateway, job_id: str, route: Route, waiter: queue.SimpleQueue[Event],
+                 max_wait: float) -> None:
+        self.gateway = gateway
+        self.job_id = job_id
+        self.route = route
+        self.max_wait = max_wait
+        self.deadline = time.monotonic() + max_wait
+        self.running = False
+        self._waiter = waiter
+        self._last_id = "0-0"
+        self._read_at = time.monotonic()
+        self._pending: deque[Event] = deque()
+
+    def next(self, timeout: float | None = None) -> Event | None:
+        """The next event; None if ``timeout`` seconds pass first (None = wait as long as the job may)."""
+        give_up = math.inf if timeout is None else time.monotonic() + timeout
+        settings = self.gateway.settings
+        while not self._pending:
+            limit = self.deadline if not self.running else self.deadline + settings.task_time_limit + 30
+            now = time.monotonic()
+            try:
+                event = self._waiter.get(timeout=max(0.0, min(SAFETY_POLL_S, limit - now, give_up - now)))
+                self._take([event] if event is not RESYNC else self._reread())
+            except queue.Empty:
+                if time.monotonic() - self._read_at >= SAFETY_POLL_S or time.monotonic() >= limit:
+                    self._take(self._reread())
+            if self._pending:
+                break
+            now = time.monotonic()
+            if now >= limit:
+                self._expire()
+            elif now >= give_up:
+                return None
+        return self._pending.popleft()
+
+    def _reread(self) -> list[Event]:
+        self._read_at = time.monotonic()
+        return self.gateway.store.read_events(self.job_id, self._last_id)
+
+    def _take(self, events: list[Event]) -> None:
+        for event in events:
+            if event.stream_id and _stream_order(event.stream_id) > _stream_order(self._last_id):
+                self._last_id = event.stream_id
+                if event.data.get("type") == "started":
+                    self.running = True
+                self._pending.append(event)
+
+    def _expire(self) -> None:
+        if self.running:
+            raise GatewayError("the job did not finish within the task time limit", status=504, code="job_timeout")
+        state = self.gateway.store.withdraw(self.job_id, "expired")
+        if state == "expired":
+            raise QueueTimeout(f"the request waited {self.max_wait:g}s in the queue for '{self.route.model.alias}' "
+                               "without a free slot and was withdrawn; retry later or raise max_wait",
+                               retry_after=self.gateway.retry_after(self.route.provider, self.max_wait))
+        self.running = True  # a worker claimed it just in time: it will run, so keep waiting
+
+    def abandon(self) -> None:
+        """The caller left: withdraw the job if it waits, or make its worker abort the upstream call."""
+        self.gateway.store.abort(self.job_id)
+
+    def close(self) -> None:
+        self.gateway.dispatcher.unregister(self.job_id)
+
+
+def _stream_order(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def parse_max_wait(raw: Any, default: float, limit: float) -> float:

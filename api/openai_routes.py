@@ -8,8 +8,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from api.gateway import Gateway, Outcome
-from common.errors import InvalidRequest
-from common.protocols.openai import parse_chat_request
+from api.streaming import stream_response
+from common.errors import GatewayError, InvalidRequest
+from common.protocols.openai import error_body, parse_chat_request
 
 bp = Blueprint("openai", __name__)
 
@@ -31,15 +32,43 @@ def json_body() -> Any:
 @bp.post("/v1/chat/completions")
 def chat_completions() -> Response:
     chat, extensions = parse_chat_request(json_body())
-    if chat.stream:
-        raise InvalidRequest("streaming is not available yet on this gateway; send stream=false",
-                             param="stream", code="unsupported_parameter")
     gw = gateway()
     route = gw.route(chat.model)
     max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), extensions.get("max_wait"),
                            gw.settings.default_max_wait)
+    if chat.stream:
+        include_usage = bool((chat.model_extra or {}).get("stream_options", {}).get("include_usage"))
+        watch = gw.start(chat, route, max_wait=max_wait, api_key_id=g.api_key_id)
+        return stream_response(gw, watch, OpenAIStream(include_usage),
+                               {"x-gateway-provider": route.provider.name, "x-gateway-model": route.model.model})
     outcome = gw.call(chat, route, max_wait=max_wait, api_key_id=g.api_key_id)
     return completion_response(outcome)
+
+
+class OpenAIStream:
+    """OpenAI's SSE: ``data: <chunk>`` per chunk, ``data: [DONE]``; the usage chunk only if asked for."""
+
+    mimetype = "text/event-stream"
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+
+    def chunk(self, chunk: dict[str, Any]) -> list[str]:
+        if not self.include_usage:
+            if not chunk.get("choices") and chunk.get("usage"):
+                return []  # we always ask upstream for usage (to bill); this caller did not
+            chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        return [f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"]
+
+    def done(self) -> list[str]:
+        return ["data: [DONE]\n\n"]
+
+    def error(self, error: GatewayError) -> list[str]:
+        body = error_body(error.type, error.message, error.code, error.param)
+        return [f"data: {json.dumps(body)}\n\n"]
+
+    def waiting(self, position: int | None) -> list[str]:
+        return [f": waiting in line{'' if position is None else f', position {position}'}\n\n"]
 
 
 def completion_response(outcome: Outcome) -> Response:

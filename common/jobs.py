@@ -185,6 +185,20 @@ class JobStore:
         entries = self.redis.xrange(self.events_key(job_id), min=f"({after}" if after != "0-0" else "-")
         return [Event(_text(sid), json.loads(fields[b"e"])) for sid, fields in entries]
 
+    def abort_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:abort"
+
+    def abort(self, job_id: str) -> str:
+        """The caller went away: withdraw the job if it is still queued, else ask its worker to stop
+        the upstream call (it checks :meth:`aborted` while relaying). Returns the job's state."""
+        state = self.withdraw(job_id, "cancelled")
+        if state == "running":
+            self.redis.set(self.abort_key(job_id), 1, ex=3600)
+        return state
+
+    def aborted(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.abort_key(job_id)))
+
     def state(self, job_id: str) -> dict[str, str]:
         raw = self.redis.hgetall(self.job_key(job_id))
         return {_text(k): _text(v) for k, v in raw.items() if k != b"spec"}

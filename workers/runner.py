@@ -32,7 +32,7 @@ from common.limits import Limiter, Scope
 from common.registry import Model, Provider
 from common.settings import Settings
 from common.tokens import reservation
-from common.types import ChatRequest, ChatResponse
+from common.types import ChatRequest, ChatResponse, Usage
 from workers.adapters.base import Adapter, build_adapter, make_http_session
 from workers.admission import AdmissionControl, Permit, scopes_for
 from workers.usage import UsageFlusher, UsageLedger, UsageRecord
@@ -40,6 +40,7 @@ from workers.usage import UsageFlusher, UsageLedger, UsageRecord
 log = logging.getLogger(__name__)
 
 EVENT_TTL = 3600.0  # seconds a job's event stream stays readable after its last event
+ABORT_CHECK_S = 0.25  # how often a relayed stream checks whether its client went away
 
 
 class JobRunner:
@@ -106,14 +107,20 @@ class JobRunner:
             self.ledger.mark_job(job_id, status="running", started_at=_now(), attempts=attempt)
         request = ChatRequest.model_validate(spec["request"])
         deadline = float(spec["deadline"])
+        adapter = self.adapters[provider.name]
+        if request.stream:
+            self.store.emit(job_id, {"type": "started", "queue_wait_ms": queue_wait_ms}, ttl=EVENT_TTL)
+            invoke: Callable[[], ChatResponse] = lambda: self._relay_stream(job_id, adapter, request, model)  # noqa: E731
+        else:
+            invoke = lambda: adapter.complete(request, model)  # noqa: E731
         try:
-            response, latency_ms, call_id = self._call_with_retries(call, attempt, request, queue_wait_ms,
-                                                                     deadline)
+            response, latency_ms, call_id = self._call_with_retries(call, attempt, invoke, queue_wait_ms, deadline)
         except GatewayError as exc:
-            self._settle(job_id, execution, provider.name, is_async, state="failed",
+            state = "cancelled" if exc.code == "client_closed" else "failed"
+            self._settle(job_id, execution, provider.name, is_async, state=state,
                          event={"type": "error", "error": exc.to_dict()},
                          job_update={"error": exc.to_dict()})
-            return "failed"
+            return state
         cost = model.price.cost(response.usage.prompt_tokens, response.usage.completion_tokens)
         meta = {"provider": provider.name, "provider_model": model.model, "queue_wait_ms": queue_wait_ms,
                 "upstream_latency_ms": latency_ms, "cost_usd": _money(cost), "attempt": attempt}
@@ -123,13 +130,45 @@ class JobRunner:
                                 completion_tokens=response.usage.completion_tokens, cost_usd=cost,
                                 queue_wait_ms=queue_wait_ms, upstream_latency_ms=latency_ms,
                                 outcome="success", status_code=200)
-        self._settle(job_id, execution, provider.name, is_async, state="succeeded",
-                     event={"type": "result", "result": response.body, "meta": meta}, usage=usage_row,
+        event = ({"type": "done", "meta": meta, "usage": response.body.get("usage")} if request.stream
+                 else {"type": "result", "result": response.body, "meta": meta})
+        self._settle(job_id, execution, provider.name, is_async, state="succeeded", event=event, usage=usage_row,
                      job_update={"result": response.body,
                                  "usage": {**response.usage.model_dump(), "cost_usd": _money(cost)}})
         return "succeeded"
 
-    def _call_with_retries(self, call: _Call, attempt: int, request: ChatRequest, queue_wait_ms: int,
+    def _relay_stream(self, job_id: str, adapter: Adapter, request: ChatRequest, model: Model) -> ChatResponse:
+        """Forward each upstream chunk to the waiting API as it arrives (no buffering); returns the
+        usage. Once a chunk went out the call cannot be retried: a later failure ends the stream with
+        an error. Checks every ``ABORT_CHECK_S`` whether the client went away, and if so closes the
+        upstream call."""
+        chunks = adapter.stream(request, model)
+        sent = 0
+        usage: dict[str, Any] = {}
+        checked = time.monotonic()
+        try:
+            for chunk in chunks:
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                self.store.emit(job_id, {"type": "chunk", "chunk": chunk}, ttl=EVENT_TTL)
+                sent += 1
+                if time.monotonic() - checked > ABORT_CHECK_S:
+                    checked = time.monotonic()
+                    if self.store.aborted(job_id):
+                        raise GatewayError("the client disconnected; the upstream call was aborted",
+                                           status=499, code="client_closed")
+        except UpstreamError as exc:
+            if not sent:
+                raise
+            raise GatewayError(f"the upstream stream broke off: {exc.message}", status=502,
+                               code="upstream_stream_broken") from None
+        finally:
+            chunks.close()  # type: ignore[attr-defined]
+        return ChatResponse(body={"usage": usage} if usage else {},
+                            usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                                        completion_tokens=int(usage.get("completion_tokens") or 0)))
+
+    def _call_with_retries(self, call: _Call, attempt: int, invoke: Callable[[], ChatResponse], queue_wait_ms: int,
                            deadline: float) -> tuple[ChatResponse, int, str]:
         """Call upstream. 5xx/timeouts are retried with backoff (``max_retries``); an upstream 429 puts
         the provider into a cooldown shared by all workers and the job back at the head of its line,
@@ -137,7 +176,6 @@ class JobRunner:
         Every call that got an answer from upstream leaves a usage row; permits are settled after
         each call (TPM to the real token count; a 429 refunds its tokens)."""
         job_id, model, provider = call.job_id, call.model, call.provider
-        adapter = self.adapters[provider.name]
         give_up_at = time.time() + self.settings.task_time_limit
         tries = 0
         while True:
@@ -145,7 +183,7 @@ class JobRunner:
             call_id = f"{job_id}:{attempt}:{tries}"
             started = time.perf_counter()
             try:
-                response = adapter.complete(request, model)
+                response = invoke()
             except UpstreamError as exc:
                 latency_ms = int((time.perf_counter() - started) * 1000)
                 rate_limited = isinstance(exc, UpstreamRateLimited)

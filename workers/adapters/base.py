@@ -7,8 +7,8 @@ Adding a provider is adding a module here that calls :func:`register`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import requests
 
@@ -19,6 +19,12 @@ from common.types import ChatRequest, ChatResponse
 class Adapter(Protocol):
     def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
         """Make one upstream call. Raises ``UpstreamError`` subclasses on failure."""
+        ...
+
+    def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
+        """Make one streaming upstream call, yielding canonical chunks (OpenAI ``chat.completion.chunk``
+        dicts) as they arrive; the last one carries ``usage``. Errors before the first chunk raise
+        ``UpstreamError``; closing the iterator aborts the upstream call."""
         ...
 
 

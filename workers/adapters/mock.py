@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import requests
 
@@ -24,6 +26,19 @@ def count_words(text: str) -> int:
 class MockAdapter:
     def __init__(self, provider: Provider, session: requests.Session) -> None:
         self.provider = provider
+
+    def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
+        """The same answer, one chunk per word, then the finish and usage chunks (OpenAI's order)."""
+        answer = self.complete(request, model).body
+        base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"],
+                "model": answer["model"]}
+        words = answer["choices"][0]["message"]["content"].split(" ")
+        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        for i, word in enumerate(words):
+            piece = word if i == 0 else " " + word
+            yield {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+        yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        yield {**base, "choices": [], "usage": answer["usage"]}
 
     def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
         last_user = next((m.text() for m in reversed(request.messages) if m.role == "user"), "")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import requests
@@ -29,17 +31,50 @@ class OpenAIAdapter:
         if provider.api_key:
             self.headers["Authorization"] = f"Bearer {provider.api_key}"
 
-    def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
-        body = request.upstream_body(model.model)
+    def _post(self, body: dict[str, Any], *, stream: bool) -> requests.Response:
         try:
-            response = self.session.post(self.url, json=body, headers=self.headers,
+            response = self.session.post(self.url, json=body, headers=self.headers, stream=stream,
                                          timeout=(self.provider.connect_timeout, self.provider.timeout))
         except requests.Timeout:
             raise UpstreamTimeout(f"{self.provider.name} did not answer within {self.provider.timeout:g}s") from None
         except requests.ConnectionError:
             raise UpstreamUnavailable(f"cannot reach {self.provider.name}") from None
         if response.status_code >= 400:
-            raise map_error(self.provider.name, response)
+            try:
+                raise map_error(self.provider.name, response)
+            finally:
+                response.close()
+        return response
+
+    def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
+        body = request.upstream_body(model.model)
+        body["stream"] = True
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}  # we bill by it
+        response = self._post(body, stream=True)
+        try:
+            for line in response.iter_lines():
+                if not line.startswith(b"data:"):
+                    continue  # SSE comments, blank separators, event names
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise UpstreamUnavailable(f"{self.provider.name} sent a malformed stream event") from None
+                if isinstance(chunk, dict) and chunk.get("error"):
+                    raise UpstreamUnavailable(f"{self.provider.name} failed mid-stream: {chunk['error']}")
+                yield chunk
+            raise UpstreamUnavailable(f"{self.provider.name} ended the stream without [DONE]")
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+            raise UpstreamUnavailable(f"{self.provider.name} broke the stream off") from None
+        except requests.Timeout:
+            raise UpstreamTimeout(f"{self.provider.name} stalled mid-stream") from None
+        finally:
+            response.close()
+
+    def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
+        response = self._post(request.upstream_body(model.model), stream=False)
         try:
             data = response.json()
             usage = data.get("usage") or {}

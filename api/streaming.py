@@ -1,0 +1,103 @@
+"""Relaying a job's stream to its caller as it arrives, in the caller's own format.
+
+The worker publishes each upstream chunk as a canonical OpenAI ``chat.completion.chunk``; a
+:class:`StreamFormat` turns chunks into the caller's wire format (OpenAI SSE, Anthropic's event
+sequence, Ollama NDJSON). Nothing is buffered: each chunk is written as soon as it is received.
+
+Before the first chunk the call may still fail with a proper HTTP status, so the relay holds the
+response for up to ``HOLD_S`` waiting for the first chunk (or the outcome). If the job is still in
+line after that, the stream starts and keeps the connection alive with the format's ping, which also
+tells the caller its position; a later error arrives as an in-stream error event. A caller that
+disconnects withdraws its queued job, or makes its worker abort the upstream call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+from flask import Response
+
+from api.gateway import Gateway, JobWatch
+from common.errors import GatewayError, QueueTimeout
+from common.jobs import Event
+
+log = logging.getLogger(__name__)
+
+HOLD_S = 5.0    # how long to hold the response for the first chunk before committing to a 200 stream
+PING_S = 5.0    # keep-alive interval while waiting in line
+
+
+class StreamFormat(Protocol):
+    mimetype: str
+
+    def chunk(self, chunk: dict[str, Any]) -> Iterable[str]: ...
+
+    def done(self) -> Iterable[str]: ...
+
+    def error(self, error: GatewayError) -> Iterable[str]: ...
+
+    def waiting(self, position: int | None) -> Iterable[str]: ...
+
+
+def stream_response(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, headers: dict[str, str]) -> Response:
+    """Raises the job's error (as a normal HTTP error) if it fails before its first chunk within HOLD_S."""
+    try:
+        first = _first_output(gateway, watch)
+    except GatewayError:
+        watch.close()
+        raise
+    return Response(_relay(gateway, watch, fmt, first), mimetype=fmt.mimetype,
+                    headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                             "x-gateway-job-id": watch.job_id})
+
+
+def _first_output(gateway: Gateway, watch: JobWatch) -> Event | None:
+    """The first chunk (None if none came within HOLD_S); raises if the job ends without one."""
+    while True:
+        event = watch.next(timeout=HOLD_S)
+        if event is None:
+            return None
+        kind = event.data.get("type")
+        if kind == "chunk" or kind == "done":
+            return event
+        if kind != "started":
+            gateway.final(watch.job_id, watch.route, event)  # raises the job's error
+
+
+def _relay(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, event: Event | None) -> Iterator[str]:
+    finished = False
+    try:
+        while True:
+            if event is None:
+                yield from fmt.waiting(_position(gateway, watch))
+            else:
+                kind = event.data.get("type")
+                if kind == "chunk":
+                    yield from fmt.chunk(event.data["chunk"])
+                elif kind == "done":
+                    finished = True
+                    yield from fmt.done()
+                    return
+                elif kind != "started":
+                    finished = True
+                    try:
+                        gateway.final(watch.job_id, watch.route, event)
+                    except GatewayError as exc:
+                        yield from fmt.error(exc)
+                    return
+            try:
+                event = watch.next(timeout=PING_S)
+            except (QueueTimeout, GatewayError) as exc:
+                finished = True
+                yield from fmt.error(exc)
+                return
+    finally:
+        if not finished:  # the caller went away (or the server is stopping) mid-stream
+            watch.abandon()
+        watch.close()
+
+
+def _position(gateway: Gateway, watch: JobWatch) -> int | None:
+    return gateway.limiter.position(watch.route.provider.name, watch.job_id)
