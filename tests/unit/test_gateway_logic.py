@@ -100,3 +100,31 @@ def test_auth_modes():
         auto.authenticate({"Authorization": "Bearer sk-bad"})
     with pytest.raises(AuthenticationFailed):
         Authenticator("required", dict).authenticate({"Authorization": "Bearer sk-good"})
+
+
+DURATIONS = [("seconds", "1s", 1.0), ("minutes-seconds", "6m0s", 360.0), ("millis", "120ms", 0.12),
+             ("fraction", "1.5s", 1.5), ("hours", "1h2m", 3720.0), ("garbage", "soon", None), ("empty", "", None)]
+
+
+@pytest.mark.parametrize("text,seconds", [c[1:] for c in DURATIONS], ids=[c[0] for c in DURATIONS])
+def test_openai_reset_durations(text, seconds):
+    from workers.adapters.openai import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+QUOTA = [
+    ("nothing-spent", {"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "1s"}, 0.0),
+    ("requests-spent", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s"}, 2.0),
+    ("tokens-spent-longer", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s",
+                             "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"}, 360.0),
+    ("spent-unreadable-reset", {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "?"}, 1.0),
+    ("no-headers", {}, 0.0),
+]
+
+
+@pytest.mark.parametrize("headers,seconds", [c[1:] for c in QUOTA], ids=[c[0] for c in QUOTA])
+def test_quota_exhaustion_from_rate_limit_headers(headers, seconds):
+    from workers.adapters.openai import quota_exhausted_for
+
+    assert quota_exhausted_for(requests.structures.CaseInsensitiveDict(headers)) == seconds
