@@ -33,7 +33,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ProviderKind = Literal["openai", "mock"]
+ProviderKind = Literal["openai", "anthropic", "ollama", "gemini", "mock"]
 Capability = Literal["chat", "tools", "vision", "json", "embeddings", "stream"]
 
 
@@ -75,6 +75,10 @@ class Provider(_Strict):
     base_url: str | None = None
     api_key_env: str | None = None
     base_url_env: str | None = None
+    # more hosts serving the same models, tried in order when the one before cannot be reached
+    # (Ollama boxes, vLLM replicas); from the file, or comma-separated in ``fallback_base_urls_env``
+    fallback_base_urls: tuple[str, ...] = ()
+    fallback_base_urls_env: str | None = None
     requires_key: bool = True
     pool: int = Field(default=32, ge=1, le=10_000)
     timeout: float = Field(default=600.0, gt=0)
@@ -142,14 +146,25 @@ def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
     for name, p in raw.providers.items():
         base_url = (env.get(p.base_url_env) if p.base_url_env else None) or p.base_url
         api_key = env.get(p.api_key_env) if p.api_key_env else None
-        providers[name] = p.model_copy(
-            update={"name": name, "base_url": base_url.rstrip("/") if base_url else None, "api_key": api_key}
-        )
+        fallbacks = p.fallback_base_urls
+        if p.fallback_base_urls_env and env.get(p.fallback_base_urls_env):
+            fallbacks = tuple(u.strip() for u in env[p.fallback_base_urls_env].split(",") if u.strip())
+        providers[name] = p.model_copy(update={
+            "name": name, "base_url": _normalise_url(base_url, p.kind) if base_url else None, "api_key": api_key,
+            "fallback_base_urls": tuple(_normalise_url(u, p.kind) for u in fallbacks)})
     models = {alias: m.model_copy(update={"alias": alias}) for alias, m in raw.models.items()}
     for name, weight in raw.key_weights.items():
         if weight <= 0:
             raise RegistryError(f"key_weights.{name} must be positive, got {weight}")
     return Registry(providers=providers, models=models, key_weights=raw.key_weights)
+
+
+def _normalise_url(url: str, kind: str) -> str:
+    """No trailing slash; ``OLLAMA_HOST`` may be a bare ``host:port`` as the Ollama CLI accepts."""
+    url = url.strip().rstrip("/")
+    if kind == "ollama" and "://" not in url:
+        url = "http://" + url
+    return url
 
 
 def load_registry(path: Path, env: Mapping[str, str]) -> Registry:
