@@ -8,7 +8,7 @@ import secrets
 import redis
 from flask import Flask, Response, g, request
 
-from api import health, jobs_routes, openai_routes
+from api import anthropic_routes, health, jobs_routes, ollama_routes, openai_routes
 from api.auth import Authenticator
 from api.dispatcher import ReplyDispatcher
 from api.errors import install_error_handlers
@@ -56,4 +56,6 @@ def create_app(settings: Settings) -> Flask:
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(jobs_routes.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(anthropic_routes.bp)
+    app.register_blueprint(ollama_routes.bp)
     return app

@@ -5,17 +5,27 @@ from __future__ import annotations
 import logging
 import math
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.errors import GatewayError, PayloadTooLarge
+from common.protocols import anthropic, ollama
 from common.protocols.openai import error_body
 
 log = logging.getLogger(__name__)
 
 
+def error_document(exc: GatewayError, path: str) -> dict[str, object]:
+    """The error in the shape of the protocol the caller speaks, chosen by the path it called."""
+    if path.startswith("/v1/messages"):
+        return anthropic.render_error(exc.status, exc.type, exc.message)
+    if path.startswith("/api/"):
+        return ollama.render_error(exc.status, exc.type, exc.message)
+    return error_body(exc.type, exc.message, exc.code, exc.param)
+
+
 def openai_error_response(exc: GatewayError) -> Response:
-    response = jsonify(error_body(exc.type, exc.message, exc.code, exc.param))
+    response = jsonify(error_document(exc, request.path))
     response.status_code = exc.status
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))

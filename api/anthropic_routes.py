@@ -1,0 +1,76 @@
+"""Anthropic ingress: ``POST /v1/messages`` (streaming included) and ``POST /v1/messages/count_tokens``.
+
+Any ``anthropic-version`` is accepted; keys come as ``x-api-key`` or ``Authorization: Bearer``
+(``api/auth.py``); errors use Anthropic's ``{"type": "error", "error": {...}}`` (``api/errors.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request
+
+from api.openai_routes import gateway, json_body
+from api.streaming import stream_response
+from common.errors import GatewayError
+from common.protocols import anthropic
+from common.tokens import estimate_prompt_tokens
+
+bp = Blueprint("anthropic", __name__)
+
+
+@bp.post("/v1/messages")
+def messages() -> Response:
+    body = json_body()
+    chat = anthropic.parse_request(body)
+    gw = gateway()
+    route = gw.route(chat.model)
+    max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"),
+                           body.get("max_wait") if isinstance(body, dict) else None, gw.settings.default_max_wait)
+    headers = {"x-gateway-provider": route.provider.name, "x-gateway-model": route.model.model}
+    if chat.stream:
+        watch = gw.start(chat, route, max_wait=max_wait, api_key_id=g.api_key_id)
+        return stream_response(gw, watch, AnthropicStream(chat.model, estimate_prompt_tokens(chat)), headers)
+    outcome = gw.call(chat, route, max_wait=max_wait, api_key_id=g.api_key_id)
+    response = jsonify(anthropic.render_response(outcome.result, chat.model))
+    response.headers.update({**headers, "x-gateway-job-id": outcome.job_id,
+                             "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
+                             "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", ""))})
+    return response
+
+
+@bp.post("/v1/messages/count_tokens")
+def count_tokens() -> Response:
+    """The gateway's estimate (the one TPM reservations use), not the provider's exact count."""
+    body = json_body()
+    if isinstance(body, dict):
+        body.setdefault("max_tokens", 1)  # count_tokens bodies carry no max_tokens; messages bodies must
+    chat = anthropic.parse_request(body)
+    gateway().route(chat.model)
+    return jsonify({"input_tokens": estimate_prompt_tokens(chat)})
+
+
+class AnthropicStream:
+    """Anthropic's SSE: ``event: <name>`` + ``data: <json>`` per event, ``ping`` while waiting."""
+
+    mimetype = "text/event-stream"
+
+    def __init__(self, model_alias: str, input_tokens: int) -> None:
+        self.renderer = anthropic.StreamRenderer(model_alias, input_tokens=input_tokens)
+
+    @staticmethod
+    def _sse(events: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        return [f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n" for name, data in events]
+
+    def chunk(self, chunk: dict[str, Any]) -> list[str]:
+        return self._sse(self.renderer.feed(chunk))
+
+    def done(self) -> list[str]:
+        return self._sse(self.renderer.close())
+
+    def error(self, error: GatewayError) -> list[str]:
+        return self._sse([("error", anthropic.render_error(error.status, error.type, error.message))])
+
+    def waiting(self, position: int | None) -> list[str]:
+        return self._sse([("ping", {"type": "ping"})])
