@@ -36,7 +36,7 @@ from common.limits import Limiter, Scope
 from common.registry import Model, Provider
 from common.settings import Settings
 from common.taskwire import task_message
-from common.types import ChatRequest
+from common.types import ChatRequest, EmbeddingsRequest
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Gateway:
                               self.settings.max_wait_limit)
 
     # synchronous calls --------------------------------------------------------------------------
-    def start(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> JobWatch:
+    def start(self, request: ChatRequest | EmbeddingsRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> JobWatch:
         """Queue a call whose caller waits for it; the returned watch yields the job's events."""
         job_id = new_job_id()
         waiter = self.dispatcher.register(job_id)
@@ -98,7 +98,7 @@ class Gateway:
             raise
         return JobWatch(self, job_id, route, waiter, max_wait)
 
-    def call(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> Outcome:
+    def call(self, request: ChatRequest | EmbeddingsRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> Outcome:
         """Queue the call and hold until it settles; past ``max_wait`` in line raise QueueTimeout."""
         watch = self.start(request, route, max_wait=max_wait, api_key_id=api_key_id)
         try:
@@ -311,6 +311,7 @@ def parse_max_wait(raw: Any, default: float, limit: float) -> float:
     return value
 
 
-def _spec(request: ChatRequest, route: Route, api_key_id: str | None) -> dict[str, Any]:
+def _spec(request: ChatRequest | EmbeddingsRequest, route: Route, api_key_id: str | None) -> dict[str, Any]:
     return {"model": route.model.alias, "provider": route.provider.name,
+            "kind": "embeddings" if isinstance(request, EmbeddingsRequest) else "chat",
             "request": request.model_dump(exclude_none=True), "api_key_id": api_key_id}

@@ -1,5 +1,5 @@
-"""Ollama ingress: ``POST /api/chat``, ``POST /api/generate``, ``GET /api/tags``, ``POST /api/show``,
-``GET /api/version``. Streaming is Ollama's default (NDJSON); errors are ``{"error": "..."}``.
+"""Ollama ingress: ``POST /api/chat``, ``POST /api/generate``, ``POST /api/embed``, ``GET /api/tags``,
+``POST /api/show``, ``GET /api/version``. Streaming is Ollama's default (NDJSON); errors are ``{"error": "..."}``.
 
 ``/api/generate`` is a chat with one user turn (plus ``system``); its answers carry ``response``
 instead of ``message``. Model management (pull, push, create, delete) is not a gateway's business:
@@ -19,6 +19,7 @@ from api.openai_routes import gateway, json_body
 from api.streaming import stream_response
 from common.errors import GatewayError, InvalidRequest
 from common.protocols import ollama
+from common.protocols.openai import parse_embeddings_request
 from common.types import ChatRequest
 
 bp = Blueprint("ollama", __name__)
@@ -100,6 +101,29 @@ class OllamaStream:
 
     def waiting(self, position: int | None) -> list[str]:
         return []
+
+
+@bp.post("/api/embed")
+def embed() -> Response:
+    body = json_body()
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    request_body = {"model": body.get("model"), "input": body.get("input"), "encoding_format": "float"}
+    if body.get("dimensions") is not None:
+        request_body["dimensions"] = body["dimensions"]
+    embed_request, _ = parse_embeddings_request(request_body)
+    gw = gateway()
+    route = gw.route(embed_request.model)
+    max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), body.get("max_wait"),
+                           gw.settings.default_max_wait)
+    started = time.monotonic_ns()
+    outcome = gw.call(embed_request, route, max_wait=max_wait, api_key_id=g.api_key_id)
+    data = sorted(outcome.result.get("data") or [], key=lambda d: d.get("index", 0))
+    usage = outcome.result.get("usage") or {}
+    elapsed = time.monotonic_ns() - started
+    return jsonify({"model": embed_request.model, "embeddings": [d["embedding"] for d in data],
+                    "total_duration": elapsed, "load_duration": 0,
+                    "prompt_eval_count": int(usage.get("prompt_tokens") or 0)})
 
 
 @bp.get("/api/tags")

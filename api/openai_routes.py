@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from api.gateway import Gateway, Outcome
 from api.streaming import stream_response
 from common.errors import GatewayError, InvalidRequest
-from common.protocols.openai import error_body, parse_chat_request
+from common.protocols.openai import error_body, parse_chat_request, parse_embeddings_request
 
 bp = Blueprint("openai", __name__)
 
@@ -81,6 +81,16 @@ def completion_response(outcome: Outcome) -> Response:
             response.headers[name] = str(outcome.meta[key])
     response.headers["x-gateway-job-id"] = outcome.job_id
     return response
+
+
+@bp.post("/v1/embeddings")
+def embeddings() -> Response:
+    embed, extensions = parse_embeddings_request(json_body())
+    gw = gateway()
+    route = gw.route(embed.model)
+    max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), extensions.get("max_wait"),
+                           gw.settings.default_max_wait)
+    return completion_response(gw.call(embed, route, max_wait=max_wait, api_key_id=g.api_key_id))
 
 
 @bp.get("/v1/models")

@@ -15,7 +15,7 @@ import json
 import math
 
 from common.registry import Model
-from common.types import ChatRequest
+from common.types import ChatRequest, EmbeddingsRequest
 
 DEFAULT_COMPLETION_BUDGET = 1024
 PER_MESSAGE = 4
@@ -39,6 +39,8 @@ def completion_budget(request: ChatRequest, model: Model) -> int:
             or DEFAULT_COMPLETION_BUDGET)
 
 
-def reservation(request: ChatRequest, model: Model) -> int:
-    """Tokens to reserve against TPM before the call."""
+def reservation(request: ChatRequest | EmbeddingsRequest, model: Model) -> int:
+    """Tokens to reserve against TPM before the call (embeddings produce no completion tokens)."""
+    if isinstance(request, EmbeddingsRequest):
+        return sum(math.ceil(len(text) / 3) + 1 for text in request.texts())
     return estimate_prompt_tokens(request) + completion_budget(request, model)

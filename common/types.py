@@ -77,6 +77,30 @@ class ChatRequest(BaseModel):
         return body
 
 
+class EmbeddingsRequest(BaseModel):
+    """An OpenAI embeddings call (``POST /v1/embeddings``); the canonical form for all ingresses."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    def texts(self) -> list[str]:
+        """The inputs as text (token arrays are counted, not decoded), for token estimates."""
+        if isinstance(self.input, str):
+            return [self.input]
+        return [item if isinstance(item, str) else " " * (3 * (len(item) if isinstance(item, list) else 1))
+                for item in self.input]
+
+    def upstream_body(self, provider_model: str) -> dict[str, Any]:
+        body = self.model_dump(exclude_none=True)
+        body["model"] = provider_model
+        return body
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -32,7 +32,7 @@ from common.limits import Limiter, Scope
 from common.registry import Model, Provider
 from common.settings import Settings
 from common.tokens import reservation
-from common.types import ChatRequest, ChatResponse, Usage
+from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from workers.adapters.base import Adapter, build_adapter, make_http_session
 from workers.admission import AdmissionControl, Permit, scopes_for
 from workers.usage import UsageFlusher, UsageLedger, UsageRecord
@@ -105,12 +105,20 @@ class JobRunner:
                 if done:
                     return done
             self.ledger.mark_job(job_id, status="running", started_at=_now(), attempts=attempt)
-        request = ChatRequest.model_validate(spec["request"])
+        request = call.request
         deadline = float(spec["deadline"])
         adapter = self.adapters[provider.name]
-        if request.stream:
+        if isinstance(request, EmbeddingsRequest):
+            embed = getattr(adapter, "embed", None)
+            if embed is None:
+                error = InvalidRequest(f"provider '{provider.name}' does not serve embeddings", param="model")
+                self._settle(job_id, execution, provider.name, is_async, state="failed",
+                             event={"type": "error", "error": error.to_dict()}, job_update={"error": error.to_dict()})
+                return "failed"
+            invoke: Callable[[], ChatResponse] = lambda: embed(request, model)  # noqa: E731
+        elif request.stream:
             self.store.emit(job_id, {"type": "started", "queue_wait_ms": queue_wait_ms}, ttl=EVENT_TTL)
-            invoke: Callable[[], ChatResponse] = lambda: self._relay_stream(job_id, adapter, request, model)  # noqa: E731
+            invoke = lambda: self._relay_stream(job_id, adapter, request, model)  # noqa: E731
         else:
             invoke = lambda: adapter.complete(request, model)  # noqa: E731
         try:
@@ -130,7 +138,8 @@ class JobRunner:
                                 completion_tokens=response.usage.completion_tokens, cost_usd=cost,
                                 queue_wait_ms=queue_wait_ms, upstream_latency_ms=latency_ms,
                                 outcome="success", status_code=200)
-        event = ({"type": "done", "meta": meta, "usage": response.body.get("usage")} if request.stream
+        streamed = isinstance(request, ChatRequest) and request.stream
+        event = ({"type": "done", "meta": meta, "usage": response.body.get("usage")} if streamed
                  else {"type": "result", "result": response.body, "meta": meta})
         self._settle(job_id, execution, provider.name, is_async, state="succeeded", event=event, usage=usage_row,
                      job_update={"result": response.body,
@@ -296,7 +305,10 @@ class _Call:
         self.provider = provider
         self.scopes = scopes
         self.key = spec.get("api_key_id") or "-"
-        self.tokens = reservation(ChatRequest.model_validate(spec["request"]), model) if scopes else 0
+        self.request: ChatRequest | EmbeddingsRequest = (
+            EmbeddingsRequest.model_validate(spec["request"]) if spec.get("kind") == "embeddings"
+            else ChatRequest.model_validate(spec["request"]))
+        self.tokens = reservation(self.request, model) if scopes else 0
         self.permit: Permit | None = None
 
 

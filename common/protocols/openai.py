@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from common.errors import InvalidRequest
-from common.types import ChatRequest
+from common.types import ChatRequest, EmbeddingsRequest
 
 # Our extension fields: accepted in the body (openai SDK: ``extra_body={...}``), never sent upstream.
 GATEWAY_FIELDS = ("max_wait",)
@@ -25,6 +25,21 @@ def parse_chat_request(body: Any) -> tuple[ChatRequest, dict[str, Any]]:
         return ChatRequest.model_validate(payload), extensions
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def parse_embeddings_request(body: Any) -> tuple[EmbeddingsRequest, dict[str, Any]]:
+    """Validate an OpenAI embeddings body (same rules and errors as chat bodies)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    extensions = {name: body[name] for name in GATEWAY_FIELDS if name in body}
+    payload = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
+    try:
+        request = EmbeddingsRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    if request.input in ("", []):
+        raise InvalidRequest("'input' must not be empty", param="input", code="invalid_value")
+    return request, extensions
 
 
 def _invalid(exc: ValidationError) -> InvalidRequest:

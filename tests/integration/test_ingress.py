@@ -114,3 +114,19 @@ def test_ollama_errors_in_ollamas_shape(llama, api):
     assert err.value.status_code == 404 and "no-such-model" in err.value.error
     r = requests.post(f"{api.url}/api/chat", data=b"{bad")
     assert r.status_code == 400 and set(r.json()) == {"error"}
+
+
+def test_openai_embeddings_through_the_queue(api, fake, db):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{api.url}/v1", api_key="x", max_retries=0)
+    result = client.embeddings.create(model="fake-model", input=["first text", "second one here"])
+    assert [len(d.embedding) for d in result.data] == [8, 8] and result.usage.prompt_tokens == 5
+    assert fake.stats()["embeddings_calls"] == 1
+    r = requests.post(f"{api.url}/v1/embeddings", json={"model": "fake-model", "input": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+
+
+def test_ollama_embed(llama, fake):
+    result = llama.embed(model="fake-model", input=["a b", "c"])
+    assert len(result.embeddings) == 2 and len(result.embeddings[0]) == 8

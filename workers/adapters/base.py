@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import requests
 
 from common.registry import Model, Provider
-from common.types import ChatRequest, ChatResponse
+from common.types import ChatRequest, ChatResponse, EmbeddingsRequest
 
 
 class Adapter(Protocol):
@@ -25,6 +25,14 @@ class Adapter(Protocol):
         """Make one streaming upstream call, yielding canonical chunks (OpenAI ``chat.completion.chunk``
         dicts) as they arrive; the last one carries ``usage``. Errors before the first chunk raise
         ``UpstreamError``; closing the iterator aborts the upstream call."""
+        ...
+
+
+class EmbeddingAdapter(Protocol):
+    """Adapters of providers that serve embeddings implement this too."""
+
+    def embed(self, request: EmbeddingsRequest, model: Model) -> ChatResponse:
+        """``body`` is an OpenAI embeddings list object; usage counts the input tokens."""
         ...
 
 

@@ -6,6 +6,7 @@ fresh install works end to end and tests can predict every byte.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from typing import Any
 import requests
 
 from common.registry import Model, Provider
-from common.types import ChatRequest, ChatResponse, Usage
+from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from workers.adapters.base import register
 
 
@@ -40,6 +41,15 @@ class MockAdapter:
         yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         yield {**base, "choices": [], "usage": answer["usage"]}
 
+    def embed(self, request: EmbeddingsRequest, model: Model) -> ChatResponse:
+        """A deterministic unit vector of 8 floats per input, from the SHA-256 of its text."""
+        texts = request.texts()
+        data = [{"object": "embedding", "index": i, "embedding": _vector(text)} for i, text in enumerate(texts)]
+        tokens = sum(count_words(t) for t in texts)
+        return ChatResponse(body={"object": "list", "data": data, "model": model.model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                            usage=Usage(prompt_tokens=tokens))
+
     def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
         last_user = next((m.text() for m in reversed(request.messages) if m.role == "user"), "")
         content = f"mock: {last_user}"
@@ -56,3 +66,10 @@ class MockAdapter:
                       "total_tokens": prompt_tokens + completion_tokens},
         }
         return ChatResponse(body=body, usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
+
+
+def _vector(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    values = [b / 255.0 - 0.5 for b in digest[:8]]
+    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    return [v / norm for v in values]

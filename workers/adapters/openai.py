@@ -17,7 +17,7 @@ from common.errors import (
     UpstreamUnavailable,
 )
 from common.registry import Model, Provider
-from common.types import ChatRequest, ChatResponse, Usage
+from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from workers.adapters.base import register
 
 
@@ -27,13 +27,23 @@ class OpenAIAdapter:
         self.provider = provider
         self.session = session
         self.url = f"{provider.base_url}/chat/completions"
+        self.embeddings_url = f"{provider.base_url}/embeddings"
         self.headers = {"Content-Type": "application/json"}
         if provider.api_key:
             self.headers["Authorization"] = f"Bearer {provider.api_key}"
 
-    def _post(self, body: dict[str, Any], *, stream: bool) -> requests.Response:
+    def embed(self, request: EmbeddingsRequest, model: Model) -> ChatResponse:
+        response = self._post(request.upstream_body(model.model), stream=False, url=self.embeddings_url)
         try:
-            response = self.session.post(self.url, json=body, headers=self.headers, stream=stream,
+            data = response.json()
+            usage = data.get("usage") or {}
+            return ChatResponse(body=data, usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0)))
+        except (ValueError, AttributeError):
+            raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
+
+    def _post(self, body: dict[str, Any], *, stream: bool, url: str | None = None) -> requests.Response:
+        try:
+            response = self.session.post(url or self.url, json=body, headers=self.headers, stream=stream,
                                          timeout=(self.provider.connect_timeout, self.provider.timeout))
         except requests.Timeout:
             raise UpstreamTimeout(f"{self.provider.name} did not answer within {self.provider.timeout:g}s") from None

@@ -1,0 +1,178 @@
+"""Anthropic Messages API (``kind: anthropic``): ``POST {base_url}/v1/messages``.
+
+Translation lives in :mod:`common.protocols.anthropic`; this module makes the call and maps errors:
+
+    429 rate_limit_error          UpstreamRateLimited; retry_after from ``retry-after``, else the reset
+                                  of the spent ``anthropic-ratelimit-*`` limit
+    401, 403                      UpstreamUnavailable ``upstream_auth_failed`` (the operator's key; the
+                                  upstream message is not passed on)
+    408, 504                      UpstreamTimeout
+    529 overloaded_error, 5xx     UpstreamUnavailable
+    other 4xx                     UpstreamRejected with Anthropic's status and message
+
+A successful answer whose ``anthropic-ratelimit-*-remaining`` reads 0 reports ``quota_reset_s`` so
+the workers hold back before the 429s come.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+from common.errors import (
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from common.protocols import anthropic as protocol
+from common.registry import Model, Provider
+from common.types import ChatRequest, ChatResponse
+from workers.adapters.base import register
+from workers.adapters.openai import retry_after_seconds
+
+API_VERSION = "2023-06-01"
+# the limits Anthropic reports in anthropic-ratelimit-<limit>-{limit,remaining,reset}
+RATE_LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
+
+
+@register("anthropic")
+class AnthropicAdapter:
+    def __init__(self, provider: Provider, session: requests.Session) -> None:
+        self.provider = provider
+        self.session = session
+        self.url = f"{provider.base_url}/v1/messages"
+        self.headers = {"content-type": "application/json", "anthropic-version": API_VERSION}
+        if provider.api_key:
+            self.headers["x-api-key"] = provider.api_key
+
+    def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
+        body = self._body(request, model)
+        body.pop("stream", None)
+        response = self._post(body, stream=False)
+        try:
+            data = response.json()
+        except ValueError:
+            raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
+        finally:
+            response.close()
+        try:
+            answer = protocol.from_upstream(data)
+        except (AttributeError, TypeError, ValueError):
+            raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
+        return answer.model_copy(update={"quota_reset_s": quota_exhausted_for(response.headers)})
+
+    def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
+        body = self._body(request, model)
+        body["stream"] = True
+        response = self._post(body, stream=True)
+        mapper = protocol.UpstreamStreamMapper()
+        try:
+            for line in response.iter_lines():
+                if not line.startswith(b"data:"):
+                    continue  # "event:" names repeat the data's "type"; blank separators
+                yield from mapper.feed(_event(self.provider.name, line[5:]))
+                if mapper.done:
+                    return
+            mapper.close()  # raises: the stream ended before message_stop
+        except requests.ConnectionError as exc:
+            raise _broken_stream(self.provider.name, exc) from None
+        except requests.exceptions.ChunkedEncodingError:
+            raise UpstreamUnavailable(f"{self.provider.name} broke the stream off") from None
+        finally:
+            response.close()
+
+    def _body(self, request: ChatRequest, model: Model) -> dict[str, Any]:
+        # Anthropic requires max_tokens; a caller who set none gets the model's ceiling, as OpenAI would
+        default = model.max_output_tokens or protocol.DEFAULT_MAX_TOKENS
+        return protocol.to_upstream(request, model.model, default_max_tokens=default)
+
+    def _post(self, body: dict[str, Any], *, stream: bool) -> requests.Response:
+        try:
+            response = self.session.post(self.url, json=body, headers=self.headers, stream=stream,
+                                         timeout=(self.provider.connect_timeout, self.provider.timeout))
+        except requests.Timeout:
+            raise UpstreamTimeout(f"{self.provider.name} did not answer within {self.provider.timeout:g}s") from None
+        except requests.ConnectionError:
+            raise UpstreamUnavailable(f"cannot reach {self.provider.name}") from None
+        if response.status_code >= 400:
+            try:
+                raise error_for(self.provider.name, response.status_code, response.headers, _json(response))
+            finally:
+                response.close()
+        return response
+
+
+def error_for(provider: str, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
+    """Our error for an Anthropic error response (``{"type": "error", "error": {"type", "message"}}``)."""
+    message = (protocol.upstream_error_message(data) or f"HTTP {status}")[:2000]
+    if status == 429:
+        retry_after = retry_after_seconds(headers)
+        if retry_after is None:
+            retry_after = quota_exhausted_for(headers) or None
+        return UpstreamRateLimited(f"{provider} is rate limiting: {message}", retry_after=retry_after)
+    if status in (401, 403):
+        return UpstreamUnavailable(f"{provider} rejected the gateway's credentials (HTTP {status}); "
+                                   "the operator must fix its API key", code="upstream_auth_failed")
+    if status in (408, 504):
+        return UpstreamTimeout(f"{provider} timed out: {message}")
+    if status == 529:
+        return UpstreamUnavailable(f"{provider} is overloaded: {message}")
+    if status >= 500:
+        return UpstreamUnavailable(f"{provider} failed (HTTP {status}): {message}")
+    return UpstreamRejected(message, status=status)
+
+
+def quota_exhausted_for(headers: Mapping[str, str], *, now: datetime | None = None) -> float:
+    """Seconds until Anthropic's spent limit refills: for every ``anthropic-ratelimit-<limit>-remaining``
+    that reads 0, the time to its ``-reset`` (an RFC 3339 timestamp); at least 1 s for a spent limit
+    whose reset is unreadable or past; 0 when nothing is spent."""
+    now = now or datetime.now(UTC)
+    wait = 0.0
+    for limit in RATE_LIMITS:
+        remaining = headers.get(f"anthropic-ratelimit-{limit}-remaining")
+        if remaining is None or remaining.strip() != "0":
+            continue
+        reset = parse_timestamp(headers.get(f"anthropic-ratelimit-{limit}-reset") or "")
+        seconds = (reset - now).total_seconds() if reset else 0.0
+        wait = max(wait, seconds if seconds > 0 else 1.0)
+    return wait
+
+
+def parse_timestamp(text: str) -> datetime | None:
+    """An RFC 3339 timestamp (``2025-01-01T00:00:30Z``) as an aware datetime; None if unreadable."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _broken_stream(provider: str, exc: requests.ConnectionError) -> UpstreamError:
+    # requests reports a read timeout inside a streamed body as a ConnectionError wrapping urllib3's
+    if exc.args and isinstance(exc.args[0], ReadTimeoutError):
+        return UpstreamTimeout(f"{provider} stalled mid-stream")
+    return UpstreamUnavailable(f"{provider} broke the stream off")
+
+
+def _event(provider: str, data: bytes) -> dict[str, Any]:
+    try:
+        event = json.loads(data)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict):
+        raise UpstreamUnavailable(f"{provider} sent a malformed stream event")
+    return event
+
+
+def _json(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
