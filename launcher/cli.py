@@ -37,6 +37,7 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
         "--bind", f"{args.host or settings.api_host}:{args.port or settings.api_port}",
         "--graceful-timeout", "10",
         "--keep-alive", "75",
+        "--no-control-socket",  # one fixed path per user: several APIs on a machine would fight over it
         *(["--access-logfile", "-"] if args.access_log else []),  # formatting lines for /dev/null costs ~5%
         "api.wsgi:app",
     ]
