@@ -15,6 +15,7 @@ Delivery guarantees, and why each setting is what it is:
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Queue
 
 from common.settings import Settings
 from common.taskwire import TASK_NAME  # noqa: F401  (re-exported for tasks)
@@ -51,6 +52,8 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_create_missing_queues=True,
+        # every provider queue, declared: Flower lists them (even before it has inspected a worker)
+        task_queues=[Queue(settings.queue_for(name)) for name in settings.registry.providers],
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         include=["workers.tasks"],
