@@ -27,8 +27,22 @@ def _require(settings: Settings, what: str) -> None:
                          "which starts embedded servers when they are unset)")
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one (inherited across exec): each held request and
+    each in-flight upstream call is a socket, and the common soft default of 1024 would make the
+    1,025th fail with EMFILE. Returns the new soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     _require(settings, "api")
+    raise_fd_limit()
     argv = [
         sys.executable, "-m", "gunicorn",
         "--worker-class", "gevent",
@@ -47,6 +61,7 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     _require(settings, "worker")
+    raise_fd_limit()
     provider = settings.registry.providers.get(args.provider)
     if provider is None:
         raise SystemExit(f"unknown provider {args.provider!r}; known: {', '.join(settings.registry.providers)}")

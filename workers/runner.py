@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import redis
+from sqlalchemy.exc import SQLAlchemyError
 
 from common.errors import (
     GatewayError,
@@ -261,6 +262,17 @@ class JobRunner:
             usage = None
         self.store.emit(job_id, event, ttl=EVENT_TTL, final_state=state, worker_id=execution, provider=provider,
                         usage=usage.as_row() if usage is not None else None)
+
+    def fail_unexpectedly(self, job_id: str) -> None:
+        """Best effort after an unexpected exception: settle the job as failed with a 500."""
+        error = GatewayError("the gateway failed while running this job; it has been logged", status=500,
+                             code="internal_error")
+        try:
+            spec = self.store.spec(job_id) or {}
+            self._settle(job_id, "", str(spec.get("provider", "")), spec.get("mode") == "async", state="failed",
+                         event={"type": "error", "error": error.to_dict()}, job_update={"error": error.to_dict()})
+        except (redis.RedisError, SQLAlchemyError, OSError) as exc:
+            log.error("job %s: could not settle after an unexpected error: %s", job_id, exc)
 
     def _settle_unrun(self, job_id: str, state: str, message: str) -> None:
         spec = self.store.spec(job_id) or {}

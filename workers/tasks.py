@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import Task, shared_task
 
 from workers.celery_app import TASK_NAME
 from workers.runner import JobRunner, build_runner
+
+log = logging.getLogger(__name__)
 
 
 def _runner(task: Task) -> JobRunner:
@@ -18,4 +22,12 @@ def _runner(task: Task) -> JobRunner:
 
 @shared_task(bind=True, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(self: Task, job_id: str) -> str:
-    return _runner(self).run(job_id)
+    runner = _runner(self)
+    try:
+        return runner.run(job_id)
+    except Exception:
+        # a bug or an exhausted resource (e.g. EMFILE): never leave the caller waiting for a job that
+        # will not run — settle it as failed (if it has not settled) so the caller hears at once
+        log.exception("job %s: unexpected error", job_id)
+        runner.fail_unexpectedly(job_id)
+        raise
