@@ -267,7 +267,7 @@ class JobWatch:
         for event in events:
             if event.stream_id and _stream_order(event.stream_id) > _stream_order(self._last_id):
                 self._last_id = event.stream_id
-                if event.data.get("type") == "started":
+                if event.data.get("type") == "chunk":
                     self.running = True
                 self._pending.append(event)
 

@@ -62,8 +62,7 @@ def _first_output(gateway: Gateway, watch: JobWatch) -> Event | None:
         kind = event.data.get("type")
         if kind == "chunk" or kind == "done":
             return event
-        if kind != "started":
-            gateway.final(watch.job_id, watch.route, event)  # raises the job's error
+        gateway.final(watch.job_id, watch.route, event)  # raises the job's error
 
 
 def _relay(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, event: Event | None) -> Iterator[str]:
@@ -80,7 +79,7 @@ def _relay(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, event: Event | 
                     finished = True
                     yield from fmt.done()
                     return
-                elif kind != "started":
+                else:
                     finished = True
                     try:
                         gateway.final(watch.job_id, watch.route, event)

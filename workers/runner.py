@@ -118,7 +118,6 @@ class JobRunner:
                 return "failed"
             invoke: Callable[[], ChatResponse] = lambda: embed(request, model)  # noqa: E731
         elif request.stream:
-            self.store.emit(job_id, {"type": "started", "queue_wait_ms": queue_wait_ms}, ttl=EVENT_TTL)
             invoke = lambda: self._relay_stream(job_id, adapter, request, model)  # noqa: E731
         else:
             invoke = lambda: adapter.complete(request, model)  # noqa: E731

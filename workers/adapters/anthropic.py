@@ -98,9 +98,12 @@ class AnthropicAdapter:
             response = self.session.post(self.url, json=body, headers=self.headers, stream=stream,
                                          timeout=(self.provider.connect_timeout, self.provider.timeout))
         except requests.Timeout:
-            raise UpstreamTimeout(f"{self.provider.name} did not answer within {self.provider.timeout:g}s") from None
+            raise UpstreamTimeout(f"{self.provider.name} did not answer within "
+                                  f"{self.provider.timeout:g}s") from None
         except requests.ConnectionError:
             raise UpstreamUnavailable(f"cannot reach {self.provider.name}") from None
+        except requests.RequestException:  # the body broke off while being read (stream=False)
+            raise UpstreamUnavailable(f"{self.provider.name} broke its answer off") from None
         if response.status_code >= 400:
             try:
                 raise error_for(self.provider.name, response.status_code, response.headers, _json(response))

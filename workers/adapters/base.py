@@ -48,7 +48,7 @@ def register(kind: str) -> Callable[[AdapterFactory], AdapterFactory]:
 
 
 def build_adapter(provider: Provider, session: requests.Session) -> Adapter:
-    from workers.adapters import mock, openai  # noqa: F401  (modules register themselves)
+    from workers.adapters import anthropic, gemini, mock, ollama, openai  # noqa: F401  (they self-register)
 
     try:
         factory = _FACTORIES[provider.kind]

@@ -90,12 +90,15 @@ class OllamaAdapter:
         timed_out = False
         for number, host in enumerate(self.hosts, start=1):
             try:
-                response = self.session.post(f"{host}/api/chat", json=body, headers=self.headers, stream=stream,
-                                             timeout=(self.provider.connect_timeout, self.provider.timeout))
-            except requests.ConnectionError as exc:  # refused, reset, connect timeout (a Timeout too)
-                timed_out = isinstance(exc, requests.Timeout)
+                response = self.session.post(f"{host}/api/chat", json=body, headers=self.headers,
+                                             stream=stream, timeout=(self.provider.connect_timeout,
+                                                                     self.provider.timeout))
+            except requests.ConnectionError:  # refused, reset, or no connection within connect_timeout
+                timed_out = False
             except requests.Timeout:  # connected, but no answer within the read timeout
                 timed_out = True
+            except requests.RequestException:  # it answered, then broke off (stream=False): no failover
+                raise UpstreamUnavailable(f"{self.provider.name} broke its answer off") from None
             else:
                 if response.status_code >= 400:
                     try:
@@ -109,7 +112,8 @@ class OllamaAdapter:
                             number, len(self.hosts), host)
         which = f" (none of its {len(self.hosts)} hosts answered)" if len(self.hosts) > 1 else ""
         if timed_out:
-            raise UpstreamTimeout(f"{self.provider.name} did not answer within {self.provider.timeout:g}s{which}")
+            raise UpstreamTimeout(f"{self.provider.name} did not answer within "
+                                  f"{self.provider.timeout:g}s{which}")
         raise UpstreamUnavailable(f"cannot reach {self.provider.name}{which}")
 
 
