@@ -53,30 +53,33 @@ class JobRunner:
         self.adapters = adapters
         self.admission = admission
         self.lease_ttl = job_lease_ttl(settings)
+        registry = settings.registry
+        self.limits_configured = any(p.limits.any for p in registry.providers.values()) or any(
+            m.limits.any for m in registry.models.values())
 
     def run(self, job_id: str) -> str:
         """Run a delivered job; returns what happened (for logs and tests)."""
         execution = f"{os.getpid()}:{secrets.token_hex(4)}"
-        peek = self.store.spec(job_id)
-        if peek is None:
-            return self._recover_missing(job_id)
-        model = self.settings.registry.models[peek["model"]]
-        provider = self.settings.registry.provider_of(model)
-        call = _Call(job_id, execution, peek, model, provider, scopes_for(self.settings.registry, model, provider))
-        if call.scopes:  # wait in the provider's line; admission claims the job atomically
+        call: _Call | None = None
+        if self.limits_configured:  # learn which limits this job counts against before it may start
+            peek = self.store.spec(job_id)
+            if peek is None:
+                return self._recover_missing(job_id)
+            call = self._call(job_id, execution, peek)
+        if call is not None and call.scopes:  # wait in the provider's line; admission claims atomically
             attempt, call.permit = self.admission.wait_for_turn(
-                job_id=job_id, provider=provider.name, scopes=call.scopes, tokens=call.tokens, key=call.key,
-                weight=self.settings.registry.key_weights.get(call.key, 1.0), deadline=peek["deadline"],
+                job_id=job_id, provider=call.provider.name, scopes=call.scopes, tokens=call.tokens, key=call.key,
+                weight=self.settings.registry.key_weights.get(call.key, 1.0), deadline=call.spec["deadline"],
                 execution=execution, job_lease_s=self.lease_ttl)
             if attempt.outcome == "too_large":
                 error = InvalidRequest(f"this request needs about {call.tokens} tokens, more than the "
-                                       f"{attempt.detail} tokens per minute {provider.name} allows",
+                                       f"{attempt.detail} tokens per minute {call.provider.name} allows",
                                        code="request_exceeds_tpm", param="max_tokens")
-                self._settle(job_id, execution, provider.name, peek["mode"] == "async", state="failed",
+                self._settle(job_id, execution, call.provider.name, call.spec["mode"] == "async", state="failed",
                              event={"type": "error", "error": error.to_dict()}, job_update={"error": error.to_dict()})
                 return "failed"
             claim = attempt.claim or Claim("busy" if attempt.detail == "busy" else attempt.outcome)
-        else:
+        else:  # no limits apply: claim straight away (the claim returns the spec: one round trip)
             claim = self.store.claim(job_id, execution, self.lease_ttl)
         if claim.outcome == "missing":
             return self._recover_missing(job_id)
@@ -85,6 +88,8 @@ class JobRunner:
             return "expired"
         if claim.outcome != "run" or claim.spec is None:
             return claim.outcome  # busy (another worker runs it) or already settled: nothing to do
+        if call is None:
+            call = self._call(job_id, execution, claim.spec)
         heartbeat = _LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl,
                                     renew_permit=lambda: call.permit and self.admission.renew(call.permit))
         heartbeat.start()
@@ -94,6 +99,11 @@ class JobRunner:
             heartbeat.stop()
             if call.permit is not None:
                 self.admission.release(call.permit, None)
+
+    def _call(self, job_id: str, execution: str, spec: dict[str, Any]) -> _Call:
+        model = self.settings.registry.models[spec["model"]]
+        provider = self.settings.registry.provider_of(model)
+        return _Call(job_id, execution, spec, model, provider, scopes_for(self.settings.registry, model, provider))
 
     # ------------------------------------------------------------------------------------------
     def _execute(self, call: _Call, spec: dict[str, Any], attempt: int, queue_wait_s: float) -> str:
