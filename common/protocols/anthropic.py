@@ -404,7 +404,7 @@ def _append_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, 
 
 def _anthropic_parts(content: str | list[dict[str, Any]] | None, param: str) -> list[dict[str, Any]]:
     if content is None or isinstance(content, str):
-        return [{"type": "text", "text": content or ""}]
+        return [{"type": "text", "text": content}] if content else []  # Anthropic rejects empty text blocks
     blocks: list[dict[str, Any]] = []
     for i, part in enumerate(content):
         kind, where = part.get("type"), f"{param}.{i}"
@@ -580,5 +580,5 @@ def _stream_error(error: dict[str, Any]) -> UpstreamError:
         return UpstreamRateLimited(message)
     if error.get("type") in ("overloaded_error", "api_error", "timeout_error"):
         return UpstreamUnavailable(message)
-    return UpstreamError(message)
+    return UpstreamUnavailable(message)
 

@@ -49,7 +49,7 @@ import mimetypes
 import re
 from typing import Any
 
-from common.errors import InvalidRequest, UpstreamError, UpstreamUnavailable
+from common.errors import InvalidRequest, UpstreamUnavailable
 from common.protocols import streaming as s
 from common.types import ChatRequest, ChatResponse, Message
 
@@ -545,7 +545,7 @@ class UpstreamStreamMapper:
 
     def feed(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         if data.get("error"):
-            raise UpstreamError(f"Gemini stream error: {upstream_error_message(data)}")
+            raise UpstreamUnavailable(f"Gemini stream error: {upstream_error_message(data)}")
         out = []
         if not self.id:
             self.id = _response_id(data)

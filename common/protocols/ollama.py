@@ -35,7 +35,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from common.errors import InvalidRequest, UpstreamError, UpstreamUnavailable
+from common.errors import InvalidRequest, UpstreamUnavailable
 from common.protocols import streaming as s
 from common.types import ChatRequest, ChatResponse, Message
 
@@ -370,7 +370,7 @@ class UpstreamStreamMapper:
 
     def feed(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         if data.get("error"):
-            raise UpstreamError(f"Ollama stream error: {data['error']}")
+            raise UpstreamUnavailable(f"Ollama stream error: {data['error']}")
         out = []
         if not self.id:
             created_at = str(data.get("created_at", ""))

@@ -16,26 +16,21 @@ the workers hold back before the 429s come.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import requests
-from urllib3.exceptions import ReadTimeoutError
 
 from common.errors import (
     UpstreamError,
-    UpstreamRateLimited,
-    UpstreamRejected,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from common.protocols import anthropic as protocol
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse
+from workers.adapters import _http as http
 from workers.adapters.base import register
-from workers.adapters.openai import retry_after_seconds
 
 API_VERSION = "2023-06-01"
 # the limits Anthropic reports in anthropic-ratelimit-<limit>-{limit,remaining,reset}
@@ -77,12 +72,12 @@ class AnthropicAdapter:
             for line in response.iter_lines():
                 if not line.startswith(b"data:"):
                     continue  # "event:" names repeat the data's "type"; blank separators
-                yield from mapper.feed(_event(self.provider.name, line[5:]))
+                yield from mapper.feed(http.json_event(self.provider.name, line[5:]))
                 if mapper.done:
                     return
             mapper.close()  # raises: the stream ended before message_stop
         except requests.ConnectionError as exc:
-            raise _broken_stream(self.provider.name, exc) from None
+            raise http.broken_stream(self.provider.name, exc) from None
         except requests.exceptions.ChunkedEncodingError:
             raise UpstreamUnavailable(f"{self.provider.name} broke the stream off") from None
         finally:
@@ -94,42 +89,18 @@ class AnthropicAdapter:
         return protocol.to_upstream(request, model.model, default_max_tokens=default)
 
     def _post(self, body: dict[str, Any], *, stream: bool) -> requests.Response:
-        try:
-            response = self.session.post(self.url, json=body, headers=self.headers, stream=stream,
-                                         timeout=(self.provider.connect_timeout, self.provider.timeout))
-        except requests.Timeout:
-            raise UpstreamTimeout(f"{self.provider.name} did not answer within "
-                                  f"{self.provider.timeout:g}s") from None
-        except requests.ConnectionError:
-            raise UpstreamUnavailable(f"cannot reach {self.provider.name}") from None
-        except requests.RequestException:  # the body broke off while being read (stream=False)
-            raise UpstreamUnavailable(f"{self.provider.name} broke its answer off") from None
-        if response.status_code >= 400:
-            try:
-                raise error_for(self.provider.name, response.status_code, response.headers, _json(response))
-            finally:
-                response.close()
-        return response
+        return http.post(self.session, self.provider, self.url, body, self.headers, stream=stream, error_for=error_for)
 
 
 def error_for(provider: str, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
     """Our error for an Anthropic error response (``{"type": "error", "error": {"type", "message"}}``)."""
     message = (protocol.upstream_error_message(data) or f"HTTP {status}")[:2000]
-    if status == 429:
-        retry_after = retry_after_seconds(headers)
-        if retry_after is None:
-            retry_after = quota_exhausted_for(headers) or None
-        return UpstreamRateLimited(f"{provider} is rate limiting: {message}", retry_after=retry_after)
-    if status in (401, 403):
-        return UpstreamUnavailable(f"{provider} rejected the gateway's credentials (HTTP {status}); "
-                                   "the operator must fix its API key", code="upstream_auth_failed")
-    if status in (408, 504):
-        return UpstreamTimeout(f"{provider} timed out: {message}")
     if status == 529:
         return UpstreamUnavailable(f"{provider} is overloaded: {message}")
-    if status >= 500:
-        return UpstreamUnavailable(f"{provider} failed (HTTP {status}): {message}")
-    return UpstreamRejected(message, status=status)
+    retry_after = http.retry_after_seconds(headers)
+    if status == 429 and retry_after is None:
+        retry_after = quota_exhausted_for(headers) or None
+    return http.status_error(provider, status, message, retry_after=retry_after)
 
 
 def quota_exhausted_for(headers: Mapping[str, str], *, now: datetime | None = None) -> float:
@@ -157,25 +128,4 @@ def parse_timestamp(text: str) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _broken_stream(provider: str, exc: requests.ConnectionError) -> UpstreamError:
-    # requests reports a read timeout inside a streamed body as a ConnectionError wrapping urllib3's
-    if exc.args and isinstance(exc.args[0], ReadTimeoutError):
-        return UpstreamTimeout(f"{provider} stalled mid-stream")
-    return UpstreamUnavailable(f"{provider} broke the stream off")
 
-
-def _event(provider: str, data: bytes) -> dict[str, Any]:
-    try:
-        event = json.loads(data)
-    except ValueError:
-        event = None
-    if not isinstance(event, dict):
-        raise UpstreamUnavailable(f"{provider} sent a malformed stream event")
-    return event
-
-
-def _json(response: requests.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None

@@ -17,26 +17,21 @@ errors (``{"error": {"code", "message", "status", "details": [...]}}``):
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import requests
-from urllib3.exceptions import ReadTimeoutError
 
 from common.errors import (
     UpstreamError,
-    UpstreamRateLimited,
-    UpstreamRejected,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from common.protocols import gemini as protocol
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse
+from workers.adapters import _http as http
 from workers.adapters.base import register
-from workers.adapters.openai import retry_after_seconds
 
 API_VERSION = "v1beta"
 RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
@@ -72,53 +67,33 @@ class GeminiAdapter:
             for line in response.iter_lines():
                 if not line.startswith(b"data:"):
                     continue  # blank separators
-                yield from mapper.feed(_event(self.provider.name, line[5:]))
+                yield from mapper.feed(http.json_event(self.provider.name, line[5:]))
                 if mapper.done:
                     return
             mapper.close()  # raises: the stream ended without a finishReason
         except requests.ConnectionError as exc:
-            raise _broken_stream(self.provider.name, exc) from None
+            raise http.broken_stream(self.provider.name, exc) from None
         except requests.exceptions.ChunkedEncodingError:
             raise UpstreamUnavailable(f"{self.provider.name} broke the stream off") from None
         finally:
             response.close()
 
     def _post(self, url: str, body: dict[str, Any], *, stream: bool) -> requests.Response:
-        try:
-            response = self.session.post(url, json=body, headers=self.headers, stream=stream,
-                                         timeout=(self.provider.connect_timeout, self.provider.timeout))
-        except requests.Timeout:
-            raise UpstreamTimeout(f"{self.provider.name} did not answer within "
-                                  f"{self.provider.timeout:g}s") from None
-        except requests.ConnectionError:
-            raise UpstreamUnavailable(f"cannot reach {self.provider.name}") from None
-        except requests.RequestException:  # the body broke off while being read (stream=False)
-            raise UpstreamUnavailable(f"{self.provider.name} broke its answer off") from None
-        if response.status_code >= 400:
-            try:
-                raise error_for(self.provider.name, response.status_code, response.headers, _json(response))
-            finally:
-                response.close()
-        return response
+        return http.post(self.session, self.provider, url, body, self.headers, stream=stream, error_for=error_for)
 
 
 def error_for(provider: str, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
     """Our error for a Google API error response."""
     error = _error_object(data)
-    if status in (401, 403) or any(reason.startswith("API_KEY_") for reason in _reasons(error)):
-        return UpstreamUnavailable(f"{provider} rejected the gateway's credentials (HTTP {status}); "
-                                   "the operator must fix its API key", code="upstream_auth_failed")
+    if any(reason.startswith("API_KEY_") for reason in _reasons(error)):  # Google says 400 for a bad key
+        return http.credential_error(provider, status)
     message = (protocol.upstream_error_message(data) or f"HTTP {status}")[:2000]
-    if status == 429 or error.get("status") == "RESOURCE_EXHAUSTED":
-        retry_after = retry_after_seconds(headers)
-        if retry_after is None:
-            retry_after = retry_delay(error)
-        return UpstreamRateLimited(f"{provider} is rate limiting: {message}", retry_after=retry_after)
-    if status in (408, 504):
-        return UpstreamTimeout(f"{provider} timed out: {message}")
-    if status >= 500:
-        return UpstreamUnavailable(f"{provider} failed (HTTP {status}): {message}")
-    return UpstreamRejected(message, status=status)
+    if error.get("status") == "RESOURCE_EXHAUSTED":
+        status = 429
+    retry_after = http.retry_after_seconds(headers)
+    if status == 429 and retry_after is None:
+        retry_after = retry_delay(error)
+    return http.status_error(provider, status, message, retry_after=retry_after)
 
 
 def retry_delay(error: dict[str, Any]) -> float | None:
@@ -147,25 +122,4 @@ def _reasons(error: dict[str, Any]) -> list[str]:
     return [str(d.get("reason", "")) for d in _details(error) if d.get("@type") == ERROR_INFO]
 
 
-def _event(provider: str, data: bytes) -> dict[str, Any]:
-    try:
-        event = json.loads(data)
-    except ValueError:
-        event = None
-    if not isinstance(event, dict):
-        raise UpstreamUnavailable(f"{provider} sent a malformed stream event")
-    return event
 
-
-def _broken_stream(provider: str, exc: requests.ConnectionError) -> UpstreamError:
-    # requests reports a read timeout inside a streamed body as a ConnectionError wrapping urllib3's
-    if exc.args and isinstance(exc.args[0], ReadTimeoutError):
-        return UpstreamTimeout(f"{provider} stalled mid-stream")
-    return UpstreamUnavailable(f"{provider} broke the stream off")
-
-
-def _json(response: requests.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None

@@ -18,26 +18,22 @@ is the one that counts, and a stream that breaks later is not replayed elsewhere
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import requests
-from urllib3.exceptions import ReadTimeoutError
 
 from common.errors import (
     UpstreamError,
-    UpstreamRateLimited,
-    UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from common.protocols import ollama as protocol
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse
+from workers.adapters import _http as http
 from workers.adapters.base import register
-from workers.adapters.openai import retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +68,12 @@ class OllamaAdapter:
             for line in response.iter_lines():
                 if not line.strip():
                     continue
-                yield from mapper.feed(_object(self.provider.name, line))
+                yield from mapper.feed(http.json_event(self.provider.name, line))
                 if mapper.done:
                     return
             mapper.close()  # raises: the stream ended before its "done": true object
         except requests.ConnectionError as exc:
-            raise _broken_stream(self.provider.name, exc) from None
+            raise http.broken_stream(self.provider.name, exc) from None
         except requests.exceptions.ChunkedEncodingError:
             raise UpstreamUnavailable(f"{self.provider.name} broke the stream off") from None
         finally:
@@ -100,12 +96,7 @@ class OllamaAdapter:
             except requests.RequestException:  # it answered, then broke off (stream=False): no failover
                 raise UpstreamUnavailable(f"{self.provider.name} broke its answer off") from None
             else:
-                if response.status_code >= 400:
-                    try:
-                        raise error_for(self.provider.name, response.status_code, response.headers,
-                                        _json(response))
-                    finally:
-                        response.close()
+                http.raise_for_status(self.provider.name, response, error_for)
                 return response
             if number < len(self.hosts):
                 log.warning("%s: host %d of %d (%s) did not answer; trying the next", self.provider.name,
@@ -120,38 +111,7 @@ class OllamaAdapter:
 def error_for(provider: str, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
     """Our error for an Ollama error response (``{"error": "model 'x' not found"}``)."""
     message = (protocol.upstream_error_message(data) or f"HTTP {status}")[:2000]
-    if status == 429:
-        return UpstreamRateLimited(f"{provider} is rate limiting: {message}",
-                                   retry_after=retry_after_seconds(headers))
-    if status in (401, 403):
-        return UpstreamUnavailable(f"{provider} rejected the gateway's credentials (HTTP {status}); "
-                                   "the operator must fix its API key", code="upstream_auth_failed")
-    if status in (408, 504):
-        return UpstreamTimeout(f"{provider} timed out: {message}")
-    if status >= 500:
-        return UpstreamUnavailable(f"{provider} failed (HTTP {status}): {message}")
-    return UpstreamRejected(message, status=status)
+    return http.status_error(provider, status, message, retry_after=http.retry_after_seconds(headers))
 
 
-def _object(provider: str, line: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(line)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        raise UpstreamUnavailable(f"{provider} sent a malformed stream line")
-    return data
 
-
-def _broken_stream(provider: str, exc: requests.ConnectionError) -> UpstreamError:
-    # requests reports a read timeout inside a streamed body as a ConnectionError wrapping urllib3's
-    if exc.args and isinstance(exc.args[0], ReadTimeoutError):
-        return UpstreamTimeout(f"{provider} stalled mid-stream")
-    return UpstreamUnavailable(f"{provider} broke the stream off")
-
-
-def _json(response: requests.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None

@@ -11,13 +11,12 @@ import requests
 
 from common.errors import (
     UpstreamError,
-    UpstreamRateLimited,
-    UpstreamRejected,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
+from workers.adapters import _http as http
+from workers.adapters._http import retry_after_seconds  # noqa: F401  (part of this module's surface)
 from workers.adapters.base import register
 
 
@@ -42,19 +41,8 @@ class OpenAIAdapter:
             raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
 
     def _post(self, body: dict[str, Any], *, stream: bool, url: str | None = None) -> requests.Response:
-        try:
-            response = self.session.post(url or self.url, json=body, headers=self.headers, stream=stream,
-                                         timeout=(self.provider.connect_timeout, self.provider.timeout))
-        except requests.Timeout:
-            raise UpstreamTimeout(f"{self.provider.name} did not answer within {self.provider.timeout:g}s") from None
-        except requests.ConnectionError:
-            raise UpstreamUnavailable(f"cannot reach {self.provider.name}") from None
-        if response.status_code >= 400:
-            try:
-                raise map_error(self.provider.name, response)
-            finally:
-                response.close()
-        return response
+        return http.post(self.session, self.provider, url or self.url, body, self.headers, stream=stream,
+                         error_for=error_for)
 
     def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
         body = request.upstream_body(model.model)
@@ -76,10 +64,8 @@ class OpenAIAdapter:
                     raise UpstreamUnavailable(f"{self.provider.name} failed mid-stream: {chunk['error']}")
                 yield chunk
             raise UpstreamUnavailable(f"{self.provider.name} ended the stream without [DONE]")
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
-            raise UpstreamUnavailable(f"{self.provider.name} broke the stream off") from None
-        except requests.Timeout:
-            raise UpstreamTimeout(f"{self.provider.name} stalled mid-stream") from None
+        except requests.RequestException as exc:
+            raise http.broken_stream(self.provider.name, exc) from None
         finally:
             response.close()
 
@@ -93,38 +79,20 @@ class OpenAIAdapter:
                                 quota_reset_s=quota_exhausted_for(response.headers))
         except (ValueError, AttributeError):
             raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
+        except requests.RequestException:  # the body broke off while being read
+            raise UpstreamUnavailable(f"{self.provider.name} broke its answer off") from None
 
 
 def map_error(provider: str, response: requests.Response) -> UpstreamError:
-    """Turn an OpenAI-style error response into ours. The upstream's own message passes through,
-    except for credential errors, which are the gateway operator's problem, not the caller's."""
-    status = response.status_code
-    message = _upstream_message(response)
-    if status == 429:
-        retry_after = retry_after_seconds(response.headers)
-        if retry_after is None:
-            retry_after = quota_exhausted_for(response.headers) or None
-        return UpstreamRateLimited(f"{provider} is rate limiting: {message}", retry_after=retry_after)
-    if status in (401, 403):
-        return UpstreamUnavailable(f"{provider} rejected the gateway's credentials (HTTP {status}); "
-                                   "the operator must fix its API key", code="upstream_auth_failed")
-    if status in (408, 504):
-        return UpstreamTimeout(f"{provider} timed out: {message}")
-    if status >= 500:
-        return UpstreamUnavailable(f"{provider} failed (HTTP {status}): {message}")
-    return UpstreamRejected(message, status=status)
+    """Our error for an OpenAI-style error response."""
+    return error_for(provider, response.status_code, response.headers, http.response_json(response))
 
 
-def retry_after_seconds(headers: Any) -> float | None:
-    """Seconds to wait per ``retry-after-ms`` / ``Retry-After`` (OpenAI sends both)."""
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value:
-            try:
-                return max(0.0, float(value) / scale)
-            except ValueError:
-                continue
-    return None
+def error_for(provider: str, status: int, headers: Any, data: Any) -> UpstreamError:
+    retry_after = http.retry_after_seconds(headers)
+    if status == 429 and retry_after is None:
+        retry_after = quota_exhausted_for(headers) or None
+    return http.status_error(provider, status, _upstream_message(data, status), retry_after=retry_after)
 
 
 def quota_exhausted_for(headers: Any) -> float:
@@ -150,13 +118,10 @@ def parse_duration(text: str) -> float | None:
     return sum(float(n) * _UNIT[u] for n, u in parts)
 
 
-def _upstream_message(response: requests.Response) -> str:
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        error = None
+def _upstream_message(data: Any, status: int) -> str:
+    error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict) and error.get("message"):
         return str(error["message"])[:2000]
     if isinstance(error, str):
         return error[:2000]
-    return f"HTTP {response.status_code}"
+    return f"HTTP {status}"
