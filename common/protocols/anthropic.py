@@ -41,7 +41,7 @@ import json
 from typing import Any
 
 from common.errors import InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamUnavailable
-from common.protocols import streaming as s
+from common.protocols import shared as s
 from common.types import ChatRequest, ChatResponse, Message
 
 DEFAULT_MAX_TOKENS = 4096

@@ -50,7 +50,7 @@ import re
 from typing import Any
 
 from common.errors import InvalidRequest, UpstreamUnavailable
-from common.protocols import streaming as s
+from common.protocols import shared as s
 from common.types import ChatRequest, ChatResponse, Message
 
 FINISH_TO_CANONICAL = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter",

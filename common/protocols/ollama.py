@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from common.errors import InvalidRequest, UpstreamUnavailable
-from common.protocols import streaming as s
+from common.protocols import shared as s
 from common.types import ChatRequest, ChatResponse, Message
 
 ROLES = ("system", "user", "assistant", "tool")

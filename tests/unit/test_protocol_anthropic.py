@@ -6,7 +6,7 @@ import pytest
 
 from common.errors import InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamUnavailable
 from common.protocols import anthropic
-from common.protocols.streaming import ToolCallBuffer
+from common.protocols.shared import ToolCallBuffer
 from common.types import ChatRequest
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="

@@ -6,7 +6,7 @@ import pytest
 
 from common.errors import InvalidRequest, UpstreamError, UpstreamUnavailable
 from common.protocols import ollama
-from common.protocols.streaming import stable_id
+from common.protocols.shared import stable_id
 from common.types import ChatRequest
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
