@@ -23,7 +23,9 @@ Per provider::
 Guarantees (each stated where it is implemented):
 
 * ``acquire``: all permits or none; rpm = calls started in any sliding 60 s window; tpm = tokens
-  reserved in any sliding 60 s window (reservations are settled to the real count by ``release``).
+  reserved in any sliding 60 s window (reservations are settled to the real count by ``release``,
+  which also re-stamps the call's window entries with its end, so our window never frees a slot
+  before the upstream's does).
 * Fair share: a job's tag is ``max(V, last tag of its key) + 1/weight`` (start-time fair queueing), so
   jobs of one key start in arrival order, and a burst from one key is interleaved with the jobs of
   other keys instead of starving them: a job arriving while key A has n jobs waiting is overtaken by at
@@ -122,7 +124,8 @@ for i = 0, n - 1 do
   redis.call('ZREMRANGEBYSCORE', conc, '-inf', now)
   redis.call('ZREMRANGEBYSCORE', rpm, '-inf', now - 60000)
   for _, old in ipairs(redis.call('ZRANGEBYSCORE', tpm, '-inf', now - 60000)) do
-    redis.call('HINCRBY', tok, 'sum', -tonumber(redis.call('HGET', tok, old) or '0'))
+    -- 0 - n, not -n: Lua formats -0 as '-0', which HINCRBY rejects (a refunded entry holds 0)
+    redis.call('HINCRBY', tok, 'sum', 0 - tonumber(redis.call('HGET', tok, old) or '0'))
     redis.call('HDEL', tok, old)
   end
   redis.call('ZREMRANGEBYSCORE', tpm, '-inf', now - 60000)
@@ -177,11 +180,18 @@ return {'run', attempt, string.format('%.6f', now / 1000 - tonumber(job[1])), jo
 """
 
 # KEYS: line, [conc, rpm, tpm, tok] * n   ARGV: call_id, actual_tokens (-1 = keep), refund (1/0), wake, n
+# The call's RPM/TPM entries are re-stamped with the release time: the upstream counted the call when
+# it arrived there, after our admission, so a window that started at admission would free its slot
+# before the upstream's does. Stamped at release, ours always frees later than the upstream's.
 _RELEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[5])
 for i = 0, n - 1 do
   local conc, rpm, tpm, tok = KEYS[2 + 4 * i], KEYS[3 + 4 * i], KEYS[4 + 4 * i], KEYS[5 + 4 * i]
   redis.call('ZREM', conc, ARGV[1])
+  redis.call('ZADD', rpm, 'XX', now, ARGV[1])
+  redis.call('ZADD', tpm, 'XX', now, ARGV[1])
   local reserved = redis.call('HGET', tok, ARGV[1])
   if reserved then
     local actual = tonumber(ARGV[2])

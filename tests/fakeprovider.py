@@ -3,6 +3,7 @@
 Run it::
 
     python -m tests.fakeprovider --port 0 [--host 127.0.0.1] [--latency-ms 0] [--api-key SECRET]
+                                 [--rpm N] [--tpm N] [--concurrency N] [--model-limits JSON]
 
 It prints exactly one line ``READY <port>`` on stdout once it listens (``--port 0`` picks a free port).
 It is a plain WSGI app served by ``gevent.pywsgi`` (monkey-patched), so thousands of slow calls can be
@@ -15,9 +16,12 @@ From Python (tests)::
         client = openai.OpenAI(base_url=fake.base_url, api_key="x")
         fake.configure(fail_next={"count": 2, "status": 429, "retry_after": 1})
         fake.stats()["calls"]; fake.reset(); fake.requests()
+    with FakeProvider(limits={"rpm": 60, "tpm": 10_000}) as fake:   # a provider that enforces its limits
+        ...; fake.stats()["rate_limited"]; fake.timeline()
 
 Endpoints (all answers carry ``x-request-id``, ``openai-version``, ``openai-processing-ms`` and the
-``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers, as OpenAI sends them)
+``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers, as OpenAI sends them — generous
+constants unless limits are enforced, see "Enforced limits")
 ----------------------------------------------------------------------------------------------------
 ``POST /v1/chat/completions``
     Needs ``Authorization: Bearer <key>`` (401, OpenAI error shape, otherwise; with ``--api-key`` the
@@ -67,6 +71,38 @@ prefixes can be combined, e.g. ``"sleep:0.5 status:503 hi"``):
 ``drop:``             send the response headers and part of the body, then cut the connection (for a
                       stream: after the first content chunk) — a broken upstream.
 
+Enforced limits (real 429s)
+---------------------------
+Off unless configured (``--rpm/--tpm/--concurrency``, ``FakeProvider(limits=..., model_limits=...)`` or
+``POST /_control/config``). ``limits`` = ``{"rpm": N, "tpm": N, "concurrency": N}`` (a missing or null
+kind is unlimited) counts every chat/embeddings call; ``model_limits`` = ``{"<model>": {...}}`` adds a
+separate set per model name (as OpenAI limits per model); a call must fit every set that applies.
+
+* rpm: calls *started* (accepted) in any sliding 60 s window; tpm: tokens in any sliding 60 s window,
+  a call's tokens (prompt + completion, by the token rule below, computed when it arrives) counted at
+  its start, as real providers reserve; concurrency: calls being answered (a stream until its end).
+  The clock is the fake's own (monotonic): a call counts from the moment the fake receives it.
+  Use is counted only while a set has limits; changing a limit keeps the use counted so far.
+* The check comes after authentication, body validation, ``hang_next`` and ``fail_next``, and before
+  the magic contents and the latency. A refused call is not counted (it uses no quota) and gets a 429
+  ``{"error": {"message": "Rate limit reached for <model> in organization org-fake on requests per min
+  (RPM): Limit L, Used U, Requested 1. Please try again in 1.234s.", "type": "requests", "code":
+  "rate_limit_exceeded"}}`` (``type`` "tokens" for TPM; "Request too large …" when one call exceeds the
+  whole TPM; "Too many concurrent requests …" for concurrency) with ``Retry-After`` (whole seconds,
+  rounded up), ``retry-after-ms`` (exact: when this call would fit; for concurrency
+  ``concurrency_retry_after``, default 1 s, as nobody knows when a call ends) and the headers below.
+* Every answer to a model call reports the tightest applicable set as of the moment it is sent:
+  ``x-ratelimit-limit-requests`` = rpm, ``-remaining-requests`` = rpm − calls in the window (this one
+  included), ``-reset-requests`` = time until that use goes down, i.e. until the oldest counted call
+  leaves the window (with 0 remaining: until one more call fits) — ``reset_mode: "full"`` reports instead
+  the time until the window is empty (OpenAI's documented "until the limit resets to its initial
+  state"); the same for tokens with tpm. "0s" when nothing is counted. Without an rpm (tpm) limit the
+  request (token) headers keep the constants 10000/9999/"6ms" (30000000/29999999/"0s").
+* ``stats()["rate_limited"]`` counts the 429s by the limit that refused them (the first of rpm, tpm,
+  concurrency that failed); ``stats()["limits"]`` shows each set's current use; ``GET
+  /_control/timeline?since=<unix time>`` lists ``[start, tokens, "ok" | "rpm" | "tpm" | "concurrency"]``
+  of the last 500,000 calls that reached the check (wall clock), for benchmarks.
+
 Control API (JSON in, JSON out; not authenticated — the fake listens on loopback):
 
 ``POST /_control/config``  partial update of any of
@@ -81,16 +117,26 @@ Control API (JSON in, JSON out; not authenticated — the fake listens on loopba
                         ``type`` "server_error"; ``{"count": 0}`` clears it.
     ``hang_next``       ``{"count": N, "seconds": X}``: the next N POSTs to /v1/* wait X seconds first.
     ``api_key``         required bearer key (``null``: any key).
-    Answers with the whole config.
+    ``limits``          ``{"rpm", "tpm", "concurrency"}`` enforced on every call (``null``: none).
+    ``model_limits``    ``{"<model>": limits or null}`` per model (merged; ``null`` instead of the object
+                        removes them all).
+    ``reset_mode``      ``"next"`` (default) or ``"full"``: what ``x-ratelimit-reset-*`` means (above).
+    ``concurrency_retry_after``  seconds in the Retry-After of a concurrency 429 (default 1).
+    Answers with the whole config; a bad value is a 400 and changes nothing.
 ``GET /_control/config``   the config.
 ``GET /_control/stats``    ``{"calls": chat calls received, "embeddings_calls", "models_calls",
                            "in_flight": chat+embeddings requests being answered now, "concurrent_max":
                            the most in flight at once, "by_status": {"200": n, ...}, "by_content":
-                           {last user message text: n} (first 10,000 distinct texts), "by_model"}``.
+                           {last user message text: n} (first 10,000 distinct texts), "by_model",
+                           "rate_limited": {"rpm": n, "tpm": n, "concurrency": n}, "admitted_tokens":
+                           tokens of the calls the limits let through, "limits": {"*" or model:
+                           {"limits", "requests", "tokens", "in_flight"}} (use in the last 60 s)}``.
 ``GET /_control/requests`` the last 100 /v1 POSTs as ``[{"path", "headers": {lower-case name: value},
                            "body": parsed JSON}]`` (``Authorization`` included), oldest first.
-``POST /_control/reset``   zero the stats and request log, clear fail_next/hang_next, restore the
-                           latency to ``--latency-ms`` and the chunk delay to 0.
+``GET /_control/timeline`` ``{"now", "events"}``, see "Enforced limits".
+``POST /_control/reset``   zero the stats, request log and timeline, clear fail_next/hang_next, restore
+                           the latency to ``--latency-ms``, the chunk delay to 0 and the limits to the
+                           command line's (forgetting the use counted so far).
 """
 
 from __future__ import annotations
@@ -100,6 +146,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -195,6 +242,106 @@ def error_body(status: int, message: str | None = None, code: Any = _UNSET,
                       "code": d_code if code is _UNSET else code}}
 
 
+WINDOW_S = 60.0
+LIMIT_KINDS = ("rpm", "tpm", "concurrency")
+_TIMELINE = 500_000
+
+
+def _ceil_ms(seconds: float) -> float:
+    """Round up to whole milliseconds (a reset of 0.4 ms is reported as 1 ms, never as 0)."""
+    return math.ceil(max(0.0, seconds) * 1000 - 1e-6) / 1000
+
+
+def parse_limits(raw: Any) -> dict[str, int | None]:
+    """``{"rpm": N, "tpm": N, "concurrency": N}`` → the same with every kind present (None = unlimited)."""
+    if raw is None:
+        return dict.fromkeys(LIMIT_KINDS)
+    if not isinstance(raw, dict):
+        raise TypeError("limits must be an object like {\"rpm\": 60, \"tpm\": 10000, \"concurrency\": 4} or null")
+    unknown = set(raw) - set(LIMIT_KINDS)
+    if unknown:
+        raise TypeError(f"unknown limit(s) {sorted(unknown)}; known: {', '.join(LIMIT_KINDS)}")
+    out: dict[str, int | None] = {}
+    for kind in LIMIT_KINDS:
+        value = raw.get(kind)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise TypeError(f"limit {kind!r} must be a positive integer or null, got {value!r}")
+        out[kind] = value
+    return out
+
+
+class LimitScope:
+    """One set of enforced limits and its use: the starts and token counts of the last 60 s (sliding
+    window, monotonic clock) and the calls in flight. The fake's clock is the truth, as a real
+    provider's is: a call counts from the moment the fake receives it."""
+
+    def __init__(self, name: str, limits: dict[str, int | None]) -> None:
+        self.name = name
+        self.limits = limits
+        self.starts: deque[float] = deque()                 # start time of each call in the window
+        self.tokens: deque[tuple[float, int]] = deque()     # (start time, tokens) of each call in the window
+        self.token_sum = 0
+        self.in_flight = 0
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in self.limits.values())
+
+    def prune(self, now: float) -> None:
+        edge = now - WINDOW_S                               # a call started at ``edge`` or before has left
+        while self.starts and self.starts[0] <= edge:
+            self.starts.popleft()
+        while self.tokens and self.tokens[0][0] <= edge:
+            self.token_sum -= self.tokens.popleft()[1]
+
+    def refusals(self, now: float, tokens: int, concurrency_retry_after: float) -> list[tuple[str, float]]:
+        """Why a call of ``tokens`` may not start now, with the seconds until it could: [(kind, wait)]."""
+        out = []
+        rpm, tpm, conc = self.limits["rpm"], self.limits["tpm"], self.limits["concurrency"]
+        if rpm is not None and len(self.starts) >= rpm:
+            out.append(("rpm", self.starts[len(self.starts) - rpm] + WINDOW_S - now))
+        if tpm is not None and self.token_sum + tokens > tpm:
+            if tokens > tpm:
+                out.append(("tpm", WINDOW_S))               # never fits; OpenAI says "Request too large"
+            else:
+                freed = 0
+                for t, n in self.tokens:
+                    freed += n
+                    if self.token_sum - freed + tokens <= tpm:
+                        out.append(("tpm", t + WINDOW_S - now))
+                        break
+        if conc is not None and self.in_flight >= conc:
+            out.append(("concurrency", concurrency_retry_after))
+        return out
+
+    def admit(self, now: float, tokens: int) -> None:
+        self.starts.append(now)
+        self.tokens.append((now, tokens))
+        self.token_sum += tokens
+        self.in_flight += 1
+
+    def reset_in(self, kind: str, now: float, mode: str) -> float:
+        """Seconds until this window's use of ``kind`` ('requests' / 'tokens') goes down — "next": until
+        the oldest counted call leaves the window (for a spent request quota: until one more call fits) —
+        or ("full") is back to nothing; 0 when nothing is counted."""
+        if kind == "requests":
+            if not self.starts:
+                return 0.0
+            rpm = self.limits["rpm"]
+            over = len(self.starts) - rpm if rpm is not None and len(self.starts) >= rpm else 0
+            t = self.starts[over] if mode == "next" else self.starts[-1]
+        else:
+            if not self.tokens:
+                return 0.0
+            t = self.tokens[0][0] if mode == "next" else self.tokens[-1][0]
+        return max(0.0, t + WINDOW_S - now)
+
+    def usage(self, now: float) -> dict[str, Any]:
+        self.prune(now)
+        return {"limits": dict(self.limits), "requests": len(self.starts), "tokens": self.token_sum,
+                "in_flight": self.in_flight}
+
+
 class _Drop(Exception):
     """Raised inside a response iterator to cut the connection (pywsgi closes the socket)."""
 
@@ -202,9 +349,12 @@ class _Drop(Exception):
 class FakeUpstream:
     """The WSGI application. One instance per process; greenlets share its state."""
 
-    def __init__(self, latency_ms: float = 0.0, api_key: str | None = None) -> None:
+    def __init__(self, latency_ms: float = 0.0, api_key: str | None = None, limits: dict[str, Any] | None = None,
+                 model_limits: dict[str, Any] | None = None) -> None:
         self.default_latency_ms = float(latency_ms)
         self.default_api_key = api_key
+        self.default_limits = parse_limits(limits)
+        self.default_model_limits = {m: parse_limits(v) for m, v in (model_limits or {}).items()}
         self.reset()
 
     # ---------------------------------------------------------------- state
@@ -224,19 +374,58 @@ class FakeUpstream:
         self.by_model: dict[str, int] = {}
         self.seen_models: dict[str, None] = {}
         self.request_log: deque[dict[str, Any]] = deque(maxlen=_REQUEST_LOG)
+        # enforced limits: "*" counts every model call, any other key the calls to that model
+        self.scopes: dict[str, LimitScope] = {}
+        self._set_limits("*", self.default_limits)
+        for model, lim in self.default_model_limits.items():
+            self._set_limits(model, lim)
+        self.reset_mode = "next"
+        self.concurrency_retry_after = 1.0
+        self.rate_limited = dict.fromkeys(LIMIT_KINDS, 0)
+        self.admitted_tokens = 0
+        # (wall-clock start, tokens, "ok" | the limit that refused it) of every chat/embeddings call
+        self.timeline: deque[tuple[float, int, str]] = deque(maxlen=_TIMELINE)
+
+    def _set_limits(self, name: str, limits: dict[str, int | None]) -> None:
+        """Enforce ``limits`` on scope ``name``; a scope that already exists keeps the use it has counted
+        (so changing a limit mid-run stays truthful); all-None removes it. Use is only counted while a
+        scope has limits."""
+        if not any(v is not None for v in limits.values()):
+            self.scopes.pop(name, None)
+        elif name in self.scopes:
+            self.scopes[name].limits = dict(limits)
+        else:
+            self.scopes[name] = LimitScope(name, dict(limits))
 
     def config(self) -> dict[str, Any]:
         return {"latency_ms": self.latency_ms, "chunk_delay_ms": self.chunk_delay_ms,
                 "fail_next": dict(self.fail_next), "hang_next": dict(self.hang_next),
-                "api_key": self.api_key}
+                "api_key": self.api_key,
+                "limits": dict(self.scopes["*"].limits) if "*" in self.scopes else parse_limits(None),
+                "model_limits": {n: dict(sc.limits) for n, sc in self.scopes.items() if n != "*"},
+                "reset_mode": self.reset_mode, "concurrency_retry_after": self.concurrency_retry_after}
 
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "embeddings_calls": self.embeddings_calls,
                 "models_calls": self.models_calls, "in_flight": self.in_flight,
                 "concurrent_max": self.concurrent_max, "by_status": dict(self.by_status),
-                "by_content": dict(self.by_content), "by_model": dict(self.by_model)}
+                "by_content": dict(self.by_content), "by_model": dict(self.by_model),
+                "rate_limited": dict(self.rate_limited), "admitted_tokens": self.admitted_tokens,
+                "limits": {n: sc.usage(time.monotonic()) for n, sc in self.scopes.items()}}
 
     def apply_config(self, cfg: dict[str, Any]) -> None:
+        # limits: validate everything first, so a bad config changes nothing
+        limits = parse_limits(cfg["limits"]) if "limits" in cfg else None
+        model_limits: dict[str, dict[str, int | None]] | None = None
+        if "model_limits" in cfg:
+            raw = cfg["model_limits"]
+            if raw is not None and not isinstance(raw, dict):
+                raise TypeError("model_limits must be an object {model: limits or null} or null")
+            model_limits = {str(m): parse_limits(v) for m, v in (raw or {}).items()}
+        mode = cfg.get("reset_mode", self.reset_mode)
+        if mode not in ("next", "full"):
+            raise TypeError("reset_mode must be 'next' or 'full'")
+        conc_retry = float(cfg.get("concurrency_retry_after", self.concurrency_retry_after))
         if "latency_ms" in cfg:
             self.latency_ms = self.default_latency_ms if cfg["latency_ms"] is None else float(cfg["latency_ms"])
         if "chunk_delay_ms" in cfg:
@@ -250,6 +439,16 @@ class FakeUpstream:
             self.hang_next = {"count": int(h.get("count", 1)), "seconds": float(h.get("seconds", 30))}
         if "api_key" in cfg:
             self.api_key = cfg["api_key"]
+        if limits is not None:
+            self._set_limits("*", limits)
+        if model_limits is not None:
+            if cfg["model_limits"] is None:
+                for name in [n for n in self.scopes if n != "*"]:
+                    del self.scopes[name]
+            for model, lim in model_limits.items():
+                self._set_limits(model, lim)
+        self.reset_mode = mode
+        self.concurrency_retry_after = conc_retry
 
     # ---------------------------------------------------------------- plumbing
     @staticmethod
@@ -259,23 +458,111 @@ class FakeUpstream:
             gevent.sleep(seconds)
 
     def _headers(self, extra: Iterable[tuple[str, str]] = (), *, content_type: str = "application/json",
-                 remaining: int | None = None, started: float | None = None) -> list[tuple[str, str]]:
-        left = _RATE_LIMIT_REQUESTS - 1 if remaining is None else remaining
+                 remaining: int | None = None, started: float | None = None, model: str | None = None
+                 ) -> list[tuple[str, str]]:
         headers = [
             ("Content-Type", content_type),
             ("x-request-id", "req_" + uuid.uuid4().hex),
             ("openai-version", "2020-10-01"),
             ("openai-organization", "fake-org"),
             ("openai-processing-ms", str(int((time.monotonic() - started) * 1000) if started else 0)),
-            ("x-ratelimit-limit-requests", str(_RATE_LIMIT_REQUESTS)),
-            ("x-ratelimit-limit-tokens", str(_RATE_LIMIT_TOKENS)),
-            ("x-ratelimit-remaining-requests", str(left)),
-            ("x-ratelimit-remaining-tokens", str(_RATE_LIMIT_TOKENS - 1)),
-            ("x-ratelimit-reset-requests", "6ms"),
-            ("x-ratelimit-reset-tokens", "0s"),
+            *self._ratelimit_headers(model),
         ]
+        if remaining is not None:
+            headers = [(k, str(remaining)) if k == "x-ratelimit-remaining-requests" else (k, v) for k, v in headers]
         headers.extend(extra)
         return headers
+
+    def _ratelimit_headers(self, model: str | None) -> list[tuple[str, str]]:
+        """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` as of now. With enforced limits they
+        are the truth about the tightest scope that applies to ``model``: limit, limit − use in the last
+        60 s (this call included), and the time until that use goes down (``reset_mode`` "next") or is
+        back to nothing ("full"). Without enforced limits: generous constants."""
+        now = time.monotonic()
+        scopes = self._scopes_for(model) if model is not None else []
+        for sc in scopes:
+            sc.prune(now)
+        out: list[tuple[str, str]] = []
+        values: dict[str, tuple[int, int, str]] = {
+            "requests": (_RATE_LIMIT_REQUESTS, _RATE_LIMIT_REQUESTS - 1, "6ms"),
+            "tokens": (_RATE_LIMIT_TOKENS, _RATE_LIMIT_TOKENS - 1, "0s"),
+        }
+        for kind, limit_key in (("requests", "rpm"), ("tokens", "tpm")):
+            candidates = []
+            for sc in scopes:
+                limit = sc.limits[limit_key]
+                if limit is None:
+                    continue
+                used = len(sc.starts) if kind == "requests" else sc.token_sum
+                reset = sc.reset_in(kind, now, self.reset_mode)
+                candidates.append((max(0, limit - used), -reset, limit, reset))
+            if candidates:
+                left, _, limit, reset = min(candidates)
+                values[kind] = (limit, left, _go_duration(_ceil_ms(reset)) if reset > 0 else "0s")
+        for part in ("limit", "remaining"):
+            for kind in ("requests", "tokens"):
+                out.append((f"x-ratelimit-{part}-{kind}", str(values[kind][0 if part == "limit" else 1])))
+        out += [("x-ratelimit-reset-requests", values["requests"][2]), ("x-ratelimit-reset-tokens", values["tokens"][2])]
+        return out
+
+    # ---------------------------------------------------------------- enforced limits
+    def _scopes_for(self, model: str) -> list[LimitScope]:
+        return [sc for sc in (self.scopes.get("*"), self.scopes.get(model)) if sc is not None]
+
+    def _enforce(self, model: str, tokens: int) -> tuple[list[LimitScope], tuple[LimitScope, str, float] | None]:
+        """Admit a call of ``tokens`` to every scope that applies to ``model`` (all or none), or refuse
+        it: (None, (scope, limit kind, seconds until it could start)). Runs without yielding, so it is
+        atomic among the greenlets."""
+        now = time.monotonic()
+        scopes = self._scopes_for(model)
+        refusals: list[tuple[LimitScope, str, float]] = []
+        for sc in scopes:
+            sc.prune(now)
+            refusals += [(sc, kind, wait) for kind, wait in sc.refusals(now, tokens, self.concurrency_retry_after)]
+        if refusals:
+            sc, kind, _ = min(refusals, key=lambda r: LIMIT_KINDS.index(r[1]))
+            self.rate_limited[kind] += 1
+            self.timeline.append((time.time(), tokens, kind))
+            return [], (sc, kind, max(w for _, _, w in refusals))
+        for sc in scopes:
+            sc.admit(now, tokens)
+        self.admitted_tokens += tokens
+        self.timeline.append((time.time(), tokens, "ok"))
+        return scopes, None
+
+    @staticmethod
+    def _release(held: list[LimitScope]) -> None:
+        for sc in held:
+            sc.in_flight -= 1
+
+    def _rate_limited(self, start_response: Any, model: str, tokens: int, refusal: tuple[LimitScope, str, float],
+                      started: float) -> list[bytes]:
+        """A real 429 for an enforced limit, in OpenAI's words and headers."""
+        sc, kind, wait = refusal
+        wait = max(0.001, _ceil_ms(wait))
+        lim = sc.limits
+        again = f"Please try again in {_go_duration(wait)}."
+        if kind == "rpm":
+            type_ = "requests"
+            message = (f"Rate limit reached for {model} in organization org-fake on requests per min (RPM): "
+                       f"Limit {lim['rpm']}, Used {len(sc.starts)}, Requested 1. {again}")
+        elif kind == "tpm":
+            type_ = "tokens"
+            if lim["tpm"] is not None and tokens > lim["tpm"]:
+                message = (f"Request too large for {model} in organization org-fake on tokens per min (TPM): "
+                           f"Limit {lim['tpm']}, Requested {tokens}. The input or output tokens must be reduced "
+                           "in order to run successfully.")
+            else:
+                message = (f"Rate limit reached for {model} in organization org-fake on tokens per min (TPM): "
+                           f"Limit {lim['tpm']}, Used {sc.token_sum}, Requested {tokens}. {again}")
+        else:
+            type_ = "requests"
+            message = (f"Too many concurrent requests for {model} in organization org-fake: Limit "
+                       f"{lim['concurrency']}, In flight {sc.in_flight}. {again}")
+        self._count_status(429)
+        headers = self._headers([("Retry-After", str(max(1, math.ceil(wait)))),
+                                 ("retry-after-ms", str(max(1, round(wait * 1000))))], started=started, model=model)
+        return self._json(start_response, 429, error_body(429, message, "rate_limit_exceeded", type_), headers)
 
     def _count_status(self, status: int) -> None:
         key = str(status)
@@ -291,7 +578,7 @@ class FakeUpstream:
 
     def _error(self, start_response: Any, status: int, message: str | None = None, *,
                code: Any = _UNSET, type_: str | None = None, retry_after: float | None = None,
-               started: float | None = None) -> list[bytes]:
+               started: float | None = None, model: str | None = None) -> list[bytes]:
         self._count_status(status)
         extra: list[tuple[str, str]] = []
         remaining = None
@@ -305,7 +592,7 @@ class FakeUpstream:
                            f"Please try again in {_go_duration(ra)}.")
         elif retry_after is not None:
             extra.append(("Retry-After", f"{float(retry_after):g}"))
-        headers = self._headers(extra, remaining=remaining, started=started)
+        headers = self._headers(extra, remaining=remaining, started=started, model=model)
         if status == 429 and remaining == 0:
             ra = 1.0 if retry_after is None else float(retry_after)
             headers = [(k, _go_duration(ra)) if k == "x-ratelimit-reset-requests" else (k, v) for k, v in headers]
@@ -359,6 +646,15 @@ class FakeUpstream:
             return self._json(start_response, 200, self.stats(), list(_JSON_HEADERS))
         if name == "requests":
             return self._json(start_response, 200, list(self.request_log), list(_JSON_HEADERS))
+        if name == "timeline":
+            since = 0.0
+            for part in (environ.get("QUERY_STRING") or "").split("&"):
+                key, _, value = part.partition("=")
+                if key == "since" and value:
+                    with contextlib.suppress(ValueError):
+                        since = float(value)
+            events = [list(e) for e in self.timeline if e[0] > since]
+            return self._json(start_response, 200, {"now": time.time(), "events": events}, list(_JSON_HEADERS))
         if name == "reset" and method == "POST":
             self.reset()
             return self._json(start_response, 200, {"ok": True}, list(_JSON_HEADERS))
@@ -405,6 +701,7 @@ class FakeUpstream:
         self.in_flight += 1
         self.concurrent_max = max(self.concurrent_max, self.in_flight)
         streaming = False
+        held: list[LimitScope] = []  # the limit scopes this call counts against while it runs
         try:
             raw = self._read_body(environ)
             try:
@@ -445,6 +742,10 @@ class FakeUpstream:
                                    retry_after=f.get("retry_after"), started=started)
 
             if kind == "embeddings":
+                tokens = _embedding_tokens(body.get("input"))
+                held, refusal = self._enforce(model, tokens)
+                if refusal is not None:
+                    return self._rate_limited(start_response, model, tokens, refusal, started)
                 self._sleep(self.latency_ms / 1000.0)
                 return self._embeddings(start_response, body, model, started)
 
@@ -455,6 +756,13 @@ class FakeUpstream:
             last_user = next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
             if len(self.by_content) < _MAX_BY_CONTENT or last_user in self.by_content:
                 self.by_content[last_user] = self.by_content.get(last_user, 0) + 1
+
+            # enforced limits: the call counts from now, with the tokens it will be billed
+            answer = self._answer(body, messages)
+            tokens = answer["prompt_tokens"] + answer["completion_tokens"]
+            held, refusal = self._enforce(model, tokens)
+            if refusal is not None:
+                return self._rate_limited(start_response, model, tokens, refusal, started)
 
             # magic contents
             text = last_user
@@ -472,7 +780,7 @@ class FakeUpstream:
                     if not m:
                         break
                     self._sleep(self.latency_ms / 1000.0)
-                    return self._error(start_response, int(m.group(1)), started=started)
+                    return self._error(start_response, int(m.group(1)), started=started, model=model)
                 elif text.startswith("drop:"):
                     drop = True
                     text = text[5:]
@@ -487,16 +795,15 @@ class FakeUpstream:
                 # (p99 of seconds when the fake is saturated).
                 import gevent
                 gevent.sleep(0)
-            answer = self._answer(body, messages)
             if body.get("stream"):
                 streaming = True
                 self._count_status(200)
                 start_response("200 OK", self._headers(content_type="text/event-stream; charset=utf-8",
-                                                       started=started))
-                return self._stream(body, model, answer, drop)
+                                                       started=started, model=model))
+                return self._stream(body, model, answer, drop, held)
             self._count_status(200)
             payload = _dumps(self._completion(model, answer))
-            headers = self._headers(started=started)
+            headers = self._headers(started=started, model=model)
             headers.append(("Content-Length", str(len(payload))))
             start_response("200 OK", headers)
             if drop:
@@ -505,6 +812,7 @@ class FakeUpstream:
         finally:
             if not streaming:
                 self.in_flight -= 1
+                self._release(held)
 
     def _dropping(self, pieces: list[bytes]) -> Iterator[bytes]:
         yield from pieces
@@ -573,7 +881,8 @@ class FakeUpstream:
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
 
-    def _stream(self, body: dict[str, Any], model: str, answer: dict[str, Any], drop: bool) -> Iterator[bytes]:
+    def _stream(self, body: dict[str, Any], model: str, answer: dict[str, Any], drop: bool,
+                held: list[LimitScope] | None = None) -> Iterator[bytes]:
         try:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             base = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
@@ -617,6 +926,7 @@ class FakeUpstream:
             yield b"data: [DONE]\n\n"
         finally:
             self.in_flight -= 1
+            self._release(held or [])
 
     def _embeddings(self, start_response: Any, body: dict[str, Any], model: str, started: float) -> list[bytes]:
         inp = body.get("input")
@@ -641,7 +951,19 @@ class FakeUpstream:
         self._count_status(200)
         return self._json(start_response, 200, {"object": "list", "data": data, "model": model,
                                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
-                          self._headers(started=started))
+                          self._headers(started=started, model=model))
+
+
+def _embedding_tokens(inp: Any) -> int:
+    """Tokens of an embeddings ``input`` as the fake bills them (0 for an input it will reject)."""
+    if isinstance(inp, str):
+        return count_tokens(inp)
+    if isinstance(inp, list) and inp and all(isinstance(x, int) for x in inp):
+        return count_tokens(" ".join(map(str, inp)))
+    if isinstance(inp, list):
+        return sum(count_tokens(x if isinstance(x, str) else " ".join(map(str, x))) for x in inp
+                   if isinstance(x, str | list))
+    return 0
 
 
 def embedding_vector(text: str, dims: int = 8) -> list[float]:
@@ -698,7 +1020,8 @@ def _tool_arguments(schema: dict[str, Any], text: str) -> dict[str, Any]:
 
 
 # ===================================================================================== server
-def serve(host: str, port: int, latency_ms: float, api_key: str | None = None) -> None:
+def serve(host: str, port: int, latency_ms: float, api_key: str | None = None, limits: dict[str, Any] | None = None,
+          model_limits: dict[str, Any] | None = None) -> None:
     from gevent import monkey
 
     monkey.patch_all()
@@ -732,7 +1055,7 @@ def serve(host: str, port: int, latency_ms: float, api_key: str | None = None) -
                 return
             super().handle_error(t, v, tb)
 
-    app = FakeUpstream(latency_ms=latency_ms, api_key=api_key)
+    app = FakeUpstream(latency_ms=latency_ms, api_key=api_key, limits=limits, model_limits=model_limits)
     server = WSGIServer((host, port), app, handler_class=QuietHandler, log=None,
                         error_log=logging.getLogger("fakeprovider"), backlog=4096)
     server.init_socket()
@@ -755,8 +1078,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed as READY <port>)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before every /v1 answer")
     parser.add_argument("--api-key", default=None, help="require exactly this bearer key (default: any)")
+    parser.add_argument("--rpm", type=int, default=None, help="enforce: calls started per sliding 60 s")
+    parser.add_argument("--tpm", type=int, default=None, help="enforce: tokens (prompt+completion) per sliding 60 s")
+    parser.add_argument("--concurrency", type=int, default=None, help="enforce: calls in flight")
+    parser.add_argument("--model-limits", default=None, metavar="JSON",
+                        help='enforce per model, e.g. \'{"gpt-x": {"rpm": 20}}\' (on top of the global limits)')
     args = parser.parse_args(argv)
-    serve(args.host, args.port, args.latency_ms, args.api_key)
+    limits = {"rpm": args.rpm, "tpm": args.tpm, "concurrency": args.concurrency}
+    model_limits = json.loads(args.model_limits) if args.model_limits else None
+    try:  # fail fast on a bad limit, before printing READY
+        parse_limits(limits)
+        for value in (model_limits or {}).values():
+            parse_limits(value)
+    except TypeError as exc:
+        parser.error(str(exc))
+    serve(args.host, args.port, args.latency_ms, args.api_key, limits, model_limits)
     return 0
 
 
@@ -770,8 +1106,11 @@ class FakeProvider:
 
     def __init__(self, latency_ms: float = 0.0, *, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, startup_timeout: float = 20.0,
-                 stderr: Any = None, env: dict[str, str] | None = None) -> None:
+                 stderr: Any = None, env: dict[str, str] | None = None, limits: dict[str, Any] | None = None,
+                 model_limits: dict[str, Any] | None = None) -> None:
         self.host, self.latency_ms, self.api_key = host, latency_ms, api_key
+        self.limits = parse_limits(limits)  # the --rpm/--tpm/--concurrency the process starts (and resets) with
+        self.model_limits = {m: parse_limits(v) for m, v in (model_limits or {}).items()}
         self._requested_port = port
         self.startup_timeout = startup_timeout
         self._stderr = stderr
@@ -792,6 +1131,11 @@ class FakeProvider:
                "--port", str(self._requested_port), "--latency-ms", str(self.latency_ms)]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
+        for kind, value in self.limits.items():
+            if value is not None:
+                cmd += [f"--{kind}", str(value)]
+        if self.model_limits:
+            cmd += ["--model-limits", json.dumps(self.model_limits)]
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=self._stderr,
                                      stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + self.startup_timeout
@@ -873,6 +1217,11 @@ class FakeProvider:
 
     def reset(self) -> None:
         self._control("POST", "reset", {})
+
+    def timeline(self, since: float = 0.0) -> dict[str, Any]:
+        """``{"now": wall time, "events": [[wall-clock start, tokens, "ok" | "rpm" | "tpm" | "concurrency"],
+        ...]}`` of the chat/embeddings calls that reached the limit check after ``since`` (last 500,000)."""
+        return self._control("GET", f"timeline?since={since!r}")
 
 
 if __name__ == "__main__":

@@ -243,3 +243,172 @@ def test_drop_cuts_the_connection(client):
 def test_token_counting_rule():
     assert count_tokens("") == 1
     assert count_tokens("  a  b\tc\n") == 3
+
+
+# ------------------------------------------------------------------------------ enforced limits
+def _ratelimit(headers) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(("x-ratelimit-", "retry-after"))}
+
+
+def _duration_s(text: str) -> float:
+    from workers.adapters.openai import parse_duration  # the gateway must be able to read what the fake sends
+
+    value = parse_duration(text)
+    assert value is not None, text
+    return value
+
+
+def _call(client, content: str = "a b c", model: str = "fake-model", **kw):
+    return client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_rpm_limit_gives_real_429s_with_truthful_headers(client, fake):
+    fake.configure(limits={"rpm": 3})
+    seen = []
+    for _ in range(3):
+        raw = _call(client)
+        seen.append(_ratelimit(raw.headers))
+    assert [h["x-ratelimit-limit-requests"] for h in seen] == ["3"] * 3
+    assert [h["x-ratelimit-remaining-requests"] for h in seen] == ["2", "1", "0"]
+    # the oldest call leaves the window 60 s after it started: that is when the quota grows again
+    assert all(59 < _duration_s(h["x-ratelimit-reset-requests"]) <= 60 for h in seen)
+    assert seen[0]["x-ratelimit-limit-tokens"] == "30000000"  # no tpm limit: the constants
+    with pytest.raises(openai.RateLimitError) as info:
+        _call(client, "refused")
+    err = info.value
+    assert err.status_code == 429 and err.code == "rate_limit_exceeded" and err.type == "requests"
+    assert "requests per min (RPM): Limit 3, Used 3, Requested 1" in err.message
+    h = _ratelimit(err.response.headers)
+    assert h["x-ratelimit-remaining-requests"] == "0"
+    assert 59_000 < int(h["retry-after-ms"]) <= 60_000 and h["retry-after"] == "60"
+    assert abs(_duration_s(h["x-ratelimit-reset-requests"]) - int(h["retry-after-ms"]) / 1000) < 0.05
+    stats = fake.stats()
+    assert stats["rate_limited"] == {"rpm": 1, "tpm": 0, "concurrency": 0}
+    assert stats["by_status"] == {"200": 3, "429": 1}
+    assert stats["limits"]["*"]["requests"] == 3  # the refused call used no quota
+    assert [e[2] for e in fake.timeline()["events"]] == ["ok", "ok", "ok", "rpm"]
+    fake.reset()  # back to the command line's limits: none
+    assert _call(client).parse().choices[0].message.content == "echo: a b c"
+    assert fake.stats()["rate_limited"] == {"rpm": 0, "tpm": 0, "concurrency": 0}
+
+
+def test_tpm_limit_counts_prompt_and_completion_at_the_start(client, fake):
+    fake.configure(limits={"tpm": 20})
+    # "a b c": 3 prompt tokens + "echo: a b c" 4 completion tokens = 7
+    first = _ratelimit(_call(client).headers)
+    assert first["x-ratelimit-limit-tokens"] == "20" and first["x-ratelimit-remaining-tokens"] == "13"
+    assert 59 < _duration_s(first["x-ratelimit-reset-tokens"]) <= 60
+    assert _ratelimit(_call(client).headers)["x-ratelimit-remaining-tokens"] == "6"
+    with pytest.raises(openai.RateLimitError) as info:  # 7 more do not fit in the 6 left
+        _call(client)
+    assert info.value.type == "tokens"
+    assert "tokens per min (TPM): Limit 20, Used 14, Requested 7" in info.value.message
+    assert 59_000 < int(info.value.response.headers["retry-after-ms"]) <= 60_000
+    assert _ratelimit(_call(client, "x").headers)["x-ratelimit-remaining-tokens"] == "3"  # 1 + 2 fits
+    with pytest.raises(openai.RateLimitError) as info:  # larger than the whole TPM: never fits
+        _call(client, " ".join(["w"] * 30))
+    assert "Request too large" in info.value.message
+    with pytest.raises(openai.RateLimitError):  # embeddings count too: 4 tokens > 3 left
+        client.embeddings.create(model="fake-embedding", input="one two three four")
+    assert fake.stats()["rate_limited"]["tpm"] == 3
+    assert fake.stats()["admitted_tokens"] == 17
+
+
+def test_concurrency_limit_counts_calls_in_flight_and_streams_until_their_end(client, fake):
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake.configure(limits={"concurrency": 2})
+    with ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(_call, client, "sleep:0.6 slow") for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while fake.stats()["limits"]["*"]["in_flight"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as info:
+            _call(client, "third")
+        assert "Too many concurrent requests" in info.value.message
+        assert info.value.response.headers["retry-after-ms"] == "1000"
+        assert all(f.result().status_code == 200 for f in slow)
+    assert _call(client).status_code == 200
+    assert fake.stats()["rate_limited"] == {"rpm": 0, "tpm": 0, "concurrency": 1}
+
+    fake.configure(limits={"concurrency": 1}, chunk_delay_ms=100)
+    stream = client.chat.completions.create(model="fake-model", stream=True,
+                                            messages=[{"role": "user", "content": "one two three"}])
+    next(iter(stream))
+    with pytest.raises(openai.RateLimitError):  # the open stream holds the only slot
+        _call(client)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "echo: one two three"
+    assert fake.stats()["limits"]["*"]["in_flight"] == 0
+    assert _call(client).status_code == 200
+
+
+def test_model_limits_are_separate_and_add_to_the_global_ones(client, fake):
+    fake.configure(model_limits={"small": {"rpm": 1}}, limits={"rpm": 3})
+    assert _ratelimit(_call(client, model="small").headers)["x-ratelimit-remaining-requests"] == "0"  # tightest
+    with pytest.raises(openai.RateLimitError):
+        _call(client, model="small")
+    assert _ratelimit(_call(client, model="big").headers)["x-ratelimit-remaining-requests"] == "1"
+    assert _call(client, model="big").status_code == 200
+    with pytest.raises(openai.RateLimitError):  # the global 3 are spent (the refused call did not count)
+        _call(client, model="big")
+    cfg = fake.configure(model_limits=None)
+    assert cfg["model_limits"] == {} and cfg["limits"] == {"rpm": 3, "tpm": None, "concurrency": None}
+
+
+def test_bad_limits_config_is_rejected_and_changes_nothing(fake):
+    fake.reset()
+    for bad in ({"limits": {"rpm": 0}}, {"limits": {"rpd": 5}}, {"limits": {"rpm": "5"}}, {"limits": [1]},
+                {"reset_mode": "later", "latency_ms": 500}):
+        req = urllib.request.Request(f"{fake.url}/_control/config", data=json.dumps(bad).encode(), method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=5)
+        assert info.value.code == 400
+    cfg = fake.config()
+    assert cfg["limits"] == {"rpm": None, "tpm": None, "concurrency": None} and cfg["latency_ms"] == 0
+
+
+def test_reset_mode_full_reports_until_the_window_is_empty(client, fake):
+    fake.configure(limits={"rpm": 5}, reset_mode="full")
+    _call(client)
+    time.sleep(0.3)
+    h = _ratelimit(_call(client).headers)
+    assert _duration_s(h["x-ratelimit-reset-requests"]) > 59.9  # the newest call leaves last
+    fake.configure(reset_mode="next")
+    h = _ratelimit(_call(client).headers)
+    assert _duration_s(h["x-ratelimit-reset-requests"]) < 59.8  # the oldest leaves first
+
+
+def test_sliding_window_arithmetic():
+    from tests.fakeprovider import LimitScope, parse_limits
+
+    sc = LimitScope("*", parse_limits({"rpm": 3, "tpm": 100}))
+    for t, n in ((0.0, 50), (10.0, 30), (20.0, 10)):
+        assert sc.refusals(t, n, 1.0) == []
+        sc.admit(t, n)
+    assert sc.refusals(30.0, 1, 1.0) == [("rpm", 30.0)]          # the call of t=0 leaves at 60
+    assert sc.reset_in("requests", 30.0, "next") == 30.0 and sc.reset_in("requests", 30.0, "full") == 50.0
+    sc.prune(59.999)
+    assert len(sc.starts) == 3
+    sc.prune(60.0)                                                 # (t-60, t]: started at exactly t-60 is out
+    assert len(sc.starts) == 2 and sc.token_sum == 40
+    assert sc.refusals(60.0, 60, 1.0) == []                        # 40 + 60 = 100 fits
+    assert sc.refusals(60.0, 61, 1.0) == [("tpm", 10.0)]           # needs the call of t=10 gone
+    sc.admit(60.0, 60)
+    assert sc.refusals(61.0, 40, 1.0) == [("rpm", 9.0), ("tpm", 19.0)]  # 100 used: t=10 and t=20 must go
+    assert sc.refusals(61.0, 41, 1.0) == [("rpm", 9.0), ("tpm", 59.0)]
+    assert sc.refusals(61.0, 101, 1.0) == [("rpm", 9.0), ("tpm", 60.0)]  # larger than the limit
+
+
+def test_limits_from_the_command_line_survive_reset():
+    with FakeProvider(limits={"rpm": 2}, model_limits={"m": {"tpm": 9}}) as fp:
+        c = openai.OpenAI(base_url=fp.base_url, api_key="x", max_retries=0, timeout=10)
+        _call(c)
+        _call(c)
+        with pytest.raises(openai.RateLimitError):
+            _call(c)
+        fp.reset()
+        assert fp.config()["limits"]["rpm"] == 2 and fp.config()["model_limits"] == {
+            "m": {"rpm": None, "tpm": 9, "concurrency": None}}
+        assert _call(c).status_code == 200  # reset forgot the use counted so far
+        c.close()
