@@ -1,7 +1,10 @@
 """Shared plumbing for the benchmarks: start the fake upstream, a fresh database, and the gateway's
 API and worker through the real CLI (``llm-gateway``), each in its own process group; stop them all.
 
-Not a benchmark itself; imported by ``bench/overhead.py`` and ``bench/held.py``.
+Not a benchmark itself; imported by ``bench/overhead.py``, ``bench/held.py`` and ``bench/limits.py``.
+Options beyond the defaults (which are what ``overhead.py`` measures): several worker processes on the
+one provider (``workers``), limits the gateway holds (``limits``, the registry's ``providers.fake.limits``)
+and limits the fake upstream enforces with real 429s (``fake_limits``).
 """
 
 from __future__ import annotations
@@ -123,8 +126,14 @@ class Stack:
     def __init__(self, *, latency_ms: float = 0.0, worker_concurrency: int | None = None, pool: int = 256,
                  api_workers: int = 1, redis_url: str = DEFAULT_REDIS_URL, admin_db_url: str = DEFAULT_ADMIN_DB_URL,
                  db_name: str = "bench_gateway", max_wait: float = 60.0, provider_timeout: float = 120.0,
-                 extra_env: dict[str, str] | None = None, keep_logs: bool = False) -> None:
+                 extra_env: dict[str, str] | None = None, keep_logs: bool = False, workers: int = 1,
+                 limits: dict[str, int] | None = None, fake_limits: dict[str, int] | None = None,
+                 max_output_tokens: int | None = None) -> None:
         self.latency_ms = latency_ms
+        self.n_workers = workers
+        self.limits = {k: v for k, v in (limits or {}).items() if v}
+        self.fake_limits = fake_limits
+        self.max_output_tokens = max_output_tokens
         self.worker_concurrency = worker_concurrency
         self.pool = pool
         self.api_workers = api_workers
@@ -139,13 +148,14 @@ class Stack:
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-stack-"))
         self.fake: FakeProvider | None = None
         self.api: Proc | None = None
-        self.worker: Proc | None = None
+        self.worker: Proc | None = None      # the first worker process (all of them: ``workers``)
+        self.workers: list[Proc] = []
         self.api_port: int | None = None
         self.database_url: str | None = None
 
     # ------------------------------------------------------------------ start
     def start_fake(self) -> FakeProvider:
-        self.fake = FakeProvider(latency_ms=self.latency_ms).start()
+        self.fake = FakeProvider(latency_ms=self.latency_ms, limits=self.fake_limits).start()
         return self.fake
 
     def env(self) -> dict[str, str]:
@@ -159,11 +169,13 @@ class Stack:
             "    api_key_env: FAKE_API_KEY\n"
             f"    pool: {self.pool}\n"
             f"    timeout: {self.provider_timeout:g}\n"
-            "models:\n"
+            + (f"    limits: {{{', '.join(f'{k}: {v}' for k, v in self.limits.items())}}}\n" if self.limits else "")
+            + "models:\n"
             "  fake-model:\n"
             "    provider: fake\n"
             "    model: fake-model\n"
-            "    price: {input: 1.0, output: 2.0}\n")
+            + (f"    max_output_tokens: {self.max_output_tokens}\n" if self.max_output_tokens else "")
+            + "    price: {input: 1.0, output: 2.0}\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update({
             "REDIS_URL": self.redis_url,
@@ -189,10 +201,14 @@ class Stack:
             if mig.returncode != 0:
                 raise RuntimeError(f"llm-gateway migrate failed:\n{mig.stdout}\n{mig.stderr}")
             self.api_port = free_port()
-            self.worker = Proc("worker", [*gateway_cli(), "worker", "--provider", "fake", "--name", self.prefix,
-                                          *([] if self.worker_concurrency is None
-                                            else ["--concurrency", str(self.worker_concurrency)])],
-                               env, self.workdir)
+            for i in range(self.n_workers):
+                name = "worker" if i == 0 else f"worker{i + 1}"
+                self.workers.append(Proc(name, [*gateway_cli(), "worker", "--provider", "fake",
+                                                "--name", self.prefix if i == 0 else f"{self.prefix}-{i + 1}",
+                                                *([] if self.worker_concurrency is None
+                                                  else ["--concurrency", str(self.worker_concurrency)])],
+                                         env, self.workdir))
+            self.worker = self.workers[0]
             self.api = Proc("api", [*gateway_cli(), "api", "--host", "127.0.0.1", "--port", str(self.api_port),
                                     "--workers", str(self.api_workers)], env, self.workdir)
             self.wait_ready(ready_timeout)
@@ -209,7 +225,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         last = "no answer"
         while time.monotonic() < deadline:
-            for p in (self.api, self.worker):
+            for p in (self.api, *self.workers):
                 if p is not None and not p.alive():
                     raise RuntimeError(f"{p.name} exited ({p.proc.returncode}):\n{p.output()}")
             try:
@@ -235,16 +251,19 @@ class Stack:
         return [master, *master.children(recursive=True)]
 
     def worker_processes(self) -> list[Any]:
+        """psutil.Process for every worker process (and its children)."""
         import psutil
 
-        if self.worker is None or not self.worker.alive():
-            return []
-        root = psutil.Process(self.worker.pid)
-        return [root, *root.children(recursive=True)]
+        out = []
+        for w in self.workers:
+            if w.alive():
+                root = psutil.Process(w.pid)
+                out += [root, *root.children(recursive=True)]
+        return out
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
-        for p in (self.api, self.worker):
+        for p in (self.api, *self.workers):
             if p is not None:
                 p.stop()
         if self.fake is not None:

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/held.py                         # 2000 calls, upstream answers after 15 s
     .venv/bin/python bench/held.py --requests 500 --hold 5 # a quicker look
+    .venv/bin/python bench/held.py --requests 5000 --rpm 1200 --hold 1   # held in line by a limit (~5 min)
 
 It starts (and stops at the end, also on Ctrl-C) the same stack as ``bench/overhead.py``: the fake
 upstream, a fresh Postgres database ``bench_gateway`` migrated with ``llm-gateway migrate``,
@@ -23,6 +24,15 @@ answer. While they are held it samples, every ``--sample`` seconds:
 It reports: whether all calls completed with 200 and each got its own answer (``echo: held <i>``),
 the errors by kind, the latency spread, and the peak/at-full-hold samples, as markdown. Raw samples
 go to ``bench/results/held-<time>.json`` (git-ignored).
+
+Held in line by a limit (``--rpm N``, optionally ``--tpm N``): the fake upstream *enforces* that limit
+(real 429s, ``tests/fakeprovider.py``) and the gateway is configured with the same one, so most calls
+are held by the API while their jobs wait in the provider's line at the worker — for up to
+``ceil(requests / rpm) - 1`` minutes. ``max_wait`` (``--max-wait``, default: that many minutes + 120 s)
+is sent with every call (``x-gateway-max-wait``; ``GATEWAY_MAX_WAIT_LIMIT`` is raised to match).
+Besides the above it reports the client 429s (and how many came before their max_wait), the upstream's
+429s by limit, when the last call was served against the ideal (the limit's own pace), and samples
+the line, the broker queue and Redis's operations per second.
 """
 
 from __future__ import annotations
@@ -34,8 +44,10 @@ monkey.patch_all()
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
+import statistics
 import sys
 import time
 from collections import Counter
@@ -92,10 +104,20 @@ def sample(stack: Stack, redis_client: Any) -> dict[str, Any]:
         upstream_in_flight = stack.fake.stats()["in_flight"] if stack.fake else None
     except Exception:  # noqa: BLE001
         upstream_in_flight = None
+    try:
+        pipe = redis_client.pipeline()
+        pipe.zcard(f"{stack.prefix}:lim:fake:line")
+        pipe.llen(f"{stack.prefix}:llm.fake")
+        pipe.info("stats")
+        line, queue, info = pipe.execute()
+        ops = int(info.get("instantaneous_ops_per_sec", 0))
+    except Exception:  # noqa: BLE001
+        line = queue = ops = None
     return {"t": time.monotonic(), "api_rss_mb": rss / 2**20, "api_redis_conns": len(redis_ports),
             "api_redis_conns_in_client_list": api_in_client_list, "redis_client_list_total": len(clients),
             "api_client_conns": client_conns, "upstream_in_flight": upstream_in_flight,
-            "worker_rss_mb": worker_rss / 2**20, "api_processes": per_process}
+            "worker_rss_mb": worker_rss / 2**20, "line": line, "queue": queue, "redis_ops_per_s": ops,
+            "api_processes": per_process}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=float, default=1.0, help="seconds between samples")
     p.add_argument("--ramp", type=float, default=2.0, help="seconds over which the calls are opened")
     p.add_argument("--worker-concurrency", type=int, default=None, help="default: --requests")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--rpm", type=int, default=None, help="upstream enforces it, gateway configured with it")
+    p.add_argument("--tpm", type=int, default=None, help="upstream enforces it, gateway configured with it")
+    p.add_argument("--max-wait", type=float, default=None,
+                   help="max_wait of every call (default: hold + 60, or with a limit the minutes it needs + 120 s)")
     p.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     p.add_argument("--json-out", default=None)
     p.add_argument("--keep-logs", action="store_true")
@@ -112,13 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     n = args.requests
     soft, _hard = raise_nofile(n + 200)
     concurrency = args.worker_concurrency or n
-    timeout = args.hold + 120.0
+    limits = {k: v for k, v in (("rpm", args.rpm), ("tpm", args.tpm)) if v}
+    if args.max_wait is not None:
+        max_wait = args.max_wait
+    elif args.rpm:
+        max_wait = 60.0 * math.ceil(n / args.rpm) + 120
+    else:
+        max_wait = args.hold + 60
+    timeout = max_wait + args.hold + 120.0
 
     import redis
 
     stack = Stack(latency_ms=0, pool=max(concurrency, 1), worker_concurrency=concurrency,
-                  redis_url=args.redis_url, max_wait=args.hold + 60, provider_timeout=args.hold + 60,
-                  keep_logs=args.keep_logs)
+                  redis_url=args.redis_url, max_wait=max_wait, provider_timeout=args.hold + 60,
+                  keep_logs=args.keep_logs, workers=args.workers, limits=limits or None,
+                  fake_limits=limits or None,
+                  extra_env={"GATEWAY_MAX_WAIT_LIMIT": f"{max(3600.0, max_wait):g}"} if limits else None)
     results: list[dict[str, Any]] = [{} for _ in range(n)]
     samples: list[dict[str, Any]] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -131,16 +167,20 @@ def main(argv: list[str] | None = None) -> int:
         stack.fake.reset()
         stack.fake.configure(latency_ms=args.hold * 1000)
 
+        headers = {**AUTH, "x-gateway-max-wait": f"{max_wait:g}"}
+
         def call(i: int) -> None:
             body = json.dumps({"model": "fake-model",
                                "messages": [{"role": "user", "content": f"held {i}"}]}).encode()
-            host, port, raw = build_request(stack.url, body, AUTH)
+            host, port, raw = build_request(stack.url, body, headers)
             conn = HttpConnection(host, port, timeout=timeout)
             t0 = time.monotonic()
             try:
-                status, _, resp = conn.request(raw)
+                status, resp_headers, resp = conn.request(raw)
                 ok = status == 200 and json.loads(resp)["choices"][0]["message"]["content"] == f"echo: held {i}"
-                results[i] = {"status": status, "ok": ok, "latency": time.monotonic() - t0,
+                results[i] = {"status": status, "ok": ok, "latency": time.monotonic() - t0, "done": time.monotonic(),
+                              "queue_wait_ms": int(resp_headers.get("x-gateway-queue-wait-ms", "-1")),
+                              "retry_after": resp_headers.get("retry-after"),
                               "error": None if ok else (resp[:300].decode("utf-8", "replace")
                                                         if status != 200 else "wrong answer")}
             except (OSError, HttpError, ValueError, KeyError) as exc:
@@ -159,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"sample failed: {exc!r}", file=sys.stderr)
                 gevent.sleep(args.sample)
 
-        print(f"opening {n} calls over {args.ramp:g} s; the upstream answers after {args.hold:g} s ...",
-              file=sys.stderr, flush=True)
+        print(f"opening {n} calls over {args.ramp:g} s; the upstream answers after {args.hold:g} s"
+              f"{f', limits {limits}, max_wait {max_wait:g} s' if limits else ''} ...", file=sys.stderr, flush=True)
         t_start = time.monotonic()
         sampler_g = gevent.spawn(sampler)
         greenlets = []
@@ -184,13 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     statuses = Counter(str(r["status"]) for r in done)
     errors = Counter((r["error"] or "")[:120] for r in done if not r["ok"])
     lat = sorted(r["latency"] for r in done)
-    peak_hold = max(samples, key=lambda s: (s["upstream_in_flight"] or 0, s["api_client_conns"])) if samples else {}
+    if limits:  # "all held" = the most client connections open (the upstream sees only a few at a time)
+        peak_hold = max(samples, key=lambda s: (s["api_client_conns"], s["upstream_in_flight"] or 0)) if samples else {}
+    else:
+        peak_hold = max(samples, key=lambda s: (s["upstream_in_flight"] or 0, s["api_client_conns"])) if samples else {}
 
     def peak(key: str) -> float:
         return max((s[key] for s in samples if s.get(key) is not None), default=float("nan"))
 
     print(f"\n### Held calls — {started}: {n} concurrent sync calls, upstream latency {args.hold:g} s, "
-          f"worker concurrency {concurrency}, fd limit {soft}\n")
+          f"{args.workers} worker process(es) of concurrency {concurrency}, fd limit {soft}"
+          f"{f', upstream and gateway limits {limits}, max_wait {max_wait:g} s' if limits else ''}\n")
     print("| measure | value |\n|---|---:|")
     rows = [
         ("calls completed with 200 and their own answer", f"{ok} / {n}"),
@@ -211,6 +255,23 @@ def main(argv: list[str] | None = None) -> int:
         ("worker RSS idle → peak (MB)", f"{baseline['worker_rss_mb']:.0f} → {peak('worker_rss_mb'):.0f}"),
         ("API RSS after the run (MB)", f"{final['api_rss_mb']:.0f}"),
     ]
+    if limits:
+        client_429 = [r for r in done if r["status"] == 429]
+        early_429 = [r for r in client_429 if r["latency"] < max_wait]
+        last_done = max((r["done"] for r in done if r["ok"]), default=t_start) - t_start
+        ideal = 60.0 * (math.ceil(n / args.rpm) - 1) if args.rpm else float("nan")
+        waits = sorted(r["queue_wait_ms"] / 1000 for r in done if r["ok"])
+        rows += [
+            ("client 429s (of which before their max_wait)", f"{len(client_429)} ({len(early_429)})"),
+            ("upstream 429s by limit", f"{fake_stats.get('rate_limited')}"),
+            ("last call served after (s) / ideal start of the last batch at the limit's pace (s)",
+             f"{last_done:.1f} / {ideal:.0f}"),
+            ("queue wait p50 / max (s)", f"{percentile(waits, 50):.1f} / {waits[-1]:.1f}" if waits else "–"),
+            ("peak line at the worker / broker queue", f"{peak('line'):.0f} / {peak('queue'):.0f}"),
+            ("Redis ops/s: median / peak while held",
+             f"{statistics.median(s['redis_ops_per_s'] for s in samples if s.get('redis_ops_per_s') is not None):.0f}"
+             f" / {peak('redis_ops_per_s'):.0f}" if samples else "–"),
+        ]
     for k, v in rows:
         print(f"| {k} | {v} |")
     if errors:
@@ -220,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.json_out) if args.json_out else (
         Path(__file__).resolve().parent / "results" / f"held-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(dumps({"started": started, "requests": n, "hold_s": args.hold, "ok": ok,
+    out.write_text(dumps({"started": started, "requests": n, "hold_s": args.hold, "ok": ok, "limits": limits,
+                          "max_wait_s": max_wait, "workers": args.workers, "worker_concurrency": concurrency,
                           "statuses": dict(statuses), "errors": dict(errors), "baseline": baseline,
                           "final": final, "samples": samples, "fake_stats": {k: v for k, v in fake_stats.items()
                                                                           if k != "by_content"}}))
