@@ -38,6 +38,9 @@ def make_celery(settings: Settings) -> Celery:
             "visibility_timeout": visibility,
             "unacked_restore_interval": restore_interval(settings),
             "unacked_restore_throttle": 1,
+            # synchronous broker connections per channel; a greenlet finding all busy waits for one
+            # (workers/kombu_tuning.py) — never fewer than a burst of acks from a wide pool needs
+            "max_connections": 32,
             # every broker key under our prefix: gateways (and test runs) can share one Redis
             "global_keyprefix": f"{settings.key_prefix}:",
         },

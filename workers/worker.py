@@ -6,10 +6,10 @@ from celery.signals import worker_ready
 
 from common.settings import load_settings
 from workers.celery_app import make_celery, restore_interval
-from workers.kombu_tuning import reuse_kombu_redis_clients
+from workers.kombu_tuning import tune_kombu_redis
 from workers.redelivery import RedeliverySweeper
 
-reuse_kombu_redis_clients()
+tune_kombu_redis()
 app = make_celery(load_settings())
 
 

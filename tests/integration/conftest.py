@@ -72,12 +72,13 @@ def prefix() -> Iterator[str]:
 def gateway_env(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, database_url: str,
                 prefix: str) -> dict[str, str]:
     """Providers: ``fake`` (served by the session's workers), ``stalled`` (no worker unless a test
-    starts one: jobs wait in line) and ``crashy`` (workers a test may kill)."""
+    starts one: jobs wait in line), ``crashy`` (workers a test may kill), ``wide`` (a worker pool of
+    400 greenlets) and the limited ones below."""
     config = tmp_path_factory.mktemp("config") / "registry.yaml"
     providers = "\n".join(
         f"  {name}:\n    kind: openai\n    base_url: {fake.base_url}\n    api_key_env: FAKE_API_KEY\n"
-        f"    pool: 64\n    max_retries: 1\n    timeout: 30"
-        for name in ("fake", "stalled", "crashy"))
+        f"    pool: {pool}\n    max_retries: 1\n    timeout: 30"
+        for name, pool in (("fake", 64), ("stalled", 64), ("crashy", 64), ("wide", 400)))
     limited = {"limited": "{concurrency: 2}", "metered": "{tpm: 400}", "fair": "{concurrency: 1}",
                "leasy": "{concurrency: 1}"}
     providers += "\n" + "\n".join(
@@ -87,6 +88,7 @@ def gateway_env(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, da
     models = "\n".join(
         f"  {alias}:\n    provider: {provider}\n    model: fake-model\n    price: {{input: 1.0, output: 2.0}}"
         for alias, provider in (("fake-model", "fake"), ("stalled-model", "stalled"), ("crashy-model", "crashy"),
+                                ("wide-model", "wide"),
                                 ("limited-model", "limited"), ("metered-model", "metered"), ("fair-model", "fair"),
                                 ("leasy-model", "leasy")))
     config.write_text(f"providers:\n{providers}\n  nokey:\n    kind: openai\n    base_url: {fake.base_url}\n"
