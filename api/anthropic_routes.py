@@ -31,7 +31,7 @@ def messages() -> Response:
     headers = {"x-gateway-provider": route.provider.name, "x-gateway-model": route.model.model}
     if chat.stream:
         watch = gw.start(chat, route, max_wait=max_wait, api_key_id=g.api_key_id)
-        return stream_response(gw, watch, AnthropicStream(chat.model, estimate_prompt_tokens(chat)), headers)
+        return stream_response(gw, watch, AnthropicStream(chat.model, estimate_prompt_tokens(chat, route.model)), headers)
     outcome = gw.call(chat, route, max_wait=max_wait, api_key_id=g.api_key_id)
     response = jsonify(anthropic.render_response(outcome.result, chat.model))
     response.headers.update({**headers, "x-gateway-job-id": outcome.job_id,
@@ -47,8 +47,8 @@ def count_tokens() -> Response:
     if isinstance(body, dict):
         body.setdefault("max_tokens", 1)  # count_tokens bodies carry no max_tokens; messages bodies must
     chat = anthropic.parse_request(body)
-    gateway().route(chat.model)
-    return jsonify({"input_tokens": estimate_prompt_tokens(chat)})
+    route = gateway().route(chat.model)
+    return jsonify({"input_tokens": estimate_prompt_tokens(chat, route.model)})
 
 
 class AnthropicStream:
