@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._stack import Stack  # noqa: E402
+from bench._stack import Stack
 
 
 def first_token_s(conn: http.client.HTTPConnection, path: str, body: bytes) -> float:
@@ -49,7 +49,7 @@ def first_token_s(conn: http.client.HTTPConnection, path: str, body: bytes) -> f
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
 
 
 def main() -> int:

@@ -32,7 +32,7 @@ def test_expired_sync_call_gets_429_and_its_job_never_runs(api, fake, start_work
 
     # a worker that picks the withdrawn jobs up later must not call the upstream
     start_worker("stalled")
-    depth = lambda: requests.get(f"{api.url}/health").json()["providers"]["stalled"]["queue_depth"]  # noqa: E731
+    depth = lambda: requests.get(f"{api.url}/health").json()["providers"]["stalled"]["queue_depth"]
     wait_until(lambda: depth() == 0, 20)
     time.sleep(0.5)
     assert fake.stats()["calls"] == 0

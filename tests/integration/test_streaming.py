@@ -88,7 +88,7 @@ def test_client_leaving_a_queued_stream_withdraws_its_job(api, fake, start_worke
         assert first.startswith(b": waiting in line")  # kept alive while it waits
     # the API notices at a keep-alive write that fails (the first may still fit in the socket buffer)
     jobs = redis.Redis.from_url(gateway_env["REDIS_URL"])
-    state = lambda: jobs.hget(f"{gateway_env['GATEWAY_KEY_PREFIX']}:job:{job_id}", "state")  # noqa: E731
+    state = lambda: jobs.hget(f"{gateway_env['GATEWAY_KEY_PREFIX']}:job:{job_id}", "state")
     wait_until(lambda: state() == b"cancelled", 20)
     start_worker("stalled")
     time.sleep(2)
