@@ -64,7 +64,7 @@ class Gateway:
                  dispatcher: ReplyDispatcher) -> None:
         self.settings = settings
         self.store = store
-        self.limiter = Limiter(store)
+        self.limiter = Limiter(store, keyed=bool(settings.registry.key_limits))
         self.sessions = sessions
         self.dispatcher = dispatcher
 
@@ -96,7 +96,7 @@ class Gateway:
         except GatewayError:
             self.dispatcher.unregister(job_id)
             raise
-        return JobWatch(self, job_id, route, waiter, max_wait)
+        return JobWatch(self, job_id, route, waiter, max_wait, api_key_id)
 
     def call(self, request: ChatRequest | EmbeddingsRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> Outcome:
         """Queue the call and hold until it settles; past ``max_wait`` in line raise QueueTimeout."""
@@ -105,34 +105,38 @@ class Gateway:
             while True:
                 event = watch.next()
                 assert event is not None
-                outcome = self.final(watch.job_id, route, event)
+                outcome = self.final(watch, event)
                 if outcome is not None:
                     return outcome
         finally:
             watch.close()
 
-    def final(self, job_id: str, route: Route, event: Event) -> Outcome | None:
+    def final(self, watch: JobWatch, event: Event) -> Outcome | None:
         kind = event.data.get("type")
         if kind == "result":
-            return Outcome(job_id, event.data["result"], event.data.get("meta", {}))
+            return Outcome(watch.job_id, event.data["result"], event.data.get("meta", {}))
         if kind == "error":
             raise GatewayError.from_dict(event.data["error"])
         if kind == "expired":
             raise QueueTimeout(event.data.get("message", "the job expired in the queue"),
-                               retry_after=self.retry_after(route.provider, 1.0))
+                               retry_after=self.retry_after(watch.route.provider, 1.0, watch.api_key_id))
         if kind == "cancelled":
             raise GatewayError("the job was cancelled", status=409, code="job_cancelled")
         return None
 
-    def retry_after(self, provider: Provider, waited: float) -> int:
+    def retry_after(self, provider: Provider, waited: float, api_key_id: str | None = None) -> int:
         """Seconds until a retry is likely to get a slot: the jobs ahead (waiting in the provider's
         line at the workers plus those still in the broker queue) divided by the rate at which its
         workers settled jobs over the last minute. With no completions to go by, the time this call
-        already waited is the honest lower bound. Checked against measurement in bench/limits.py."""
+        already waited is the honest lower bound. Never less than the time the limits themselves
+        say nothing can start: the head's next window slot or day, or the caller's key's own quota
+        (a key at its daily limit is told when the next UTC day starts). Checked against measurement
+        in bench/limits.py."""
         depth = self.queue_depth(provider) + self.limiter.line_length(provider.name)
         rate = self.store.completion_rate(provider.name)
         estimate = depth / rate if rate > 0 else waited
-        return int(min(max(math.ceil(estimate), 1), 3600))
+        estimate = max(estimate, self.limiter.blocked_for(provider.name, api_key_id or "-"))
+        return int(min(max(math.ceil(estimate), 1), 86_400))
 
     def limits(self) -> dict[str, Any]:
         """Each provider's limits, current use, line, broker queue depth and cooldown."""
@@ -225,10 +229,11 @@ class JobWatch:
     worker claimed it first, the watch keeps going (a started job is never reported as expired)."""
 
     def __init__(self, gateway: Gateway, job_id: str, route: Route, waiter: queue.SimpleQueue[Event],
-                 max_wait: float) -> None:
+                 max_wait: float, api_key_id: str | None = None) -> None:
         self.gateway = gateway
         self.job_id = job_id
         self.route = route
+        self.api_key_id = api_key_id
         self.max_wait = max_wait
         self.deadline = time.monotonic() + max_wait
         self.running = False
@@ -278,7 +283,8 @@ class JobWatch:
         if state == "expired":
             raise QueueTimeout(f"the request waited {self.max_wait:g}s in the queue for '{self.route.model.alias}' "
                                "without a free slot and was withdrawn; retry later or raise max_wait",
-                               retry_after=self.gateway.retry_after(self.route.provider, self.max_wait))
+                               retry_after=self.gateway.retry_after(self.route.provider, self.max_wait,
+                                                                    self.api_key_id))
         self.running = True  # a worker claimed it just in time: it will run, so keep waiting
 
     def abandon(self) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, g, jsonify
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -45,5 +47,12 @@ def health() -> Response:
 @bp.get("/v1/limits")
 def limits() -> Response:
     """Every provider's configured limits, use over the last 60 s, jobs waiting in line and in the
-    broker queue, and any cooldown an upstream 429 imposed."""
-    return jsonify({"providers": gateway().limits()})
+    broker queue, and any cooldown an upstream 429 imposed; and the calling API key's own quota
+    (``key_limits``), its use and how long it is blocked at that quota."""
+    gw = gateway()
+    body: dict[str, Any] = {"providers": gw.limits()}
+    key_id = g.get("api_key_id") or "-"
+    key_limits = gw.settings.registry.limits_of_key(key_id)
+    if key_limits.any:
+        body["api_key"] = {"id": key_id, **gw.limiter.key_use(key_id, key_limits)}
+    return jsonify(body)

@@ -62,7 +62,7 @@ def _first_output(gateway: Gateway, watch: JobWatch) -> Event | None:
         kind = event.data.get("type")
         if kind == "chunk" or kind == "done":
             return event
-        gateway.final(watch.job_id, watch.route, event)  # raises the job's error
+        gateway.final(watch, event)  # raises the job's error
 
 
 def _relay(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, event: Event | None) -> Iterator[str]:
@@ -82,7 +82,7 @@ def _relay(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, event: Event | 
                 else:
                     finished = True
                     try:
-                        gateway.final(watch.job_id, watch.route, event)
+                        gateway.final(watch, event)
                     except GatewayError as exc:
                         yield from fmt.error(exc)
                     return

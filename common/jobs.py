@@ -6,6 +6,7 @@ Keys (``P`` is the settings' key prefix)::
     P:job:<id>:events   stream what the worker reports: started, result | error | expired
     P:job:<id>:lease    string the running worker's id, with a TTL it renews (a dead worker's lapses)
     P:reply:<api-id>    pubsub each event is also published to the channel of the API process waiting
+    P:lim:wake          pubsub a withdrawn job's id, for the worker holding it in a provider's line
 
 State machine (each arrow is one atomic Lua script, timed with Redis ``TIME``)::
 
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+
+WAKE_CHANNEL_SUFFIX = "lim:wake"  # pubsub: a job id whose waiting worker should try its line again
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 STATES = ("queued", "running", *sorted(TERMINAL))
@@ -68,12 +71,16 @@ local job = redis.call('HMGET', KEYS[1], 'created_at', 'spec', 'deadline', 'mode
 return {'run', attempt, string.format('%.6f', now - tonumber(job[1])), job[2], job[3], job[4]}
 """
 
-# KEYS: job   ARGV: new_state (expired|cancelled)  -> the state the job is in afterwards
+# KEYS: job   ARGV: new_state (expired|cancelled), job_id, wake channel
+#   -> the state the job is in afterwards
+# A withdrawn job may be waiting in a provider's line at a worker (common/limits.py): the wake tells
+# its worker to take it out of the line now, so that a withdrawn head never holds up the jobs behind.
 _WITHDRAW = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' then return state or 'missing' end
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1e6))
+redis.call('PUBLISH', ARGV[3], ARGV[2])
 return ARGV[1]
 """
 
@@ -163,6 +170,10 @@ class JobStore:
     def reply_channel(self, api_instance: str) -> str:
         return f"{self.prefix}:reply:{api_instance}"
 
+    @property
+    def wake_channel(self) -> str:
+        return f"{self.prefix}:{WAKE_CHANNEL_SUFFIX}"
+
     # the API's side -------------------------------------------------------------------------
     def create(self, job_id: str, spec: dict[str, Any], *, max_wait: float, reply_to: str, ttl: float,
                mode: str, queue: str = "", message: str = "") -> float:
@@ -179,7 +190,7 @@ class JobStore:
         If the job already left ``queued`` (a worker claimed it) it is left alone and its current
         state is returned: the caller then knows the job will run or has run."""
         assert new_state in ("expired", "cancelled")
-        return _text(self._withdraw(keys=[self.job_key(job_id)], args=[new_state]))
+        return _text(self._withdraw(keys=[self.job_key(job_id)], args=[new_state, job_id, self.wake_channel]))
 
     def read_events(self, job_id: str, after: str = "0-0") -> list[Event]:
         entries = self.redis.xrange(self.events_key(job_id), min=f"({after}" if after != "0-0" else "-")

@@ -10,6 +10,7 @@ It is one YAML file (``GATEWAY_CONFIG``; the built-in ``default_registry.yaml`` 
         base_url_env: OPENAI_BASE_URL
         pool: 32                     # jobs per worker process (running + waiting in line)
         limits: {concurrency: 50, rpm: 500, tpm: 200000}   # held across all workers; unset = none
+                                     # (also rpd/tpd: per UTC day; models may set their own limits)
         timeout: 600                 # seconds for one upstream call
     models:
       gpt-4o-mini:
@@ -18,6 +19,10 @@ It is one YAML file (``GATEWAY_CONFIG``; the built-in ``default_registry.yaml`` 
         context_window: 128000
         capabilities: [chat, tools, vision, json]
         price: {input: 0.15, output: 0.60}   # USD per 1M tokens
+    key_weights: {key_abc: 2}        # fair share in each line (default 1)
+    key_limits:                      # an API key's own quota, across all providers
+      "*": {rpm: 60, tpd: 1000000}   # every key not listed, each on its own
+      key_abc: {concurrency: 8, rpm: 600}
 
 A provider that needs a key and has none in the environment is *not routable*: its models are
 listed in ``/health`` as unavailable and calls to them get a clear 503, never a hang.
@@ -56,17 +61,21 @@ class Price(_Strict):
 
 
 class Limits(_Strict):
-    """What the upstream allows; enforced across every worker (``common/limits.py``). Unset = unlimited.
+    """What the upstream (or an API key's quota) allows; enforced across every worker
+    (``common/limits.py``). Unset = unlimited.
 
-    ``rpm``/``tpm`` hold over any sliding 60-second window; ``concurrency`` counts calls in flight."""
+    ``rpm``/``tpm`` hold over any sliding 60-second window; ``concurrency`` counts calls in flight;
+    ``rpd``/``tpd`` count requests/tokens per UTC calendar day (reset at 00:00 UTC)."""
 
     concurrency: int | None = Field(default=None, ge=1)
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    rpd: int | None = Field(default=None, ge=1)
+    tpd: int | None = Field(default=None, ge=1)
 
     @property
     def any(self) -> bool:
-        return any(v is not None for v in (self.concurrency, self.rpm, self.tpm))
+        return any(v is not None for v in (self.concurrency, self.rpm, self.tpm, self.rpd, self.tpd))
 
 
 class Provider(_Strict):
@@ -119,6 +128,13 @@ class Registry(_Strict):
     models: dict[str, Model]
     # fair share inside a provider's line: an API key with weight 2 gets twice the turns of one with 1
     key_weights: dict[str, float] = Field(default_factory=dict)
+    # an API key's own quota, over all providers together; "*" applies to each key not listed
+    # (each on its own: "*": {rpm: 60} lets every key make 60 calls a minute)
+    key_limits: dict[str, Limits] = Field(default_factory=dict)
+
+    def limits_of_key(self, key_id: str) -> Limits:
+        """The limits an API key's calls count against (``key_limits[key]``, else ``key_limits["*"]``)."""
+        return self.key_limits.get(key_id) or self.key_limits.get("*") or Limits()
 
     @model_validator(mode="after")
     def _models_name_known_providers(self) -> Registry:
@@ -156,7 +172,10 @@ def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
     for name, weight in raw.key_weights.items():
         if weight <= 0:
             raise RegistryError(f"key_weights.{name} must be positive, got {weight}")
-    return Registry(providers=providers, models=models, key_weights=raw.key_weights)
+    for name, limits in raw.key_limits.items():
+        if not limits.any:
+            raise RegistryError(f"key_limits.{name} sets no limit: give concurrency, rpm, tpm, rpd or tpd")
+    return Registry(providers=providers, models=models, key_weights=raw.key_weights, key_limits=raw.key_limits)
 
 
 def _normalise_url(url: str, kind: str) -> str:

@@ -3,14 +3,15 @@
 A job delivered to a worker joins its provider's line (``common/limits.py``) and its greenlet sleeps
 until the line's head changes to it (one pubsub subscription per process, ``P:lim:wake``), or until the
 time the head was told a permit frees (a sliding-window slot, a cooldown), or its deadline — never a
-busy poll, and never a ``retry(countdown)`` that would reorder the queue or outlive the visibility
-timeout. The job stays ``queued`` while it waits, so the API can still withdraw it at its max_wait.
+busy poll (only a rare safety re-check, :func:`recheck_after`), and never a ``retry(countdown)`` that
+would reorder the queue or outlive the visibility timeout. The job stays ``queued`` while it waits, so the API can still withdraw it at its max_wait.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
 import socket
 import threading
@@ -26,15 +27,32 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
 PROC_TTL_S = 15.0
-IDLE_RECHECK_S = 5.0   # a waiter re-checks this often even without a wake (it also proves it is alive)
+IDLE_RECHECK_S = 5.0     # the head and the jobs just behind it re-check this often without a wake ...
+MAX_RECHECK_S = 60.0     # ... and the rest less often the further back they stand (see recheck_after)
 
 
-def scopes_for(registry: Registry, model: Model, provider: Provider) -> list[Scope]:
+def recheck_after(rank: int) -> float:
+    """Seconds a job at ``rank`` (0 = head) sleeps before re-checking its line if nobody wakes it.
+
+    Wakes are what move a line (``common/limits.py``: whoever changes the head publishes it); this
+    timer only covers a wake lost while the subscription reconnected, or a head whose worker died
+    (the next job notices within ``IDLE_RECHECK_S``). It grows with the rank — ``IDLE_RECHECK_S`` per
+    10 places, at most ``MAX_RECHECK_S`` — so 5,000 waiting jobs cost Redis ~100 checks a second, not
+    1,000; a ±20 % jitter keeps jobs that joined together from re-checking together."""
+    base = min(MAX_RECHECK_S, IDLE_RECHECK_S * (1 + rank // 10))
+    return base * random.uniform(0.8, 1.2)
+
+
+def scopes_for(registry: Registry, model: Model, provider: Provider, key: str) -> list[Scope]:
+    """The limits one call counts against: its provider's, its model's, its API key's own."""
     scopes = []
     if provider.limits.any:
         scopes.append(Scope(provider.name, provider.limits))
     if model.limits.any:
         scopes.append(Scope(f"{provider.name}/{model.alias}", model.limits))
+    key_limits = registry.limits_of_key(key)
+    if key_limits.any:
+        scopes.append(Scope.of_key(key, key_limits))
     return scopes
 
 
@@ -90,11 +108,13 @@ class AdmissionControl:
                     return attempt, None
                 remaining = deadline - time.time()
                 if rewait and remaining <= 0:
-                    self.limiter.redis.zrem(self.limiter.key(provider, "line"), job_id)
+                    self.limiter.leave(provider, job_id)
                     return Attempt("expired"), None
-                timeout = attempt.wait_ms / 1000 if attempt.wait_ms else IDLE_RECHECK_S
+                timeout = recheck_after(attempt.rank)
+                if attempt.wait_ms:  # the head, told when a permit frees
+                    timeout = min(timeout, attempt.wait_ms / 1000)
                 # wake at the deadline too: the next acquire then expires the job (queued) atomically
-                wake.wait(max(0.0, min(timeout, IDLE_RECHECK_S, remaining + 0.01)))
+                wake.wait(max(0.0, min(timeout, remaining + 0.01)))
                 wake.clear()
         finally:
             self._waiters.pop(job_id, None)

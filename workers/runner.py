@@ -41,6 +41,7 @@ from workers.usage import UsageFlusher, UsageLedger, UsageRecord
 log = logging.getLogger(__name__)
 
 EVENT_TTL = 3600.0  # seconds a job's event stream stays readable after its last event
+REDIS_CONNECTIONS = 64  # per worker process (two are held: the wake subscription and the usage reader)
 ABORT_CHECK_S = 0.25  # how often a relayed stream checks whether its client went away
 
 
@@ -54,8 +55,8 @@ class JobRunner:
         self.admission = admission
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
-        self.limits_configured = any(p.limits.any for p in registry.providers.values()) or any(
-            m.limits.any for m in registry.models.values())
+        self.limits_configured = (any(p.limits.any for p in registry.providers.values())
+                                  or any(m.limits.any for m in registry.models.values()) or bool(registry.key_limits))
 
     def run(self, job_id: str) -> str:
         """Run a delivered job; returns what happened (for logs and tests)."""
@@ -72,8 +73,7 @@ class JobRunner:
                 weight=self.settings.registry.key_weights.get(call.key, 1.0), deadline=call.spec["deadline"],
                 execution=execution, job_lease_s=self.lease_ttl)
             if attempt.outcome == "too_large":
-                error = InvalidRequest(f"this request needs about {call.tokens} tokens, more than the "
-                                       f"{attempt.detail} tokens per minute {call.provider.name} allows",
+                error = InvalidRequest(f"this request needs about {call.tokens} tokens, more than {attempt.detail}",
                                        code="request_exceeds_tpm", param="max_tokens")
                 self._settle(job_id, execution, call.provider.name, call.spec["mode"] == "async", state="failed",
                              event={"type": "error", "error": error.to_dict()}, job_update={"error": error.to_dict()})
@@ -103,7 +103,9 @@ class JobRunner:
     def _call(self, job_id: str, execution: str, spec: dict[str, Any]) -> _Call:
         model = self.settings.registry.models[spec["model"]]
         provider = self.settings.registry.provider_of(model)
-        return _Call(job_id, execution, spec, model, provider, scopes_for(self.settings.registry, model, provider))
+        key = spec.get("api_key_id") or "-"
+        return _Call(job_id, execution, spec, model, provider, key,
+                     scopes_for(self.settings.registry, model, provider, key))
 
     # ------------------------------------------------------------------------------------------
     def _execute(self, call: _Call, spec: dict[str, Any], attempt: int, queue_wait_s: float) -> str:
@@ -126,11 +128,11 @@ class JobRunner:
                 self._settle(job_id, execution, provider.name, is_async, state="failed",
                              event={"type": "error", "error": error.to_dict()}, job_update={"error": error.to_dict()})
                 return "failed"
-            invoke: Callable[[], ChatResponse] = lambda: embed(request, model)  # noqa: E731
+            invoke: Callable[[], ChatResponse] = lambda: embed(request, model)
         elif request.stream:
-            invoke = lambda: self._relay_stream(job_id, adapter, request, model)  # noqa: E731
+            invoke = lambda: self._relay_stream(job_id, adapter, request, model)
         else:
-            invoke = lambda: adapter.complete(request, model)  # noqa: E731
+            invoke = lambda: adapter.complete(request, model)
         try:
             response, latency_ms, call_id = self._call_with_retries(call, attempt, invoke, queue_wait_ms, deadline)
         except GatewayError as exc:
@@ -318,14 +320,14 @@ class _Call:
     """One job's run: what it calls, the limits it counts against, the permit it holds now."""
 
     def __init__(self, job_id: str, execution: str, spec: dict[str, Any], model: Model, provider: Provider,
-                 scopes: list[Scope]) -> None:
+                 key: str, scopes: list[Scope]) -> None:
         self.job_id = job_id
         self.execution = execution
         self.spec = spec
         self.model = model
         self.provider = provider
         self.scopes = scopes
-        self.key = spec.get("api_key_id") or "-"
+        self.key = key
         self.request: ChatRequest | EmbeddingsRequest = (
             EmbeddingsRequest.model_validate(spec["request"]) if spec.get("kind") == "embeddings"
             else ChatRequest.model_validate(spec["request"]))
@@ -364,14 +366,19 @@ def build_runner(settings: Settings) -> JobRunner:
 
     if settings.redis_url is None or settings.database_url is None:
         raise ValueError("workers need REDIS_URL and DATABASE_URL")
-    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    # bounded: a worker may hold thousands of jobs (waiting in line, or relaying streams) and each
+    # needs a connection only for one short command at a time; an unbounded pool grew one per job
+    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=30,
+                                                 health_check_interval=30)
+    client = redis.Redis(connection_pool=pool)
     adapters = {name: build_adapter(p, make_http_session(p.pool))
                 for name, p in settings.registry.providers.items() if p.routable}
     store = JobStore(client, settings.key_prefix)
     ledger = UsageLedger(make_session_factory(settings.database_url))
     UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
     lease_ttl = job_lease_ttl(settings)
-    return JobRunner(settings, store, ledger, adapters, AdmissionControl(Limiter(store), call_lease_s=lease_ttl))
+    return JobRunner(settings, store, ledger, adapters, AdmissionControl(
+        Limiter(store, keyed=bool(settings.registry.key_limits)), call_lease_s=lease_ttl))
 
 
 def job_lease_ttl(settings: Settings) -> float:

@@ -118,3 +118,23 @@ def test_queued_async_job_shows_its_place_in_line(api, fake, start_worker):
     wait_until(in_line, 5)
     wait_until(lambda: requests.get(f"{api.url}/v1/jobs/{second['id']}").json()["status"] == "succeeded", 10)
     assert requests.get(f"{api.url}/v1/jobs/{hog['id']}").json()["status"] == "succeeded"
+
+
+def test_cancelled_head_of_the_line_hands_its_turn_on_at_once(api, fake, start_worker):
+    start_worker("fair")  # concurrency 1
+    with ThreadPoolExecutor(2) as pool:
+        hog = pool.submit(chat, api, "fair-model", "sleep:1.5 hog")
+        wait_until(lambda: fake.stats()["in_flight"] == 1, 10)
+        head = requests.post(f"{api.url}/v1/jobs", json={"model": "fair-model",
+                                                          "messages": [{"role": "user", "content": "cancel me"}]}).json()
+        wait_until(lambda: limits(api, "fair")["waiting_in_line"] == 1, 5)
+        started = time.monotonic()
+        behind = pool.submit(chat, api, "fair-model", "behind")
+        wait_until(lambda: limits(api, "fair")["waiting_in_line"] == 2, 5)
+        assert requests.delete(f"{api.url}/v1/jobs/{head['id']}").json()["status"] == "cancelled"
+        assert hog.result().status_code == 200
+        r = behind.result()
+        # it started when the hog ended: nobody waited for a re-check timer (5 s) to notice the cancel
+        assert r.status_code == 200 and time.monotonic() - started < 3.5
+    assert "cancel me" not in fake.stats()["by_content"]
+    assert limits(api, "fair")["waiting_in_line"] == 0

@@ -59,6 +59,10 @@ BAD_DOCS = [
     ("unknown-field", {"providers": {"p": {"kind": "mock", "colour": "red"}}, "models": {}}, "colour"),
     ("negative-price", {"providers": {"p": {"kind": "mock"}},
                         "models": {"x": {"provider": "p", "model": "y", "price": {"input": "abc"}}}}, "input"),
+    ("zero-rpm", {**DOC, "providers": {**DOC["providers"], "mock": {"kind": "mock", "limits": {"rpm": 0}}}}, "rpm"),
+    ("unknown-limit", {**DOC, "key_limits": {"*": {"rph": 5}}}, "rph"),
+    ("key-limit-with-no-limit", {**DOC, "key_limits": {"key_a": {}}}, "key_limits.key_a sets no limit"),
+    ("negative-tpd", {**DOC, "key_limits": {"key_a": {"tpd": -1}}}, "tpd"),
 ]
 
 
@@ -124,3 +128,21 @@ def test_visibility_timeout_outlasts_max_wait_and_time_limit():
 ], ids=["heroku-style", "plain", "already-explicit"])
 def test_database_urls_are_normalised_to_psycopg3(url, expected):
     assert normalise_database_url(url) == expected
+
+
+KEY_LIMITS = {"*": {"rpm": 60, "tpd": 100000}, "key_vip": {"concurrency": 8}}
+KEY_LIMIT_CASES = [
+    ("listed key: its own, not the default's", "key_vip", {"concurrency": 8}),
+    ("unlisted key: the default", "key_other", {"rpm": 60, "tpd": 100000}),
+    ("no key (auth off): the default", "-", {"rpm": 60, "tpd": 100000}),
+]
+
+
+@pytest.mark.parametrize("key,expected", [c[1:] for c in KEY_LIMIT_CASES], ids=[c[0] for c in KEY_LIMIT_CASES])
+def test_each_key_counts_against_its_own_limits_or_the_default(key, expected):
+    registry = parse_registry({**DOC, "key_limits": KEY_LIMITS}, {})
+    assert registry.limits_of_key(key).model_dump(exclude_none=True) == expected
+
+
+def test_without_key_limits_keys_are_unlimited():
+    assert not parse_registry(DOC, {}).limits_of_key("key_any").any

@@ -1,0 +1,236 @@
+"""The line's hand-offs, against the real Redis: whoever changes a line's head wakes the new head.
+
+Jobs behind the head do not poll (``workers/admission.py``: they re-check only rarely), so every way a
+head can leave must publish the next one on ``P:lim:wake``. Each case below builds a line with the
+real Lua scripts, makes the head leave one way, and reads what was published.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from common.jobs import JobStore
+from common.limits import Limiter, Scope
+from common.registry import Limits
+from tests.conftest import TEST_REDIS_URL
+from workers.admission import IDLE_RECHECK_S, MAX_RECHECK_S, recheck_after
+
+pytestmark = pytest.mark.integration
+
+PROVIDER = "linetest"
+SCOPES = [Scope(PROVIDER, Limits(concurrency=1))]
+
+
+@pytest.fixture
+def limiter() -> Iterator[Limiter]:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    prefix = "gwline-" + secrets.token_hex(4)
+    yield Limiter(JobStore(client, prefix))
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+class Line:
+    """Jobs in one provider's line, owned by worker processes that are alive unless told otherwise."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self.wakes = limiter.redis.pubsub()
+        self.wakes.subscribe(limiter.wake_channel)
+        self.wakes.get_message(timeout=1)  # the subscribe confirmation
+        limiter.heartbeat("alive", 30)
+
+    def add(self, job_id: str, proc: str = "alive", max_wait: float = 30) -> str:
+        self.limiter.store.create(job_id, {"model": "m"}, max_wait=max_wait, reply_to="", ttl=60, mode="async")
+        return self.acquire(job_id, proc).outcome
+
+    def acquire(self, job_id: str, proc: str = "alive"):
+        return self.limiter.acquire(provider=PROVIDER, scopes=SCOPES, job_id=job_id, execution="x", job_lease_s=10,
+                                    call_id=f"{job_id}:c", call_lease_s=10, tokens=0, key="k", weight=1,
+                                    proc_id=proc)
+
+    def published(self) -> list[str]:
+        out, deadline = [], time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            message = self.wakes.get_message(timeout=0.05)
+            if message and message["type"] == "message":
+                out.append(message["data"].decode())
+        return out
+
+    def order(self) -> list[str]:
+        return [m.decode() for m in self.limiter.redis.zrange(self.limiter.key(PROVIDER, "line"), 0, -1)]
+
+
+def test_admission_wakes_the_next_head(limiter):
+    line = Line(limiter)
+    assert [line.add(j) for j in ("a", "b", "c")] == ["run", "wait", "wait"]
+    line.published()
+    limiter.release(provider=PROVIDER, scopes=SCOPES, call_id="a:c", actual_tokens=None)
+    assert line.published() == ["b"]  # a release wakes the head ...
+    assert line.acquire("b").outcome == "run"
+    assert line.published() == ["c"]  # ... and its admission wakes the one behind it
+
+
+def test_withdrawn_head_leaves_at_once_and_wakes_the_next(limiter):
+    line = Line(limiter)
+    for j in ("a", "b", "c"):
+        line.add(j)
+    line.published()
+    assert limiter.store.withdraw("b", "cancelled") == "cancelled"
+    assert line.published() == ["b"]  # its worker hears of it now, not at its next re-check
+    assert line.acquire("b").outcome == "gone"
+    assert line.order() == ["c"]
+    assert line.published() == ["c"]
+
+
+def test_withdrawn_job_behind_the_head_wakes_nobody_else(limiter):
+    line = Line(limiter)
+    for j in ("a", "b", "c", "d"):
+        line.add(j)
+    limiter.store.withdraw("c", "cancelled")
+    line.published()
+    assert line.acquire("c").outcome == "gone"
+    assert line.order() == ["b", "d"] and line.published() == []
+
+
+def test_head_expiring_wakes_the_next(limiter):
+    line = Line(limiter)
+    line.add("a")
+    line.add("b", max_wait=0.2)
+    line.add("c")
+    time.sleep(0.3)
+    line.published()
+    assert line.acquire("b").outcome == "expired"
+    assert limiter.store.state("b")["state"] == "expired"
+    assert line.published() == ["c"]
+
+
+def test_stale_heads_dropped_by_a_job_behind_wake_the_new_head(limiter):
+    line = Line(limiter)
+    line.add("a")
+    limiter.heartbeat("doomed", 30)
+    line.add("b", proc="doomed")
+    line.add("c")
+    line.add("d")
+    limiter.redis.delete(limiter.proc_key("doomed"))  # b's worker died: its heartbeat is gone
+    line.published()
+    assert line.acquire("d").outcome == "wait"
+    assert line.order() == ["c", "d"]
+    assert line.published() == ["c"]  # c is now the head and must be told so
+
+
+def test_leave_from_the_head_wakes_the_next_and_from_behind_nobody(limiter):
+    line = Line(limiter)
+    for j in ("a", "b", "c", "d"):
+        line.add(j)
+    line.published()
+    limiter.leave(PROVIDER, "c")
+    assert line.published() == []
+    limiter.leave(PROVIDER, "b")
+    assert line.published() == ["d"] and line.order() == ["d"]
+
+
+class KeyedLine(Line):
+    """A line whose jobs also count against their API key's own limits."""
+
+    def __init__(self, limiter: Limiter, key_limits: dict[str, Limits]) -> None:
+        super().__init__(limiter)
+        self.key_limits = key_limits
+        self.keys: dict[str, str] = {}
+
+    def add_for(self, key: str, job_id: str, max_wait: float = 30):
+        self.keys[job_id] = key
+        self.limiter.store.create(job_id, {"model": "m"}, max_wait=max_wait, reply_to="", ttl=60, mode="async")
+        return self.acquire(job_id)
+
+    def scopes(self, job_id: str) -> list[Scope]:
+        key = self.keys[job_id]
+        return [*SCOPES_WIDE, Scope.of_key(key, self.key_limits[key])]
+
+    def acquire(self, job_id: str, proc: str = "alive"):
+        return self.limiter.acquire(provider=PROVIDER, scopes=self.scopes(job_id), job_id=job_id, execution="x",
+                                    job_lease_s=10, call_id=f"{job_id}:c", call_lease_s=10, tokens=10,
+                                    key=self.keys[job_id], weight=1, proc_id=proc)
+
+    def release(self, job_id: str) -> None:
+        self.limiter.release(provider=PROVIDER, scopes=self.scopes(job_id), call_id=f"{job_id}:c", actual_tokens=10)
+
+
+SCOPES_WIDE = [Scope(PROVIDER, Limits(concurrency=10))]
+
+
+@pytest.fixture
+def keyed_limiter(limiter) -> Limiter:
+    return Limiter(limiter.store, keyed=True)
+
+
+def test_a_key_at_its_concurrency_passes_the_turn_to_the_next_key(keyed_limiter):
+    line = KeyedLine(keyed_limiter, {"A": Limits(concurrency=1), "B": Limits(concurrency=1)})
+    assert line.add_for("A", "a1").outcome == "run"
+    assert line.add_for("A", "a2").outcome == "wait"   # head, but key A has its one call in flight
+    # b1 joins behind a2 (the same fair-queue tag, sorting after it) and starts: a2's key is blocked
+    assert line.add_for("B", "b1").outcome == "run"
+    assert line.order() == ["a2"]                      # a2 kept its place
+    line.published()
+    line.release("a1")                                 # key A has room again: its block is lifted
+    assert line.published() == ["a2"]
+    assert line.acquire("a2").outcome == "run"
+
+
+def test_without_key_limits_a_blocked_head_would_hold_the_line(limiter):
+    # the contrast: the same line with the key-blind limiter never lets b1 past a2
+    line = KeyedLine(limiter, {"A": Limits(concurrency=1), "B": Limits(concurrency=1)})
+    line.add_for("A", "a1")
+    line.add_for("A", "a2")
+    assert line.add_for("B", "b1").outcome == "wait"
+    assert line.order() == ["a2", "b1"]
+
+
+def test_a_key_out_of_its_daily_requests_is_blocked_until_the_next_utc_day(keyed_limiter):
+    line = KeyedLine(keyed_limiter, {"C": Limits(rpd=1), "D": Limits(rpd=1)})
+    assert line.add_for("C", "c1").outcome == "run"
+    line.release("c1")
+    attempt = line.add_for("C", "c2")
+    to_midnight_ms = 86_400_000 - int(time.time() * 1000) % 86_400_000
+    assert attempt.outcome == "wait" and abs(attempt.wait_ms - to_midnight_ms) < 2000
+    assert abs(keyed_limiter.blocked_for(PROVIDER, "C") * 1000 - to_midnight_ms) < 2000
+    assert keyed_limiter.blocked_for(PROVIDER, "D") == 0
+    assert line.add_for("D", "d1").outcome == "run"    # another key is not held up
+    use = keyed_limiter.key_use("C", Limits(rpd=1))
+    assert use["requests_today"] == 1 and use["blocked_ms"] > 0
+
+
+def test_a_refunded_call_gives_its_daily_request_back(keyed_limiter):
+    line = KeyedLine(keyed_limiter, {"E": Limits(rpd=1, tpd=100)})
+    assert line.add_for("E", "e1").outcome == "run"
+    keyed_limiter.release(provider=PROVIDER, scopes=line.scopes("e1"), call_id="e1:c", actual_tokens=None,
+                          refund=True)            # the upstream answered 429: it did no work
+    use = keyed_limiter.key_use("E", Limits(rpd=1, tpd=100))
+    assert use["requests_today"] == 0 and use["tokens_today"] == 0
+    assert line.add_for("E", "e2").outcome == "run"
+
+
+def test_a_call_larger_than_a_keys_daily_tokens_is_refused_naming_the_key(keyed_limiter):
+    line = KeyedLine(keyed_limiter, {"F": Limits(tpd=5)})
+    attempt = line.add_for("F", "f1")
+    assert attempt.outcome == "too_large"
+    assert attempt.detail == "the 5 tokens per day your API key's quota allows"
+
+
+@pytest.mark.parametrize(("rank", "low", "high"), [
+    (0, IDLE_RECHECK_S * 0.8, IDLE_RECHECK_S * 1.2),
+    (9, IDLE_RECHECK_S * 0.8, IDLE_RECHECK_S * 1.2),
+    (10, 2 * IDLE_RECHECK_S * 0.8, 2 * IDLE_RECHECK_S * 1.2),
+    (55, 6 * IDLE_RECHECK_S * 0.8, 6 * IDLE_RECHECK_S * 1.2),
+    (5000, MAX_RECHECK_S * 0.8, MAX_RECHECK_S * 1.2),
+])
+def test_recheck_interval_grows_with_rank(rank, low, high):
+    values = [recheck_after(rank) for _ in range(200)]
+    assert low <= min(values) and max(values) <= high
+    assert max(values) - min(values) > 0.1 * low  # jittered: jobs that joined together spread out
