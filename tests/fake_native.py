@@ -80,7 +80,6 @@ import base64
 import binascii
 import contextlib
 import json
-import os
 import re
 import sys
 import time
@@ -89,8 +88,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs
+
+from tests.serverproc import ServerProcess
 
 JSON = "application/json"
 REQUEST_LOG = 100
@@ -874,58 +875,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class FakeNative:
+class FakeNative(ServerProcess):
     """Runs ``python -m tests.fake_native`` as a subprocess on a free port (a context manager)."""
+
+    module = "tests.fake_native"
 
     def __init__(self, latency_ms: float = 0.0, *, host: str = "127.0.0.1", api_key: str | None = None,
                  startup_timeout: float = 20.0) -> None:
-        self.host, self.latency_ms, self.api_key = host, latency_ms, api_key
-        self.startup_timeout = startup_timeout
-        self.proc: Any = None
-        self.port: int | None = None
+        super().__init__(host=host, startup_timeout=startup_timeout)
+        self.latency_ms, self.api_key = latency_ms, api_key
 
-    def start(self) -> Self:
-        import select
-        import subprocess
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", "tests.fake_native", "--host", self.host, "--port", "0",
-               "--latency-ms", str(self.latency_ms), *(["--api-key", self.api_key] if self.api_key else [])]
-        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        deadline, line = time.monotonic() + self.startup_timeout, b""
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if select.select([self.proc.stdout], [], [], 0.2)[0]:
-                line = self.proc.stdout.readline()
-                if line.startswith(b"READY "):
-                    self.port = int(line.split()[1])
-                    return self
-                if not line:
-                    break
-        self.stop()
-        raise RuntimeError(f"fake_native did not start (last stdout line {line!r})")
-
-    def stop(self) -> None:
-        import subprocess
-
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.proc.stdout.close()
-        self.proc = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def arguments(self) -> list[str]:
+        return ["--latency-ms", str(self.latency_ms), *(["--api-key", self.api_key] if self.api_key else [])]
 
     @property
     def url(self) -> str:

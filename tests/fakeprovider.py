@@ -147,7 +147,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 import socket
 import struct
@@ -156,7 +155,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import Any, Self
+from typing import Any
+
+from tests.serverproc import ServerProcess
 
 BASE_MODELS = ("fake-model", "fake-embedding")
 SYSTEM_FINGERPRINT = "fp_fake0001"
@@ -1097,85 +1098,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ===================================================================================== test helper
-class FakeProvider:
+class FakeProvider(ServerProcess):
     """Runs ``python -m tests.fakeprovider`` as a subprocess on a free port (a context manager).
 
     ``.base_url`` is ``http://127.0.0.1:<port>/v1`` — give it to ``openai.OpenAI(base_url=...)`` or put it
     in a registry YAML. ``.url`` is the root (for ``/_control``).
     """
 
+    module = "tests.fakeprovider"
+
     def __init__(self, latency_ms: float = 0.0, *, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, startup_timeout: float = 20.0,
                  stderr: Any = None, env: dict[str, str] | None = None, limits: dict[str, Any] | None = None,
                  model_limits: dict[str, Any] | None = None) -> None:
-        self.host, self.latency_ms, self.api_key = host, latency_ms, api_key
+        super().__init__(host=host, port=port, startup_timeout=startup_timeout, stderr=stderr, env=env)
+        self.latency_ms, self.api_key = latency_ms, api_key
         self.limits = parse_limits(limits)  # the --rpm/--tpm/--concurrency the process starts (and resets) with
         self.model_limits = {m: parse_limits(v) for m, v in (model_limits or {}).items()}
-        self._requested_port = port
-        self.startup_timeout = startup_timeout
-        self._stderr = stderr
-        self._env = env
-        self.proc: Any = None
-        self.port: int | None = None
 
-    # lifecycle -------------------------------------------------------------
-    def start(self) -> Self:
-        import select
-        import subprocess
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ if self._env is None else self._env)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        cmd = [sys.executable, "-m", "tests.fakeprovider", "--host", self.host,
-               "--port", str(self._requested_port), "--latency-ms", str(self.latency_ms)]
+    def arguments(self) -> list[str]:
+        args = ["--latency-ms", str(self.latency_ms)]
         if self.api_key:
-            cmd += ["--api-key", self.api_key]
+            args += ["--api-key", self.api_key]
         for kind, value in self.limits.items():
             if value is not None:
-                cmd += [f"--{kind}", str(value)]
+                args += [f"--{kind}", str(value)]
         if self.model_limits:
-            cmd += ["--model-limits", json.dumps(self.model_limits)]
-        self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=self._stderr,
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.startup_timeout
-        line = b""
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline()
-                if line.startswith(b"READY "):
-                    self.port = int(line.split()[1])
-                    return self
-                if not line:
-                    break
-            elif self.proc.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError(f"fakeprovider did not start (last stdout line {line!r})")
-
-    def stop(self) -> None:
-        import subprocess
-
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.proc = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+            args += ["--model-limits", json.dumps(self.model_limits)]
+        return args
 
     # addresses ---------------------------------------------------------------
     @property
