@@ -125,16 +125,25 @@ class Gateway:
         return None
 
     def retry_after(self, provider: Provider, waited: float, api_key_id: str | None = None) -> int:
-        """Seconds until a retry is likely to get a slot: the jobs ahead (waiting in the provider's
-        line at the workers plus those still in the broker queue) divided by the rate at which its
-        workers settled jobs over the last minute. With no completions to go by, the time this call
-        already waited is the honest lower bound. Never less than the time the limits themselves
-        say nothing can start: the head's next window slot or day, or the caller's key's own quota
-        (a key at its daily limit is told when the next UTC day starts). Checked against measurement
-        in bench/limits.py."""
+        """Seconds until a retry (joining at the back) is likely to start.
+
+        * A provider whose RPM window is what holds its line back: when the slot of the last job
+          waiting frees (:meth:`Limiter.window_start_in` — the line moves once per window).
+        * Otherwise: the jobs ahead (in the provider's line at the workers plus the broker queue)
+          divided by the rate at which its workers settled jobs over the last minute; with no
+          completions to go by, the time this call already waited is the honest lower bound.
+
+        Never less than the time the limits themselves say nothing can start: the head's next window
+        slot or day, or the caller's key's own quota (a key at its daily limit is told when the next
+        UTC day starts). Checked against measurement in bench/limits.py."""
         depth = self.queue_depth(provider) + self.limiter.line_length(provider.name)
-        rate = self.store.completion_rate(provider.name)
-        estimate = depth / rate if rate > 0 else waited
+        windowed = (self.limiter.window_start_in(provider.name, provider.limits.rpm, depth)
+                    if provider.limits.rpm else None)
+        if windowed is not None:
+            estimate = windowed
+        else:
+            rate = self.store.completion_rate(provider.name)
+            estimate = depth / rate if rate > 0 else waited
         estimate = max(estimate, self.limiter.blocked_for(provider.name, api_key_id or "-"))
         return int(min(max(math.ceil(estimate), 1), 86_400))
 

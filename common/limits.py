@@ -516,6 +516,31 @@ class Limiter:
         entry["blocked_ms"] = blocked
         return entry
 
+    def window_start_in(self, scope: str, rpm: int, ahead: int) -> float | None:
+        """Seconds until the call behind ``ahead`` others may start, if ``scope``'s RPM window is what
+        holds them back; None while the window still has room for all of them (then something else —
+        concurrency, TPM — paces the line).
+
+        Every call ahead takes the next slot to free: the ones free now first, then slot ``j`` (0-based)
+        frees 60 s after the start of the ``j``-th call in the current window (or, past those, 60 s
+        after now, when the slots used now free again), ``j // rpm`` whole windows later — the line
+        moves in one burst per window, which a rate over the last minute cannot describe."""
+        now_ms = _now_ms(self.redis)
+        rpm_key = self.key(scope, "rpm")
+        in_window = int(self.redis.zcount(rpm_key, now_ms - WINDOW_MS, "+inf"))
+        slot = ahead - (rpm - in_window)
+        if slot < 0:
+            return None
+        cycles, index = divmod(slot, rpm)
+        base = float(now_ms)
+        if index < in_window:
+            starts = self.redis.zrangebyscore(rpm_key, now_ms - WINDOW_MS, "+inf", start=index, num=1,
+                                              withscores=True)
+            if starts:
+                base = starts[0][1]
+        frees_at = base + WINDOW_MS * (cycles + 1)
+        return max(0.0, (frees_at - now_ms) / 1000)
+
     def line_length(self, provider: str) -> int:
         return int(self.redis.zcard(self.key(provider, "line")))
 

@@ -234,3 +234,24 @@ def test_recheck_interval_grows_with_rank(rank, low, high):
     values = [recheck_after(rank) for _ in range(200)]
     assert low <= min(values) and max(values) <= high
     assert max(values) - min(values) > 0.1 * low  # jittered: jobs that joined together spread out
+
+
+WINDOW_CASES = [
+    # (id, starts in the window (s before now), rpm, jobs ahead, expected seconds, or None)
+    ("room for all: the window does not hold them", [-50, -40], 4, 1, None),
+    ("full window: the oldest start frees first", [-50, -40, -30, -20], 4, 0, 10),
+    ("full window: the third to free", [-50, -40, -30, -20], 4, 2, 30),
+    ("a window later", [-50, -40, -30, -20], 4, 5, 80),
+    ("past the free slots, then the window's", [-50, -40], 4, 3, 20),
+    ("past every current start: the slots used now", [-50, -40], 4, 4, 60),
+]
+
+
+@pytest.mark.parametrize(("starts", "rpm", "ahead", "expected"), [c[1:] for c in WINDOW_CASES],
+                         ids=[c[0] for c in WINDOW_CASES])
+def test_retry_after_under_an_rpm_window_counts_slots_not_rate(limiter, starts, rpm, ahead, expected):
+    seconds, micros = limiter.redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    limiter.redis.zadd(limiter.key(PROVIDER, "rpm"), {f"c{i}": now_ms + s * 1000 for i, s in enumerate(starts)})
+    got = limiter.window_start_in(PROVIDER, rpm, ahead)
+    assert got == expected if expected is None else abs(got - expected) < 0.5
