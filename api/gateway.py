@@ -124,27 +124,33 @@ class Gateway:
             raise GatewayError("the job was cancelled", status=409, code="job_cancelled")
         return None
 
+    def start_in(self, provider: Provider, ahead: int) -> float | None:
+        """Seconds until a job with ``ahead`` jobs before it in ``provider``'s line may start.
+
+        * Where the provider's RPM window is what holds the line back: when that job's slot frees
+          (:meth:`Limiter.window_start_in` — the line moves once per window).
+        * Otherwise: ``ahead`` divided by the rate at which the provider's workers settled jobs over
+          the last minute; None when nothing settled in that minute (nothing to go by).
+
+        Checked against measurement in bench/limits.py (Retry-After accuracy)."""
+        if provider.limits.rpm:
+            windowed = self.limiter.window_start_in(provider.name, provider.limits.rpm, ahead)
+            if windowed is not None:
+                return windowed
+        rate = self.store.completion_rate(provider.name)
+        return ahead / rate if rate > 0 else None
+
     def retry_after(self, provider: Provider, waited: float, api_key_id: str | None = None) -> int:
-        """Seconds until a retry (joining at the back) is likely to start.
-
-        * A provider whose RPM window is what holds its line back: when the slot of the last job
-          waiting frees (:meth:`Limiter.window_start_in` — the line moves once per window).
-        * Otherwise: the jobs ahead (in the provider's line at the workers plus the broker queue)
-          divided by the rate at which its workers settled jobs over the last minute; with no
-          completions to go by, the time this call already waited is the honest lower bound.
-
-        Never less than the time the limits themselves say nothing can start: the head's next window
-        slot or day, or the caller's key's own quota (a key at its daily limit is told when the next
-        UTC day starts). Checked against measurement in bench/limits.py."""
+        """Seconds until a retry, joining at the back, is likely to start: :meth:`start_in` behind
+        every job now waiting (in the provider's line at the workers plus the broker queue); with no
+        completions to go by, the time this call already waited is the honest lower bound. Never
+        less than the time the limits themselves say nothing can start: the head's next window slot
+        or day, or the caller's key's own quota (a key at its daily limit is told when the next UTC
+        day starts)."""
         depth = self.queue_depth(provider) + self.limiter.line_length(provider.name)
-        windowed = (self.limiter.window_start_in(provider.name, provider.limits.rpm, depth)
-                    if provider.limits.rpm else None)
-        if windowed is not None:
-            estimate = windowed
-        else:
-            rate = self.store.completion_rate(provider.name)
-            estimate = depth / rate if rate > 0 else waited
-        estimate = max(estimate, self.limiter.blocked_for(provider.name, api_key_id or "-"))
+        estimate = self.start_in(provider, depth)
+        estimate = max(waited if estimate is None else estimate,
+                       self.limiter.blocked_for(provider.name, api_key_id or "-"))
         return int(min(max(math.ceil(estimate), 1), 86_400))
 
     def limits(self) -> dict[str, Any]:
@@ -163,12 +169,12 @@ class Gateway:
 
     def position(self, job: Job) -> dict[str, Any]:
         """Where a queued job stands: its place in the provider's line (None while it is still in the
-        broker queue, not yet held by a worker) and when it may start at the recent completion rate."""
+        broker queue, not yet held by a worker) and when it may start (:meth:`start_in`)."""
+        provider = self.settings.registry.providers[job.provider]
         rank = self.limiter.position(job.provider, job.id)
-        rate = self.store.completion_rate(job.provider)
-        ahead = rank if rank is not None else self.queue_depth(self.settings.registry.providers[job.provider])
-        return {"position": rank, "ahead": ahead,
-                "estimated_start_s": round(ahead / rate, 1) if rate > 0 else None}
+        ahead = rank if rank is not None else self.queue_depth(provider)
+        start = self.start_in(provider, ahead)
+        return {"position": rank, "ahead": ahead, "estimated_start_s": None if start is None else round(start, 1)}
 
     def queue_depth(self, provider: Provider) -> int:
         return int(self.store.redis.llen(self.settings.queue_key(provider.name)))

@@ -183,6 +183,20 @@ def test_gateway_configured_above_the_upstream_absorbs_its_429s(stack: Stack):
     assert elapsed < 30
 
 
+def test_retry_after_behind_a_full_rpm_window_is_when_the_window_frees(stack: Stack):
+    def waiting() -> int:
+        return requests.get(f"{stack.api.url}/v1/limits").json()["providers"]["ul-rpm"]["waiting_in_line"]
+    deadline = time.monotonic() + 30
+    while waiting() < RPM_BURST - RPM and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # 12 started at once, 8 wait for the window to slide: a call that gives up now would, retried,
+    # start in the next window — ~60 s after the first ones, not "8 jobs / 0.2 completions a second"
+    probe = chat(stack.api, "ul-rpm", "probe", 1)
+    assert probe.status_code == 429
+    frees_in = 60 - (time.monotonic() - stack.window_started)
+    assert abs(int(probe.headers["Retry-After"]) - frees_in) <= 4, (probe.headers["Retry-After"], frees_in)
+
+
 def test_gateway_at_the_upstreams_rpm_crosses_the_window_without_a_429(stack: Stack):
     replies = [f.result(timeout=WINDOW_MAX_WAIT + 60) for f in stack.bursts["rpm"]]
     assert [r.status_code for r in replies] == [200] * RPM_BURST, [r.text for r in replies if r.status_code != 200]
