@@ -281,7 +281,10 @@ class JobWatch:
 
     def _reread(self) -> list[Event]:
         self._read_at = time.monotonic()
-        return self.gateway.store.read_events(self.job_id, self._last_id)
+        events = self.gateway.store.read_events(self.job_id, self._last_id)
+        if not events and not self.gateway.store.exists(self.job_id):
+            raise _job_lost()
+        return events
 
     def _take(self, events: list[Event]) -> None:
         for event in events:
@@ -300,6 +303,8 @@ class JobWatch:
                                "without a free slot and was withdrawn; retry later or raise max_wait",
                                retry_after=self.gateway.retry_after(self.route.provider, self.max_wait,
                                                                     self.api_key_id))
+        if state == "missing":
+            raise _job_lost()
         self.running = True  # a worker claimed it just in time: it will run, so keep waiting
 
     def abandon(self) -> None:
@@ -308,6 +313,13 @@ class JobWatch:
 
     def close(self) -> None:
         self.gateway.dispatcher.unregister(self.job_id)
+
+
+def _job_lost() -> GatewayError:
+    """Redis no longer knows the job (it restarted without persistence): the caller must not wait on
+    a job nobody will run. (Async jobs are queued again from Postgres: ``workers/reconciler.py``.)"""
+    return GatewayError("the gateway's queue lost this call (its Redis restarted); retry it", status=503,
+                        code="job_lost", retry_after=1)
 
 
 def _stream_order(stream_id: str) -> tuple[int, int]:

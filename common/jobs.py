@@ -33,10 +33,11 @@ WAKE_CHANNEL_SUFFIX = "lim:wake"  # pubsub: a job id whose waiting worker should
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 STATES = ("queued", "running", *sorted(TERMINAL))
 
-# KEYS: job, queue   ARGV: spec, max_wait_s, reply_to, ttl_s, mode, message
+# KEYS: job, queue   ARGV: spec, max_wait_s, reply_to, ttl_s, mode, message, only_if_missing (1/0)
 # Records the job and pushes its queue message in one step: a job is never queued without its
-# state, nor recorded without being queued.
+# state, nor recorded without being queued. ``only_if_missing``: leave an existing job alone ('').
 _CREATE = """
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return '' end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'state', 'queued', 'created_at', string.format('%.6f', now),
@@ -176,13 +177,17 @@ class JobStore:
 
     # the API's side -------------------------------------------------------------------------
     def create(self, job_id: str, spec: dict[str, Any], *, max_wait: float, reply_to: str, ttl: float,
-               mode: str, queue: str = "", message: str = "") -> float:
+               mode: str, queue: str = "", message: str = "", only_if_missing: bool = False) -> float | None:
         """Record a new queued job and (with ``queue``) push its broker ``message`` in the same atomic
-        step; returns its creation time (Redis clock, epoch seconds)."""
+        step; returns its creation time (Redis clock, epoch seconds). With ``only_if_missing`` a job
+        that exists is left as it is (None): whoever recreated it first wins."""
         created = self._create(keys=[self.job_key(job_id), queue or self.job_key(job_id)],
                                args=[json.dumps(spec, separators=(",", ":")), max_wait, reply_to,
-                                     int(ttl) + 1, mode, message])
-        return float(created)
+                                     int(ttl) + 1, mode, message, 1 if only_if_missing else 0])
+        return float(created) if created else None
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.job_key(job_id)))
 
     def withdraw(self, job_id: str, new_state: str) -> str:
         """Move a *queued* job to ``new_state`` so that it never runs; returns the resulting state.

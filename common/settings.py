@@ -58,6 +58,7 @@ class Settings:
     max_wait_limit: float = 3600.0          # the largest per-request max_wait we accept
     async_max_wait: float = 86400.0         # async jobs wait in line up to this long
     task_time_limit: float = 600.0          # hard limit on one job's run (upstream call + retries)
+    reconcile_interval: float = 30.0        # how often workers look for async jobs Redis lost
     max_body_bytes: int = 4 * 1024 * 1024
     auth_mode: str = "auto"                 # auto | required | off
     state_dir: Path = field(default_factory=lambda: Path(".state"))
@@ -106,6 +107,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_wait_limit=_float(env, "GATEWAY_MAX_WAIT_LIMIT", 3600.0, minimum=0.1),
         async_max_wait=_float(env, "GATEWAY_ASYNC_MAX_WAIT", 86400.0, minimum=1.0),
         task_time_limit=_float(env, "GATEWAY_TASK_TIME_LIMIT", 600.0, minimum=1.0),
+        reconcile_interval=_float(env, "GATEWAY_RECONCILE_INTERVAL", 30.0, minimum=0.5),
         max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
         auth_mode=auth_mode,
         state_dir=Path(env.get("GATEWAY_STATE_DIR", ".state")),

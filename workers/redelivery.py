@@ -11,37 +11,22 @@ would then wait forever. So each worker process runs this sweeper, which calls k
 
 from __future__ import annotations
 
-import logging
-import threading
-
 from celery import Celery
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-log = logging.getLogger(__name__)
+from workers.periodic import Periodic
 
 
-class RedeliverySweeper:
+class RedeliverySweeper(Periodic):
+    name = "redelivery-sweep"
+    retry_on = (OperationalError, RedisError, OSError)
+
     def __init__(self, app: Celery, interval: float) -> None:
+        super().__init__(interval)
         self.app = app
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="redelivery-sweeper", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def sweep_once(self) -> None:
+    def tick(self) -> None:
         with self.app.connection_for_read() as connection:
             channel = connection.default_channel
             channel.qos.restore_visible(num=channel.unacked_restore_limit or 100, interval=1)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.sweep_once()
-            except (OperationalError, RedisError, OSError) as exc:
-                log.warning("redelivery sweep failed (%s); retrying in %.0fs", exc, self.interval)

@@ -36,6 +36,7 @@ from common.tokens import reservation
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from workers.adapters.base import Adapter, build_adapter, make_http_session
 from workers.admission import AdmissionControl, Permit, scopes_for
+from workers.reconciler import JobReconciler, async_spec
 from workers.usage import UsageFlusher, UsageLedger, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -310,9 +311,8 @@ class JobRunner:
         if remaining <= 0:
             self.ledger.mark_job(job_id, status="expired", finished_at=_now())
             return "expired"
-        spec = {"mode": "async", "model": job.model, "provider": job.provider, "request": job.request,
-                "api_key_id": job.api_key_id}
-        self.store.create(job_id, spec, max_wait=remaining, reply_to="", ttl=remaining + EVENT_TTL, mode="async")
+        self.store.create(job_id, async_spec(job), max_wait=remaining, reply_to="", ttl=remaining + EVENT_TTL,
+                          mode="async")
         return self.run(job_id)
 
 
@@ -374,8 +374,10 @@ def build_runner(settings: Settings) -> JobRunner:
     adapters = {name: build_adapter(p, make_http_session(p.pool))
                 for name, p in settings.registry.providers.items() if p.routable}
     store = JobStore(client, settings.key_prefix)
-    ledger = UsageLedger(make_session_factory(settings.database_url))
+    sessions = make_session_factory(settings.database_url)
+    ledger = UsageLedger(sessions)
     UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
+    JobReconciler(settings, store, sessions).start()
     lease_ttl = job_lease_ttl(settings)
     return JobRunner(settings, store, ledger, adapters, AdmissionControl(
         Limiter(store, keyed=bool(settings.registry.key_limits)), call_lease_s=lease_ttl))

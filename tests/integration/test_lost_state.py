@@ -1,0 +1,79 @@
+"""Redis forgetting jobs (a restart without persistence): nothing accepted is lost for good.
+
+Simulated by deleting a job's live state and its queue message, as a Redis restart would:
+
+* an async job (durable in Postgres) is queued again by a worker's reconciler and runs exactly once —
+  or, if its max_wait passed meanwhile, is marked expired instead of staying ``queued`` forever;
+* a sync caller waiting on a forgotten job gets a 503 ``job_lost`` at its max_wait at the latest,
+  instead of being held for the whole task time limit.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+import requests
+
+from tests.conftest import TEST_REDIS_URL
+from tests.integration.conftest import WorkerFactory, stop_all, wait_until
+from workers.reconciler import GRACE_S
+
+pytestmark = pytest.mark.integration
+
+
+def forget(prefix: str, job_id: str) -> None:
+    """What a Redis restart does to a queued job: its live state and its queue message are gone."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    assert client.delete(f"{prefix}:job:{job_id}") == 1
+    client.delete(f"{prefix}:llm.stalled")  # the stalled queue holds only messages of settled jobs besides
+
+
+def job(api, job_id: str) -> dict:
+    return requests.get(f"{api.url}/v1/jobs/{job_id}").json()
+
+
+def test_async_jobs_redis_forgot_are_queued_again_or_expired(api, fake, gateway_env, prefix, tmp_path_factory):
+    def submit(content: str, max_wait: float) -> str:
+        return requests.post(f"{api.url}/v1/jobs", headers={"x-gateway-max-wait": str(max_wait)},
+                             json={"model": "stalled-model",
+                                   "messages": [{"role": "user", "content": content}]}).json()["id"]
+    found, late = submit("lost and found", 50), submit("lost too long", 2)
+    forget(prefix, found)
+    forget(prefix, late)
+    worker = WorkerFactory({**gateway_env, "GATEWAY_RECONCILE_INTERVAL": "1"},
+                           tmp_path_factory.mktemp("reconcile")).start("stalled", "reconciler")
+    try:
+        wait_until(lambda: job(api, found)["status"] == "succeeded", GRACE_S + 30)
+        wait_until(lambda: job(api, late)["status"] == "expired", 15)
+    finally:
+        stop_all([worker])
+    assert job(api, found)["result"]["choices"][0]["message"]["content"] == "echo: lost and found"
+    assert job(api, late)["error"]["code"] == "queue_timeout"
+    assert fake.stats()["by_content"].get("lost and found") == 1  # once, although two reconcilers may have run
+    assert "lost too long" not in fake.stats()["by_content"]
+    assert "queued again" in worker.output()
+
+
+def test_a_sync_caller_waiting_on_a_forgotten_job_is_told_at_its_max_wait(api, prefix):
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+
+    def find_job() -> str | None:
+        for key in client.scan_iter(f"{prefix}:job:*", count=1000):
+            if key.count(b":") == 2 and b"forget me" in (client.hget(key, "spec") or b""):
+                return key.decode().rsplit(":", 1)[1]
+        return None
+
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        call = pool.submit(requests.post, f"{api.url}/v1/chat/completions", timeout=20,
+                           headers={"x-gateway-max-wait": "3"},
+                           json={"model": "stalled-model", "messages": [{"role": "user", "content": "forget me"}]})
+        wait_until(lambda: find_job() is not None, 5)
+        forget(prefix, find_job())
+        r = call.result()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "job_lost"
+    assert r.headers["Retry-After"] == "1"
+    assert time.monotonic() - started < 6  # at its max_wait, not after the whole task time limit

@@ -1,0 +1,100 @@
+"""Async jobs that Redis lost are queued again: an accepted job is never forgotten.
+
+An async job is durable in Postgres (``jobs``), but its live state and its queue message live in
+Redis. A Redis that restarts without persistence (the embedded default; any Redis without AOF)
+forgets both: the row says ``queued`` forever and nothing will ever run it. So every worker process
+runs a :class:`JobReconciler`; every ``GATEWAY_RECONCILE_INTERVAL`` seconds (30) one of them (a
+Redis lock) looks at the rows still ``queued`` — or ``running`` for longer than any run may take —
+whose live state is gone, and
+
+* queues them again (state and message in one step, and only if nobody recreated the job in the
+  meantime), with what is left of their max_wait; or
+* marks them ``expired`` if their deadline passed while they were lost.
+
+Rows younger than ``GRACE_S`` are left alone: the API writes the row a moment before the live state.
+A job recreated twice (two reconcilers, or a message that survived) still runs once: the claim in
+``common/jobs.py`` lets only one worker move it out of ``queued``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from sqlalchemy import or_, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import sessionmaker
+
+from common.db import Job
+from common.jobs import JobStore
+from common.settings import Settings
+from common.taskwire import task_message
+from workers.periodic import Periodic
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 10.0     # a row younger than this may not have its live state yet
+BATCH = 500        # rows looked at per pass
+EVENT_TTL_S = 3600.0
+
+
+def async_spec(job: Job) -> dict[str, Any]:
+    """The live spec of an async job, rebuilt from its durable row."""
+    return {"mode": "async", "model": job.model, "provider": job.provider, "request": job.request,
+            "api_key_id": job.api_key_id}
+
+
+class JobReconciler(Periodic):
+    name = "job-reconciliation"
+    retry_on = (redis.RedisError, SQLAlchemyError, OSError)
+
+    def __init__(self, settings: Settings, store: JobStore, sessions: sessionmaker) -> None:
+        super().__init__(settings.reconcile_interval)
+        self.settings = settings
+        self.store = store
+        self.sessions = sessions
+
+    def tick(self) -> dict[str, int]:
+        """One pass; returns how many jobs were queued again and how many expired."""
+        lock = f"{self.store.prefix}:reconcile"
+        if not self.store.redis.set(lock, 1, nx=True, px=int(max(self.settings.reconcile_interval, 1) * 900)):
+            return {"requeued": 0, "expired": 0}  # another worker process is on it
+        now = datetime.now(UTC)
+        stuck_running = now - timedelta(seconds=self.settings.task_time_limit + self.settings.visibility_timeout)
+        with self.sessions() as session:
+            rows = session.scalars(
+                select(Job).where(Job.created_at < now - timedelta(seconds=GRACE_S), or_(
+                    Job.status == "queued", (Job.status == "running") & (Job.started_at < stuck_running)))
+                .order_by(Job.created_at).limit(BATCH)).all()
+        pipe = self.store.redis.pipeline(transaction=False)
+        for job in rows:
+            pipe.exists(self.store.job_key(job.id))
+        lost = [job for job, alive in zip(rows, pipe.execute() if rows else [], strict=True) if not alive]
+        done = {"requeued": 0, "expired": 0}
+        for job in lost:
+            if job.provider not in self.settings.registry.providers:
+                continue  # a provider this deployment no longer has: left for an operator
+            remaining = (job.deadline_at - datetime.now(UTC)).total_seconds()
+            if remaining <= 0:
+                self._expire(job)
+                done["expired"] += 1
+                continue
+            queue = self.settings.queue_for(job.provider)
+            created = self.store.create(job.id, async_spec(job), max_wait=remaining, reply_to="",
+                                        ttl=remaining + EVENT_TTL_S, mode="async",
+                                        queue=self.settings.queue_key(job.provider),
+                                        message=task_message(job.id, queue), only_if_missing=True)
+            if created is not None:
+                log.warning("job %s: its live state was lost (Redis restarted?); queued again on %s", job.id, queue)
+                done["requeued"] += 1
+        return done
+
+    def _expire(self, job: Job) -> None:
+        error = {"message": "the job's queue state was lost and its max_wait passed before it could be "
+                            "queued again; submit it again", "type": "rate_limit_error", "code": "queue_timeout"}
+        with self.sessions.begin() as session:
+            session.execute(Job.__table__.update().where(Job.id == job.id, Job.status.in_(("queued", "running")))
+                            .values(status="expired", finished_at=datetime.now(UTC), error=error))
+        log.warning("job %s: its live state was lost and its deadline passed; marked expired", job.id)
