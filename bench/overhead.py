@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="worker --concurrency (default: the provider pool)")
     p.add_argument("--pool", type=int, default=256, help="provider pool in the registry YAML")
     p.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="a GATEWAY_* setting for the gateway's processes (repeatable)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--keep-logs", action="store_true", help="keep the API/worker logs (path printed)")
     args = p.parse_args(argv)
@@ -144,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     latencies = [float(x) for x in args.latencies.split(",") if x]
     driver = args.driver if args.driver != "auto" else ("wrk" if have_wrk() else "gevent")
 
+    extra_env = dict(item.split("=", 1) for item in args.env)
     stack = Stack(latency_ms=latencies[0], pool=args.pool, worker_concurrency=args.worker_concurrency,
-                  redis_url=args.redis_url, keep_logs=args.keep_logs)
+                  redis_url=args.redis_url, keep_logs=args.keep_logs, extra_env=extra_env or None)
     rows: list[dict[str, Any]] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     try:

@@ -38,6 +38,17 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -
     return int(_float(env, name, default, minimum=minimum))
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "on", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "off", "false", "no"):
+        return False
+    raise SettingsError(f"{name}={raw!r} must be on or off")
+
+
 def normalise_database_url(url: str) -> str:
     """SQLAlchemy needs the driver named; accept the ecosystem's plain ``postgres(ql)://`` too."""
     for plain in ("postgres://", "postgresql://"):
@@ -59,6 +70,7 @@ class Settings:
     async_max_wait: float = 86400.0         # async jobs wait in line up to this long
     task_time_limit: float = 600.0          # hard limit on one job's run (upstream call + retries)
     reconcile_interval: float = 30.0        # how often workers look for async jobs Redis lost
+    task_events: bool = True                # Celery task events: Flower's task views need them
     max_body_bytes: int = 4 * 1024 * 1024
     auth_mode: str = "auto"                 # auto | required | off
     state_dir: Path = field(default_factory=lambda: Path(".state"))
@@ -108,6 +120,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         async_max_wait=_float(env, "GATEWAY_ASYNC_MAX_WAIT", 86400.0, minimum=1.0),
         task_time_limit=_float(env, "GATEWAY_TASK_TIME_LIMIT", 600.0, minimum=1.0),
         reconcile_interval=_float(env, "GATEWAY_RECONCILE_INTERVAL", 30.0, minimum=0.5),
+        task_events=_flag(env, "GATEWAY_TASK_EVENTS", True),
         max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
         auth_mode=auth_mode,
         state_dir=Path(env.get("GATEWAY_STATE_DIR", ".state")),

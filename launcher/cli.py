@@ -62,22 +62,26 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     _require(settings, "worker")
     raise_fd_limit()
+    os.execv(sys.executable, worker_argv(settings, args))
+    return 0  # pragma: no cover
+
+
+def worker_argv(settings: Settings, args: argparse.Namespace) -> list[str]:
+    """The ``celery worker`` command line for one provider's queue."""
     provider = settings.registry.providers.get(args.provider)
     if provider is None:
         raise SystemExit(f"unknown provider {args.provider!r}; known: {', '.join(settings.registry.providers)}")
-    argv = [
+    return [
         sys.executable, "-m", "celery", "-A", "workers.worker:app", "worker",
         "--queues", settings.queue_for(provider.name),
         "--pool", "gevent",
         "--concurrency", str(args.concurrency or provider.pool),
         "--hostname", f"{provider.name}-{args.name or os.getpid()}@%h",
         "--prefetch-multiplier", "1",
-        "--task-events",
+        *(["--task-events"] if settings.task_events else []),
         "--without-mingle", "--without-gossip",
         "--loglevel", args.loglevel,
     ]
-    os.execv(sys.executable, argv)
-    return 0  # pragma: no cover
 
 
 def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        worker_send_task_events=True,
+        worker_send_task_events=settings.task_events,
         task_serializer="json",
         accept_content=["json"],
         task_create_missing_queues=True,

@@ -107,7 +107,15 @@ SETTINGS_ERRORS = [
     ("max-wait-above-limit", {"GATEWAY_MAX_WAIT": "100", "GATEWAY_MAX_WAIT_LIMIT": "10"}, "GATEWAY_MAX_WAIT"),
     ("auth-mode", {"GATEWAY_AUTH": "maybe"}, "GATEWAY_AUTH"),
     ("negative-body", {"GATEWAY_MAX_BODY_BYTES": "-1"}, "GATEWAY_MAX_BODY_BYTES"),
+    ("task-events-not-a-flag", {"GATEWAY_TASK_EVENTS": "sometimes"}, "GATEWAY_TASK_EVENTS"),
+    ("reconcile-too-often", {"GATEWAY_RECONCILE_INTERVAL": "0"}, "GATEWAY_RECONCILE_INTERVAL"),
 ]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, True), ("", True), ("on", True), ("1", True),
+                                               ("off", False), ("OFF", False), ("0", False), ("false", False)])
+def test_task_events_flag(raw, expected):
+    assert load_settings({} if raw is None else {"GATEWAY_TASK_EVENTS": raw}).task_events is expected
 
 
 @pytest.mark.parametrize("env,name", [c[1:] for c in SETTINGS_ERRORS], ids=[c[0] for c in SETTINGS_ERRORS])
