@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify
 
-from api.openai_routes import gateway, json_body
+from api.openai_routes import admit, gateway, json_body, outcome_headers
 from api.streaming import stream_response
 from common.errors import GatewayError
 from common.protocols import anthropic
@@ -24,19 +24,14 @@ bp = Blueprint("anthropic", __name__)
 def messages() -> Response:
     body = json_body()
     chat = anthropic.parse_request(body)
-    gw = gateway()
-    route = gw.route(chat.model)
-    max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"),
-                           body.get("max_wait") if isinstance(body, dict) else None, gw.settings.default_max_wait)
-    headers = {"x-gateway-provider": route.provider.name, "x-gateway-model": route.model.model}
+    call = admit(chat.model, body.get("max_wait") if isinstance(body, dict) else None)
     if chat.stream:
-        watch = gw.start(chat, route, max_wait=max_wait, api_key_id=g.api_key_id)
-        return stream_response(gw, watch, AnthropicStream(chat.model, estimate_prompt_tokens(chat, route.model)), headers)
-    outcome = gw.call(chat, route, max_wait=max_wait, api_key_id=g.api_key_id)
+        watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+        stream = AnthropicStream(chat.model, estimate_prompt_tokens(chat, call.route.model))
+        return stream_response(call.gw, watch, stream, call.headers)
+    outcome = call.gw.call(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
     response = jsonify(anthropic.render_response(outcome.result, chat.model))
-    response.headers.update({**headers, "x-gateway-job-id": outcome.job_id,
-                             "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
-                             "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", ""))})
+    response.headers.update(outcome_headers(outcome))
     return response
 
 

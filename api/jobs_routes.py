@@ -9,9 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask import Blueprint, Response, g, jsonify, url_for
 
-from api.openai_routes import gateway, json_body
+from api.openai_routes import admit, gateway, json_body
 from common.db import Job
 from common.protocols.openai import parse_chat_request
 
@@ -21,11 +21,8 @@ bp = Blueprint("jobs", __name__)
 @bp.post("/v1/jobs")
 def create_job() -> tuple[Response, int]:
     chat, extensions = parse_chat_request(json_body())
-    gw = gateway()
-    route = gw.route(chat.model)
-    max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), extensions.get("max_wait"),
-                           gw.settings.async_max_wait)
-    job = gw.submit(chat, route, max_wait=max_wait, api_key_id=g.api_key_id)
+    call = admit(chat.model, extensions.get("max_wait"), gateway().settings.async_max_wait)
+    job = call.gw.submit(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
     response = jsonify(render_job(job))
     response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
     return response, 202

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify
 
-from api.openai_routes import gateway, json_body
+from api.openai_routes import admit, gateway, json_body, outcome_headers
 from api.streaming import stream_response
 from common.errors import GatewayError, InvalidRequest
 from common.protocols import ollama
@@ -58,21 +58,15 @@ def _as_generate(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def _serve(body: Any, chat_request: ChatRequest, shape: Callable[[dict[str, Any]], dict[str, Any]]) -> Response:
-    gw = gateway()
-    route = gw.route(chat_request.model)
-    max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"),
-                           body.get("max_wait") if isinstance(body, dict) else None, gw.settings.default_max_wait)
-    headers = {"x-gateway-provider": route.provider.name, "x-gateway-model": route.model.model}
+    call = admit(chat_request.model, body.get("max_wait") if isinstance(body, dict) else None)
     started = time.monotonic_ns()
     if chat_request.stream:
-        watch = gw.start(chat_request, route, max_wait=max_wait, api_key_id=g.api_key_id)
-        return stream_response(gw, watch, OllamaStream(chat_request.model, shape, started), headers)
-    outcome = gw.call(chat_request, route, max_wait=max_wait, api_key_id=g.api_key_id)
+        watch = call.gw.start(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+        return stream_response(call.gw, watch, OllamaStream(chat_request.model, shape, started), call.headers)
+    outcome = call.gw.call(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
     document = ollama.render_response(outcome.result, chat_request.model, elapsed_ns=time.monotonic_ns() - started)
     response = jsonify(shape(document))
-    response.headers.update({**headers, "x-gateway-job-id": outcome.job_id,
-                             "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
-                             "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", ""))})
+    response.headers.update(outcome_headers(outcome))
     return response
 
 
@@ -112,12 +106,9 @@ def embed() -> Response:
     if body.get("dimensions") is not None:
         request_body["dimensions"] = body["dimensions"]
     embed_request, _ = parse_embeddings_request(request_body)
-    gw = gateway()
-    route = gw.route(embed_request.model)
-    max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), body.get("max_wait"),
-                           gw.settings.default_max_wait)
+    call = admit(embed_request.model, body.get("max_wait"))
     started = time.monotonic_ns()
-    outcome = gw.call(embed_request, route, max_wait=max_wait, api_key_id=g.api_key_id)
+    outcome = call.gw.call(embed_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
     data = sorted(outcome.result.get("data") or [], key=lambda d: d.get("index", 0))
     usage = outcome.result.get("usage") or {}
     elapsed = time.monotonic_ns() - started
