@@ -158,7 +158,7 @@ class Gateway:
         out: dict[str, Any] = {}
         for name, provider in self.settings.registry.providers.items():
             scopes = [Scope(name, provider.limits)] + [
-                Scope(f"{name}/{alias}", m.limits) for alias, m in self.settings.registry.models.items()
+                Scope.of_model(name, alias, m.limits) for alias, m in self.settings.registry.models.items()
                 if m.provider == name and m.limits.any]
             entry: dict[str, Any] = {"routable": provider.routable, "queue": self.settings.queue_for(name),
                                      "queue_depth": self.queue_depth(provider),

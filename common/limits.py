@@ -348,6 +348,10 @@ class Scope:
     key: str | None = None
 
     @classmethod
+    def of_model(cls, provider: str, alias: str, limits: Limits) -> Scope:
+        return cls(f"{provider}/{alias}", limits)
+
+    @classmethod
     def of_key(cls, key_id: str, limits: Limits) -> Scope:
         return cls(f"key:{key_id}", limits, key=key_id)
 

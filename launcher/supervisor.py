@@ -78,30 +78,23 @@ def _run(settings: Settings, api_host: str, api_port: int, console: _Console, si
         return 1
 
     embedded: list[EmbeddedServer] = []
-    redis_url = settings.redis_url
-    if redis_url is None:
-        server = start_embedded_redis(settings.state_dir)
-        cleanup.callback(_stop_embedded, server, console)
-        embedded.append(server)
-        redis_url = server.url
-        console.say(f"redis:    embedded redis-server on {server.display_url} (pid {server.pid}, "
-                    f"ready in {server.startup_seconds:.2f} s, log {server.log_path})")
-    else:
-        console.say(f"redis:    REDIS_URL {redact_url(redis_url)}")
-    if signals.received:
-        return _interrupted(signals, console)
-    database_url = settings.database_url
-    if database_url is None:
-        server = start_embedded_postgres(settings.state_dir)
-        cleanup.callback(_stop_embedded, server, console)
-        embedded.append(server)
-        database_url = server.url
-        console.say(f"postgres: embedded PostgreSQL on {server.display_url} (pid {server.pid}, "
-                    f"ready in {server.startup_seconds:.2f} s, data {server.data_dir}, log {server.log_path})")
-    else:
-        console.say(f"postgres: DATABASE_URL {redact_url(database_url)}")
-    if signals.received:
-        return _interrupted(signals, console)
+    urls: list[str] = []
+    for label, given, variable, start in (("redis:   ", settings.redis_url, "REDIS_URL", start_embedded_redis),
+                                          ("postgres:", settings.database_url, "DATABASE_URL",
+                                           start_embedded_postgres)):
+        if given is None:
+            server = start(settings.state_dir)
+            cleanup.callback(_stop_embedded, server, console)
+            embedded.append(server)
+            urls.append(server.url)
+            console.say(f"{label} embedded {server.name} on {server.display_url} (pid {server.pid}, "
+                        f"ready in {server.startup_seconds:.2f} s, data {server.data_dir}, log {server.log_path})")
+        else:
+            urls.append(given)
+            console.say(f"{label} {variable} {redact_url(given)}")
+        if signals.received:
+            return _interrupted(signals, console)
+    redis_url, database_url = urls
 
     providers = settings.routable_providers()
     children = _Children(console, signals, _child_environment(redis_url, database_url),

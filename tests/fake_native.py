@@ -91,7 +91,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, announce_and_serve
 
 JSON = "application/json"
 REQUEST_LOG = 100
@@ -828,10 +828,8 @@ def serve(host: str, port: int, latency_ms: float, api_key: str | None = None) -
 
     monkey.patch_all()
     import logging
-    import signal
     import socket
 
-    import gevent
     from gevent.pywsgi import WSGIHandler, WSGIServer
 
     class QuietHandler(WSGIHandler):
@@ -855,11 +853,7 @@ def serve(host: str, port: int, latency_ms: float, api_key: str | None = None) -
     server = WSGIServer((host, port), FakeNativeApp(latency_ms, api_key), handler_class=QuietHandler,
                         log=None, error_log=logging.getLogger("fake_native"))
     server.init_socket()
-    gevent.signal_handler(signal.SIGTERM, server.stop, 1)
-    gevent.signal_handler(signal.SIGINT, server.stop, 1)
-    sys.stdout.write(f"READY {server.socket.getsockname()[1]}\n")
-    sys.stdout.flush()
-    server.serve_forever()
+    announce_and_serve(server)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,7 +157,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, announce_and_serve
 
 BASE_MODELS = ("fake-model", "fake-embedding")
 SYSTEM_FINGERPRINT = "fp_fake0001"
@@ -1060,16 +1060,7 @@ def serve(host: str, port: int, latency_ms: float, api_key: str | None = None, l
     server = WSGIServer((host, port), app, handler_class=QuietHandler, log=None,
                         error_log=logging.getLogger("fakeprovider"), backlog=4096)
     server.init_socket()
-    actual = server.socket.getsockname()[1]
-    import signal
-
-    import gevent
-
-    gevent.signal_handler(signal.SIGTERM, server.stop, 1)
-    gevent.signal_handler(signal.SIGINT, server.stop, 1)
-    sys.stdout.write(f"READY {actual}\n")
-    sys.stdout.flush()
-    server.serve_forever()
+    announce_and_serve(server)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """A test server run as its own process — ``python -m <module> ... --port 0`` — that prints
-``READY <port>`` once it listens. The fake upstreams (``tests/fakeprovider.py``,
+``READY <port>`` once it listens (:func:`announce_and_serve`, in the child; :class:`ServerProcess`, in the parent). The fake upstreams (``tests/fakeprovider.py``,
 ``tests/fake_native.py``) run this way so that the gateway under test reaches them over real HTTP."""
 
 from __future__ import annotations
@@ -75,3 +75,17 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def announce_and_serve(server: Any) -> None:
+    """In the child: announce the bound port of a gevent ``WSGIServer`` whose socket is initialised,
+    and serve until SIGTERM or SIGINT."""
+    import signal
+
+    import gevent
+
+    gevent.signal_handler(signal.SIGTERM, server.stop, 1)
+    gevent.signal_handler(signal.SIGINT, server.stop, 1)
+    sys.stdout.write(f"READY {server.socket.getsockname()[1]}\n")
+    sys.stdout.flush()
+    server.serve_forever()

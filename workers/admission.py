@@ -49,7 +49,7 @@ def scopes_for(registry: Registry, model: Model, provider: Provider, key: str) -
     if provider.limits.any:
         scopes.append(Scope(provider.name, provider.limits))
     if model.limits.any:
-        scopes.append(Scope(f"{provider.name}/{model.alias}", model.limits))
+        scopes.append(Scope.of_model(provider.name, model.alias, model.limits))
     key_limits = registry.limits_of_key(key)
     if key_limits.any:
         scopes.append(Scope.of_key(key, key_limits))

@@ -35,11 +35,11 @@ def tune_kombu_redis() -> None:
     get_pool = channel._get_pool
 
     def _get_pool(self: Any, asynchronous: bool = False) -> Any:
+        pool = get_pool(self, asynchronous=asynchronous)  # kombu's, with everything it sets up
         if asynchronous:  # the event loop's BRPOP connection: kombu manages it itself
-            return get_pool(self, asynchronous=True)
-        params = self._connparams(asynchronous=False)
-        self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
-        return redis.BlockingConnectionPool(timeout=POOL_WAIT_S, **params)
+            return pool
+        return redis.BlockingConnectionPool(max_connections=pool.max_connections, timeout=POOL_WAIT_S,
+                                            connection_class=pool.connection_class, **pool.connection_kwargs)
 
     def _create_client(self: Any, asynchronous: bool = False) -> Any:
         if asynchronous:

@@ -25,13 +25,14 @@ from typing import Any
 import redis
 from sqlalchemy import or_, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
 
 from common.db import Job
+from common.errors import QueueTimeout
 from common.jobs import JobStore
 from common.settings import Settings
 from common.taskwire import task_message
 from workers.periodic import Periodic
+from workers.usage import UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,11 @@ class JobReconciler(Periodic):
     name = "job-reconciliation"
     retry_on = (redis.RedisError, SQLAlchemyError, OSError)
 
-    def __init__(self, settings: Settings, store: JobStore, sessions: sessionmaker) -> None:
+    def __init__(self, settings: Settings, store: JobStore, ledger: UsageLedger) -> None:
         super().__init__(settings.reconcile_interval)
         self.settings = settings
         self.store = store
-        self.sessions = sessions
+        self.ledger = ledger
 
     def tick(self) -> dict[str, int]:
         """One pass; returns how many jobs were queued again and how many expired."""
@@ -63,7 +64,7 @@ class JobReconciler(Periodic):
             return {"requeued": 0, "expired": 0}  # another worker process is on it
         now = datetime.now(UTC)
         stuck_running = now - timedelta(seconds=self.settings.task_time_limit + self.settings.visibility_timeout)
-        with self.sessions() as session:
+        with self.ledger.sessions() as session:
             rows = session.scalars(
                 select(Job).where(Job.created_at < now - timedelta(seconds=GRACE_S), or_(
                     Job.status == "queued", (Job.status == "running") & (Job.started_at < stuck_running)))
@@ -92,9 +93,7 @@ class JobReconciler(Periodic):
         return done
 
     def _expire(self, job: Job) -> None:
-        error = {"message": "the job's queue state was lost and its max_wait passed before it could be "
-                            "queued again; submit it again", "type": "rate_limit_error", "code": "queue_timeout"}
-        with self.sessions.begin() as session:
-            session.execute(Job.__table__.update().where(Job.id == job.id, Job.status.in_(("queued", "running")))
-                            .values(status="expired", finished_at=datetime.now(UTC), error=error))
+        error = QueueTimeout("the job's queue state was lost and its max_wait passed before it could be "
+                             "queued again; submit it again").to_dict()
+        self.ledger.mark_job(job.id, status="expired", finished_at=datetime.now(UTC), error=error)
         log.warning("job %s: its live state was lost and its deadline passed; marked expired", job.id)

@@ -374,10 +374,9 @@ def build_runner(settings: Settings) -> JobRunner:
     adapters = {name: build_adapter(p, make_http_session(p.pool))
                 for name, p in settings.registry.providers.items() if p.routable}
     store = JobStore(client, settings.key_prefix)
-    sessions = make_session_factory(settings.database_url)
-    ledger = UsageLedger(sessions)
+    ledger = UsageLedger(make_session_factory(settings.database_url))
     UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
-    JobReconciler(settings, store, sessions).start()
+    JobReconciler(settings, store, ledger).start()
     lease_ttl = job_lease_ttl(settings)
     return JobRunner(settings, store, ledger, adapters, AdmissionControl(
         Limiter(store, keyed=bool(settings.registry.key_limits)), call_lease_s=lease_ttl))
