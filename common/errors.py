@@ -1,23 +1,38 @@
 """The gateway's error hierarchy. Every error a client can see is one of these.
 
-    GatewayError                      status, type, code, message (+ retry_after)
-    ├── InvalidRequest          400   malformed JSON, missing or ill-typed fields
-    ├── AuthenticationFailed    401   missing, unknown or revoked API key
-    ├── NotFound                404   unknown job id, unknown route
-    │   └── ModelNotFound       404   the model alias is not in the registry
-    ├── JobConflict             409   e.g. cancelling a job that already runs
-    ├── PayloadTooLarge         413   body above GATEWAY_MAX_BODY_BYTES
-    ├── QueueTimeout            429   the job waited its max_wait in line; it was withdrawn
-    ├── ProviderUnavailable     503   the model's provider is not routable (no credentials)
-    └── UpstreamError                 something the upstream provider said or did
-        ├── UpstreamRejected    4xx   the provider refused the request; its status and message pass through
-        ├── UpstreamRateLimited 429   the provider's own 429, with its Retry-After
-        ├── UpstreamUnavailable 502   5xx or a broken connection
-        └── UpstreamTimeout     504   no answer within the provider's timeout
+    GatewayError                        status, type, code, message (+ retry_after, param)
+    ├── InvalidRequest            400   malformed JSON, missing or ill-typed fields
+    │   └── ExceedsLimit          400   the call alone is larger than a limit allows (it could never start)
+    ├── AuthenticationFailed      401   missing, unknown or revoked API key
+    ├── NotFound                  404   unknown job id, unknown route
+    │   └── ModelNotFound         404   the model alias is not in the registry
+    ├── JobConflict               409   e.g. cancelling a job that already runs
+    │   └── JobCancelled          409   the job was cancelled before it produced an answer
+    ├── PayloadTooLarge           413   body above GATEWAY_MAX_BODY_BYTES
+    ├── IdempotencyConflict       422   an Idempotency-Key reused with a different body
+    ├── QueueTimeout              429   the job waited its max_wait in line; it was withdrawn
+    ├── ClientGone                499   the caller disconnected; the upstream call was aborted
+    ├── InternalError             500   a bug; logged with its traceback, never shown
+    ├── ServiceUnavailable        503   a part of the gateway itself is down; retry after Retry-After
+    │   ├── ProviderUnavailable   503   the model's provider is not routable (no credentials)
+    │   ├── QueueUnavailable      503   Redis (the queue) is unreachable: nothing was queued
+    │   ├── StoreUnavailable      503   Postgres is unreachable: nothing was recorded
+    │   └── OutcomeUnknown        503   the gateway lost track of a call that may have run (job id given)
+    ├── JobTimeout                504   the job did not finish within the task time limit
+    └── UpstreamError                   something the upstream provider said or did
+        ├── UpstreamRejected      4xx   the provider refused the request; its status and message pass through
+        ├── UpstreamRateLimited   429   the provider's own 429, with its Retry-After
+        ├── UpstreamUnavailable   502   5xx or a broken connection
+        │   ├── UpstreamCredentialsRejected 502  401/403 from the provider: the operator's key is wrong
+        │   ├── UpstreamBadResponse 502  a 200 that is not an answer (an error body, no choices)
+        │   └── UpstreamStreamBroken 502 the stream broke off after chunks went out (never retried)
+        └── UpstreamTimeout       504   no answer within the provider's timeout
 
 Adapters raise the ``Upstream*`` errors; the API renders any ``GatewayError`` in the caller's own
-protocol's error shape. Errors cross from worker to API as :meth:`GatewayError.to_dict`.
+protocol's error shape. Errors cross from worker to API as :meth:`GatewayError.to_dict` and come back
+as the same class with :meth:`GatewayError.from_dict` (every subclass is found by name).
 """
+
 
 from __future__ import annotations
 
@@ -89,10 +104,58 @@ class QueueTimeout(GatewayError):
     code = "queue_timeout"
 
 
-class ProviderUnavailable(GatewayError):
+class ExceedsLimit(InvalidRequest):
+    code = "request_exceeds_limit"
+
+
+class JobCancelled(JobConflict):
+    code = "job_cancelled"
+
+
+class IdempotencyConflict(GatewayError):
+    status = 422
+    type = "invalid_request_error"
+    code = "idempotency_key_reused"
+
+
+class ClientGone(GatewayError):
+    status = 499
+    type = "client_closed"
+    code = "client_closed"
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "api_error"
+    code = "internal_error"
+
+
+class ServiceUnavailable(GatewayError):
     status = 503
     type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class ProviderUnavailable(ServiceUnavailable):
     code = "provider_not_configured"
+
+
+class QueueUnavailable(ServiceUnavailable):
+    code = "queue_unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+
+
+class OutcomeUnknown(ServiceUnavailable):
+    code = "outcome_unknown"
+
+
+class JobTimeout(GatewayError):
+    status = 504
+    type = "timeout_error"
+    code = "job_timeout"
 
 
 class UpstreamError(GatewayError):
@@ -124,9 +187,20 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
-_BY_NAME: dict[str, type[GatewayError]] = {
-    cls.__name__: cls
-    for cls in (GatewayError, InvalidRequest, AuthenticationFailed, NotFound, ModelNotFound, JobConflict,
-                PayloadTooLarge, QueueTimeout, ProviderUnavailable, UpstreamError, UpstreamRejected,
-                UpstreamRateLimited, UpstreamUnavailable, UpstreamTimeout)
-}
+class UpstreamCredentialsRejected(UpstreamUnavailable):
+    code = "upstream_auth_failed"
+
+
+class UpstreamBadResponse(UpstreamUnavailable):
+    code = "upstream_bad_response"
+
+
+class UpstreamStreamBroken(UpstreamUnavailable):
+    code = "upstream_stream_broken"
+
+
+def _subclasses(cls: type[GatewayError]) -> list[type[GatewayError]]:
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]
+
+
+_BY_NAME: dict[str, type[GatewayError]] = {cls.__name__: cls for cls in _subclasses(GatewayError)}
