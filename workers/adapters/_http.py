@@ -11,6 +11,7 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 from common.errors import (
+    UpstreamCredentialsRejected,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -61,8 +62,8 @@ def status_error(provider: str, status: int, message: str, *, retry_after: float
 
 
 def credential_error(provider: str, status: int) -> UpstreamError:
-    return UpstreamUnavailable(f"{provider} rejected the gateway's credentials (HTTP {status}); "
-                               "the operator must fix its API key", code="upstream_auth_failed")
+    return UpstreamCredentialsRejected(f"{provider} rejected the gateway's credentials (HTTP {status}); "
+                                       "the operator must fix its API key")
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
