@@ -48,7 +48,8 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
         "--worker-class", "gevent",
         "--workers", str(args.workers),
         "--worker-connections", str(args.connections),
-        "--bind", f"{args.host or settings.api_host}:{args.port or settings.api_port}",
+        # --port 0: the OS picks a free port; gunicorn logs it ("Listening at: …") — how tests avoid races
+        "--bind", f"{args.host or settings.api_host}:{settings.api_port if args.port is None else args.port}",
         "--graceful-timeout", "10",
         "--keep-alive", "75",
         "--no-control-socket",  # one fixed path per user: several APIs on a machine would fight over it

@@ -1,17 +1,28 @@
-"""Fixtures that run the real thing: a fresh Postgres database migrated by Alembic, an isolated
-Redis key prefix, the fake OpenAI upstream, real ``celery worker`` processes and the real API under
-gunicorn+gevent — all started through the same CLI operators use."""
+"""Fixtures that run the real thing: a Postgres database migrated by Alembic, a Redis key prefix, the fake
+OpenAI upstream, real ``celery worker`` processes and the real API under gunicorn+gevent — all started
+through the same CLI operators use.
+
+Isolation: every test *module* gets its own database (a copy of one template migrated once per run),
+its own Redis key prefix (so its own queues, limiter windows and job keys), its own fake upstream,
+workers and API. Nothing a module does — deleting a queue, filling an RPM window, leaving usage rows —
+is seen by another module. Tests inside one module share them and run in file order.
+
+No child binds a port chosen beforehand: the API and the fakes bind port 0 and say which port they got
+(gunicorn's ``Listening at:`` line, the fakes' ``READY <port>``), so concurrent test runs never collide.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -24,76 +35,119 @@ from tests.fakeprovider import FakeProvider
 
 ROOT = Path(__file__).resolve().parents[2]
 VISIBILITY_TIMEOUT = 10  # seconds; small so the crash test sees redelivery quickly
+_TASK_ENDED = re.compile(r"\] Task [\w.]+\[([^\]]+)\] (?:succeeded in|raised)")
+_LISTENING = re.compile(r"Listening at: http://[^\s]+:(\d+) ")
 
 pytestmark = pytest.mark.integration
 
 
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> None:
+    """Return as soon as ``predicate()`` is truthy; fail the test if it is not within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
 def free_port() -> int:
+    """A port that was free a moment ago. Racy by nature (another process may bind it before the caller
+    does): prefer letting the child bind port 0 and report its port, as :class:`Api` does."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _admin_url() -> str:
     return TEST_DATABASE_URL.replace("postgresql+psycopg://", "postgresql://")
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    name = "gwtest_" + secrets.token_hex(4)
-    with psycopg.connect(_admin_url(), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = _admin_url().rpartition("/")
-    url = f"{base}/{name}"
-    subprocess.run([sys.executable, "-m", "launcher.cli", "migrate"], cwd=ROOT, check=True,
-                   env={**os.environ, "DATABASE_URL": url, "REDIS_URL": TEST_REDIS_URL}, capture_output=True)
-    yield url
+def _database_url(name: str) -> str:
+    return f"{_admin_url().rpartition('/')[0]}/{name}"
+
+
+def _drop_database(name: str) -> None:
     with psycopg.connect(_admin_url(), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
+def _template_database() -> Iterator[str]:
+    """One database migrated by ``llm-gateway migrate`` per run; each module copies it (milliseconds)."""
+    name = "gwtmpl_" + secrets.token_hex(4)
+    with psycopg.connect(_admin_url(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        subprocess.run([sys.executable, "-m", "launcher.cli", "migrate"], cwd=ROOT, check=True,
+                       env={**os.environ, "DATABASE_URL": _database_url(name), "REDIS_URL": TEST_REDIS_URL},
+                       capture_output=True)
+        yield name
+    finally:
+        _drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def database_url(_template_database: str) -> Iterator[str]:
+    """This module's own database, migrated (a copy of the run's template)."""
+    name = "gwtest_" + secrets.token_hex(4)
+    with psycopg.connect(_admin_url(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{_template_database}"')
+    yield _database_url(name)
+    _drop_database(name)
+
+
+@pytest.fixture(scope="module")
 def fake() -> Iterator[FakeProvider]:
     with FakeProvider() as provider:
         yield provider
 
 
-@pytest.fixture(scope="session")
-def prefix() -> Iterator[str]:
-    value = "gwtest" + secrets.token_hex(4)
-    yield value
+def delete_prefix(prefix: str) -> None:
+    """Delete every Redis key under ``prefix:``."""
     client = redis.Redis.from_url(TEST_REDIS_URL)
-    keys = list(client.scan_iter(f"{value}:*", count=1000))
+    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
     for i in range(0, len(keys), 500):
         client.delete(*keys[i:i + 500])
+    client.close()
 
 
-@pytest.fixture(scope="session")
-def gateway_env(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, database_url: str,
-                prefix: str) -> dict[str, str]:
-    """Providers: ``fake`` (served by the session's workers), ``stalled`` (no worker unless a test
-    starts one: jobs wait in line), ``crashy`` (workers a test may kill), ``wide`` (a worker pool of
-    400 greenlets) and the limited ones below."""
-    config = tmp_path_factory.mktemp("config") / "registry.yaml"
-    providers = "\n".join(
-        f"  {name}:\n    kind: openai\n    base_url: {fake.base_url}\n    api_key_env: FAKE_API_KEY\n"
-        f"    pool: {pool}\n    max_retries: 1\n    timeout: 30"
-        for name, pool in (("fake", 64), ("stalled", 64), ("crashy", 64), ("wide", 400)))
+@pytest.fixture(scope="module")
+def prefix() -> Iterator[str]:
+    """This module's own Redis key prefix: its queues, job keys and limiter state."""
+    value = "gwtest" + secrets.token_hex(4)
+    yield value
+    delete_prefix(value)
+
+
+def _registry_yaml(base_url: str) -> str:
+    provider = ("  {name}:\n    kind: openai\n    base_url: " + base_url + "\n    api_key_env: {key}\n"
+                "    pool: {pool}\n    max_retries: 1\n    timeout: 30\n")
+    plain = (("fake", 64), ("stalled", 64), ("crashy", 64), ("wide", 400))
     limited = {"limited": "{concurrency: 2}", "metered": "{tpm: 400}", "fair": "{concurrency: 1}",
                "leasy": "{concurrency: 1}"}
-    providers += "\n" + "\n".join(
-        f"  {name}:\n    kind: openai\n    base_url: {fake.base_url}\n    api_key_env: FAKE_API_KEY\n"
-        f"    pool: 64\n    max_retries: 1\n    timeout: 30\n    limits: {limits}"
-        for name, limits in limited.items())
-    models = "\n".join(
-        f"  {alias}:\n    provider: {provider}\n    model: fake-model\n    price: {{input: 1.0, output: 2.0}}"
-        for alias, provider in (("fake-model", "fake"), ("stalled-model", "stalled"), ("crashy-model", "crashy"),
-                                ("wide-model", "wide"),
-                                ("limited-model", "limited"), ("metered-model", "metered"), ("fair-model", "fair"),
-                                ("leasy-model", "leasy")))
-    config.write_text(f"providers:\n{providers}\n  nokey:\n    kind: openai\n    base_url: {fake.base_url}\n"
-                      f"    api_key_env: GATEWAY_TEST_UNSET_KEY\nmodels:\n{models}\n"
-                      f"  nokey-model:\n    provider: nokey\n    model: fake-model\n")
+    providers = "".join(provider.format(name=name, key="FAKE_API_KEY", pool=pool) for name, pool in plain)
+    providers += "".join(provider.format(name=name, key="FAKE_API_KEY", pool=64) + f"    limits: {limits}\n"
+                         for name, limits in limited.items())
+    providers += provider.format(name="nokey", key="GATEWAY_TEST_UNSET_KEY", pool=64)
+    model = "  {alias}:\n    provider: {provider}\n    model: fake-model\n"
+    priced = model + "    price: {{input: 1.0, output: 2.0}}\n"
+    models = "".join(priced.format(alias=f"{name}-model", provider=name)
+                     for name in [*(n for n, _ in plain), *limited])
+    models += model.format(alias="nokey-model", provider="nokey")
+    return f"providers:\n{providers}models:\n{models}"
+
+
+@pytest.fixture(scope="module")
+def gateway_env(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, database_url: str,
+                prefix: str) -> dict[str, str]:
+    """Providers: ``fake`` (served by the module's workers), ``stalled`` (no worker unless a test
+    starts one: jobs wait in line), ``crashy`` (workers a test may kill), ``wide`` (a worker pool of
+    400 greenlets), the limited ones (``limited``: concurrency 2, ``metered``: tpm 400, ``fair`` and
+    ``leasy``: concurrency 1) and ``nokey`` (no upstream credentials). Each ``<p>`` has a model
+    ``<p>-model`` (``fake``'s is ``fake-model``)."""
+    config = tmp_path_factory.mktemp("config") / "registry.yaml"
+    config.write_text(_registry_yaml(fake.base_url))
     return {
         **os.environ,
         "REDIS_URL": TEST_REDIS_URL,
@@ -128,17 +182,23 @@ class Process:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout`` s."""
         if self.proc.poll() is None:
             self.terminate()
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
         self._log_file.close()
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def finished_tasks(self) -> list[str]:
+        """Ids of the jobs whose task this (worker) process has finished, in order — however it ended
+        (run, skipped as withdrawn, failed). Once a job's task is here, this worker will not touch it."""
+        return _TASK_ENDED.findall(self.output())
 
 
 class WorkerFactory:
@@ -147,14 +207,33 @@ class WorkerFactory:
         self.logs = logs
         self.count = 0
 
-    def start(self, provider: str, name: str | None = None) -> Process:
+    def spawn(self, provider: str, name: str | None = None) -> Process:
+        """Start a worker on ``llm.<provider>`` without waiting for it (see :meth:`wait_ready`)."""
         self.count += 1
         name = name or f"{provider}{self.count}"
-        proc = Process(["worker", "--provider", provider, "--name", name, "--loglevel", "info"],
+        return Process(["worker", "--provider", provider, "--name", name, "--loglevel", "info"],
                        self.env, self.logs / f"worker-{name}.log")
-        wait_until(lambda: "ready." in proc.output() or proc.proc.poll() is not None, 30)
+
+    @staticmethod
+    def wait_ready(proc: Process, timeout: float = 30) -> Process:
+        wait_until(lambda: "ready." in proc.output() or proc.proc.poll() is not None, timeout)
         assert proc.proc.poll() is None, proc.output()
         return proc
+
+    def start(self, provider: str, name: str | None = None) -> Process:
+        return self.wait_ready(self.spawn(provider, name))
+
+    def start_many(self, specs: list[tuple[str, str | None]]) -> list[Process]:
+        """Start several workers at once (``(provider, name)`` each) and wait for all: they boot in
+        parallel. If one fails to start, all are stopped."""
+        procs = [self.spawn(provider, name) for provider, name in specs]
+        try:
+            for proc in procs:
+                self.wait_ready(proc)
+        except BaseException:
+            stop_all(procs)
+            raise
+        return procs
 
 
 def stop_all(processes: list[Process]) -> None:
@@ -165,13 +244,13 @@ def stop_all(processes: list[Process]) -> None:
         proc.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def worker_factory(gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> WorkerFactory:
     return WorkerFactory(gateway_env, tmp_path_factory.mktemp("logs"))
 
 
 @pytest.fixture
-def start_worker(worker_factory: WorkerFactory):
+def start_worker(worker_factory: WorkerFactory) -> Iterator[Callable[..., Process]]:
     """Start extra workers for one test; they are stopped when the test ends."""
     started: list[Process] = []
 
@@ -184,49 +263,86 @@ def start_worker(worker_factory: WorkerFactory):
     stop_all(started)
 
 
-@pytest.fixture(scope="session")
-def workers(worker_factory: WorkerFactory) -> Iterator[list[Process]]:
-    """Two real Celery worker processes on ``llm.fake`` for the whole session."""
-    procs = [worker_factory.start("fake", "a"), worker_factory.start("fake", "b")]
+@pytest.fixture(scope="module")
+def _fake_workers(worker_factory: WorkerFactory) -> Iterator[list[Process]]:
+    """The module's two ``llm.fake`` workers, spawned (not yet ready: see ``workers``)."""
+    procs = [worker_factory.spawn("fake", "a"), worker_factory.spawn("fake", "b")]
     yield procs
     stop_all(procs)
 
 
+@pytest.fixture(scope="module")
+def workers(_fake_workers: list[Process]) -> list[Process]:
+    """Two real Celery worker processes on ``llm.fake`` for the module, ready."""
+    for proc in _fake_workers:
+        WorkerFactory.wait_ready(proc)
+    return _fake_workers
+
+
 class Api:
+    """``llm-gateway api`` on a port of its own choosing; ``port`` and ``url`` are known once started."""
+
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env = env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.port: int | None = None
         self.process: Process | None = None
 
-    def start(self) -> Api:
-        self.process = Process(["api", "--port", str(self.port)], self.env, self.log)
-        wait_until(self._healthy, 30)
+    @property
+    def url(self) -> str:
+        assert self.port is not None, "the API has not been started"
+        return f"http://127.0.0.1:{self.port}"
+
+    def launch(self) -> Api:
+        """Start the process; :meth:`wait_ready` waits for it to serve."""
+        self.port = None
+        self.process = Process(["api", "--port", "0"], self.env, self.log)
         return self
+
+    def wait_ready(self, timeout: float = 30) -> Api:
+        wait_until(self._healthy, timeout)
+        return self
+
+    def start(self) -> Api:
+        return self.launch().wait_ready()
 
     def _healthy(self) -> bool:
         assert self.process is not None and self.process.proc.poll() is None, self.process.output()
+        if self.port is None:
+            listening = _LISTENING.search(self.process.output())
+            if listening is None:
+                return False
+            self.port = int(listening.group(1))
         try:
             return requests.get(f"{self.url}/health", timeout=5).status_code == 200
         except (requests.ConnectionError, requests.Timeout):
             return False
 
     def restart(self) -> None:
+        """Stop and start again (on a new port: read ``url`` afresh)."""
         assert self.process is not None
         self.process.stop()
         self.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2) -> None:
+        """SIGTERM; killed after ``timeout`` s (gunicorn would wait out idle keep-alive connections that
+        clients still hold; the API keeps no state worth a longer wait)."""
         if self.process is not None:
-            self.process.stop()
+            self.process.stop(timeout)
 
 
-@pytest.fixture(scope="session")
-def api(gateway_env: dict[str, str], workers: list[Process], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    server = Api(gateway_env, tmp_path_factory.mktemp("api") / "api.log").start()
-    yield server
-    server.stop()
+@pytest.fixture(scope="module")
+def api(gateway_env: dict[str, str], _fake_workers: list[Process],
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """The module's API (auth off), with its two ``llm.fake`` workers ready; both boot in parallel."""
+    server = Api(gateway_env, tmp_path_factory.mktemp("api") / "api.log").launch()
+    try:
+        with ThreadPoolExecutor(len(_fake_workers)) as pool:
+            list(pool.map(WorkerFactory.wait_ready, _fake_workers))
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -239,12 +355,3 @@ def _fresh_fake(request: pytest.FixtureRequest) -> None:
 def db(database_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")

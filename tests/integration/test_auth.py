@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import openai
 import pytest
 import requests
 
-from tests.integration.conftest import ROOT, Api
+from api.auth import CACHE_SECONDS
+from tests.integration.conftest import ROOT, Api, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,10 +51,18 @@ def test_keys_are_required_hashed_and_revocable(secured_api, gateway_env, db):
     assert requests.get(f"{secured_api.url}/v1/jobs/{job['id']}", headers={"x-api-key": other}).status_code == 404
     assert requests.get(f"{secured_api.url}/v1/jobs/{job['id']}", headers={"x-api-key": secret}).status_code == 200
 
+    # the sync call was billed to the key that made it
+    wait_until(lambda: db.execute("SELECT api_key_id FROM usage WHERE job_id = %s", (job_id,)).fetchall(), 10)
+    assert db.execute("SELECT api_key_id FROM usage WHERE job_id = %s", (job_id,)).fetchall() == [(key_id,)]
+
     assert "revoked" in cli(gateway_env, "keys", "revoke", key_id)
+    revoked_at = time.monotonic()
     assert key_id in cli(gateway_env, "keys", "list")
-    import time
-    time.sleep(5.5)  # the API caches active keys for 5 s
+
+    def refused() -> bool:
+        return requests.post(f"{secured_api.url}/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    wait_until(refused, CACHE_SECONDS + 5, interval=0.5)  # the API caches active keys this long
+    assert time.monotonic() - revoked_at < CACHE_SECONDS + 2
     with pytest.raises(openai.AuthenticationError):
         sdk.chat.completions.create(**body)
-    assert job_id

@@ -26,7 +26,7 @@ def test_openai_sdk_gets_the_upstream_answer_with_gateway_metadata(api, fake, db
     assert completion.usage.prompt_tokens == 2 and completion.usage.completion_tokens == 3
     assert raw.headers["x-gateway-provider"] == "fake"
     assert raw.headers["x-gateway-model"] == "fake-model"
-    assert int(raw.headers["x-gateway-queue-wait-ms"]) >= 0
+    assert 0 <= int(raw.headers["x-gateway-queue-wait-ms"]) < 10_000  # idle workers: it hardly waited
     assert raw.headers["x-request-id"]
     # price 1.0 in / 2.0 out per 1M tokens: 2 * 1 + 3 * 2 = 8 per 1M
     assert raw.headers["x-gateway-cost-usd"] == "0.000008"

@@ -8,19 +8,15 @@ connections, so every Ollama call also goes through failover to its second host.
 from __future__ import annotations
 
 import json
-import secrets
 import socket
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
 import pytest
-import redis
 
-from tests.conftest import TEST_REDIS_URL
 from tests.fake_native import FakeNative
-from tests.integration.conftest import Api, Process, WorkerFactory, stop_all, wait_until
+from tests.integration.conftest import Api, WorkerFactory, stop_all, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -37,10 +33,13 @@ WEATHER = {"type": "function", "function": {
 PREAMBLE = {"anthropic": "Let me check the weather.", "ollama": None, "gemini": None}
 
 
-def _refusing_url() -> str:
+@pytest.fixture(scope="module")
+def refusing_url() -> Iterator[str]:
+    """A local port that refuses connections: bound, never listening, and held for the module so that
+    no other process can take it meanwhile."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +54,15 @@ def _fresh_native(native: FakeNative) -> None:
 
 
 @pytest.fixture(scope="module")
-def native_env(gateway_env: dict[str, str], native: FakeNative,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """The session's environment with a registry of native providers and a Redis prefix of its own."""
+def native_env(gateway_env: dict[str, str], native: FakeNative, refusing_url: str,
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The module's environment with a registry of native providers."""
     config = tmp_path_factory.mktemp("native") / "registry.yaml"
     config.write_text(f"""\
 providers:
   nat-anthropic: {{kind: anthropic, base_url: "{native.url}", api_key_env: NATIVE_ANTHROPIC_KEY, pool: 8,
                   max_retries: 1, timeout: 30}}
-  nat-ollama: {{kind: ollama, base_url: "{_refusing_url()}", fallback_base_urls: ["{native.url}"],
+  nat-ollama: {{kind: ollama, base_url: "{refusing_url}", fallback_base_urls: ["{native.url}"],
                requires_key: false, pool: 8, max_retries: 1, timeout: 30}}
   nat-gemini: {{kind: gemini, base_url: "{native.url}", api_key_env: NATIVE_GEMINI_KEY, pool: 8,
                max_retries: 1, timeout: 30}}
@@ -73,24 +72,13 @@ models:
   llama-unpulled: {{provider: nat-ollama, model: missing-llama}}
   gemini-native: {{provider: nat-gemini, model: gemini-2.5-flash}}
 """)
-    prefix = "gwnative" + secrets.token_hex(4)
-    yield {**gateway_env, "GATEWAY_CONFIG": str(config), "GATEWAY_KEY_PREFIX": prefix,
-           "NATIVE_ANTHROPIC_KEY": KEY, "NATIVE_GEMINI_KEY": KEY}
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-    for i in range(0, len(keys), 500):
-        client.delete(*keys[i:i + 500])
+    return {**gateway_env, "GATEWAY_CONFIG": str(config), "NATIVE_ANTHROPIC_KEY": KEY, "NATIVE_GEMINI_KEY": KEY}
 
 
 @pytest.fixture(scope="module")
 def native_api(native_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     logs = tmp_path_factory.mktemp("native-logs")
-    factory = WorkerFactory(native_env, logs)
-    workers: list[Process] = []
-    with ThreadPoolExecutor(len(ROUTES)) as pool:  # they start in parallel: ~3x quicker
-        starts = [pool.submit(factory.start, provider, provider) for _, provider, _ in ROUTES.values()]
-        for start in starts:
-            workers.append(start.result())
+    workers = WorkerFactory(native_env, logs).start_many([(provider, provider) for _, provider, _ in ROUTES.values()])
     server = Api(native_env, logs / "api.log").start()
     yield server
     server.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -33,7 +32,9 @@ def test_a_burst_from_one_key_is_interleaved_with_another_keys_call(keyed_api, g
     with ThreadPoolExecutor(8) as pool:
         burst = [pool.submit(call, key_a, f"sleep:0.4 a{i}") for i in range(6)]
         wait_until(lambda: fake.stats()["in_flight"] == 1, 10)
-        time.sleep(0.3)  # the rest of the burst is in line before the polite key's call arrives
+        # the rest of the burst is in line before the polite key's call arrives
+        wait_until(lambda: requests.get(f"{keyed_api.url}/v1/limits", headers={"Authorization": f"Bearer {key_a}"})
+                   .json()["providers"]["fair"]["waiting_in_line"] == 5, 10)
         polite = pool.submit(call, key_b, "b")
         assert polite.result() == 200 and all(f.result() == 200 for f in burst)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import requests
 
@@ -68,8 +66,8 @@ def test_cancelled_job_never_runs(api, fake, start_worker):
     assert "cancelled" in r.json()["timestamps"]
     again = requests.delete(f"{api.url}/v1/jobs/{accepted['id']}")
     assert again.status_code == 409
-    start_worker("stalled")
-    time.sleep(1.5)
+    worker = start_worker("stalled")
+    wait_until(lambda: accepted["id"] in worker.finished_tasks(), 15)  # its message was taken and dropped
     assert get(api, accepted["id"])["status"] == "cancelled"
     assert fake.stats()["by_content"].get("cancel me") is None
 
@@ -95,12 +93,12 @@ def test_worker_killed_mid_call_job_completes_once_with_one_usage_row(api, fake,
     wait_until(lambda: fake.stats()["in_flight"] == 1, 15)
     first.kill()  # SIGKILL mid-call: the message is unacked, the job's lease stops being renewed
 
-    start_worker("crashy", "crash2")
+    second = start_worker("crashy", "crash2")
     # redelivered after the visibility timeout, taken over once the dead worker's lease lapsed
     job = wait_for_status(api, accepted["id"], "succeeded", timeout=VISIBILITY_TIMEOUT * 4)
     assert job["attempts"] == 2
     assert job["result"]["choices"][0]["message"]["content"] == "echo: sleep:3 survive a crash"
     assert fake.stats()["by_content"]["sleep:3 survive a crash"] == 2  # the killed call + the one that finished
-    time.sleep(1)
+    wait_until(lambda: accepted["id"] in second.finished_tasks(), 10)  # nothing will write for it any more
     rows = db.execute("SELECT call_id, outcome FROM usage WHERE job_id = %s", (accepted["id"],)).fetchall()
     assert rows == [(f"{accepted['id']}:2:1", "success")]

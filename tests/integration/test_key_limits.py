@@ -36,7 +36,7 @@ def quota_env(gateway_env, fake, tmp_path_factory):
 @pytest.fixture(scope="module")
 def quota_api(quota_env, tmp_path_factory):
     logs = tmp_path_factory.mktemp("quota-logs")
-    workers = [WorkerFactory(quota_env, logs).start("quota", "q1"), WorkerFactory(quota_env, logs).start("quota", "q2")]
+    workers = WorkerFactory(quota_env, logs).start_many([("quota", "q1"), ("quota", "q2")])
     server = Api(quota_env, logs / "api.log").start()
     yield server
     server.stop()
@@ -59,7 +59,9 @@ def test_a_key_at_its_concurrency_waits_while_another_key_passes_it(quota_api, q
         started = time.monotonic()
         burst = [pool.submit(chat, quota_api, busy, f"sleep:0.8 busy {i}") for i in range(3)]
         wait_until(lambda: fake.stats()["in_flight"] == 1, 10)
-        time.sleep(0.2)  # the busy key's other two calls are in line, ahead of the other key's
+        # the busy key's other two calls are in line, ahead of the other key's
+        wait_until(lambda: requests.get(f"{quota_api.url}/v1/limits", headers={"Authorization": f"Bearer {busy}"})
+                   .json()["providers"]["quota"]["waiting_in_line"] == 2, 10)
         t0 = time.monotonic()
         r = chat(quota_api, other, "other")
         passed_after = time.monotonic() - t0

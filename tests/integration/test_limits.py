@@ -41,7 +41,7 @@ def test_burst_above_concurrency_waits_in_line_and_never_exceeds_it(api, fake, s
 
 
 def test_call_expiring_in_line_gets_429_and_never_reaches_upstream(api, fake, start_worker):
-    start_worker("limited")
+    worker = start_worker("limited")
     with ThreadPoolExecutor(3) as pool:
         busy = [pool.submit(chat, api, "limited-model", f"sleep:2.5 hog {i}") for i in range(2)]
         wait_until(lambda: fake.stats()["in_flight"] == 2, 10)
@@ -50,7 +50,7 @@ def test_call_expiring_in_line_gets_429_and_never_reaches_upstream(api, fake, st
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_timeout"
         assert int(r.headers["Retry-After"]) >= 1
         assert all(f.result().status_code == 200 for f in busy)
-    time.sleep(0.5)
+    wait_until(lambda: len(worker.finished_tasks()) == 3, 10)  # the late one's task is over too
     assert "too late" not in fake.stats()["by_content"]
     assert limits(api, "limited")["waiting_in_line"] == 0
 

@@ -56,12 +56,18 @@ class Line:
                                     proc_id=proc)
 
     def published(self) -> list[str]:
-        out, deadline = [], time.monotonic() + 0.3
+        """Everything published on the wake channel so far. Proof of absence, not a timed wait: a marker
+        published now arrives after every earlier message (one channel, one subscriber connection)."""
+        marker = "end-" + secrets.token_hex(4)
+        self.limiter.redis.publish(self.limiter.wake_channel, marker)
+        out, deadline = [], time.monotonic() + 5
         while time.monotonic() < deadline:
-            message = self.wakes.get_message(timeout=0.05)
+            message = self.wakes.get_message(timeout=0.1)
             if message and message["type"] == "message":
+                if message["data"].decode() == marker:
+                    return out
                 out.append(message["data"].decode())
-        return out
+        raise AssertionError(f"the marker never arrived; got {out}")
 
     def order(self) -> list[str]:
         return [m.decode() for m in self.limiter.redis.zrange(self.limiter.key(PROVIDER, "line"), 0, -1)]

@@ -14,7 +14,13 @@ import ollama
 import openai
 import pytest
 
-from tests.integration.test_egress_native import ROUTES, native, native_api, native_env  # noqa: F401
+from tests.integration.test_egress_native import (  # noqa: F401 (fixtures)
+    ROUTES,
+    native,
+    native_api,
+    native_env,
+    refusing_url,
+)
 
 pytestmark = pytest.mark.integration
 
