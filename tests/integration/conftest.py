@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -32,6 +33,7 @@ import requests
 
 from tests.conftest import TEST_DATABASE_URL, TEST_REDIS_URL
 from tests.fakeprovider import FakeProvider
+from tests.faults import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 VISIBILITY_TIMEOUT = 10  # seconds; small so the crash test sees redelivery quickly
@@ -355,3 +357,43 @@ def _fresh_fake(request: pytest.FixtureRequest) -> None:
 def db(database_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
+
+
+class FaultProxies:
+    """TCP proxies in front of the test Redis and Postgres (``tests/faults.py``), and ``env``: the
+    module's ``gateway_env`` with ``REDIS_URL`` and ``DATABASE_URL`` through them. Processes started
+    with ``env`` lose Redis or Postgres when a test cuts ``redis`` or ``postgres``; the test itself
+    still reaches both directly (``TEST_REDIS_URL``, ``database_url``) to look at the state."""
+
+    def __init__(self, gateway_env: dict[str, str]) -> None:
+        redis_url, database = gateway_env["REDIS_URL"], gateway_env["DATABASE_URL"]
+        redis_at, postgres_at = urlsplit(redis_url), urlsplit(database)
+        self.redis = TcpProxy(redis_at.hostname or "127.0.0.1", redis_at.port or 6379)
+        self.postgres = TcpProxy(postgres_at.hostname or "127.0.0.1", postgres_at.port or 5432)
+        self.env = {**gateway_env, "REDIS_URL": self.redis.url(redis_url),
+                    "DATABASE_URL": self.postgres.url(database)}
+
+    def restore(self) -> None:
+        self.redis.restore()
+        self.postgres.restore()
+
+    def close(self) -> None:
+        self.redis.close()
+        self.postgres.close()
+
+
+@pytest.fixture(scope="module")
+def fault_proxies(gateway_env: dict[str, str]) -> Iterator[FaultProxies]:
+    """The module's :class:`FaultProxies`: start the workers and API of an outage test with its ``env``
+    (module-scoped, so that module-scoped processes can use it; prefer ``faults`` in tests)."""
+    proxies = FaultProxies(gateway_env)
+    yield proxies
+    proxies.close()
+
+
+@pytest.fixture
+def faults(fault_proxies: FaultProxies) -> Iterator[FaultProxies]:
+    """The module's :class:`FaultProxies`, restored when the test ends (passed or not): an outage
+    never leaks into the next test."""
+    yield fault_proxies
+    fault_proxies.restore()
