@@ -430,11 +430,12 @@ def test_closing_the_stream_aborts_the_upstream_call(fake, kind):
 
 
 @pytest.fixture
-def refusing_url() -> str:
-    """A local port nobody listens on: connections are refused at once."""
+def refusing_url() -> Iterator[str]:
+    """A local port nobody listens on: connections are refused at once. Bound (never listening) for
+    the whole test, so that no other process can take it meanwhile."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture
