@@ -1,6 +1,7 @@
 """A test server run as its own process — ``python -m <module> ... --port 0`` — that prints
-``READY <port>`` once it listens (:func:`announce_and_serve`, in the child; :class:`ServerProcess`, in the parent). The fake upstreams (``tests/fakeprovider.py``,
-``tests/fake_native.py``) run this way so that the gateway under test reaches them over real HTTP."""
+``READY <port>`` once it listens (:func:`announce_and_serve`, in the child; :class:`ServerProcess`, in
+the parent). The fake upstreams (``tests/fakeprovider.py``, ``tests/fake_native.py``) run this way so
+that the gateway under test reaches them over real HTTP."""
 
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def secured_api(gateway_env, workers, tmp_path_factory):
-    server = Api({**gateway_env, "GATEWAY_AUTH": "required"}, tmp_path_factory.mktemp("secured") / "api.log").start()
+    env = {**gateway_env, "GATEWAY_AUTH": "required"}
+    server = Api(env, tmp_path_factory.mktemp("secured") / "api.log").start()
     yield server
     server.stop()
 
@@ -48,8 +49,9 @@ def test_keys_are_required_hashed_and_revocable(secured_api, gateway_env, db):
     job = requests.post(f"{secured_api.url}/v1/jobs", json=body, headers={"x-api-key": secret}).json()
     other_out = cli(gateway_env, "keys", "create", "--name", "other")
     other = other_out.strip().splitlines()[-1]
-    assert requests.get(f"{secured_api.url}/v1/jobs/{job['id']}", headers={"x-api-key": other}).status_code == 404
-    assert requests.get(f"{secured_api.url}/v1/jobs/{job['id']}", headers={"x-api-key": secret}).status_code == 200
+    job_url = f"{secured_api.url}/v1/jobs/{job['id']}"
+    assert requests.get(job_url, headers={"x-api-key": other}).status_code == 404
+    assert requests.get(job_url, headers={"x-api-key": secret}).status_code == 200
 
     # the sync call was billed to the key that made it
     wait_until(lambda: db.execute("SELECT api_key_id FROM usage WHERE job_id = %s", (job_id,)).fetchall(), 10)

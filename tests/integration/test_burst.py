@@ -19,12 +19,13 @@ pytestmark = pytest.mark.integration
 JOBS = 300
 
 
-def test_hundreds_of_jobs_at_once_on_one_worker_are_all_delivered_run_and_acked(api, fake, start_worker, prefix):
+def test_hundreds_of_jobs_at_once_on_one_worker_are_all_delivered_run_and_acked(api, fake, start_worker,
+                                                                                prefix):
     worker = start_worker("wide")  # 400 greenlets
     ids = []
     for i in range(JOBS):
-        r = requests.post(f"{api.url}/v1/jobs", json={"model": "wide-model",
-                                                       "messages": [{"role": "user", "content": f"sleep:1 w{i}"}]})
+        r = requests.post(f"{api.url}/v1/jobs", json={
+            "model": "wide-model", "messages": [{"role": "user", "content": f"sleep:1 w{i}"}]})
         assert r.status_code == 202
         ids.append(r.json()["id"])
 

@@ -50,7 +50,8 @@ def test_thirty_concurrent_calls_each_get_their_own_answer(api, fake):
     sdk = client(api)
 
     def ask(i: int) -> str:
-        reply = sdk.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": f"question {i}"}])
+        reply = sdk.chat.completions.create(model="fake-model",
+                                            messages=[{"role": "user", "content": f"question {i}"}])
         return reply.choices[0].message.content
 
     with ThreadPoolExecutor(30) as pool:
@@ -87,23 +88,28 @@ BAD_REQUESTS = [
      "'messages'"),
     ("empty-messages", json.dumps({"model": "fake-model", "messages": []}).encode(), {}, 400, "invalid_value",
      "messages"),
-    ("bad-role", json.dumps({"model": "fake-model", "messages": [{"role": "robot", "content": "x"}]}).encode(),
+    ("bad-role",
+     json.dumps({"model": "fake-model", "messages": [{"role": "robot", "content": "x"}]}).encode(),
      {}, 400, "invalid_value", "messages.0.role"),
-    ("temperature-string", json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x"}],
-                                       "temperature": "hot"}).encode(), {}, 400, "invalid_value", "temperature"),
+    ("temperature-string",
+     json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x"}],
+                 "temperature": "hot"}).encode(), {}, 400, "invalid_value", "temperature"),
     ("max-tokens-negative", json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x"}],
                                         "max_tokens": -5}).encode(), {}, 400, "invalid_value", "max_tokens"),
-    ("unknown-model", json.dumps({"model": "gpt-nope", "messages": [{"role": "user", "content": "x"}]}).encode(),
+    ("unknown-model",
+     json.dumps({"model": "gpt-nope", "messages": [{"role": "user", "content": "x"}]}).encode(),
      {}, 404, "model_not_found", "gpt-nope"),
     ("provider-without-key", json.dumps({"model": "nokey-model",
                                          "messages": [{"role": "user", "content": "x"}]}).encode(),
      {}, 503, "provider_not_configured", "GATEWAY_TEST_UNSET_KEY"),
-    ("max-wait-not-a-number", json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x"}],
-                                          "max_wait": "soon"}).encode(), {}, 400, None, "max_wait"),
+    ("max-wait-not-a-number",
+     json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x"}],
+                 "max_wait": "soon"}).encode(), {}, 400, None, "max_wait"),
     ("max-wait-header-too-large", json.dumps({"model": "fake-model",
                                               "messages": [{"role": "user", "content": "x"}]}).encode(),
      {"x-gateway-max-wait": "99999"}, 400, None, "at most"),
-    ("oversize", json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x" * 70000}]}).encode(),
+    ("oversize",
+     json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "x" * 70000}]}).encode(),
      {}, 413, "request_too_large", "exceeds"),
 ]
 
@@ -122,7 +128,8 @@ def test_bad_input_gets_a_clear_openai_shaped_4xx(api, fake, body, headers, stat
     assert fake.stats()["calls"] == 0  # nothing bad ever reaches the upstream
 
 
-@pytest.mark.parametrize("method,path,status", [("GET", "/v1/chat/completions", 405), ("GET", "/v1/nothing", 404)],
+@pytest.mark.parametrize("method,path,status",
+                         [("GET", "/v1/chat/completions", 405), ("GET", "/v1/nothing", 404)],
                          ids=["wrong-method", "unknown-path"])
 def test_routing_errors_are_openai_shaped(api, method, path, status):
     r = requests.request(method, f"{api.url}{path}")
@@ -132,26 +139,30 @@ def test_routing_errors_are_openai_shaped(api, method, path, status):
 
 def test_sdk_raises_its_own_error_types(api):
     with pytest.raises(openai.NotFoundError) as err:
-        client(api).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        client(api).chat.completions.create(model="no-such-model",
+                                            messages=[{"role": "user", "content": "x"}])
     assert err.value.body["code"] == "model_not_found"
 
 
 def test_upstream_4xx_reaches_the_client_as_that_4xx(api, fake):
     with pytest.raises(openai.UnprocessableEntityError) as err:
-        client(api).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "status:422 x"}])
+        client(api).chat.completions.create(model="fake-model",
+                                            messages=[{"role": "user", "content": "status:422 x"}])
     assert err.value.status_code == 422
     assert fake.stats()["calls"] == 1  # a client error is not retried
 
 
 def test_upstream_5xx_is_retried_then_succeeds(api, fake):
     fake.configure(fail_next={"count": 1, "status": 503})
-    reply = client(api).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "retry me"}])
+    reply = client(api).chat.completions.create(model="fake-model",
+                                                messages=[{"role": "user", "content": "retry me"}])
     assert reply.choices[0].message.content == "echo: retry me"
     assert fake.stats()["calls"] == 2
 
 
 def test_upstream_429_is_waited_out_within_max_wait(api, fake):
     fake.configure(fail_next={"count": 1, "status": 429, "retry_after": 1})
-    reply = client(api).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "patience"}])
+    reply = client(api).chat.completions.create(model="fake-model",
+                                                messages=[{"role": "user", "content": "patience"}])
     assert reply.choices[0].message.content == "echo: patience"
     assert fake.stats()["by_status"] == {"429": 1, "200": 1}

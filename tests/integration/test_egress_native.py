@@ -72,13 +72,15 @@ models:
   llama-unpulled: {{provider: nat-ollama, model: missing-llama}}
   gemini-native: {{provider: nat-gemini, model: gemini-2.5-flash}}
 """)
-    return {**gateway_env, "GATEWAY_CONFIG": str(config), "NATIVE_ANTHROPIC_KEY": KEY, "NATIVE_GEMINI_KEY": KEY}
+    return {**gateway_env, "GATEWAY_CONFIG": str(config),
+            "NATIVE_ANTHROPIC_KEY": KEY, "NATIVE_GEMINI_KEY": KEY}
 
 
 @pytest.fixture(scope="module")
 def native_api(native_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     logs = tmp_path_factory.mktemp("native-logs")
-    workers = WorkerFactory(native_env, logs).start_many([(provider, provider) for _, provider, _ in ROUTES.values()])
+    providers = [provider for _, provider, _ in ROUTES.values()]
+    workers = WorkerFactory(native_env, logs).start_many([(provider, provider) for provider in providers])
     server = Api(native_env, logs / "api.log").start()
     yield server
     server.stop()

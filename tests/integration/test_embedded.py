@@ -108,7 +108,8 @@ def test_redis_on_a_taken_port_fails_clearly_and_leaves_nothing(state_dir: Path)
 
 
 def test_one_state_directory_serves_one_launcher(state_dir: Path) -> None:
-    with start_embedded_redis(state_dir), pytest.raises(EmbeddedServerError, match="in use by another llm-gateway"):
+    in_use = pytest.raises(EmbeddedServerError, match="in use by another llm-gateway")
+    with start_embedded_redis(state_dir), in_use:
         start_embedded_redis(state_dir)
 
 

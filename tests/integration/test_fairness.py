@@ -15,25 +15,30 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def keyed_api(gateway_env, workers, tmp_path_factory):
-    server = Api({**gateway_env, "GATEWAY_AUTH": "required"}, tmp_path_factory.mktemp("fair") / "api.log").start()
+    env = {**gateway_env, "GATEWAY_AUTH": "required"}
+    server = Api(env, tmp_path_factory.mktemp("fair") / "api.log").start()
     yield server
     server.stop()
 
 
-def test_a_burst_from_one_key_is_interleaved_with_another_keys_call(keyed_api, gateway_env, fake, start_worker):
+def test_a_burst_from_one_key_is_interleaved_with_another_keys_call(keyed_api, gateway_env, fake,
+                                                                   start_worker):
     start_worker("fair")  # concurrency 1: strictly one call at a time
     key_a = cli(gateway_env, "keys", "create", "--name", "bursty").strip().splitlines()[-1]
     key_b = cli(gateway_env, "keys", "create", "--name", "polite").strip().splitlines()[-1]
 
     def call(key: str, content: str) -> int:
-        return requests.post(f"{keyed_api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                             json={"model": "fair-model", "messages": [{"role": "user", "content": content}]}).status_code
+        return requests.post(f"{keyed_api.url}/v1/chat/completions",
+                             headers={"Authorization": f"Bearer {key}"},
+                             json={"model": "fair-model",
+                                   "messages": [{"role": "user", "content": content}]}).status_code
 
     with ThreadPoolExecutor(8) as pool:
         burst = [pool.submit(call, key_a, f"sleep:0.4 a{i}") for i in range(6)]
         wait_until(lambda: fake.stats()["in_flight"] == 1, 10)
         # the rest of the burst is in line before the polite key's call arrives
-        wait_until(lambda: requests.get(f"{keyed_api.url}/v1/limits", headers={"Authorization": f"Bearer {key_a}"})
+        wait_until(lambda: requests.get(f"{keyed_api.url}/v1/limits",
+                                        headers={"Authorization": f"Bearer {key_a}"})
                    .json()["providers"]["fair"]["waiting_in_line"] == 5, 10)
         polite = pool.submit(call, key_b, "b")
         assert polite.result() == 200 and all(f.result() == 200 for f in burst)

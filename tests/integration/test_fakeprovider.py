@@ -11,9 +11,8 @@ import time
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")
 
 from tests.fakeprovider import FakeProvider, count_tokens, embedding_vector
 
@@ -156,7 +155,8 @@ def test_embeddings_float_and_base64(client):
     assert r.data[0].embedding == pytest.approx(embedding_vector("alpha"), abs=1e-6)
     assert math.isclose(sum(v * v for v in r.data[1].embedding), 1.0, rel_tol=1e-5)
     assert r.usage.prompt_tokens == 3 and r.usage.total_tokens == 3
-    r2 = client.embeddings.create(model="fake-embedding", input="alpha", encoding_format="float", dimensions=8)
+    r2 = client.embeddings.create(model="fake-embedding", input="alpha", encoding_format="float",
+                                  dimensions=8)
     assert r2.data[0].embedding == pytest.approx(r.data[0].embedding, abs=1e-6)
 
 
@@ -186,13 +186,16 @@ def test_rate_limit_is_rate_limit_error(client, fake):
 
 def test_magic_status_and_server_errors(client):
     with pytest.raises(openai.RateLimitError):
-        client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "status:429"}])
+        client.chat.completions.create(model="fake-model",
+                                       messages=[{"role": "user", "content": "status:429"}])
     with pytest.raises(openai.InternalServerError) as info:
-        client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "status:503 x"}])
+        client.chat.completions.create(model="fake-model",
+                                       messages=[{"role": "user", "content": "status:503 x"}])
     assert info.value.status_code == 503
     assert info.value.body["type"] == "server_error"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "status:400"}])
+        client.chat.completions.create(model="fake-model",
+                                       messages=[{"role": "user", "content": "status:400"}])
 
 
 def test_missing_or_wrong_key_is_401(fake):
@@ -216,7 +219,8 @@ def test_missing_or_wrong_key_is_401(fake):
 
 def test_sleep_magic_latency_and_hang(client, fake):
     t0 = time.monotonic()
-    r = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "sleep:0.3 hi"}])
+    r = client.chat.completions.create(model="fake-model",
+                                       messages=[{"role": "user", "content": "sleep:0.3 hi"}])
     assert time.monotonic() - t0 >= 0.3
     assert r.choices[0].message.content == "echo: sleep:0.3 hi"
     fake.configure(latency_ms=200)
@@ -345,7 +349,8 @@ def test_concurrency_limit_counts_calls_in_flight_and_streams_until_their_end(cl
 
 def test_model_limits_are_separate_and_add_to_the_global_ones(client, fake):
     fake.configure(model_limits={"small": {"rpm": 1}}, limits={"rpm": 3})
-    assert _ratelimit(_call(client, model="small").headers)["x-ratelimit-remaining-requests"] == "0"  # tightest
+    # the tightest limit is reported
+    assert _ratelimit(_call(client, model="small").headers)["x-ratelimit-remaining-requests"] == "0"
     with pytest.raises(openai.RateLimitError):
         _call(client, model="small")
     assert _ratelimit(_call(client, model="big").headers)["x-ratelimit-remaining-requests"] == "1"
@@ -360,7 +365,8 @@ def test_bad_limits_config_is_rejected_and_changes_nothing(fake):
     fake.reset()
     for bad in ({"limits": {"rpm": 0}}, {"limits": {"rpd": 5}}, {"limits": {"rpm": "5"}}, {"limits": [1]},
                 {"reset_mode": "later", "latency_ms": 500}):
-        req = urllib.request.Request(f"{fake.url}/_control/config", data=json.dumps(bad).encode(), method="POST")
+        req = urllib.request.Request(f"{fake.url}/_control/config", data=json.dumps(bad).encode(),
+                                     method="POST")
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(req, timeout=5)
         assert info.value.code == 400

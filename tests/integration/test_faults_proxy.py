@@ -42,7 +42,8 @@ def pg_connect(proxy: TcpProxy) -> psycopg.Connection:
 
 
 def redis_client(proxy: TcpProxy, timeout: float = 5) -> redis.Redis:
-    return redis.Redis.from_url(proxy.url(TEST_REDIS_URL), socket_timeout=timeout, socket_connect_timeout=timeout)
+    return redis.Redis.from_url(proxy.url(TEST_REDIS_URL), socket_timeout=timeout,
+                                socket_connect_timeout=timeout)
 
 
 def test_postgres_through_the_proxy_fails_while_cut_and_works_after_restore(pg_proxy):

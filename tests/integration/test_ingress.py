@@ -12,7 +12,8 @@ import requests
 pytestmark = pytest.mark.integration
 
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
-           "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}
+           "input_schema": {"type": "object", "properties": {"location": {"type": "string"}},
+                            "required": ["location"]}}
 PIXEL = base64.b64encode(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                                        "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")).decode()
 
@@ -74,17 +75,21 @@ def test_anthropic_image_reaches_upstream_as_image_url(claude, fake):
 
 def test_anthropic_errors_in_anthropics_shape(claude, api):
     with pytest.raises(anthropic.NotFoundError):
-        claude.messages.create(model="no-such-model", max_tokens=10, messages=[{"role": "user", "content": "x"}])
-    r = requests.post(f"{api.url}/v1/messages", json={"model": "fake-model", "messages": "nope", "max_tokens": 5})
+        claude.messages.create(model="no-such-model", max_tokens=10,
+                               messages=[{"role": "user", "content": "x"}])
+    r = requests.post(f"{api.url}/v1/messages",
+                      json={"model": "fake-model", "messages": "nope", "max_tokens": 5})
     assert r.status_code == 400 and r.json()["type"] == "error"
     assert r.json()["error"]["type"] == "invalid_request_error"
-    assert claude.messages.count_tokens(model="fake-model", messages=[{"role": "user", "content": "hi"}]).input_tokens > 0
+    counted = claude.messages.count_tokens(model="fake-model", messages=[{"role": "user", "content": "hi"}])
+    assert counted.input_tokens > 0
 
 
 def test_ollama_chat_and_stream(llama, fake):
     reply = llama.chat(model="fake-model", messages=[{"role": "user", "content": "hello llama"}])
     assert reply.message.content == "echo: hello llama" and reply.done and reply.eval_count == 3
-    parts = list(llama.chat(model="fake-model", messages=[{"role": "user", "content": "stream llama"}], stream=True))
+    parts = list(llama.chat(model="fake-model", messages=[{"role": "user", "content": "stream llama"}],
+                            stream=True))
     assert "".join(p.message.content for p in parts) == "echo: stream llama"
     assert parts[-1].done and parts[-1].done_reason == "stop"
 

@@ -98,7 +98,8 @@ def test_worker_killed_mid_call_job_completes_once_with_one_usage_row(api, fake,
     job = wait_for_status(api, accepted["id"], "succeeded", timeout=VISIBILITY_TIMEOUT * 4)
     assert job["attempts"] == 2
     assert job["result"]["choices"][0]["message"]["content"] == "echo: sleep:3 survive a crash"
-    assert fake.stats()["by_content"]["sleep:3 survive a crash"] == 2  # the killed call + the one that finished
+    # the killed call + the one that finished
+    assert fake.stats()["by_content"]["sleep:3 survive a crash"] == 2
     wait_until(lambda: accepted["id"] in second.finished_tasks(), 10)  # nothing will write for it any more
     rows = db.execute("SELECT call_id, outcome FROM usage WHERE job_id = %s", (accepted["id"],)).fetchall()
     assert rows == [(f"{accepted['id']}:2:1", "success")]

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.integration
 def quota_env(gateway_env, fake, tmp_path_factory):
     config = tmp_path_factory.mktemp("quota") / "registry.yaml"
     config.write_text(
-        f"providers:\n  quota:\n    kind: openai\n    base_url: {fake.base_url}\n    api_key_env: FAKE_API_KEY\n"
+        f"providers:\n  quota:\n    kind: openai\n    base_url: {fake.base_url}\n"
+        f"    api_key_env: FAKE_API_KEY\n"
         f"    pool: 32\n    max_retries: 1\n    timeout: 30\n    limits: {{concurrency: 8}}\n"
         f"models:\n  quota-model:\n    provider: quota\n    model: fake-model\n"
         f"key_limits:\n  '*': {{concurrency: 1, rpd: 6}}\n")
@@ -60,7 +61,8 @@ def test_a_key_at_its_concurrency_waits_while_another_key_passes_it(quota_api, q
         burst = [pool.submit(chat, quota_api, busy, f"sleep:0.8 busy {i}") for i in range(3)]
         wait_until(lambda: fake.stats()["in_flight"] == 1, 10)
         # the busy key's other two calls are in line, ahead of the other key's
-        wait_until(lambda: requests.get(f"{quota_api.url}/v1/limits", headers={"Authorization": f"Bearer {busy}"})
+        wait_until(lambda: requests.get(f"{quota_api.url}/v1/limits",
+                                        headers={"Authorization": f"Bearer {busy}"})
                    .json()["providers"]["quota"]["waiting_in_line"] == 2, 10)
         t0 = time.monotonic()
         r = chat(quota_api, other, "other")

@@ -59,7 +59,8 @@ def test_killed_workers_concurrency_lease_returns_within_its_ttl(api, fake, star
     doomed = start_worker("leasy")  # concurrency 1; its own provider, as the killed job comes back later
     with ThreadPoolExecutor(2) as pool:
         pool.submit(requests.post, f"{api.url}/v1/chat/completions", timeout=2,
-                    json={"model": "leasy-model", "messages": [{"role": "user", "content": "sleep:15 hog the slot"}]})
+                    json={"model": "leasy-model",
+                          "messages": [{"role": "user", "content": "sleep:15 hog the slot"}]})
         wait_until(lambda: fake.stats()["in_flight"] == 1, 10)
         doomed.kill()
         start_worker("leasy")
@@ -80,7 +81,8 @@ def test_tpm_is_reserved_before_and_settled_after_each_call(api, fake, start_wor
 
     # 3 calls reserving ~160 tokens each cannot all fit in 400 - 5 at once: the third waits for a settle
     with ThreadPoolExecutor(3) as pool:
-        replies = list(pool.map(lambda i: chat(api, "metered-model", f"sleep:0.5 t{i}", max_tokens=150), range(3)))
+        replies = list(pool.map(lambda i: chat(api, "metered-model", f"sleep:0.5 t{i}", max_tokens=150),
+                                range(3)))
     assert [x.status_code for x in replies] == [200] * 3
     assert fake.stats()["concurrent_max"] == 2
     assert limits(api, "metered")["scopes"]["metered"]["tokens_last_60s"] == 5 + 3 * 5
@@ -106,11 +108,11 @@ def test_upstream_429_cools_down_every_worker_and_the_job_keeps_its_place(api, f
 
 def test_queued_async_job_shows_its_place_in_line(api, fake, start_worker):
     start_worker("fair")
-    hog = requests.post(f"{api.url}/v1/jobs", json={"model": "fair-model",
-                                                     "messages": [{"role": "user", "content": "sleep:2 first"}]}).json()
+    hog = requests.post(f"{api.url}/v1/jobs", json={
+        "model": "fair-model", "messages": [{"role": "user", "content": "sleep:2 first"}]}).json()
     wait_until(lambda: fake.stats()["in_flight"] == 1, 10)
-    second = requests.post(f"{api.url}/v1/jobs", json={"model": "fair-model",
-                                                        "messages": [{"role": "user", "content": "second"}]}).json()
+    second = requests.post(f"{api.url}/v1/jobs", json={
+        "model": "fair-model", "messages": [{"role": "user", "content": "second"}]}).json()
 
     def in_line() -> bool:
         job = requests.get(f"{api.url}/v1/jobs/{second['id']}").json()
@@ -125,8 +127,8 @@ def test_cancelled_head_of_the_line_hands_its_turn_on_at_once(api, fake, start_w
     with ThreadPoolExecutor(2) as pool:
         hog = pool.submit(chat, api, "fair-model", "sleep:1.5 hog")
         wait_until(lambda: fake.stats()["in_flight"] == 1, 10)
-        head = requests.post(f"{api.url}/v1/jobs", json={"model": "fair-model",
-                                                          "messages": [{"role": "user", "content": "cancel me"}]}).json()
+        head = requests.post(f"{api.url}/v1/jobs", json={
+            "model": "fair-model", "messages": [{"role": "user", "content": "cancel me"}]}).json()
         wait_until(lambda: limits(api, "fair")["waiting_in_line"] == 1, 5)
         started = time.monotonic()
         behind = pool.submit(chat, api, "fair-model", "behind")

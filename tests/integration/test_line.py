@@ -47,13 +47,14 @@ class Line:
         limiter.heartbeat("alive", 30)
 
     def add(self, job_id: str, proc: str = "alive", max_wait: float = 30) -> str:
-        self.limiter.store.create(job_id, {"model": "m"}, max_wait=max_wait, reply_to="", ttl=60, mode="async")
+        self.limiter.store.create(job_id, {"model": "m"}, max_wait=max_wait, reply_to="", ttl=60,
+                                  mode="async")
         return self.acquire(job_id, proc).outcome
 
     def acquire(self, job_id: str, proc: str = "alive"):
-        return self.limiter.acquire(provider=PROVIDER, scopes=SCOPES, job_id=job_id, execution="x", job_lease_s=10,
-                                    call_id=f"{job_id}:c", call_lease_s=10, tokens=0, key="k", weight=1,
-                                    proc_id=proc)
+        return self.limiter.acquire(provider=PROVIDER, scopes=SCOPES, job_id=job_id, execution="x",
+                                    job_lease_s=10, call_id=f"{job_id}:c", call_lease_s=10, tokens=0, key="k",
+                                    weight=1, proc_id=proc)
 
     def published(self) -> list[str]:
         """Everything published on the wake channel so far. Proof of absence, not a timed wait: a marker
@@ -152,7 +153,8 @@ class KeyedLine(Line):
 
     def add_for(self, key: str, job_id: str, max_wait: float = 30):
         self.keys[job_id] = key
-        self.limiter.store.create(job_id, {"model": "m"}, max_wait=max_wait, reply_to="", ttl=60, mode="async")
+        self.limiter.store.create(job_id, {"model": "m"}, max_wait=max_wait, reply_to="", ttl=60,
+                                  mode="async")
         return self.acquire(job_id)
 
     def scopes(self, job_id: str) -> list[Scope]:
@@ -160,12 +162,13 @@ class KeyedLine(Line):
         return [*SCOPES_WIDE, Scope.of_key(key, self.key_limits[key])]
 
     def acquire(self, job_id: str, proc: str = "alive"):
-        return self.limiter.acquire(provider=PROVIDER, scopes=self.scopes(job_id), job_id=job_id, execution="x",
-                                    job_lease_s=10, call_id=f"{job_id}:c", call_lease_s=10, tokens=10,
-                                    key=self.keys[job_id], weight=1, proc_id=proc)
+        return self.limiter.acquire(provider=PROVIDER, scopes=self.scopes(job_id), job_id=job_id,
+                                    execution="x", job_lease_s=10, call_id=f"{job_id}:c", call_lease_s=10,
+                                    tokens=10, key=self.keys[job_id], weight=1, proc_id=proc)
 
     def release(self, job_id: str) -> None:
-        self.limiter.release(provider=PROVIDER, scopes=self.scopes(job_id), call_id=f"{job_id}:c", actual_tokens=10)
+        self.limiter.release(provider=PROVIDER, scopes=self.scopes(job_id), call_id=f"{job_id}:c",
+                             actual_tokens=10)
 
 
 SCOPES_WIDE = [Scope(PROVIDER, Limits(concurrency=10))]
@@ -258,6 +261,7 @@ WINDOW_CASES = [
 def test_retry_after_under_an_rpm_window_counts_slots_not_rate(limiter, starts, rpm, ahead, expected):
     seconds, micros = limiter.redis.time()
     now_ms = seconds * 1000 + micros // 1000
-    limiter.redis.zadd(limiter.key(PROVIDER, "rpm"), {f"c{i}": now_ms + s * 1000 for i, s in enumerate(starts)})
+    window = {f"c{i}": now_ms + s * 1000 for i, s in enumerate(starts)}
+    limiter.redis.zadd(limiter.key(PROVIDER, "rpm"), window)
     got = limiter.window_start_in(PROVIDER, rpm, ahead)
     assert got == expected if expected is None else abs(got - expected) < 0.5

@@ -35,7 +35,8 @@ def job(api, job_id: str) -> dict:
     return requests.get(f"{api.url}/v1/jobs/{job_id}").json()
 
 
-def test_async_jobs_redis_forgot_are_queued_again_or_expired(api, fake, gateway_env, prefix, tmp_path_factory):
+def test_async_jobs_redis_forgot_are_queued_again_or_expired(api, fake, gateway_env, prefix,
+                                                             tmp_path_factory):
     def submit(content: str, max_wait: float) -> str:
         return requests.post(f"{api.url}/v1/jobs", headers={"x-gateway-max-wait": str(max_wait)},
                              json={"model": "stalled-model",
@@ -52,7 +53,8 @@ def test_async_jobs_redis_forgot_are_queued_again_or_expired(api, fake, gateway_
         stop_all([worker])
     assert job(api, found)["result"]["choices"][0]["message"]["content"] == "echo: lost and found"
     assert job(api, late)["error"]["code"] == "queue_timeout"
-    assert fake.stats()["by_content"].get("lost and found") == 1  # once, although two reconcilers may have run
+    # once, although two reconcilers may have run
+    assert fake.stats()["by_content"].get("lost and found") == 1
     assert "lost too long" not in fake.stats()["by_content"]
     assert "queued again" in worker.output()
 
@@ -70,7 +72,8 @@ def test_a_sync_caller_waiting_on_a_forgotten_job_is_told_at_its_max_wait(api, p
         started = time.monotonic()
         call = pool.submit(requests.post, f"{api.url}/v1/chat/completions", timeout=20,
                            headers={"x-gateway-max-wait": "3"},
-                           json={"model": "stalled-model", "messages": [{"role": "user", "content": "forget me"}]})
+                           json={"model": "stalled-model",
+                                 "messages": [{"role": "user", "content": "forget me"}]})
         wait_until(lambda: find_job() is not None, 5)
         forget(prefix, find_job())
         r = call.result()

@@ -44,10 +44,12 @@ def ask(ingress: str, url: str, model: str, case: str) -> dict[str, Any]:
                         if case == "image" else text)
         kwargs: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}]}
         if tools:
-            kwargs["tools"] = [{"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}]
+            kwargs["tools"] = [{"type": "function",
+                                "function": {"name": "get_weather", "parameters": SCHEMA}}]
         if not streamed:
             message = client.chat.completions.create(**kwargs).choices[0]
-            calls = [(c.function.name, json.loads(c.function.arguments)) for c in message.message.tool_calls or []]
+            calls = [(c.function.name, json.loads(c.function.arguments))
+                     for c in message.message.tool_calls or []]
             return {"text": message.message.content, "calls": calls, "finish": message.finish_reason}
         out, args, names, finish = "", {}, {}, None
         for chunk in client.chat.completions.create(stream=True, **kwargs):
@@ -61,8 +63,9 @@ def ask(ingress: str, url: str, model: str, case: str) -> dict[str, Any]:
                 "finish": finish}
     if ingress == "anthropic":
         client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=30)
-        blocks: Any = ([{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PIXEL}},
-                        {"type": "text", "text": text}] if case == "image" else text)
+        image = {"type": "base64", "media_type": "image/png", "data": PIXEL}
+        blocks: Any = ([{"type": "image", "source": image}, {"type": "text", "text": text}]
+                       if case == "image" else text)
         kwargs = {"model": model, "max_tokens": 200, "messages": [{"role": "user", "content": blocks}]}
         if tools:
             kwargs["tools"] = [{"name": "get_weather", "input_schema": SCHEMA}]
@@ -74,7 +77,8 @@ def ask(ingress: str, url: str, model: str, case: str) -> dict[str, Any]:
         texts = "".join(b.text for b in message.content if b.type == "text")
         calls = [(b.name, b.input) for b in message.content if b.type == "tool_use"]
         return {"text": texts or None, "calls": calls,
-                "finish": {"end_turn": "stop", "tool_use": "tool_calls"}.get(message.stop_reason, message.stop_reason)}
+                "finish": {"end_turn": "stop", "tool_use": "tool_calls"}.get(message.stop_reason,
+                                                                             message.stop_reason)}
     client = ollama.Client(host=url, timeout=30)
     turn: dict[str, Any] = {"role": "user", "content": text}
     if case == "image":
@@ -83,7 +87,8 @@ def ask(ingress: str, url: str, model: str, case: str) -> dict[str, Any]:
     if tools:
         kwargs["tools"] = [{"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}]
     parts = list(client.chat(**kwargs)) if streamed else [client.chat(**kwargs)]
-    calls = [(c.function.name, dict(c.function.arguments)) for p in parts for c in (p.message.tool_calls or [])]
+    calls = [(c.function.name, dict(c.function.arguments))
+             for p in parts for c in (p.message.tool_calls or [])]
     return {"text": "".join(p.message.content or "" for p in parts) or None, "calls": calls,
             "finish": "tool_calls" if calls else parts[-1].done_reason}
 

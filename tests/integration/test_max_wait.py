@@ -16,7 +16,8 @@ def test_expired_sync_call_gets_429_and_its_job_never_runs(api, fake, start_work
     # nothing consumes llm.stalled yet: the call waits in line for its whole max_wait
     started = time.monotonic()
     r = requests.post(f"{api.url}/v1/chat/completions", headers={"x-gateway-max-wait": "1.5"},
-                      json={"model": "stalled-model", "messages": [{"role": "user", "content": "never sent"}]})
+                      json={"model": "stalled-model",
+                            "messages": [{"role": "user", "content": "never sent"}]})
     waited = time.monotonic() - started
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "queue_timeout"

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}
+    "parameters": {"type": "object", "properties": {"location": {"type": "string"}},
+                   "required": ["location"]}}}
 
 
 def sdk(api) -> openai.OpenAI:
@@ -24,15 +25,15 @@ def sdk(api) -> openai.OpenAI:
 
 
 def test_sdk_stream_gets_every_token_and_done(api, fake, db):
-    stream = sdk(api).chat.completions.create(model="fake-model", stream=True,
-                                               messages=[{"role": "user", "content": "stream these five words"}])
+    stream = sdk(api).chat.completions.create(
+        model="fake-model", stream=True, messages=[{"role": "user", "content": "stream these five words"}])
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "echo: stream these five words"
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert all(c.usage is None for c in chunks)  # not asked for: the gateway's own usage chunk is dropped
-    wait_until(lambda: db.execute("SELECT count(*) FROM usage WHERE outcome = 'success' AND completion_tokens = 5 "
-                                  "AND prompt_tokens = 4").fetchone()[0] >= 1, 10)
+    wait_until(lambda: db.execute("SELECT count(*) FROM usage WHERE outcome = 'success' "
+                                  "AND completion_tokens = 5 AND prompt_tokens = 4").fetchone()[0] >= 1, 10)
 
 
 def test_include_usage_gets_the_usage_chunk(api, fake):
@@ -44,8 +45,9 @@ def test_include_usage_gets_the_usage_chunk(api, fake):
 
 
 def test_streamed_tool_call_arrives_whole(api, fake):
-    stream = sdk(api).chat.completions.create(model="fake-model", stream=True, tools=[WEATHER_TOOL],
-                                               messages=[{"role": "user", "content": "what is the weather in Oslo"}])
+    stream = sdk(api).chat.completions.create(
+        model="fake-model", stream=True, tools=[WEATHER_TOOL],
+        messages=[{"role": "user", "content": "what is the weather in Oslo"}])
     name, arguments, finish = "", "", None
     for chunk in stream:
         for choice in chunk.choices:
@@ -88,8 +90,8 @@ def test_client_leaving_a_queued_stream_withdraws_its_job(api, fake, start_worke
         assert first.startswith(b": waiting in line")  # kept alive while it waits
     # the API notices at a keep-alive write that fails (the first may still fit in the socket buffer)
     jobs = redis.Redis.from_url(gateway_env["REDIS_URL"])
-    state = lambda: jobs.hget(f"{gateway_env['GATEWAY_KEY_PREFIX']}:job:{job_id}", "state")
-    wait_until(lambda: state() == b"cancelled", 20)
+    job_key = f"{gateway_env['GATEWAY_KEY_PREFIX']}:job:{job_id}"
+    wait_until(lambda: jobs.hget(job_key, "state") == b"cancelled", 20)
     worker = start_worker("stalled")
     wait_until(lambda: job_id in worker.finished_tasks(), 15)  # its message was taken and dropped
     assert "never streamed" not in fake.stats()["by_content"]
@@ -105,5 +107,6 @@ def test_client_leaving_a_running_stream_aborts_the_upstream_call(api, fake, gat
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith(b"data: {"))
     jobs = redis.Redis.from_url(gateway_env["REDIS_URL"])
-    wait_until(lambda: jobs.hget(f"{gateway_env['GATEWAY_KEY_PREFIX']}:job:{job_id}", "state") == b"cancelled", 8)
+    job_key = f"{gateway_env['GATEWAY_KEY_PREFIX']}:job:{job_id}"
+    wait_until(lambda: jobs.hget(job_key, "state") == b"cancelled", 8)
     wait_until(lambda: fake.stats()["in_flight"] == 0, 3)  # the worker closed its upstream connection

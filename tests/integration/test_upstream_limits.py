@@ -64,17 +64,21 @@ def _registry(fakes: dict[str, FakeProvider]) -> str:
             + provider.format(name="ul-tpm", url=fakes["tpm"].base_url) + f"    limits: {{tpm: {TPM}}}\n"
             + "models:\n"
             # at the upstream's concurrency ...
-            + model.format(alias="ul-exact", provider="ul-conc", upstream="up-exact") + "    limits: {concurrency: 3}\n"
+            + model.format(alias="ul-exact", provider="ul-conc", upstream="up-exact")
+            + "    limits: {concurrency: 3}\n"
             # ... and misconfigured above it (the upstream allows 2)
-            + model.format(alias="ul-over", provider="ul-conc", upstream="up-over") + "    limits: {concurrency: 6}\n"
-            + model.format(alias="ul-canary", provider="ul-conc", upstream="up-canary") + "    limits: {concurrency: 10}\n"
+            + model.format(alias="ul-over", provider="ul-conc", upstream="up-over")
+            + "    limits: {concurrency: 6}\n"
+            + model.format(alias="ul-canary", provider="ul-conc", upstream="up-canary")
+            + "    limits: {concurrency: 10}\n"
             + model.format(alias="ul-rpm", provider="ul-rpm", upstream="up-rpm")
             + model.format(alias="ul-tpm", provider="ul-tpm", upstream="up-tpm"))
 
 
 @pytest.fixture(scope="module")
 def stack(gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    fakes = {"conc": FakeProvider(model_limits={"up-exact": {"concurrency": 3}, "up-over": {"concurrency": 2}}),
+    fakes = {"conc": FakeProvider(model_limits={"up-exact": {"concurrency": 3},
+                                                "up-over": {"concurrency": 2}}),
              "rpm": FakeProvider(limits={"rpm": RPM}), "tpm": FakeProvider(limits={"tpm": TPM})}
     workers: list[Process] = []
     api: Api | None = None
@@ -104,7 +108,8 @@ def stack(gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         # the scenarios that need the 60 s window to slide run while the other tests do
         s.bursts["rpm"] = [background.submit(chat, api, "ul-rpm", f"rpm {i}", WINDOW_MAX_WAIT)
                            for i in range(RPM_BURST)]
-        s.bursts["tpm"] = [background.submit(chat, api, "ul-tpm", tpm_content(i), WINDOW_MAX_WAIT, max_tokens=21)
+        s.bursts["tpm"] = [background.submit(chat, api, "ul-tpm", tpm_content(i), WINDOW_MAX_WAIT,
+                                             max_tokens=21)
                            for i in range(TPM_BURST)]
         yield s
     finally:
@@ -188,7 +193,8 @@ def test_retry_after_behind_a_full_rpm_window_is_when_the_window_frees(stack: St
 
 def test_gateway_at_the_upstreams_rpm_crosses_the_window_without_a_429(stack: Stack):
     replies = [f.result(timeout=WINDOW_MAX_WAIT + 60) for f in stack.bursts["rpm"]]
-    assert [r.status_code for r in replies] == [200] * RPM_BURST, [r.text for r in replies if r.status_code != 200]
+    assert [r.status_code for r in replies] == [200] * RPM_BURST, [
+        r.text for r in replies if r.status_code != 200]
     fake = stack.fakes["rpm"]
     starts = sorted(t for t, _, outcome in fake.timeline()["events"] if outcome == "ok")
     assert len(starts) == RPM_BURST
@@ -200,7 +206,8 @@ def test_gateway_at_the_upstreams_rpm_crosses_the_window_without_a_429(stack: St
 
 def test_gateway_at_the_upstreams_tpm_crosses_the_window_without_a_429(stack: Stack):
     replies = [f.result(timeout=WINDOW_MAX_WAIT + 60) for f in stack.bursts["tpm"]]
-    assert [r.status_code for r in replies] == [200] * TPM_BURST, [r.text for r in replies if r.status_code != 200]
+    assert [r.status_code for r in replies] == [200] * TPM_BURST, [
+        r.text for r in replies if r.status_code != 200]
     assert all(r.json()["usage"]["total_tokens"] == 41 for r in replies)
     fake = stack.fakes["tpm"]
     events = [(t, n) for t, n, outcome in fake.timeline()["events"] if outcome == "ok"]

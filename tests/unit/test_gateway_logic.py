@@ -61,8 +61,10 @@ def _response(status: int, body: bytes = b"", headers: dict | None = None) -> re
 
 
 UPSTREAM = [
-    ("429-retry-after", 429, b'{"error":{"message":"slow down"}}', {"Retry-After": "3"}, UpstreamRateLimited, 429),
-    ("429-retry-after-ms", 429, b"{}", {"retry-after-ms": "1500", "Retry-After": "9"}, UpstreamRateLimited, 429),
+    ("429-retry-after", 429, b'{"error":{"message":"slow down"}}', {"Retry-After": "3"},
+     UpstreamRateLimited, 429),
+    ("429-retry-after-ms", 429, b"{}", {"retry-after-ms": "1500", "Retry-After": "9"},
+     UpstreamRateLimited, 429),
     ("400-passes-through", 400, b'{"error":{"message":"bad param"}}', {}, UpstreamRejected, 400),
     ("422-passes-through", 422, b'{"error":"unprocessable"}', {}, UpstreamRejected, 422),
     ("401-is-the-operators-problem", 401, b'{"error":{"message":"Incorrect API key sk-abc"}}', {},
@@ -103,7 +105,8 @@ def test_auth_modes():
 
 
 DURATIONS = [("seconds", "1s", 1.0), ("minutes-seconds", "6m0s", 360.0), ("millis", "120ms", 0.12),
-             ("fraction", "1.5s", 1.5), ("hours", "1h2m", 3720.0), ("garbage", "soon", None), ("empty", "", None)]
+             ("fraction", "1.5s", 1.5), ("hours", "1h2m", 3720.0), ("garbage", "soon", None),
+             ("empty", "", None)]
 
 
 @pytest.mark.parametrize("text,seconds", [c[1:] for c in DURATIONS], ids=[c[0] for c in DURATIONS])

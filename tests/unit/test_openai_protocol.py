@@ -11,8 +11,10 @@ VALID = [
     ("minimal", {"model": "m", "messages": USER}, {"model": "p", "messages": USER}),
     ("passthrough-unknown-params", {"model": "m", "messages": USER, "seed": 7, "logprobs": True},
      {"model": "p", "messages": USER, "seed": 7, "logprobs": True}),
-    ("gateway-extension-stripped", {"model": "m", "messages": USER, "max_wait": 5}, {"model": "p", "messages": USER}),
-    ("content-parts", {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]},
+    ("gateway-extension-stripped", {"model": "m", "messages": USER, "max_wait": 5},
+     {"model": "p", "messages": USER}),
+    ("content-parts",
+     {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]},
      {"model": "p", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}),
     ("tool-round-trip", {"model": "m", "messages": [
         {"role": "assistant", "content": None, "tool_calls": [
@@ -22,7 +24,8 @@ VALID = [
          {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
                                                "function": {"name": "f", "arguments": "{}"}}]},
          {"role": "tool", "tool_call_id": "c1", "content": "42"}]}),
-    ("sampling", {"model": "m", "messages": USER, "temperature": 0.2, "top_p": 1, "max_tokens": 10, "stop": ["x"]},
+    ("sampling",
+     {"model": "m", "messages": USER, "temperature": 0.2, "top_p": 1, "max_tokens": 10, "stop": ["x"]},
      {"model": "p", "messages": USER, "temperature": 0.2, "top_p": 1, "max_tokens": 10, "stop": ["x"]}),
 ]
 
@@ -45,9 +48,12 @@ INVALID = [
     ("missing-messages", {"model": "m"}, "messages", "missing required parameter: 'messages'"),
     ("messages-not-list", {"model": "m", "messages": "hi"}, "messages", "invalid value"),
     ("empty-messages", {"model": "m", "messages": []}, "messages", "at least 1"),
-    ("unknown-role", {"model": "m", "messages": [{"role": "bot", "content": "x"}]}, "messages.0.role", "invalid value"),
-    ("temperature-too-high", {"model": "m", "messages": USER, "temperature": 3}, "temperature", "less than or equal"),
-    ("max-tokens-zero", {"model": "m", "messages": USER, "max_tokens": 0}, "max_tokens", "greater than or equal"),
+    ("unknown-role", {"model": "m", "messages": [{"role": "bot", "content": "x"}]}, "messages.0.role",
+     "invalid value"),
+    ("temperature-too-high", {"model": "m", "messages": USER, "temperature": 3}, "temperature",
+     "less than or equal"),
+    ("max-tokens-zero", {"model": "m", "messages": USER, "max_tokens": 0}, "max_tokens",
+     "greater than or equal"),
     ("stream-not-bool", {"model": "m", "messages": USER, "stream": "yes please"}, "stream", "invalid value"),
     ("tools-not-list", {"model": "m", "messages": USER, "tools": {"a": 1}}, "tools", "invalid value"),
 ]

@@ -10,8 +10,8 @@ from common.settings import DEFAULT_REGISTRY, SettingsError, load_settings, norm
 
 DOC = {
     "providers": {
-        "openai": {"kind": "openai", "base_url": "https://api.openai.com/v1/", "api_key_env": "OPENAI_API_KEY",
-                   "base_url_env": "OPENAI_BASE_URL"},
+        "openai": {"kind": "openai", "base_url": "https://api.openai.com/v1/",
+                   "api_key_env": "OPENAI_API_KEY", "base_url_env": "OPENAI_BASE_URL"},
         "local": {"kind": "openai", "base_url_env": "LOCAL_URL", "requires_key": False},
         "mock": {"kind": "mock"},
     },
@@ -25,7 +25,8 @@ DOC = {
 ROUTABILITY = [
     ("nothing-set", {}, {"openai": False, "local": False, "mock": True}),
     ("openai-key", {"OPENAI_API_KEY": "sk-x"}, {"openai": True, "local": False, "mock": True}),
-    ("local-url-no-key-needed", {"LOCAL_URL": "http://h:8000/v1"}, {"openai": False, "local": True, "mock": True}),
+    ("local-url-no-key-needed", {"LOCAL_URL": "http://h:8000/v1"},
+     {"openai": False, "local": True, "mock": True}),
 ]
 
 
@@ -54,12 +55,15 @@ def test_api_key_is_never_in_the_repr():
 
 BAD_DOCS = [
     ("not-a-mapping", [1], "mapping"),
-    ("unknown-provider", {"providers": {}, "models": {"x": {"provider": "nope", "model": "y"}}}, "unknown provider"),
+    ("unknown-provider", {"providers": {}, "models": {"x": {"provider": "nope", "model": "y"}}},
+     "unknown provider"),
     ("unknown-kind", {"providers": {"p": {"kind": "telepathy"}}, "models": {}}, "kind"),
     ("unknown-field", {"providers": {"p": {"kind": "mock", "colour": "red"}}, "models": {}}, "colour"),
     ("negative-price", {"providers": {"p": {"kind": "mock"}},
-                        "models": {"x": {"provider": "p", "model": "y", "price": {"input": "abc"}}}}, "input"),
-    ("zero-rpm", {**DOC, "providers": {**DOC["providers"], "mock": {"kind": "mock", "limits": {"rpm": 0}}}}, "rpm"),
+                        "models": {"x": {"provider": "p", "model": "y", "price": {"input": "abc"}}}},
+     "input"),
+    ("zero-rpm", {**DOC, "providers": {**DOC["providers"], "mock": {"kind": "mock", "limits": {"rpm": 0}}}},
+     "rpm"),
     ("unknown-limit", {**DOC, "key_limits": {"*": {"rph": 5}}}, "rph"),
     ("key-limit-with-no-limit", {**DOC, "key_limits": {"key_a": {}}}, "key_limits.key_a sets no limit"),
     ("negative-tpd", {**DOC, "key_limits": {"key_a": {"tpd": -1}}}, "tpd"),
@@ -113,7 +117,8 @@ SETTINGS_ERRORS = [
 
 
 @pytest.mark.parametrize(("raw", "expected"), [(None, True), ("", True), ("on", True), ("1", True),
-                                               ("off", False), ("OFF", False), ("0", False), ("false", False)])
+                                               ("off", False), ("OFF", False), ("0", False),
+                                               ("false", False)])
 def test_task_events_flag(raw, expected):
     assert load_settings({} if raw is None else {"GATEWAY_TASK_EVENTS": raw}).task_events is expected
 
@@ -146,7 +151,8 @@ KEY_LIMIT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("key,expected", [c[1:] for c in KEY_LIMIT_CASES], ids=[c[0] for c in KEY_LIMIT_CASES])
+@pytest.mark.parametrize("key,expected", [c[1:] for c in KEY_LIMIT_CASES],
+                         ids=[c[0] for c in KEY_LIMIT_CASES])
 def test_each_key_counts_against_its_own_limits_or_the_default(key, expected):
     registry = parse_registry({**DOC, "key_limits": KEY_LIMITS}, {})
     assert registry.limits_of_key(key).model_dump(exclude_none=True) == expected

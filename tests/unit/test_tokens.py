@@ -31,12 +31,14 @@ def test_prompt_tokens(provider_model, messages, expected):
 
 
 def test_tool_calls_are_counted_with_the_same_tokenizer():
-    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
     plain = ChatRequest.model_validate({"model": "a", "messages": [{"role": "assistant", "content": ""}]})
     with_call = ChatRequest.model_validate({"model": "a", "messages": [
         {"role": "assistant", "content": "", "tool_calls": [call]}]})
     model = Model(provider="p", model="gpt-4o")
-    assert estimate_prompt_tokens(with_call, model) - estimate_prompt_tokens(plain, model) == 7  # name + arguments
+    # name + arguments
+    assert estimate_prompt_tokens(with_call, model) - estimate_prompt_tokens(plain, model) == 7
 
 
 BUDGET_CASES = [
