@@ -239,10 +239,19 @@ class WorkerFactory:
 
 
 def stop_all(processes: list[Process]) -> None:
-    for proc in processes:  # cold shutdown: a test's leftover job need not finish (it is redelivered)
+    """Cold shutdown (~6 s for a Celery worker): a test's leftover job need not finish, and its message
+    goes back to the queue at once (for a later test of the module; nothing is lost)."""
+    for proc in processes:
         if proc.proc.poll() is None:
             os.killpg(proc.proc.pid, signal.SIGQUIT)
     for proc in processes:
+        proc.stop()
+
+
+def kill_all(processes: list[Process]) -> None:
+    """SIGKILL, at once: for the end of a module, whose Redis prefix and database go away with it."""
+    for proc in processes:
+        proc.kill()
         proc.stop()
 
 
@@ -270,7 +279,7 @@ def _fake_workers(worker_factory: WorkerFactory) -> Iterator[list[Process]]:
     """The module's two ``llm.fake`` workers, spawned (not yet ready: see ``workers``)."""
     procs = [worker_factory.spawn("fake", "a"), worker_factory.spawn("fake", "b")]
     yield procs
-    stop_all(procs)
+    kill_all(procs)
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +341,12 @@ class Api:
         if self.process is not None:
             self.process.stop(timeout)
 
+    def kill(self) -> None:
+        """SIGKILL: the API keeps no state, so a test that is done with it need not wait for it."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.stop()
+
 
 @pytest.fixture(scope="module")
 def api(gateway_env: dict[str, str], _fake_workers: list[Process],
@@ -344,7 +359,7 @@ def api(gateway_env: dict[str, str], _fake_workers: list[Process],
         server.wait_ready()
         yield server
     finally:
-        server.stop()
+        server.kill()
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ def secured_api(gateway_env, workers, tmp_path_factory):
     env = {**gateway_env, "GATEWAY_AUTH": "required"}
     server = Api(env, tmp_path_factory.mktemp("secured") / "api.log").start()
     yield server
-    server.stop()
+    server.kill()
 
 
 def cli(env, *args) -> str:

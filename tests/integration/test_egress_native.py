@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.fake_native import FakeNative
-from tests.integration.conftest import Api, WorkerFactory, stop_all, wait_until
+from tests.integration.conftest import Api, WorkerFactory, kill_all, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -83,8 +83,8 @@ def native_api(native_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
     workers = WorkerFactory(native_env, logs).start_many([(provider, provider) for provider in providers])
     server = Api(native_env, logs / "api.log").start()
     yield server
-    server.stop()
-    stop_all(workers)
+    server.kill()
+    kill_all(workers)
 
 
 @pytest.fixture(scope="module")

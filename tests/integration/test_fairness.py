@@ -18,7 +18,7 @@ def keyed_api(gateway_env, workers, tmp_path_factory):
     env = {**gateway_env, "GATEWAY_AUTH": "required"}
     server = Api(env, tmp_path_factory.mktemp("fair") / "api.log").start()
     yield server
-    server.stop()
+    server.kill()
 
 
 def test_a_burst_from_one_key_is_interleaved_with_another_keys_call(keyed_api, gateway_env, fake,

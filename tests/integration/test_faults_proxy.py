@@ -94,7 +94,7 @@ def test_the_proxy_keeps_its_port_through_an_outage(redis_proxy):
 def proxied_api(fault_proxies: FaultProxies, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     server = Api(fault_proxies.env, tmp_path_factory.mktemp("proxied") / "api.log").start()
     yield server
-    server.stop()
+    server.kill()
 
 
 def health(api: Api) -> dict:

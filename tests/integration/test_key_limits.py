@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 
-from tests.integration.conftest import Api, WorkerFactory, stop_all, wait_until
+from tests.integration.conftest import Api, WorkerFactory, kill_all, wait_until
 from tests.integration.test_auth import cli
 
 pytestmark = pytest.mark.integration
@@ -40,8 +40,8 @@ def quota_api(quota_env, tmp_path_factory):
     workers = WorkerFactory(quota_env, logs).start_many([("quota", "q1"), ("quota", "q2")])
     server = Api(quota_env, logs / "api.log").start()
     yield server
-    server.stop()
-    stop_all(workers)
+    server.kill()
+    kill_all(workers)
 
 
 def new_key(env, name: str) -> str:

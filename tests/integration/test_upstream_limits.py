@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.fakeprovider import FakeProvider
-from tests.integration.conftest import Api, Process, WorkerFactory, stop_all, wait_until
+from tests.integration.conftest import Api, Process, WorkerFactory, kill_all, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -114,9 +114,9 @@ def stack(gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         yield s
     finally:
         if api is not None:
-            api.stop()
+            api.kill()
         background.shutdown(wait=False, cancel_futures=True)
-        stop_all(workers)
+        kill_all(workers)
         for fake in fakes.values():
             fake.stop()
 
