@@ -318,7 +318,8 @@ class Api:
         return self.launch().wait_ready()
 
     def _healthy(self) -> bool:
-        assert self.process is not None and self.process.proc.poll() is None, self.process.output()
+        assert self.process is not None, "the API has not been launched"
+        assert self.process.proc.poll() is None, self.process.output()
         if self.port is None:
             listening = _LISTENING.search(self.process.output())
             if listening is None:
@@ -404,6 +405,23 @@ def fault_proxies(gateway_env: dict[str, str]) -> Iterator[FaultProxies]:
     proxies = FaultProxies(gateway_env)
     yield proxies
     proxies.close()
+
+
+@pytest.fixture(scope="module")
+def fault_api(fault_proxies: FaultProxies, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """Like ``api`` (auth off, two ``llm.fake`` workers), but the API and its workers reach Redis and
+    Postgres only through ``fault_proxies``: cut those (``faults.redis.cut()``) to stage an outage."""
+    logs = tmp_path_factory.mktemp("fault-logs")
+    server = Api(fault_proxies.env, logs / "api.log").launch()
+    procs = [WorkerFactory(fault_proxies.env, logs).spawn("fake", name) for name in ("fa", "fb")]
+    try:
+        for proc in procs:
+            WorkerFactory.wait_ready(proc)
+        server.wait_ready()
+        yield server
+    finally:
+        server.kill()
+        kill_all(procs)
 
 
 @pytest.fixture

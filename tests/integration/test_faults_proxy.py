@@ -14,7 +14,7 @@ import requests
 
 from tests.conftest import TEST_DATABASE_URL, TEST_REDIS_URL
 from tests.faults import TcpProxy
-from tests.integration.conftest import Api, FaultProxies, wait_until
+from tests.integration.conftest import Api, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -90,25 +90,22 @@ def test_the_proxy_keeps_its_port_through_an_outage(redis_proxy):
     assert redis_proxy.url("redis://:secret@10.0.0.1:6379/3") == f"redis://:secret@127.0.0.1:{redis_proxy.port}/3"
 
 
-@pytest.fixture(scope="module")
-def proxied_api(fault_proxies: FaultProxies, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    server = Api(fault_proxies.env, tmp_path_factory.mktemp("proxied") / "api.log").start()
-    yield server
-    server.kill()
-
-
 def health(api: Api) -> dict:
     return requests.get(f"{api.url}/health", timeout=10).json()
 
 
-def test_a_gateway_started_with_the_fault_env_loses_redis_when_it_is_cut(proxied_api, faults):
+def test_a_gateway_started_with_the_fault_env_loses_redis_when_it_is_cut(fault_api, faults, fake):
     assert faults.env["REDIS_URL"].endswith(f":{faults.redis.port}/0")
     assert f":{faults.postgres.port}/" in faults.env["DATABASE_URL"]
-    assert health(proxied_api)["redis"] == "ok"
+    reply = requests.post(f"{fault_api.url}/v1/chat/completions", timeout=30, json={
+        "model": "fake-model", "messages": [{"role": "user", "content": "through the proxies"}]})
+    assert reply.status_code == 200 and fake.stats()["by_content"] == {"through the proxies": 1}
+    assert faults.redis.accepted > 0 and faults.postgres.accepted > 0  # they went through the proxies
+    assert health(fault_api)["redis"] == "ok"
     faults.redis.cut()
-    wait_until(lambda: health(proxied_api)["redis"] != "ok", 15, interval=0.5)
+    wait_until(lambda: health(fault_api)["redis"] != "ok", 15, interval=0.5)
     faults.restore()
-    wait_until(lambda: health(proxied_api)["redis"] == "ok", 15, interval=0.5)
+    wait_until(lambda: health(fault_api)["redis"] == "ok", 15, interval=0.5)
 
 
 def test_the_faults_fixture_restores_after_each_test_1(faults):

@@ -80,8 +80,9 @@ def test_tpm_is_reserved_before_and_settled_after_each_call(api, fake, start_wor
     assert limits(api, "metered")["scopes"]["metered"]["tokens_last_60s"] == 5
 
     # 3 calls reserving ~160 tokens each cannot all fit in 400 - 5 at once: the third waits for a settle
+    # (1.5 s each: the first two overlap even when a loaded machine is slow to dispatch the second)
     with ThreadPoolExecutor(3) as pool:
-        replies = list(pool.map(lambda i: chat(api, "metered-model", f"sleep:0.5 t{i}", max_tokens=150),
+        replies = list(pool.map(lambda i: chat(api, "metered-model", f"sleep:1.5 t{i}", max_tokens=150),
                                 range(3)))
     assert [x.status_code for x in replies] == [200] * 3
     assert fake.stats()["concurrent_max"] == 2

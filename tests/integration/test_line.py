@@ -61,13 +61,15 @@ class Line:
         published now arrives after every earlier message (one channel, one subscriber connection)."""
         marker = "end-" + secrets.token_hex(4)
         self.limiter.redis.publish(self.limiter.wake_channel, marker)
-        out, deadline = [], time.monotonic() + 5
+        out: list[str] = []
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             message = self.wakes.get_message(timeout=0.1)
             if message and message["type"] == "message":
-                if message["data"].decode() == marker:
+                data = bytes(message["data"]).decode()
+                if data == marker:
                     return out
-                out.append(message["data"].decode())
+                out.append(data)
         raise AssertionError(f"the marker never arrived; got {out}")
 
     def order(self) -> list[str]:
