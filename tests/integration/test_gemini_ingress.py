@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -24,13 +27,45 @@ HELLO = {"contents": [{"role": "user", "parts": [{"text": "hello raw"}]}]}
 
 def client_for(url: str, api_key: str = "anything", version: str = "v1beta",
                headers: dict[str, str] | None = None) -> genai.Client:
+    """A client; close it (``with``) before the API stops: its keep-alive connections would hold the
+    API's graceful shutdown."""
     return genai.Client(api_key=api_key, http_options=types.HttpOptions(
         base_url=url, api_version=version, headers=headers, timeout=30_000))
 
 
 @pytest.fixture
-def gem(api) -> genai.Client:
-    return client_for(api.url)
+def clients() -> Iterator[Callable[..., genai.Client]]:
+    made: list[genai.Client] = []
+
+    def make(*args: Any, **kwargs: Any) -> genai.Client:
+        made.append(client_for(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def gem(api, clients) -> genai.Client:
+    return clients(api.url)
+
+
+def ask_gemini(url: str, model: str, text: str, *, streamed: bool, tools: bool,
+               image: str | None = None) -> dict[str, Any]:
+    """One call through the SDK; the answer normalised as ``test_matrix.ask`` does: text, calls, finish."""
+    parts = [types.Part.from_bytes(data=base64.b64decode(image), mime_type="image/png")] if image else []
+    contents = [types.Content(role="user", parts=[*parts, types.Part.from_text(text=text)])]
+    config = types.GenerateContentConfig(tools=[WEATHER] if tools else None)
+    with client_for(url) as client:
+        if streamed:
+            responses = list(client.models.generate_content_stream(model=model, contents=contents, config=config))
+        else:
+            responses = [client.models.generate_content(model=model, contents=contents, config=config)]
+    calls = [(call.name, call.args) for r in responses for call in r.function_calls or []]
+    finish = responses[-1].candidates[0].finish_reason
+    return {"text": "".join(r.text or "" for r in responses) or None, "calls": calls,
+            "finish": "tool_calls" if calls else {types.FinishReason.STOP: "stop"}.get(finish, finish)}
 
 
 def test_text_with_system_instruction_and_generation_config(gem, fake):
@@ -48,8 +83,8 @@ def test_text_with_system_instruction_and_generation_config(gem, fake):
     assert headers["x-gateway-model"] == "fake-model" and headers["x-gateway-queue-wait-ms"]
 
 
-def test_default_sdk_version_v1_is_served_too(api, fake):
-    client = client_for(api.url, version="v1")  # held: a client closes its connections when collected
+def test_default_sdk_version_v1_is_served_too(api, fake, clients):
+    client = clients(api.url, version="v1")
     assert client.models.generate_content(model="fake-model", contents="via v1").text == "echo: via v1"
 
 
@@ -130,8 +165,8 @@ def test_errors_in_googles_shape(gem, api):
         assert set(r.json()) == {"error"} and r.json()["error"]["code"] == status, r.text
 
 
-def test_max_wait_header_expires_a_queued_call_as_resource_exhausted(api):
-    stalled = client_for(api.url, headers={"x-gateway-max-wait": "1"})  # nothing serves llm.stalled
+def test_max_wait_header_expires_a_queued_call_as_resource_exhausted(api, clients):
+    stalled = clients(api.url, headers={"x-gateway-max-wait": "1"})  # nothing serves llm.stalled
     with pytest.raises(errors.ClientError) as err:
         stalled.models.generate_content(model="stalled-model", contents="never sent")
     assert err.value.code == 429 and err.value.status == "RESOURCE_EXHAUSTED"
@@ -146,17 +181,17 @@ def secured_api(gateway_env, workers, tmp_path_factory):
     server.stop()
 
 
-def test_keys_as_google_sends_them(secured_api, gateway_env, fake):
+def test_keys_as_google_sends_them(secured_api, gateway_env, fake, clients):
     out = subprocess.run([sys.executable, "-m", "launcher.cli", "keys", "create", "--name", "gemini"], cwd=ROOT,
                          env=gateway_env, check=True, capture_output=True, text=True).stdout
     secret = out.strip().splitlines()[-1]
-    keyed = client_for(secured_api.url, api_key=secret)  # the SDK sends x-goog-api-key
+    keyed = clients(secured_api.url, api_key=secret)  # the SDK sends x-goog-api-key
     assert keyed.models.generate_content(model="fake-model", contents="keyed").text == "echo: keyed"
     url = f"{secured_api.url}/v1beta/models/fake-model:generateContent"
     assert requests.post(url, params={"key": secret}, json=HELLO, timeout=30).status_code == 200
     bearer = requests.post(url, headers={"Authorization": f"Bearer {secret}"}, json=HELLO, timeout=30)
     assert bearer.status_code == 200
-    wrong = client_for(secured_api.url, api_key="sk-gw-wrong")
+    wrong = clients(secured_api.url, api_key="sk-gw-wrong")
     with pytest.raises(errors.ClientError) as err:
         wrong.models.generate_content(model="fake-model", contents="x")
     assert err.value.code == 401 and err.value.status == "UNAUTHENTICATED"
