@@ -7,7 +7,9 @@ import base64
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ import requests
 from google import genai
 from google.genai import errors, types
 
-from tests.integration.conftest import ROOT, Api
+from tests.integration.conftest import ROOT, Api, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -26,11 +28,11 @@ HELLO = {"contents": [{"role": "user", "parts": [{"text": "hello raw"}]}]}
 
 
 def client_for(url: str, api_key: str = "anything", version: str = "v1beta",
-               headers: dict[str, str] | None = None) -> genai.Client:
+               headers: dict[str, str] | None = None, client_args: dict[str, Any] | None = None) -> genai.Client:
     """A client; close it (``with``) before the API stops: its keep-alive connections would hold the
     API's graceful shutdown."""
     return genai.Client(api_key=api_key, http_options=types.HttpOptions(
-        base_url=url, api_version=version, headers=headers, timeout=30_000))
+        base_url=url, api_version=version, headers=headers, timeout=30_000, client_args=client_args))
 
 
 @pytest.fixture
@@ -95,6 +97,17 @@ def test_stream_over_sse(gem, fake):
     assert chunks[-1].usage_metadata.candidates_token_count == 4
     assert chunks[0].sdk_http_response.headers["x-gateway-job-id"]
     assert fake.requests()[-1]["body"]["stream"] is True
+
+
+def test_stream_kept_alive_while_in_line_reaches_the_sdk_whole(api, fake, clients, start_worker):
+    committed = threading.Event()  # the response's headers went out with its first keep-alive
+    gem = clients(api.url, client_args={"event_hooks": {"response": [lambda response: committed.set()]}})
+    with ThreadPoolExecutor(1) as pool:  # nothing serves llm.stalled yet: the call waits in line
+        chunks = pool.submit(lambda: list(gem.models.generate_content_stream(model="stalled-model",
+                                                                            contents="worth the wait")))
+        wait_until(committed.is_set, 20)
+        start_worker("stalled")
+        assert "".join(c.text or "" for c in chunks.result(timeout=30)) == "echo: worth the wait"
 
 
 def test_stream_without_alt_sse_is_one_json_array(api, fake):
