@@ -36,8 +36,8 @@ CHAT_METHODS = ["generateContent", "streamGenerateContent", "countTokens"]
 
 
 def key_in_query() -> str | None:
-    """Google's ``?key=`` API key, accepted on this blueprint's routes only (no other protocol puts
-    keys in URLs, which end up in access logs)."""
+    """Google's ``?key=`` API key, accepted on this blueprint's routes only: keys in URLs end up in
+    access logs, and no other protocol sends them there."""
     return request.args.get("key") if request.blueprint == bp.name else None
 
 
