@@ -1,10 +1,11 @@
 """Gemini ``generateContent`` / ``streamGenerateContent`` ⇄ canonical (OpenAI Chat Completions).
 Pure functions, no I/O.
 
-Ingress (a client speaks Gemini to the gateway): :func:`parse_request`, :func:`render_response`,
-:func:`render_error`, :class:`StreamRenderer` (one GenerateContentResponse per SSE event). Egress (the
-gateway calls Gemini): :func:`to_upstream`, :func:`upstream_path`, :func:`from_upstream`,
-:class:`UpstreamStreamMapper`, :func:`upstream_error_message`. The model is part of the URL, not the body.
+Ingress (a client speaks Gemini to the gateway; served by ``api/gemini_routes.py``): :func:`parse_request`,
+:func:`render_response`, :func:`render_error`, :class:`StreamRenderer` (one GenerateContentResponse per
+SSE event or JSON array element). Egress (the gateway calls Gemini): :func:`to_upstream`,
+:func:`upstream_path`, :func:`from_upstream`, :class:`UpstreamStreamMapper`, :func:`upstream_error_message`.
+The model is part of the URL, not the body.
 
 What maps to what
   systemInstruction.parts[].text                ⇄ a leading system message
