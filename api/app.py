@@ -8,7 +8,7 @@ import secrets
 import redis
 from flask import Flask, Response, g, request
 
-from api import anthropic_routes, health, jobs_routes, ollama_routes, openai_routes
+from api import anthropic_routes, gemini_routes, health, jobs_routes, ollama_routes, openai_routes
 from api.auth import Authenticator
 from api.dispatcher import ReplyDispatcher
 from api.errors import install_error_handlers
@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> Flask:
         g.request_id = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(12)
         g.api_key_id = None
         if request.path not in PUBLIC_PATHS:
-            g.api_key_id = authenticator.authenticate(request.headers)
+            g.api_key_id = authenticator.authenticate(request.headers, gemini_routes.key_in_query())
 
     @app.after_request
     def _tag(response: Response) -> Response:
@@ -58,4 +58,5 @@ def create_app(settings: Settings) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(anthropic_routes.bp)
     app.register_blueprint(ollama_routes.bp)
+    app.register_blueprint(gemini_routes.bp)
     return app

@@ -1,5 +1,6 @@
-"""Who is calling: ``Authorization: Bearer <key>`` or ``x-api-key: <key>``, checked against the
-SHA-256 hashes in Postgres (cached per process for a few seconds).
+"""Who is calling: ``Authorization: Bearer <key>``, ``x-api-key: <key>`` or ``x-goog-api-key: <key>`` (or
+a key the route takes from its URL, Gemini's ``?key=``), checked against the SHA-256 hashes in Postgres
+(cached per process for a few seconds).
 
 ``GATEWAY_AUTH``: ``required`` — every call needs an active key; ``off`` — no checks;
 ``auto`` (default) — required as soon as at least one key exists, open on a fresh install.
@@ -34,16 +35,18 @@ class Authenticator:
                     self._loaded_at = time.monotonic()
         return self._hashes
 
-    def authenticate(self, headers: Mapping[str, str]) -> str | None:
-        """The caller's key id (None when auth is off or open). Raises AuthenticationFailed."""
+    def authenticate(self, headers: Mapping[str, str], query_key: str | None = None) -> str | None:
+        """The caller's key id (None when auth is off or open). ``query_key``: a key the caller put in
+        the URL, for the routes that accept one. Raises AuthenticationFailed."""
         if self.mode == "off":
             return None
         active = self._active()
         if self.mode == "auto" and not active:
             return None
-        secret = _presented_key(headers)
+        secret = _presented_key(headers) or query_key
         if not secret:
-            raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'")
+            raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>', 'x-api-key' "
+                                       "or 'x-goog-api-key'")
         digest = hash_secret(secret)
         key_id = active.get(digest)
         if key_id is None:
@@ -57,4 +60,4 @@ def _presented_key(headers: Mapping[str, str]) -> str | None:
     auth = headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip() or None
-    return headers.get("x-api-key") or None
+    return headers.get("x-api-key") or headers.get("x-goog-api-key") or None

@@ -1,10 +1,11 @@
 """Gemini ``generateContent`` / ``streamGenerateContent`` ⇄ canonical (OpenAI Chat Completions).
 Pure functions, no I/O.
 
-Ingress (a client speaks Gemini to the gateway): :func:`parse_request`, :func:`render_response`,
-:func:`render_error`, :class:`StreamRenderer` (one GenerateContentResponse per SSE event). Egress (the
-gateway calls Gemini): :func:`to_upstream`, :func:`upstream_path`, :func:`from_upstream`,
-:class:`UpstreamStreamMapper`, :func:`upstream_error_message`. The model is part of the URL, not the body.
+Ingress (a client speaks Gemini to the gateway; served by ``api/gemini_routes.py``): :func:`parse_request`,
+:func:`render_response`, :func:`render_error`, :class:`StreamRenderer` (one GenerateContentResponse per
+SSE event or JSON array element). Egress (the gateway calls Gemini): :func:`to_upstream`,
+:func:`upstream_path`, :func:`from_upstream`, :class:`UpstreamStreamMapper`, :func:`upstream_error_message`.
+The model is part of the URL, not the body.
 
 What maps to what
   systemInstruction.parts[].text                ⇄ a leading system message
@@ -62,6 +63,7 @@ CANONICAL_TO_FINISH = {"stop": "STOP", "tool_calls": "STOP", "function_call": "S
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                 409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
                 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 MODES_IN = {"AUTO": "auto", "VALIDATED": "auto", "NONE": "none", "ANY": "required"}
 MODES_OUT = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
 
@@ -304,10 +306,15 @@ def _usage_metadata(usage: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def render_error(status: int, error_type: str, message: str) -> dict[str, Any]:
-    """Our error in Google's shape: the HTTP code, the message and the canonical status name."""
+def render_error(status: int, error_type: str, message: str, *, param: str | None = None) -> dict[str, Any]:
+    """Our error in Google's shape: the HTTP code, the message and the canonical status name; the
+    parameter at fault, if known, as a ``google.rpc.BadRequest`` field violation (as Google reports it)."""
     name = STATUS_NAMES.get(status) or ("INVALID_ARGUMENT" if status < 500 else "INTERNAL")
-    return {"error": {"code": status, "message": message, "status": name}}
+    error: dict[str, Any] = {"code": status, "message": message, "status": name}
+    if param:
+        error["details"] = [{"@type": BAD_REQUEST_TYPE,
+                             "fieldViolations": [{"field": param, "description": message}]}]
+    return {"error": error}
 
 
 class StreamRenderer:

@@ -21,10 +21,11 @@ from tests.integration.test_egress_native import (  # noqa: F401 (fixtures)
     native_env,
     refusing_url,
 )
+from tests.integration.test_gemini_ingress import ask_gemini
 
 pytestmark = pytest.mark.integration
 
-INGRESS = ("openai", "anthropic", "ollama")
+INGRESS = ("openai", "anthropic", "ollama", "gemini")
 EGRESS = tuple(ROUTES)
 CASES = ("text", "stream", "tool", "tool-stream", "image")
 PIXEL = base64.b64encode(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
@@ -37,6 +38,8 @@ def ask(ingress: str, url: str, model: str, case: str) -> dict[str, Any]:
     streamed = case in ("stream", "tool-stream")
     tools = case.startswith("tool")
     text = "what is the weather in Oslo" if tools else "describe this" if case == "image" else f"say {case}"
+    if ingress == "gemini":
+        return ask_gemini(url, model, text, streamed=streamed, tools=tools, image=PIXEL if case == "image" else None)
     if ingress == "openai":
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
         content: Any = ([{"type": "text", "text": text},

@@ -96,6 +96,9 @@ def test_auth_modes():
     auto = Authenticator("auto", lambda: keys)
     assert auto.authenticate({"Authorization": "Bearer sk-good"}) == "key_1"
     assert auto.authenticate({"x-api-key": "sk-good"}) == "key_1"
+    assert auto.authenticate({"x-goog-api-key": "sk-good"}) == "key_1"  # Gemini's header
+    assert auto.authenticate({}, query_key="sk-good") == "key_1"  # Gemini's ?key=
+    assert auto.authenticate({"x-api-key": "sk-good"}, query_key="sk-bad") == "key_1"  # a header comes first
     with pytest.raises(AuthenticationFailed, match="missing"):
         auto.authenticate({})
     with pytest.raises(AuthenticationFailed, match="invalid"):

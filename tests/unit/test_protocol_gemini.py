@@ -369,6 +369,13 @@ def test_render_error(status, name):
     assert gemini.render_error(status, "any", "nope") == expected
 
 
+def test_render_error_names_the_parameter_as_a_field_violation():
+    assert gemini.render_error(400, "invalid_request_error", "bad tool", param="tools.0") == {"error": {
+        "code": 400, "message": "bad tool", "status": "INVALID_ARGUMENT", "details": [{
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "fieldViolations": [{"field": "tools.0", "description": "bad tool"}]}]}}
+
+
 @pytest.mark.parametrize("data,message", [
     ({"error": {"code": 429, "message": "Quota exceeded", "status": "RESOURCE_EXHAUSTED"}}, "Quota exceeded"),
     ([{"error": {"code": 400, "message": "Bad", "status": "INVALID_ARGUMENT"}}], "Bad"),
