@@ -9,7 +9,7 @@ from flask import Blueprint, Response, g, jsonify
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.openai_routes import gateway
+from api.requests import gateway
 
 bp = Blueprint("health", __name__)
 

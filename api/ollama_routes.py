@@ -15,7 +15,8 @@ from typing import Any
 
 from flask import Blueprint, Response, g, jsonify
 
-from api.openai_routes import admit, gateway, json_body, outcome_headers
+from api.errors import install_error_handlers, ollama_document
+from api.requests import admit, gateway, json_body, outcome_headers
 from api.streaming import stream_response
 from common.errors import GatewayError, InvalidRequest
 from common.protocols import ollama
@@ -23,6 +24,7 @@ from common.protocols.openai import parse_embeddings_request
 from common.types import ChatRequest
 
 bp = Blueprint("ollama", __name__)
+install_error_handlers(bp, ollama_document)
 
 OLLAMA_API_VERSION = "0.12.0"  # the Ollama API version whose wire format we speak
 
