@@ -15,11 +15,14 @@ from api.errors import install_error_handlers, openai_document
 from api.gateway import Gateway
 from common.apikeys import active_key_hashes
 from common.db import make_session_factory
+from common.errors import NotFound
 from common.jobs import JobStore
 from common.settings import Settings
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# control characters and what undecodable bytes become: no route has them, Postgres cannot hold NUL
+_BAD_PATH = re.compile("[\x00-\x1f\x7f\ud800-\udfff\ufffd]")
 
 
 def create_app(settings: Settings) -> Flask:
@@ -43,6 +46,8 @@ def create_app(settings: Settings) -> Flask:
 
     @app.before_request
     def _identify() -> None:
+        if _BAD_PATH.search(request.path):
+            raise NotFound("no such path (it contains control characters or invalid UTF-8)")
         incoming = request.headers.get("x-request-id", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(12)
         g.api_key_id = None
