@@ -26,9 +26,12 @@ import gevent.local  # type: ignore[import-untyped]
 from gunicorn.http import errors as http_errors  # type: ignore[import-untyped]
 from gunicorn.workers.ggevent import GeventWorker  # type: ignore[import-untyped]
 
-from api.requests import CLOSE_CONNECTION
+# Nothing of the app may be imported here: gunicorn imports this module before the worker
+# monkey-patches the standard library, and the app's imports (redis, ssl, …) must come after that.
 
 DEFAULT_CLIENT_TIMEOUT = 10.0
+#: set in the WSGI environ by the app when it left a body half-read: close the connection after answering
+CLOSE_CONNECTION = "gateway.close_connection"
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 

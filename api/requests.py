@@ -14,12 +14,11 @@ from flask import current_app, request
 from gunicorn.http.errors import ParseException  # type: ignore[import-untyped]
 
 from api.gateway import Gateway, Outcome, Route
+from api.gunicorn_worker import CLOSE_CONNECTION
 from common.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from common.protocols import safejson
 
 READ_CHUNK = 64 * 1024
-#: set in the WSGI environ when the body was left half-read: the server must close the connection
-CLOSE_CONNECTION = "gateway.close_connection"
 
 
 def gateway() -> Gateway:
