@@ -35,9 +35,10 @@ OUTAGE_RETRY_SECONDS = 1.0  # while Postgres is down, try to reload the keys at 
 
 class Authenticator:
     def __init__(self, mode: str, load_hashes: Callable[[], dict[str, str]], *,
-                 stale_limit: float = 300.0) -> None:
+                 stale_limit: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.mode = mode
         self.stale_limit = stale_limit
+        self._clock = clock
         self._load = load_hashes
         self._hashes: dict[str, str] = {}
         self._loaded_at = -math.inf     # when the key set was last loaded (monotonic)
@@ -49,12 +50,12 @@ class Authenticator:
     def _active(self, max_age: float = CACHE_SECONDS) -> dict[str, str]:
         """The active key set, reloaded when older than ``max_age``. During an outage: the last good
         set while it is younger than the stale limit, else :class:`StoreUnavailable`."""
-        now = time.monotonic()
+        now = self._clock()
         if now - self._loaded_at > max_age and now >= self._retry_at:
             have_set = self._loaded_at > -math.inf
             if self._lock.acquire(blocking=not have_set):  # one reload at a time; others use the set they have
                 try:
-                    if time.monotonic() - self._loaded_at > max_age and time.monotonic() >= self._retry_at:
+                    if self._clock() - self._loaded_at > max_age and self._clock() >= self._retry_at:
                         self._reload()
                 finally:
                     self._lock.release()
@@ -66,19 +67,19 @@ class Authenticator:
         try:
             hashes = self._load()
         except STORE_DOWN as exc:
-            self._retry_at = time.monotonic() + OUTAGE_RETRY_SECONDS
+            self._retry_at = self._clock() + OUTAGE_RETRY_SECONDS
             if self._down_since is None:
-                self._down_since = time.monotonic()
+                self._down_since = self._clock()
                 log.warning("API key store (Postgres) unreachable (%s); checking keys against the last set "
                             "loaded for up to %gs after it was loaded", type(exc).__name__, self.stale_limit)
             return
         if self._down_since is not None:
-            log.warning("API key store (Postgres) reachable again after %.1fs", time.monotonic() - self._down_since)
-        self._hashes, self._loaded_at = hashes, time.monotonic()
+            log.warning("API key store (Postgres) reachable again after %.1fs", self._clock() - self._down_since)
+        self._hashes, self._loaded_at = hashes, self._clock()
         self._down_since, self._stale_logged, self._retry_at = None, False, -math.inf
 
     def _check_stale(self) -> None:
-        age = time.monotonic() - self._loaded_at
+        age = self._clock() - self._loaded_at
         if age <= self.stale_limit:
             return
         if not self._stale_logged:
