@@ -23,7 +23,7 @@ from typing import Any
 import redis
 import sqlalchemy.exc
 from flask import Blueprint, Flask, Response, current_app, jsonify
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from common.errors import GatewayError, InternalError, PayloadTooLarge, QueueUnavailable, StoreUnavailable
 from common.protocols import anthropic, ollama
@@ -113,7 +113,10 @@ def install_error_handlers(target: Flask | Blueprint, render: Render) -> None:
         return error_response(exc, render)
 
     def http_error(exc: HTTPException) -> Response:
-        return error_response(from_http_exception(exc), render)
+        response = error_response(from_http_exception(exc), render)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
 
     def store_down(exc: Exception) -> Response:
         return error_response(store_unavailable(exc), render)

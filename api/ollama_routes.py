@@ -13,12 +13,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from api.errors import install_error_handlers, ollama_document
 from api.requests import admit, gateway, json_body, outcome_headers
 from api.streaming import stream_response
-from common.errors import GatewayError, InvalidRequest
+from common.errors import GatewayError, InvalidRequest, NotFound
 from common.protocols import ollama
 from common.protocols.openai import parse_embeddings_request
 from common.types import ChatRequest
@@ -150,3 +151,14 @@ def show() -> Response:
 @bp.get("/api/version")
 def version() -> Response:
     return jsonify({"version": OLLAMA_API_VERSION})
+
+
+@bp.route("/api/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def elsewhere(rest: str) -> Response:
+    """Every other path under ``/api/`` is Ollama's too, so its errors come in Ollama's shape: a
+    known path called with the wrong method is 405, anything else (model management) 404."""
+    path = f"/api/{rest}"
+    allowed = {m for r in current_app.url_map.iter_rules() if r.rule == path for m in r.methods or ()}
+    if allowed:
+        raise MethodNotAllowed(valid_methods=sorted(allowed))
+    raise NotFound(f"{request.method} {path} is not served by this gateway (it does not manage models)")

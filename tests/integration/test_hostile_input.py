@@ -96,6 +96,10 @@ def test_errors_of_werkzeug_come_in_the_blueprints_shape(api):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = requests.get(f"{api.url}/no/such/path")  # no blueprint: OpenAI's shape
     assert r.status_code == 404 and openai_shaped(r.json())
+    r = requests.post(f"{api.url}/api/pull", json={"model": "x"})  # every /api/ path is Ollama's
+    assert r.status_code == 404 and ollama_shaped(r.json())
+    r = requests.get(f"{api.url}/api/chat")
+    assert r.status_code == 405 and ollama_shaped(r.json()) and "POST" in r.headers["Allow"]
 
 
 def test_an_oversize_chunked_body_is_413(api):
