@@ -71,9 +71,12 @@ def json_body() -> Any:
 def read_body(limit: int, timeout: float) -> bytes:
     """At most ``limit`` bytes of body, all of it within ``timeout`` seconds (a total deadline, so a
     client dripping one byte at a time cannot hold the request open). A body declared larger than
-    ``limit`` by its Content-Length is refused by werkzeug before anything is read; a chunked one is
-    counted as it arrives. Whenever the body is left half-read the connection is closed after the
+    ``limit`` by its Content-Length is refused before anything is read; a chunked one is counted as it
+    arrives. Whenever the body is left half-read the connection is closed after the
     answer (:data:`CLOSE_CONNECTION`)."""
+    if request.content_length is not None and request.content_length > limit:
+        request.environ[CLOSE_CONNECTION] = True  # not worth draining
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
     chunked = request.content_length is None and request.environ.get("wsgi.input_terminated")
     # werkzeug's stream stops at Content-Length; a chunked body ends where gunicorn's decoder says
     stream = request.environ["wsgi.input"] if chunked else request.stream

@@ -87,7 +87,8 @@ def mutate_value(rng: random.Random, value: Any) -> str:
 def case(rng: random.Random) -> tuple[str, str, bytes, dict[str, str], Callable[[Any], bool]]:
     """(method, path, body, headers, shape check) for one fuzzed request."""
     if rng.random() < 0.08:
-        return "GET", rng.choice(ODD_PATHS), b"", {}, openai_shaped
+        path = rng.choice(ODD_PATHS)
+        return "GET", path, b"", {}, ollama_shaped if path.startswith("/api/") else openai_shaped
     path = rng.choice(list(VALID))
     valid, shaped = VALID[path]
     headers = {"content-type": rng.choice(CONTENT_TYPES)}
