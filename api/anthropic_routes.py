@@ -58,7 +58,8 @@ class AnthropicStream:
 
     @staticmethod
     def _sse(events: list[tuple[str, dict[str, Any]]]) -> list[str]:
-        return [f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n" for name, data in events]
+        return [f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+                for name, data in events]
 
     def chunk(self, chunk: dict[str, Any]) -> list[str]:
         return self._sse(self.renderer.feed(chunk))

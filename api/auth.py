@@ -29,7 +29,7 @@ from common.errors import AuthenticationFailed, StoreUnavailable
 log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 5.0        # a revoked key stops working within this long
-MISS_RELOAD_SECONDS = 0.1  # an unknown key triggers a reload at most this often (10/s), so new keys work at once
+MISS_RELOAD_SECONDS = 0.1  # an unknown key reloads at most this often (10/s), so new keys work at once
 OUTAGE_RETRY_SECONDS = 1.0  # while Postgres is down, try to reload the keys at most this often
 
 
@@ -53,7 +53,8 @@ class Authenticator:
         now = self._clock()
         if now - self._loaded_at > max_age and now >= self._retry_at:
             have_set = self._loaded_at > -math.inf
-            if self._lock.acquire(blocking=not have_set):  # one reload at a time; others use the set they have
+            # one reload at a time; the others use the set they have
+            if self._lock.acquire(blocking=not have_set):
                 try:
                     if self._clock() - self._loaded_at > max_age and self._clock() >= self._retry_at:
                         self._reload()
@@ -74,7 +75,8 @@ class Authenticator:
                             "loaded for up to %gs after it was loaded", type(exc).__name__, self.stale_limit)
             return
         if self._down_since is not None:
-            log.warning("API key store (Postgres) reachable again after %.1fs", self._clock() - self._down_since)
+            log.warning("API key store (Postgres) reachable again after %.1fs",
+                        self._clock() - self._down_since)
         self._hashes, self._loaded_at = hashes, self._clock()
         self._down_since, self._stale_logged, self._retry_at = None, False, -math.inf
 

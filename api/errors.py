@@ -86,8 +86,9 @@ class OutageLog:
             if now - self._last.get(kind, -math.inf) < self.interval:
                 return
             self._last[kind] = now
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
         log.warning("%s unreachable (%s: %s); answering 503 (logged at most every %gs)",
-                    kind, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", self.interval)
+                    kind, type(exc).__name__, first_line, self.interval)
 
 
 _outages = OutageLog()
@@ -101,7 +102,8 @@ def store_unavailable(exc: BaseException) -> StoreUnavailable:
 
 def queue_unavailable(exc: BaseException) -> QueueUnavailable:
     _outages.warn("redis", exc)
-    return QueueUnavailable("the gateway's queue is unreachable; retry shortly", retry_after=OUTAGE_RETRY_AFTER_S)
+    return QueueUnavailable("the gateway's queue is unreachable; retry shortly",
+                            retry_after=OUTAGE_RETRY_AFTER_S)
 
 
 def install_error_handlers(target: Flask | Blueprint, render: Render) -> None:

@@ -42,7 +42,8 @@ _CLIENT_ERRORS: tuple[tuple[Any, int, str, str], ...] = (
     (http_errors.UnsupportedTransferCoding, 501, "Not Implemented", "unsupported_transfer_coding"),
     (http_errors.ExpectationFailed, 417, "Expectation Failed", "expectation_failed"),
     (http_errors.ForbiddenProxyRequest, 403, "Forbidden", "forbidden"),
-    (http_errors.InvalidResponseHeader | http_errors.InvalidResponseHeaderName  # the app's fault, not the client's
+    # the app's fault, not the client's
+    (http_errors.InvalidResponseHeader | http_errors.InvalidResponseHeaderName
      | http_errors.ConfigurationProblem, 500, "Internal Server Error", "internal_error"),
     (http_errors.ParseException, 400, "Bad Request", "malformed_request"),
     (gevent.Timeout, 408, "Request Timeout", "request_timeout"),
@@ -79,7 +80,8 @@ class GatewayWorker(GeventWorker):
         if status >= 500:
             self.log.error("error handling request: %s: %s", type(exc).__name__, exc)
         else:
-            self.log.warning("invalid request from %s: %s", (addr or ("",))[0], str(exc) or type(exc).__name__)
+            self.log.warning("invalid request from %s: %s", (addr or ("",))[0],
+                             str(exc) or type(exc).__name__)
         message = _message(exc, reason)
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500
                                      else "api_error", "param": None, "code": code}}).encode()

@@ -26,7 +26,8 @@ def chat_completions() -> Response:
         include_usage = bool((chat.model_extra or {}).get("stream_options", {}).get("include_usage"))
         watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
         return stream_response(call.gw, watch, OpenAIStream(include_usage), call.headers)
-    return completion_response(call.gw.call(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id))
+    return completion_response(call.gw.call(chat, call.route, max_wait=call.max_wait,
+                                            api_key_id=g.api_key_id))
 
 
 class OpenAIStream:
@@ -67,7 +68,8 @@ def completion_response(outcome: Outcome) -> Response:
 def embeddings() -> Response:
     embed, extensions = parse_embeddings_request(json_body())
     call = admit(embed.model, extensions.get("max_wait"))
-    return completion_response(call.gw.call(embed, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id))
+    return completion_response(call.gw.call(embed, call.route, max_wait=call.max_wait,
+                                            api_key_id=g.api_key_id))
 
 
 @bp.get("/v1/models")

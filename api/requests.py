@@ -52,7 +52,8 @@ def admit(model: str, body_max_wait: Any, default: float | None = None) -> Admit
 def outcome_headers(outcome: Outcome) -> dict[str, str]:
     """What every non-streamed answer says about its job, in any protocol."""
     return {"x-gateway-provider": str(outcome.meta.get("provider", "")),
-            "x-gateway-model": str(outcome.meta.get("provider_model", "")), "x-gateway-job-id": outcome.job_id,
+            "x-gateway-model": str(outcome.meta.get("provider_model", "")),
+            "x-gateway-job-id": outcome.job_id,
             "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
             "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", ""))}
 

@@ -73,8 +73,8 @@ class Settings:
     task_events: bool = True                # Celery task events: Flower's task views need them
     max_body_bytes: int = 4 * 1024 * 1024
     max_json_depth: int = 64                # arrays/objects nested deeper than this: 400
-    client_timeout: float = 10.0            # a new connection's headers, and any body, must arrive within this
-    auth_stale_limit: float = 300.0         # Postgres down: keys are checked against the last good set this long
+    client_timeout: float = 10.0            # a new connection's headers, and any body, arrive within this
+    auth_stale_limit: float = 300.0         # Postgres down: keys checked against the last good set this long
     auth_mode: str = "auto"                 # auto | required | off
     state_dir: Path = field(default_factory=lambda: Path(".state"))
     api_host: str = "127.0.0.1"

@@ -40,7 +40,8 @@ def parse_chat_request(body: Any) -> tuple[ChatRequest, dict[str, Any]]:
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(request, name)
         if value is not None and value > MAX_TOKENS_LIMIT:
-            raise InvalidRequest(f"invalid value for '{name}': must be at most {MAX_TOKENS_LIMIT}", param=name,
+            raise InvalidRequest(f"invalid value for '{name}': must be at most {MAX_TOKENS_LIMIT}",
+                                 param=name,
                                  code="invalid_value")
     return request, extensions
 
@@ -63,8 +64,8 @@ def _split(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(gateway extension fields, the rest); a field that would steer the upstream call is refused."""
     steering = sorted(STEERING_FIELDS.intersection(body))
     if steering:
-        raise InvalidRequest(f"unsupported parameter: '{steering[0]}' — the gateway chooses the upstream, its "
-                             "address and credentials; they cannot be set per request", param=steering[0],
+        raise InvalidRequest(f"unsupported parameter: '{steering[0]}' — the gateway chooses the upstream, "
+                             "its address and credentials; they cannot be set per request", param=steering[0],
                              code="unsupported_parameter")
     extensions = {name: body[name] for name in GATEWAY_FIELDS if name in body}
     return extensions, {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}

@@ -41,7 +41,8 @@ def loads(raw: bytes, *, max_depth: int) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+        raise InvalidRequest(f"the request body is not valid UTF-8: {exc.reason} at byte {exc.start}"
+                             ) from None
     depth = nesting_depth(text)
     if depth > max_depth:
         raise InvalidRequest(f"the request body nests arrays/objects {depth} deep; at most {max_depth} "
@@ -91,7 +92,8 @@ def _check_string(text: str, path: str) -> None:
         path = path[:300]
         where = f" in '{path}'" if path else ""
         raise InvalidRequest(f"invalid string{where}: NUL characters (\\u0000) and "
-                             "unpaired UTF-16 surrogates are not accepted", param=path or None, code="invalid_string")
+                             "unpaired UTF-16 surrogates are not accepted", param=path or None,
+                             code="invalid_string")
 
 
 def _refuse_constant(name: str) -> Any:

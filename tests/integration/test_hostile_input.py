@@ -50,11 +50,14 @@ def nested(depth: int) -> str:
     (lambda b: '{"model": "fake-model", "messages": [], "x": -Infinity}', "invalid_number"),
     (lambda b: '{"model": "fake-model", "messages": [], "max_wait": 1e999}', "invalid_number"),
     (lambda b: '{"model": "fake-model", "messages": [], "max_wait": ' + "9" * 400 + "}", "invalid_number"),
-    (lambda b: '{"model": "fake-model", "messages": [{"role": "user", "content": "a\\u0000b"}]}', "invalid_string"),
-    (lambda b: '{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud800"}]}', "invalid_string"),
+    (lambda b: '{"model": "fake-model", "messages": [{"role": "user", "content": "a\\u0000b"}]}',
+     "invalid_string"),
+    (lambda b: '{"model": "fake-model", "messages": [{"role": "user", "content": "\\ud800"}]}',
+     "invalid_string"),
 ], ids=["deep", "nan", "infinity", "float-overflow", "400-digits", "nul", "lone-surrogate"])
 def test_bad_json_is_a_400_in_the_callers_shape(api, path, body, shaped, raw, code):
-    r = requests.post(f"{api.url}{path}", data=raw(body).encode(), headers={"content-type": "application/json"})
+    r = requests.post(f"{api.url}{path}", data=raw(body).encode(),
+                      headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert shaped(r.json()), r.text
     if shaped is openai_shaped:
@@ -142,7 +145,8 @@ def raw_exchange(api: Api, payload: bytes, timeout: float = 10) -> tuple[int, di
     (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", 400),
     (b"GET /" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n", 431),
-    (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n", 431),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",
+     431),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", 400),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),

@@ -87,14 +87,22 @@ class TcpProxy:
         self.listener.close()
 
 
+def through(url: str, proxy: TcpProxy) -> str:
+    """``url`` (credentials kept) pointed at ``proxy``."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    host = f"{parts.hostname}:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}" if userinfo else host))
+
+
 @pytest.fixture(scope="module")
 def proxied(gateway_env, workers, database_url, tmp_path_factory) -> Iterator[tuple[Api, TcpProxy, str]]:
     """An API with GATEWAY_AUTH=auto and one key, reaching Postgres only through a proxy."""
     parts = urlsplit(database_url)
     proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
-    via_proxy = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.port or 5432}", f":{proxy.port}")))
     secret = cli(gateway_env, "keys", "create", "--name", "outage").strip().splitlines()[-1]
-    env = {**gateway_env, "DATABASE_URL": via_proxy, "GATEWAY_AUTH": "auto", "GATEWAY_AUTH_STALE_LIMIT": "300"}
+    env = {**gateway_env, "DATABASE_URL": through(database_url, proxy), "GATEWAY_AUTH": "auto",
+           "GATEWAY_AUTH_STALE_LIMIT": "300"}
     server = Api(env, tmp_path_factory.mktemp("outage") / "api.log").start()
     yield server, proxy, secret
     server.stop()
@@ -111,8 +119,8 @@ def test_postgres_outage_serves_known_keys_and_answers_503_for_jobs(proxied, fak
     job = requests.post(f"{api.url}/v1/jobs", json=CHAT, headers=auth).json()
     proxy.cut()
     try:
-        statuses = [requests.post(f"{api.url}/v1/chat/completions", json=CHAT, headers=auth, timeout=30).status_code
-                    for _ in range(20)]
+        statuses = [requests.post(f"{api.url}/v1/chat/completions", json=CHAT, headers=auth,
+                                  timeout=30).status_code for _ in range(20)]
         assert statuses == [200] * 20  # sync calls need no Postgres: the last key set answers
         assert requests.post(f"{api.url}/v1/chat/completions", json=CHAT,
                              headers={"Authorization": "Bearer sk-gw-unknown"}).status_code == 401
@@ -139,14 +147,44 @@ def test_no_key_set_ever_loaded_means_503_not_open(gateway_env, workers, databas
     """With no key set to fall back on, an outage must not open the gateway (auto mode) — 503."""
     parts = urlsplit(database_url)
     proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
-    via_proxy = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.port or 5432}", f":{proxy.port}")))
-    server = Api({**gateway_env, "DATABASE_URL": via_proxy, "GATEWAY_AUTH": "auto"},
+    server = Api({**gateway_env, "DATABASE_URL": through(database_url, proxy), "GATEWAY_AUTH": "auto"},
                  tmp_path_factory.mktemp("outage-cold") / "api.log").start()  # /health: no key load
     try:
         proxy.cut()
         r = requests.post(f"{server.url}/v1/messages", timeout=30,
                           json={"model": "fake-model", "max_tokens": 5, "messages": CHAT["messages"]})
         assert r.status_code == 503 and r.json()["type"] == "error" and r.headers["Retry-After"]
+    finally:
+        server.stop()
+        proxy.close()
+
+
+def test_redis_outage_is_503_in_the_callers_shape(gateway_env, workers, tmp_path_factory, fake):
+    """The API loses Redis (the workers do not): calls and job reads that need it are 503
+    ``queue_unavailable`` with Retry-After, in each protocol's shape; service resumes when it is back."""
+    parts = urlsplit(gateway_env["REDIS_URL"])
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 6379))
+    server = Api({**gateway_env, "REDIS_URL": through(gateway_env["REDIS_URL"], proxy)},
+                 tmp_path_factory.mktemp("outage-redis") / "api.log").start()
+    try:
+        queued = requests.post(f"{server.url}/v1/jobs", json={**CHAT, "model": "stalled-model"}).json()
+        assert requests.post(f"{server.url}/v1/chat/completions", json=CHAT).status_code == 200
+        proxy.cut()
+        chat = requests.post(f"{server.url}/v1/chat/completions", json=CHAT, timeout=30)
+        assert chat.status_code == 503 and chat.headers["Retry-After"]
+        assert chat.json()["error"]["code"] == "queue_unavailable"
+        claude = requests.post(f"{server.url}/v1/messages", timeout=30,
+                               json={"model": "fake-model", "max_tokens": 5, "messages": CHAT["messages"]})
+        assert claude.status_code == 503 and claude.json()["type"] == "error"
+        llama = requests.post(f"{server.url}/api/chat", timeout=30,
+                              json={"model": "fake-model", "stream": False, "messages": CHAT["messages"]})
+        assert llama.status_code == 503 and isinstance(llama.json()["error"], str)
+        read = requests.get(f"{server.url}/v1/jobs/{queued['id']}", timeout=30)
+        assert read.status_code == 503 and read.json()["error"]["code"] == "queue_unavailable"
+        proxy.restore()
+        wait_until(lambda: requests.post(f"{server.url}/v1/chat/completions", json=CHAT,
+                                         timeout=30).status_code == 200, 30)
+        assert "Traceback" not in server.log.read_text(errors="replace")
     finally:
         server.stop()
         proxy.close()

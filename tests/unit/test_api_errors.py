@@ -30,7 +30,8 @@ RAISES: dict[str, Callable[[], Any]] = {
     "redis": raising(redis.ConnectionError("Connection refused")),
     "bug": raising(KeyError("oops")),
 }
-EXPECTED = {"gateway": (404, None), "not-found": (404, None), "too-large": (413, None), "postgres": (503, "2"),
+EXPECTED = {"gateway": (404, None), "not-found": (404, None), "too-large": (413, None),
+            "postgres": (503, "2"),
             "redis": (503, "2"), "bug": (500, None)}
 
 
@@ -76,7 +77,8 @@ def test_errors_come_in_the_blueprints_shape(client, prefix, shaped, kind):
     assert "oops" not in r.get_data(as_text=True)  # a bug's details stay in the log
 
 
-@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/anthropic/bug", 405), ("POST", "/nowhere", 404)],
+@pytest.mark.parametrize(("method", "path", "status"),
+                         [("GET", "/anthropic/bug", 405), ("POST", "/nowhere", 404)],
                          ids=["wrong-method", "unknown-path"])
 def test_routing_errors_belong_to_no_blueprint(client, method, path, status):
     r = client.open(path, method=method)

@@ -36,7 +36,8 @@ def test_nesting_depth(text, depth):
     (b'{"a": 1', None, None),
     (b'{"a": "\x00"}', None, None),
 ], ids=["deep", "nan", "infinity", "minus-infinity", "float-overflow", "400-digits", "int64-max+1",
-        "int64-min-1", "nul", "lone-high-surrogate", "surrogate-key", "reversed-pair", "not-utf8", "truncated",
+        "int64-min-1", "nul", "lone-high-surrogate", "surrogate-key", "reversed-pair", "not-utf8",
+        "truncated",
         "raw-nul"])
 def test_refused(raw, code, param):
     with pytest.raises(InvalidRequest) as err:
