@@ -1,7 +1,7 @@
 """Anthropic ingress: ``POST /v1/messages`` (streaming included) and ``POST /v1/messages/count_tokens``.
 
 Any ``anthropic-version`` is accepted; keys come as ``x-api-key`` or ``Authorization: Bearer``
-(``api/auth.py``); errors use Anthropic's ``{"type": "error", "error": {...}}`` (``api/errors.py``).
+(``api/auth.py``); errors use Anthropic's ``{"type": "error", "error": {...}}`` (this blueprint's handlers).
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ from typing import Any
 
 from flask import Blueprint, Response, g, jsonify
 
-from api.openai_routes import admit, gateway, json_body, outcome_headers
+from api.errors import anthropic_document, install_error_handlers
+from api.requests import admit, gateway, json_body, outcome_headers
 from api.streaming import stream_response
 from common.errors import GatewayError
 from common.protocols import anthropic
 from common.tokens import estimate_prompt_tokens
 
 bp = Blueprint("anthropic", __name__)
+install_error_handlers(bp, anthropic_document)
 
 
 @bp.post("/v1/messages")
@@ -56,7 +58,8 @@ class AnthropicStream:
 
     @staticmethod
     def _sse(events: list[tuple[str, dict[str, Any]]]) -> list[str]:
-        return [f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n" for name, data in events]
+        return [f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+                for name, data in events]
 
     def chunk(self, chunk: dict[str, Any]) -> list[str]:
         return self._sse(self.renderer.feed(chunk))

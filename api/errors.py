@@ -1,55 +1,139 @@
-"""Rendering errors in the caller's own protocol. Never a stack trace, never a bare 500 page."""
+"""Rendering errors in the caller's own protocol. Never a stack trace, never a bare 500 page.
+
+Each blueprint installs the handlers with its protocol's renderer (:func:`install_error_handlers`),
+so whatever is raised inside its routes — a :class:`GatewayError`, a werkzeug ``HTTPException``
+(404/405/413), a lost Postgres or Redis connection, a bug — answers in that protocol's shape. The
+app installs the same handlers with OpenAI's renderer for everything that belongs to no blueprint
+(unknown paths, ``/health``, ``/v1/jobs``).
+
+Outages are not bugs: a lost Postgres connection becomes :class:`StoreUnavailable`, a lost Redis
+connection :class:`QueueUnavailable` (both 503 with ``Retry-After``), logged as one line at most
+every :data:`OUTAGE_LOG_INTERVAL_S` seconds per kind instead of a traceback per request.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
-from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+import redis
+import sqlalchemy.exc
+from flask import Blueprint, Flask, Response, current_app, jsonify
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from common.errors import GatewayError, PayloadTooLarge
+from common.errors import GatewayError, InternalError, PayloadTooLarge, QueueUnavailable, StoreUnavailable
 from common.protocols import anthropic, ollama
 from common.protocols.openai import error_body
 
 log = logging.getLogger(__name__)
 
+Render = Callable[[GatewayError], dict[str, Any]]
 
-def error_document(exc: GatewayError, path: str) -> dict[str, object]:
-    """The error in the shape of the protocol the caller speaks, chosen by the path it called."""
-    if path.startswith("/v1/messages"):
-        return anthropic.render_error(exc.status, exc.type, exc.message)
-    if path.startswith("/api/"):
-        return ollama.render_error(exc.status, exc.type, exc.message)
+#: what SQLAlchemy raises when Postgres cannot be reached (as opposed to a bad statement: a bug)
+STORE_DOWN: tuple[type[Exception], ...] = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                                           sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError)
+#: what redis-py raises when Redis cannot be reached
+QUEUE_DOWN: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+OUTAGE_RETRY_AFTER_S = 2
+OUTAGE_LOG_INTERVAL_S = 30.0
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}
+
+
+def openai_document(exc: GatewayError) -> dict[str, Any]:
     return error_body(exc.type, exc.message, exc.code, exc.param)
 
 
-def openai_error_response(exc: GatewayError) -> Response:
-    response = jsonify(error_document(exc, request.path))
+def anthropic_document(exc: GatewayError) -> dict[str, Any]:
+    return anthropic.render_error(exc.status, exc.type, exc.message)
+
+
+def ollama_document(exc: GatewayError) -> dict[str, Any]:
+    return ollama.render_error(exc.status, exc.type, exc.message)
+
+
+def error_response(exc: GatewayError, render: Render) -> Response:
+    response = jsonify(render(exc))
     response.status_code = exc.status
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     return response
 
 
-def install_error_handlers(app: Flask) -> None:
-    @app.errorhandler(GatewayError)
-    def _gateway_error(exc: GatewayError) -> Response:
-        return openai_error_response(exc)
+def from_http_exception(exc: HTTPException) -> GatewayError:
+    """A werkzeug HTTP error (routing's 404/405, a body over the limit) as one of ours."""
+    if exc.code == 413:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        return PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    code = _HTTP_CODES.get(exc.code or 0, "http_error")
+    return GatewayError(exc.description or exc.name, status=exc.code or 400, code=code)
 
-    @app.errorhandler(RequestEntityTooLarge)
-    def _too_large(exc: RequestEntityTooLarge) -> Response:
-        limit = app.config.get("MAX_CONTENT_LENGTH")
-        return openai_error_response(PayloadTooLarge(f"request body exceeds the limit of {limit} bytes"))
 
-    @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.code or 0, "http_error")
-        error = GatewayError(exc.description or exc.name, status=exc.code or 400, code=code)
-        return openai_error_response(error)
+class OutageLog:
+    """One log line per kind of outage per interval, however many requests hit it."""
 
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
+    def __init__(self, interval: float = OUTAGE_LOG_INTERVAL_S) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def warn(self, kind: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -math.inf) < self.interval:
+                return
+            self._last[kind] = now
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+        log.warning("%s unreachable (%s: %s); answering 503 (logged at most every %gs)",
+                    kind, type(exc).__name__, first_line, self.interval)
+
+
+_outages = OutageLog()
+
+
+def store_unavailable(exc: BaseException) -> StoreUnavailable:
+    _outages.warn("postgres", exc)
+    return StoreUnavailable("the gateway's database is unreachable; nothing was recorded, retry shortly",
+                            retry_after=OUTAGE_RETRY_AFTER_S)
+
+
+def queue_unavailable(exc: BaseException) -> QueueUnavailable:
+    _outages.warn("redis", exc)
+    return QueueUnavailable("the gateway's queue is unreachable; retry shortly",
+                            retry_after=OUTAGE_RETRY_AFTER_S)
+
+
+def install_error_handlers(target: Flask | Blueprint, render: Render) -> None:
+    """Answer every error raised in ``target``'s routes (a blueprint) or anywhere else (the app) with
+    ``render``'s shape. Handlers are registered by class, never by status code, so a blueprint's
+    handler wins over the app's for everything raised inside its routes."""
+
+    def gateway_error(exc: GatewayError) -> Response:
+        return error_response(exc, render)
+
+    def http_error(exc: HTTPException) -> Response:
+        response = error_response(from_http_exception(exc), render)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    def store_down(exc: Exception) -> Response:
+        return error_response(store_unavailable(exc), render)
+
+    def queue_down(exc: Exception) -> Response:
+        return error_response(queue_unavailable(exc), render)
+
+    def unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
-        return openai_error_response(GatewayError("internal error in the gateway; it has been logged",
-                                                  status=500, code="internal_error"))
+        return error_response(InternalError("internal error in the gateway; it has been logged"), render)
+
+    target.register_error_handler(GatewayError, gateway_error)
+    target.register_error_handler(HTTPException, http_error)
+    for cls in STORE_DOWN:
+        target.register_error_handler(cls, store_down)
+    for cls in QUEUE_DOWN:
+        target.register_error_handler(cls, queue_down)
+    target.register_error_handler(Exception, unexpected)

@@ -12,22 +12,18 @@ this blueprint's own handlers in Google's shape ``{"error": {"code", "message", 
 from __future__ import annotations
 
 import json
-import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from flask import Blueprint, Response, g, jsonify, request
 
-from api.openai_routes import admit, gateway, json_body, outcome_headers
+from api.errors import install_error_handlers
+from api.requests import admit, gateway, json_body, outcome_headers
 from api.streaming import stream_response
-from common.errors import GatewayError, InternalError, NotFound, PayloadTooLarge
+from common.errors import GatewayError, NotFound
 from common.protocols import gemini
 from common.registry import Model
 from common.tokens import estimate_prompt_tokens
-
-log = logging.getLogger(__name__)
 
 bp = Blueprint("gemini", __name__)
 
@@ -170,27 +166,9 @@ class GeminiJsonArray(GeminiSse):
         return super().error(error) + ["]"]
 
 
-def error_response(exc: GatewayError) -> Response:
-    """Any gateway error in Google's shape, with ``Retry-After`` when the error carries one."""
-    response = jsonify(gemini.render_error(exc.status, exc.type, exc.message, param=exc.param))
-    response.status_code = exc.status
-    if exc.retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return response
+def gemini_document(exc: GatewayError) -> dict[str, Any]:
+    """Any gateway error in Google's shape."""
+    return gemini.render_error(exc.status, exc.type, exc.message, param=exc.param)
 
 
-def _http_error(exc: HTTPException) -> Response:
-    if isinstance(exc, RequestEntityTooLarge):
-        limit = current_app.config.get("MAX_CONTENT_LENGTH")
-        return error_response(PayloadTooLarge(f"request body exceeds the limit of {limit} bytes"))
-    return error_response(GatewayError(exc.description or exc.name, status=exc.code or 400))
-
-
-def _unexpected(exc: Exception) -> Response:
-    log.exception("unhandled error")
-    return error_response(InternalError("internal error in the gateway; it has been logged"))
-
-
-bp.register_error_handler(GatewayError, error_response)
-bp.register_error_handler(HTTPException, _http_error)
-bp.register_error_handler(Exception, _unexpected)
+install_error_handlers(bp, gemini_document)

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, g, jsonify
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.openai_routes import gateway
+from api.requests import gateway
 
 bp = Blueprint("health", __name__)
 
@@ -31,8 +31,9 @@ def health() -> Response:
         checks["database"] = f"error: {type(exc).__name__}"
     providers = {}
     for name, p in gw.settings.registry.providers.items():
-        entry: dict[str, object] = {"kind": p.kind, "routable": p.routable, "queue": gw.settings.queue_for(name),
-                                    "models": [a for a, m in gw.settings.registry.models.items() if m.provider == name]}
+        models = [a for a, m in gw.settings.registry.models.items() if m.provider == name]
+        entry: dict[str, object] = {"kind": p.kind, "routable": p.routable,
+                                    "queue": gw.settings.queue_for(name), "models": models}
         if not p.routable:
             entry["reason"] = p.unroutable_reason
         elif checks["redis"] == "ok":

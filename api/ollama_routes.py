@@ -1,5 +1,6 @@
 """Ollama ingress: ``POST /api/chat``, ``POST /api/generate``, ``POST /api/embed``, ``GET /api/tags``,
-``POST /api/show``, ``GET /api/version``. Streaming is Ollama's default (NDJSON); errors are ``{"error": "..."}``.
+``POST /api/show``, ``GET /api/version``. Streaming is Ollama's default (NDJSON); errors are
+``{"error": "..."}``.
 
 ``/api/generate`` is a chat with one user turn (plus ``system``); its answers carry ``response``
 instead of ``message``. Model management (pull, push, create, delete) is not a gateway's business:
@@ -13,16 +14,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import MethodNotAllowed
 
-from api.openai_routes import admit, gateway, json_body, outcome_headers
+from api.errors import install_error_handlers, ollama_document
+from api.requests import admit, gateway, json_body, outcome_headers
 from api.streaming import stream_response
-from common.errors import GatewayError, InvalidRequest
+from common.errors import GatewayError, InvalidRequest, NotFound
 from common.protocols import ollama
 from common.protocols.openai import parse_embeddings_request
 from common.types import ChatRequest
 
 bp = Blueprint("ollama", __name__)
+install_error_handlers(bp, ollama_document)
 
 OLLAMA_API_VERSION = "0.12.0"  # the Ollama API version whose wire format we speak
 
@@ -40,12 +44,14 @@ def generate() -> Response:
         raise InvalidRequest("the request body must be a JSON object")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
-        raise InvalidRequest("'prompt' must be a non-empty string (this gateway does not load or unload models)",
+        raise InvalidRequest("'prompt' must be a non-empty string (this gateway does not load or unload "
+                             "models)",
                              param="prompt")
     turn: dict[str, Any] = {"role": "user", "content": prompt}
     if body.get("images"):
         turn["images"] = body["images"]
-    messages = ([{"role": "system", "content": body["system"]}] if isinstance(body.get("system"), str) else []) + [turn]
+    system = [{"role": "system", "content": body["system"]}] if isinstance(body.get("system"), str) else []
+    messages = system + [turn]
     chat_body = {k: body[k] for k in ("model", "stream", "options", "format") if k in body}
     return _serve(body, ollama.parse_request({**chat_body, "messages": messages}), _as_generate)
 
@@ -57,14 +63,18 @@ def _as_generate(document: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _serve(body: Any, chat_request: ChatRequest, shape: Callable[[dict[str, Any]], dict[str, Any]]) -> Response:
+Shape = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _serve(body: Any, chat_request: ChatRequest, shape: Shape) -> Response:
     call = admit(chat_request.model, body.get("max_wait") if isinstance(body, dict) else None)
     started = time.monotonic_ns()
     if chat_request.stream:
         watch = call.gw.start(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
         return stream_response(call.gw, watch, OllamaStream(chat_request.model, shape, started), call.headers)
     outcome = call.gw.call(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
-    document = ollama.render_response(outcome.result, chat_request.model, elapsed_ns=time.monotonic_ns() - started)
+    document = ollama.render_response(outcome.result, chat_request.model,
+                                      elapsed_ns=time.monotonic_ns() - started)
     response = jsonify(shape(document))
     response.headers.update(outcome_headers(outcome))
     return response
@@ -76,7 +86,7 @@ class OllamaStream:
 
     mimetype = "application/x-ndjson"
 
-    def __init__(self, model_alias: str, shape: Callable[[dict[str, Any]], dict[str, Any]], started_ns: int) -> None:
+    def __init__(self, model_alias: str, shape: Shape, started_ns: int) -> None:
         self.renderer = ollama.StreamRenderer(model_alias)
         self.shape = shape
         self.started_ns = started_ns
@@ -138,7 +148,8 @@ def show() -> Response:
     capabilities = ["completion"] + (["tools"] if "tools" in m.capabilities else []) + (
         ["vision"] if "vision" in m.capabilities else [])
     return jsonify({"modelfile": "", "parameters": "", "template": "",
-                    "details": {"format": "", "family": route.provider.name, "families": [route.provider.name],
+                    "details": {"format": "", "family": route.provider.name,
+                                "families": [route.provider.name],
                                 "parameter_size": "", "quantization_level": ""},
                     "model_info": {"general.architecture": route.provider.kind,
                                    f"{route.provider.kind}.context_length": m.context_window},
@@ -148,3 +159,14 @@ def show() -> Response:
 @bp.get("/api/version")
 def version() -> Response:
     return jsonify({"version": OLLAMA_API_VERSION})
+
+
+@bp.route("/api/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def elsewhere(rest: str) -> Response:
+    """Every other path under ``/api/`` is Ollama's too, so its errors come in Ollama's shape: a
+    known path called with the wrong method is 405, anything else (model management) 404."""
+    path = f"/api/{rest}"
+    allowed = {m for r in current_app.url_map.iter_rules() if r.rule == path for m in r.methods or ()}
+    if allowed:
+        raise MethodNotAllowed(valid_methods=sorted(allowed))
+    raise NotFound(f"{request.method} {path} is not served by this gateway (it does not manage models)")

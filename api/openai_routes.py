@@ -3,63 +3,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify
 
-from api.gateway import Gateway, Outcome, Route
+from api.errors import install_error_handlers, openai_document
+from api.gateway import Outcome
+from api.requests import admit, gateway, json_body, outcome_headers
 from api.streaming import stream_response
-from common.errors import GatewayError, InvalidRequest
+from common.errors import GatewayError
 from common.protocols.openai import error_body, parse_chat_request, parse_embeddings_request
 
 bp = Blueprint("openai", __name__)
-
-
-def gateway() -> Gateway:
-    return current_app.extensions["gateway"]
-
-
-@dataclass(frozen=True)
-class Admitted:
-    """A call resolved for queueing, whatever protocol it came in: its route and its max_wait."""
-
-    gw: Gateway
-    route: Route
-    max_wait: float
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"x-gateway-provider": self.route.provider.name, "x-gateway-model": self.route.model.model}
-
-
-def admit(model: str, body_max_wait: Any, default: float | None = None) -> Admitted:
-    """Resolve ``model`` to its route (404/503 in the caller's shape if it cannot be served) and the
-    caller's max_wait: the body's ``max_wait``, else the ``x-gateway-max-wait`` header, else ``default``
-    (the sync default)."""
-    gw = gateway()
-    route = gw.route(model)
-    max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), body_max_wait,
-                           gw.settings.default_max_wait if default is None else default)
-    return Admitted(gw, route, max_wait)
-
-
-def outcome_headers(outcome: Outcome) -> dict[str, str]:
-    """What every non-streamed answer says about its job, in any protocol."""
-    return {"x-gateway-provider": str(outcome.meta.get("provider", "")),
-            "x-gateway-model": str(outcome.meta.get("provider_model", "")), "x-gateway-job-id": outcome.job_id,
-            "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
-            "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", ""))}
-
-
-def json_body() -> Any:
-    raw = request.get_data(cache=False)
-    if not raw:
-        raise InvalidRequest("the request body is empty; send a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+install_error_handlers(bp, openai_document)
 
 
 @bp.post("/v1/chat/completions")
@@ -70,7 +26,8 @@ def chat_completions() -> Response:
         include_usage = bool((chat.model_extra or {}).get("stream_options", {}).get("include_usage"))
         watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
         return stream_response(call.gw, watch, OpenAIStream(include_usage), call.headers)
-    return completion_response(call.gw.call(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id))
+    return completion_response(call.gw.call(chat, call.route, max_wait=call.max_wait,
+                                            api_key_id=g.api_key_id))
 
 
 class OpenAIStream:
@@ -111,7 +68,8 @@ def completion_response(outcome: Outcome) -> Response:
 def embeddings() -> Response:
     embed, extensions = parse_embeddings_request(json_body())
     call = admit(embed.model, extensions.get("max_wait"))
-    return completion_response(call.gw.call(embed, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id))
+    return completion_response(call.gw.call(embed, call.route, max_wait=call.max_wait,
+                                            api_key_id=g.api_key_id))
 
 
 @bp.get("/v1/models")

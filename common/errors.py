@@ -8,6 +8,7 @@
     │   └── ModelNotFound         404   the model alias is not in the registry
     ├── JobConflict               409   e.g. cancelling a job that already runs
     │   └── JobCancelled          409   the job was cancelled before it produced an answer
+    ├── RequestTimeout            408   the body did not arrive within GATEWAY_CLIENT_TIMEOUT
     ├── PayloadTooLarge           413   body above GATEWAY_MAX_BODY_BYTES
     ├── IdempotencyConflict       422   an Idempotency-Key reused with a different body
     ├── QueueTimeout              429   the job waited its max_wait in line; it was withdrawn
@@ -90,6 +91,12 @@ class JobConflict(GatewayError):
     status = 409
     type = "invalid_request_error"
     code = "job_not_cancellable"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLarge(GatewayError):

@@ -72,6 +72,9 @@ class Settings:
     reconcile_interval: float = 30.0        # how often workers look for async jobs Redis lost
     task_events: bool = True                # Celery task events: Flower's task views need them
     max_body_bytes: int = 4 * 1024 * 1024
+    max_json_depth: int = 64                # arrays/objects nested deeper than this: 400
+    client_timeout: float = 10.0            # a new connection's headers, and any body, arrive within this
+    auth_stale_limit: float = 300.0         # Postgres down: keys checked against the last good set this long
     auth_mode: str = "auto"                 # auto | required | off
     state_dir: Path = field(default_factory=lambda: Path(".state"))
     api_host: str = "127.0.0.1"
@@ -122,6 +125,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reconcile_interval=_float(env, "GATEWAY_RECONCILE_INTERVAL", 30.0, minimum=0.5),
         task_events=_flag(env, "GATEWAY_TASK_EVENTS", True),
         max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
+        max_json_depth=_int(env, "GATEWAY_MAX_JSON_DEPTH", 64, minimum=8),
+        client_timeout=_float(env, "GATEWAY_CLIENT_TIMEOUT", 10.0, minimum=0.1),
+        auth_stale_limit=_float(env, "GATEWAY_AUTH_STALE_LIMIT", 300.0),
         auth_mode=auth_mode,
         state_dir=Path(env.get("GATEWAY_STATE_DIR", ".state")),
         api_host=env.get("GATEWAY_HOST", "127.0.0.1"),

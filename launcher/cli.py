@@ -45,13 +45,16 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     raise_fd_limit()
     argv = [
         sys.executable, "-m", "gunicorn",
-        "--worker-class", "gevent",
+        # gunicorn's gevent worker + a deadline for a new connection's headers and errors in JSON
+        "--worker-class", "api.gunicorn_worker.GatewayWorker",
         "--workers", str(args.workers),
         "--worker-connections", str(args.connections),
         # --port 0: the OS picks a free port; gunicorn logs it ("Listening at: …") — how tests avoid races
         "--bind", f"{args.host or settings.api_host}:{settings.api_port if args.port is None else args.port}",
         "--graceful-timeout", "10",
         "--keep-alive", "75",
+        # gunicorn's defaults, stated: a longer request line → 414, more or longer headers → 431 (JSON)
+        "--limit-request-line", "4094", "--limit-request-fields", "100", "--limit-request-field_size", "8190",
         "--no-control-socket",  # one fixed path per user: several APIs on a machine would fight over it
         *(["--access-logfile", "-"] if args.access_log else []),  # formatting lines for /dev/null costs ~5%
         "api.wsgi:app",

@@ -1,0 +1,121 @@
+"""The gunicorn worker the API runs in (``--worker-class api.gunicorn_worker.GatewayWorker``):
+gunicorn's gevent worker with the two things it lacks in front of a public API.
+
+* **A deadline for a new connection's request headers** (``GATEWAY_CLIENT_TIMEOUT``). gunicorn's
+  gevent worker waits up to ``--keep-alive`` for every request's headers, the first one included, so
+  idle or slowloris sockets hold the worker's ``--connections`` slots and new callers (``/health``
+  included) wait in the listen backlog. Here a new connection must deliver its first request's
+  headers within the client timeout (408, then closed); a kept-alive connection still idles up to
+  ``--keep-alive`` between requests.
+* **Errors in JSON**: a request gunicorn cannot parse (bad request line, header, chunk framing,
+  limits) is answered in OpenAI's error shape, not gunicorn's HTML page.
+
+The body deadline is the app's (:func:`api.requests.read_body`); when it or a chunked body over the
+size limit leaves unread bytes on the connection, the app sets :data:`CLOSE_CONNECTION` in the WSGI
+environ and the connection is closed after the answer instead of draining what is left.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import gevent  # type: ignore[import-untyped]
+import gevent.local  # type: ignore[import-untyped]
+from gunicorn.http import errors as http_errors  # type: ignore[import-untyped]
+from gunicorn.workers.ggevent import GeventWorker  # type: ignore[import-untyped]
+
+# Nothing of the app may be imported here: gunicorn imports this module before the worker
+# monkey-patches the standard library, and the app's imports (redis, ssl, …) must come after that.
+
+DEFAULT_CLIENT_TIMEOUT = 10.0
+#: set in the WSGI environ by the app when it left a body half-read: close the connection after answering
+CLOSE_CONNECTION = "gateway.close_connection"
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+# what gunicorn's parser raises, as (status, reason, our error code); anything else it raises is ours: 500
+_CLIENT_ERRORS: tuple[tuple[Any, int, str, str], ...] = (
+    (http_errors.LimitRequestLine, 414, "URI Too Long", "request_line_too_long"),
+    (http_errors.LimitRequestHeaders, 431, "Request Header Fields Too Large", "headers_too_large"),
+    (http_errors.UnsupportedTransferCoding, 501, "Not Implemented", "unsupported_transfer_coding"),
+    (http_errors.ExpectationFailed, 417, "Expectation Failed", "expectation_failed"),
+    (http_errors.ForbiddenProxyRequest, 403, "Forbidden", "forbidden"),
+    # the app's fault, not the client's
+    (http_errors.InvalidResponseHeader | http_errors.InvalidResponseHeaderName
+     | http_errors.ConfigurationProblem, 500, "Internal Server Error", "internal_error"),
+    (http_errors.ParseException, 400, "Bad Request", "malformed_request"),
+    (gevent.Timeout, 408, "Request Timeout", "request_timeout"),
+)
+
+
+class GatewayWorker(GeventWorker):
+    """gunicorn's ``gevent`` worker with a header deadline and JSON errors (see the module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connection = gevent.local.local()  # per connection greenlet: requests read so far
+        self.client_timeout = DEFAULT_CLIENT_TIMEOUT
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        app: WSGIApp = getattr(self, "wsgi")  # noqa: B009  (set by gunicorn, untyped)
+        config = getattr(app, "config", {})
+        self.client_timeout = float(config.get("GATEWAY_CLIENT_TIMEOUT", DEFAULT_CLIENT_TIMEOUT))
+        self.wsgi = _closing(app)
+
+    def timeout_ctx(self) -> gevent.Timeout:
+        """The deadline for reading the next request's headers on this connection: the client
+        timeout (raising, so the caller gets a 408) for the first, the keep-alive idle time (silent
+        close) after that."""
+        served = getattr(self._connection, "requests", 0)
+        self._connection.requests = served + 1
+        if served == 0:
+            return gevent.Timeout(self.client_timeout)
+        return gevent.Timeout(self.cfg.keepalive, False)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        status, reason, code = _classify(exc)
+        if status >= 500:
+            self.log.error("error handling request: %s: %s", type(exc).__name__, exc)
+        else:
+            self.log.warning("invalid request from %s: %s", (addr or ("",))[0],
+                             str(exc) or type(exc).__name__)
+        message = _message(exc, reason)
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500
+                                     else "api_error", "param": None, "code": code}}).encode()
+        head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        try:
+            client.sendall(head + body)
+        except OSError as send_error:  # the client is gone: nothing left to tell it
+            self.log.debug("could not send the error answer: %s", send_error)
+
+
+def _classify(exc: BaseException) -> tuple[int, str, str]:
+    for cls, status, reason, code in _CLIENT_ERRORS:
+        if isinstance(exc, cls):
+            return status, reason, code
+    return 500, "Internal Server Error", "internal_error"
+
+
+def _message(exc: BaseException, reason: str) -> str:
+    if isinstance(exc, gevent.Timeout):
+        return "the request headers did not arrive in time"
+    if isinstance(exc, http_errors.ParseException):
+        return f"{reason}: {str(exc)[:200]}".encode("ascii", "backslashreplace").decode("ascii")
+    return reason
+
+
+def _closing(app: WSGIApp) -> WSGIApp:
+    """``app``, closing the connection after any answer whose request set :data:`CLOSE_CONNECTION`."""
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        result = app(environ, start_response)
+        if environ.get(CLOSE_CONNECTION):
+            # start_response is a method of gunicorn's Response, which can close the connection
+            getattr(start_response, "__self__").force_close()  # noqa: B009
+        return result
+
+    return wsgi

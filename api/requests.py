@@ -1,0 +1,105 @@
+"""What every ingress blueprint does with a request before and after the gateway handles it:
+read its body safely (:func:`json_body`), resolve its model and max_wait (:func:`admit`), and tag
+its answer (:func:`outcome_headers`). Protocol-independent; errors are raised, and each blueprint's
+handler renders them in its own shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gevent  # type: ignore[import-untyped]
+from flask import current_app, request
+from gunicorn.http.errors import ParseException  # type: ignore[import-untyped]
+
+from api.gateway import Gateway, Outcome, Route
+from api.gunicorn_worker import CLOSE_CONNECTION
+from common.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
+from common.protocols import safejson
+
+READ_CHUNK = 64 * 1024
+
+
+def gateway() -> Gateway:
+    return current_app.extensions["gateway"]
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A call resolved for queueing, whatever protocol it came in: its route and its max_wait."""
+
+    gw: Gateway
+    route: Route
+    max_wait: float
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-gateway-provider": self.route.provider.name, "x-gateway-model": self.route.model.model}
+
+
+def admit(model: str, body_max_wait: Any, default: float | None = None) -> Admitted:
+    """Resolve ``model`` to its route (404/503 in the caller's shape if it cannot be served) and the
+    caller's max_wait: the body's ``max_wait``, else the ``x-gateway-max-wait`` header, else ``default``
+    (the sync default)."""
+    gw = gateway()
+    route = gw.route(model)
+    max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), body_max_wait,
+                           gw.settings.default_max_wait if default is None else default)
+    return Admitted(gw, route, max_wait)
+
+
+def outcome_headers(outcome: Outcome) -> dict[str, str]:
+    """What every non-streamed answer says about its job, in any protocol."""
+    return {"x-gateway-provider": str(outcome.meta.get("provider", "")),
+            "x-gateway-model": str(outcome.meta.get("provider_model", "")),
+            "x-gateway-job-id": outcome.job_id,
+            "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
+            "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", ""))}
+
+
+def json_body() -> Any:
+    """The request's JSON body, decoded by :func:`common.protocols.safejson.loads` (depth, number
+    and string checks). 413 above ``GATEWAY_MAX_BODY_BYTES`` whether or not the body is chunked;
+    408 if it does not arrive within ``GATEWAY_CLIENT_TIMEOUT``."""
+    settings = gateway().settings
+    raw = read_body(settings.max_body_bytes, settings.client_timeout)
+    if not raw:
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    return safejson.loads(raw, max_depth=settings.max_json_depth)
+
+
+def read_body(limit: int, timeout: float) -> bytes:
+    """At most ``limit`` bytes of body, all of it within ``timeout`` seconds (a total deadline, so a
+    client dripping one byte at a time cannot hold the request open). A body declared larger than
+    ``limit`` by its Content-Length is refused before anything is read; a chunked one is counted as it
+    arrives. Whenever the body is left half-read the connection is closed after the
+    answer (:data:`CLOSE_CONNECTION`)."""
+    if request.content_length is not None and request.content_length > limit:
+        request.environ[CLOSE_CONNECTION] = True  # not worth draining
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    chunked = request.content_length is None and request.environ.get("wsgi.input_terminated")
+    # werkzeug's stream stops at Content-Length; a chunked body ends where gunicorn's decoder says
+    stream = request.environ["wsgi.input"] if chunked else request.stream
+    chunks: list[bytes] = []
+    size = 0
+    deadline = gevent.Timeout(timeout)
+    deadline.start()
+    try:
+        while chunk := stream.read(min(READ_CHUNK, limit + 1 - size)):
+            size += len(chunk)
+            chunks.append(chunk)
+            if size > limit:
+                request.environ[CLOSE_CONNECTION] = True
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    except gevent.Timeout as exc:
+        if exc is not deadline:
+            raise
+        request.environ[CLOSE_CONNECTION] = True
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g}s") from None
+    except (ParseException, OSError) as exc:  # broken chunk framing, a connection cut mid-body
+        request.environ[CLOSE_CONNECTION] = True
+        raise InvalidRequest(f"the request body could not be read: {type(exc).__name__}") from None
+    finally:
+        deadline.close()
+    return b"".join(chunks)
