@@ -293,9 +293,10 @@ def workers(_fake_workers: list[Process]) -> list[Process]:
 class Api:
     """``llm-gateway api`` on a port of its own choosing; ``port`` and ``url`` are known once started."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, args: tuple[str, ...] = ()) -> None:
         self.env = env
         self.log = log
+        self.args = args  # more `llm-gateway api` options
         self.port: int | None = None
         self.process: Process | None = None
 
@@ -307,7 +308,7 @@ class Api:
     def launch(self) -> Api:
         """Start the process; :meth:`wait_ready` waits for it to serve."""
         self.port = None
-        self.process = Process(["api", "--port", "0"], self.env, self.log)
+        self.process = Process(["api", "--port", "0", *self.args], self.env, self.log)
         return self
 
     def wait_ready(self, timeout: float = 30) -> Api:
