@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from common.errors import (
+    UpstreamCredentialsRejected,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -342,7 +343,7 @@ GOOGLE_ERRORS = [
     ("no-retry-hint", 429, {}, google(429), UpstreamRateLimited, None),
     ("array-wrapped-key-invalid", 400, {},
      [google(400, {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"})],
-     UpstreamUnavailable, None),
+     UpstreamCredentialsRejected, None),
     ("not-json", 502, {}, None, UpstreamUnavailable, None),
 ]
 

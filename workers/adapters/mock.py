@@ -9,24 +9,28 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import requests
 
+from common.errors import UpstreamError
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
-from workers.adapters.base import register
+from workers.adapters import _http as http
 
 
 def count_words(text: str) -> int:
     return max(1, len(text.split()))
 
 
-@register("mock")
 class MockAdapter:
     def __init__(self, provider: Provider, session: requests.Session) -> None:
         self.provider = provider
+
+    def map_error(self, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
+        """Never needed (the mock makes no HTTP call); here because every adapter maps errors."""
+        return http.status_error(self.provider.name, status, str(data)[:200])
 
     def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
         """The same answer, one chunk per word, then the finish and usage chunks (OpenAI's order)."""
