@@ -24,7 +24,8 @@ class Base(DeclarativeBase):
 
 
 class ApiKey(Base):
-    """A client credential. Only the SHA-256 of the secret is stored; ``prefix`` lets people tell keys apart."""
+    """A client credential. Only the SHA-256 of the secret is stored; ``prefix`` lets people tell keys
+    apart."""
 
     __tablename__ = "api_keys"
 
@@ -87,7 +88,8 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
 
 
 def make_session_factory(database_url: str | Engine, *, pool_size: int = 10) -> sessionmaker:
-    engine = database_url if isinstance(database_url, Engine) else make_engine(database_url, pool_size=pool_size)
+    engine = (database_url if isinstance(database_url, Engine)
+              else make_engine(database_url, pool_size=pool_size))
     return sessionmaker(engine, expire_on_commit=False)
 
 

@@ -26,13 +26,16 @@ class ProviderKind:
     bare_host_scheme: str | None = None
 
 
-KINDS: Mapping[str, ProviderKind] = {kind.name: kind for kind in (
-    ProviderKind("openai", "workers.adapters.openai:OpenAIAdapter"),
-    ProviderKind("anthropic", "workers.adapters.anthropic:AnthropicAdapter"),
-    ProviderKind("ollama", "workers.adapters.ollama:OllamaAdapter", bare_host_scheme="http://"),
-    ProviderKind("gemini", "workers.adapters.gemini:GeminiAdapter"),
-    ProviderKind("mock", "workers.adapters.mock:MockAdapter", local=True),
-)}
+KINDS: Mapping[str, ProviderKind] = {
+    kind.name: kind
+    for kind in (
+        ProviderKind("openai", "workers.adapters.openai:OpenAIAdapter"),
+        ProviderKind("anthropic", "workers.adapters.anthropic:AnthropicAdapter"),
+        ProviderKind("ollama", "workers.adapters.ollama:OllamaAdapter", bare_host_scheme="http://"),
+        ProviderKind("gemini", "workers.adapters.gemini:GeminiAdapter"),
+        ProviderKind("mock", "workers.adapters.mock:MockAdapter", local=True),
+    )
+}
 
 
 def provider_kind(name: str) -> ProviderKind:

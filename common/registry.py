@@ -201,7 +201,8 @@ def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
         if p.fallback_base_urls_env and env.get(p.fallback_base_urls_env):
             fallbacks = tuple(u.strip() for u in env[p.fallback_base_urls_env].split(",") if u.strip())
         providers[name] = p.model_copy(update={
-            "name": name, "base_url": _normalise_url(base_url, p.kind) if base_url else None, "api_key": api_key,
+            "name": name, "base_url": _normalise_url(base_url, p.kind) if base_url else None,
+            "api_key": api_key,
             "fallback_base_urls": tuple(_normalise_url(u, p.kind) for u in fallbacks)})
     models = {alias: m.model_copy(update={"alias": alias}) for alias, m in raw.models.items()}
     for name, weight in raw.key_weights.items():
@@ -210,7 +211,8 @@ def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
     for name, limits in raw.key_limits.items():
         if not limits.any:
             raise RegistryError(f"key_limits.{name} sets no limit: give concurrency, rpm, tpm, rpd or tpd")
-    return Registry(providers=providers, models=models, key_weights=raw.key_weights, key_limits=raw.key_limits)
+    return Registry(providers=providers, models=models, key_weights=raw.key_weights,
+                    key_limits=raw.key_limits)
 
 
 def _normalise_url(url: str, kind: str) -> str:

@@ -87,7 +87,8 @@ def bundled_encoding(name: str) -> tiktoken.Encoding:
         raise RuntimeError(f"the bundled {name} vocabulary is not the one tiktoken pins")
     ranks = {base64.b64decode(token): int(rank)
              for token, rank in (line.split() for line in data.splitlines() if line)}
-    return tiktoken.Encoding(name, pat_str=spec.pat_str, mergeable_ranks=ranks, special_tokens=spec.special_tokens)
+    return tiktoken.Encoding(name, pat_str=spec.pat_str, mergeable_ranks=ranks,
+                             special_tokens=spec.special_tokens)
 
 
 @functools.cache

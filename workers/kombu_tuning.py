@@ -10,7 +10,8 @@ its BRPOP had already taken the message from the queue lost that message for goo
 ``BlockingConnectionPool``: a greenlet that finds every connection busy waits for one.
 
 **Wasted CPU.** kombu's ``Channel.conn_or_acquire`` builds a brand-new ``redis.Redis`` client for
-every publish (``_create_client``), and redis-py's constructor fills a ~150-entry callback table each time. With
+every publish (``_create_client``), and redis-py's constructor fills a ~150-entry callback table each
+time. With
 task events on (Flower needs them) a worker publishes 2–3 events per job: py-spy put that constructor
 at ~10 % of the worker's CPU (bench/profile.py). A ``redis.Redis`` is safe to share — each command
 borrows a connection from the pool — so each channel keeps one synchronous client. The asynchronous

@@ -136,7 +136,8 @@ def row_at_fault(exc: SQLAlchemyError) -> bool:
 def describe(exc: SQLAlchemyError) -> str:
     """The reason without the statement or its parameters (first line of the driver's message)."""
     reason = getattr(exc, "orig", None) or exc
-    return f"{type(reason).__name__}: {str(reason).strip().splitlines()[0] if str(reason).strip() else ''}"[:500]
+    text = str(reason).strip()
+    return f"{type(reason).__name__}: {text.splitlines()[0] if text else ''}"[:500]
 
 
 def now() -> datetime:
@@ -173,7 +174,8 @@ class UsageFlusher:
         """Move one batch to Postgres: with ``recover``, first our own unacked entries and abandoned
         ones, then new ones. A row Postgres refuses (or that is not a usage row) is parked with its
         error; the others are written. Returns how many entries were settled (written or parked)."""
-        entries = (recover and (self._read("0", None) or self._claim_abandoned())) or self._read(">", block_ms)
+        entries = ((recover and (self._read("0", None) or self._claim_abandoned()))
+                   or self._read(">", block_ms))
         if not entries:
             return 0
         readable: list[tuple[bytes, dict[str, Any]]] = []

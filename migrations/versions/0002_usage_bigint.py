@@ -5,6 +5,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-30
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -18,11 +19,23 @@ COLUMNS = ("prompt_tokens", "completion_tokens", "queue_wait_ms", "upstream_late
 
 def upgrade() -> None:
     for column in COLUMNS:
-        op.alter_column("usage", column, type_=sa.BigInteger(), existing_type=sa.Integer(),
-                        existing_nullable=False, existing_server_default="0")
+        op.alter_column(
+            "usage",
+            column,
+            type_=sa.BigInteger(),
+            existing_type=sa.Integer(),
+            existing_nullable=False,
+            existing_server_default="0",
+        )
 
 
 def downgrade() -> None:
     for column in COLUMNS:
-        op.alter_column("usage", column, type_=sa.Integer(), existing_type=sa.BigInteger(),
-                        existing_nullable=False, existing_server_default="0")
+        op.alter_column(
+            "usage",
+            column,
+            type_=sa.Integer(),
+            existing_type=sa.BigInteger(),
+            existing_nullable=False,
+            existing_server_default="0",
+        )

@@ -27,15 +27,21 @@ MARGIN = 2.5  # seconds: retry backoff (0.25 s), queueing, process hops
 
 
 @pytest.fixture(scope="module")
-def strict_api(gateway_env: dict[str, str], fake: FakeProvider,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+def strict_api(
+    gateway_env: dict[str, str], fake: FakeProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
     config = tmp_path_factory.mktemp("strict") / "registry.yaml"
     config.write_text(
         f"providers:\n  strict:\n    kind: openai\n    base_url: {fake.base_url}\n    api_key_env: FAKE_API_KEY\n"
         f"    pool: 16\n    max_retries: {MAX_RETRIES}\n    timeout: {TIMEOUT}\n    idle_timeout: {IDLE}\n"
         "models:\n  strict-model:\n    provider: strict\n    model: fake-model\n"
-        "    price: {input: 1.0, output: 2.0}\n")
-    env = {**gateway_env, "GATEWAY_CONFIG": str(config), "GATEWAY_KEY_PREFIX": "gwstrict" + secrets.token_hex(4)}
+        "    price: {input: 1.0, output: 2.0}\n"
+    )
+    env = {
+        **gateway_env,
+        "GATEWAY_CONFIG": str(config),
+        "GATEWAY_KEY_PREFIX": "gwstrict" + secrets.token_hex(4),
+    }
     logs = tmp_path_factory.mktemp("strict-logs")
     worker: list[Process] = [WorkerFactory(env, logs).start("strict")]
     api = Api(env, logs / "api.log").start()
@@ -45,13 +51,17 @@ def strict_api(gateway_env: dict[str, str], fake: FakeProvider,
 
 
 def chat(api: Api, content: str, **extra: Any) -> requests.Response:
-    return requests.post(f"{api.url}/v1/chat/completions", timeout=60, json={
-        "model": "strict-model", "messages": [{"role": "user", "content": content}], **extra})
+    return requests.post(
+        f"{api.url}/v1/chat/completions",
+        timeout=60,
+        json={"model": "strict-model", "messages": [{"role": "user", "content": content}], **extra},
+    )
 
 
 def usage_rows(db, job_id: str) -> list[tuple[Any, ...]]:
-    return db.execute("SELECT outcome, prompt_tokens, completion_tokens, cost_usd FROM usage WHERE job_id = %s",
-                      (job_id,)).fetchall()
+    return db.execute(
+        "SELECT outcome, prompt_tokens, completion_tokens, cost_usd FROM usage WHERE job_id = %s", (job_id,)
+    ).fetchall()
 
 
 BAD_ANSWERS = [("error-body", "error"), ("empty-choices", "empty"), ("no-choices", "missing")]
@@ -69,8 +79,11 @@ def test_a_200_that_is_no_answer_fails_after_the_retries(strict_api, fake, db, w
 
 
 def test_an_async_job_answered_with_an_error_body_ends_failed(strict_api, fake, db):
-    accepted = requests.post(f"{strict_api.url}/v1/jobs", timeout=30, json={
-        "model": "strict-model", "messages": [{"role": "user", "content": "bad200:error later"}]})
+    accepted = requests.post(
+        f"{strict_api.url}/v1/jobs",
+        timeout=30,
+        json={"model": "strict-model", "messages": [{"role": "user", "content": "bad200:error later"}]},
+    )
     assert accepted.status_code == 202, accepted.text
     job_id = accepted.json()["id"]
 
@@ -90,8 +103,11 @@ def stream_error(response: requests.Response) -> tuple[int, str | None]:
     with response:
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             return response.status_code, response.json()["error"]["code"]
-        events = [json.loads(line[5:]) for line in response.iter_lines()
-                  if line.startswith(b"data:") and line[5:].strip() != b"[DONE]"]
+        events = [
+            json.loads(line[5:])
+            for line in response.iter_lines()
+            if line.startswith(b"data:") and line[5:].strip() != b"[DONE]"
+        ]
     errors = [e["error"]["code"] for e in events if isinstance(e.get("error"), dict)]
     return response.status_code, errors[-1] if errors else None
 

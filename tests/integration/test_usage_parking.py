@@ -24,10 +24,21 @@ pytestmark = pytest.mark.integration
 
 
 def usage_row(call_id: str, **overrides: Any) -> dict[str, Any]:
-    record = UsageRecord(call_id=call_id, job_id="job-" + call_id[:8], api_key_id=None, model="fake-model",
-                         provider="fake", provider_model="fake-model", prompt_tokens=3, completion_tokens=4,
-                         cost_usd=Decimal("0.000001"), queue_wait_ms=1, upstream_latency_ms=2,
-                         outcome="success", status_code=200)
+    record = UsageRecord(
+        call_id=call_id,
+        job_id="job-" + call_id[:8],
+        api_key_id=None,
+        model="fake-model",
+        provider="fake",
+        provider_model="fake-model",
+        prompt_tokens=3,
+        completion_tokens=4,
+        cost_usd=Decimal("0.000001"),
+        queue_wait_ms=1,
+        upstream_latency_ms=2,
+        outcome="success",
+        status_code=200,
+    )
     return {**record.as_row(), **overrides}
 
 
@@ -52,7 +63,9 @@ def flusher(database_url: str) -> Iterator[UsageFlusher]:
 
 
 def queue(flusher: UsageFlusher, row: dict[str, Any] | str) -> None:
-    flusher.store.redis.xadd(flusher.key, {"u": row if isinstance(row, str) else json.dumps(row, default=str)})
+    flusher.store.redis.xadd(
+        flusher.key, {"u": row if isinstance(row, str) else json.dumps(row, default=str)}
+    )
 
 
 def written(db, call_ids: list[str]) -> set[str]:
@@ -102,7 +115,9 @@ def test_token_counts_beyond_integer_fit_the_bigint_columns(flusher, db):
     call_id = f"big-{secrets.token_hex(6)}"
     queue(flusher, usage_row(call_id, prompt_tokens=3_000_000_000))
     assert flusher.flush_once(block_ms=None) == 1
-    assert db.execute("SELECT prompt_tokens FROM usage WHERE call_id = %s", (call_id,)).fetchone() == (3_000_000_000,)
+    assert db.execute("SELECT prompt_tokens FROM usage WHERE call_id = %s", (call_id,)).fetchone() == (
+        3_000_000_000,
+    )
     assert flusher.store.redis.xlen(flusher.parked_key()) == 0
 
 
@@ -113,12 +128,19 @@ def test_a_worker_parks_a_poison_row_and_keeps_billing(api, fake, db, prefix):
     store = JobStore(client, prefix)
     bad = f"bad-{secrets.token_hex(6)}"
     client.xadd(store.usage_key(), {"u": json.dumps(usage_row(bad, prompt_tokens=10**20), default=str)})
-    response = requests.post(f"{api.url}/v1/chat/completions", timeout=30, json={
-        "model": "fake-model", "messages": [{"role": "user", "content": "bill me"}]})
+    response = requests.post(
+        f"{api.url}/v1/chat/completions",
+        timeout=30,
+        json={"model": "fake-model", "messages": [{"role": "user", "content": "bill me"}]},
+    )
     assert response.status_code == 200
     job_id = response.headers["x-gateway-job-id"]
-    wait_until(lambda: db.execute("SELECT 1 FROM usage WHERE job_id = %s", (job_id,)).fetchone() is not None,
-               timeout=30)
+    wait_until(
+        lambda: db.execute("SELECT 1 FROM usage WHERE job_id = %s", (job_id,)).fetchone() is not None,
+        timeout=30,
+    )
     parked = f"{store.usage_key()}:parked"
-    wait_until(lambda: any(json.loads(f[b"u"])["call_id"] == bad for _, f in client.xrange(parked)), timeout=30)
+    wait_until(
+        lambda: any(json.loads(f[b"u"])["call_id"] == bad for _, f in client.xrange(parked)), timeout=30
+    )
     assert written(db, [bad]) == set()

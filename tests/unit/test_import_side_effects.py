@@ -28,7 +28,9 @@ print(json.dumps({"modules": len(names), "env_changed": sorted(set(os.environ.it
 
 
 def test_importing_every_module_has_no_side_effects():
-    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, check=True
+    )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["modules"] > 20
     assert report["env_changed"] == []
@@ -36,10 +38,14 @@ def test_importing_every_module_has_no_side_effects():
 
 
 def test_counting_tokens_leaves_the_environment_alone():
-    probe = ("import os; before = dict(os.environ)\n"
-             "from common.registry import Model; from common.tokens import reservation\n"
-             "from common.types import ChatRequest\n"
-             "r = ChatRequest.model_validate({'model': 'a', 'messages': [{'role': 'user', 'content': 'hi'}]})\n"
-             "reservation(r, Model(provider='p', model='gpt-4o')); print(dict(os.environ) == before)")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    probe = (
+        "import os; before = dict(os.environ)\n"
+        "from common.registry import Model; from common.tokens import reservation\n"
+        "from common.types import ChatRequest\n"
+        "r = ChatRequest.model_validate({'model': 'a', 'messages': [{'role': 'user', 'content': 'hi'}]})\n"
+        "reservation(r, Model(provider='p', model='gpt-4o')); print(dict(os.environ) == before)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
     assert result.stdout.strip() == "True"

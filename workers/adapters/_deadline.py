@@ -37,8 +37,10 @@ class CallClock:
         self.started = time.monotonic()
         self._end = self.started + (deadlines.stream_total if stream else deadlines.total)
         self._next = min(self._end, self.started + deadlines.first_byte)
-        self._waiting_for = "the first stream event" if stream else "its whole answer"
-        self._stopped = threading.Event()
+        self._progressed = False
+        self._wake = threading.Event()  # the deadline moved earlier, or the call is over
+        self._stopped = False
+        self._sleeping_until = self._next
         self._response: requests.Response | None = None
         self.expired: str | None = None  # what the upstream had not sent when its deadline passed
 
@@ -57,20 +59,38 @@ class CallClock:
     def progress(self) -> None:
         """A stream event arrived: the next one is due within ``idle`` (and before the end)."""
         self._next = min(self._end, time.monotonic() + self.deadlines.idle)
-        self._waiting_for = "its next stream event"
+        self._progressed = True
+        if self._next < self._sleeping_until:  # idle < first_byte: the watchdog must wake up sooner
+            self._wake.set()
 
     def stop(self) -> None:
-        self._stopped.set()
+        self._stopped = True
+        self._wake.set()
 
     def timeout_error(self) -> UpstreamTimeout:
-        limit = self.deadlines.stream_total if self.stream else self.deadlines.total
-        return UpstreamTimeout(f"{self.provider} did not send {self.expired or 'its answer'} in time "
-                               f"(a call may take {limit:g}s)")
+        return UpstreamTimeout(f"{self.provider} did not send {self.expired or 'its answer in time'}")
+
+    def _missed(self) -> str:
+        d = self.deadlines
+        if not self.stream:
+            return f"its whole answer within {d.total:g}s"
+        if self._next >= self._end:
+            return f"its whole stream within {d.stream_total:g}s"
+        if not self._progressed:
+            return f"its first stream event within {d.first_byte:g}s"
+        return f"its next stream event within {d.idle:g}s of the one before"
 
     def _watchdog(self) -> None:
-        while not self._stopped.wait(max(0.0, self._next - time.monotonic())):
-            if time.monotonic() >= self._next:  # else progress() moved the deadline while we slept
-                self.expired = self._waiting_for
+        """Sleep until the nearest deadline; deadlines that moved later are simply slept on again."""
+        while True:
+            self._sleeping_until = self._next
+            woken = self._wake.wait(max(0.0, self._sleeping_until - time.monotonic()))
+            if self._stopped:
+                return
+            if woken:
+                self._wake.clear()
+            elif time.monotonic() >= self._next:
+                self.expired = self._missed()
                 self._cut()
                 return
 

@@ -92,7 +92,8 @@ def send(session: requests.Session, url: str, body: dict[str, Any], headers: Map
     return session.post(url, json=body, headers=headers, stream=True, timeout=clock.request_timeout)
 
 
-def post(session: requests.Session, provider: Provider, url: str, body: dict[str, Any], headers: Mapping[str, str],
+def post(session: requests.Session, provider: Provider, url: str, body: dict[str, Any],
+         headers: Mapping[str, str],
          *, stream: bool, error_for: ErrorFor) -> UpstreamCall:
     """POST ``body``; transport failures and error statuses become our ``Upstream*`` errors."""
     clock = CallClock(provider.name, provider.deadlines, stream=stream)
@@ -107,7 +108,8 @@ def post(session: requests.Session, provider: Provider, url: str, body: dict[str
     return answered(provider.name, response, clock, error_for)
 
 
-def answered(provider: str, response: requests.Response, clock: CallClock, error_for: ErrorFor) -> UpstreamCall:
+def answered(provider: str, response: requests.Response, clock: CallClock,
+             error_for: ErrorFor) -> UpstreamCall:
     """The call whose headers are in; an error status raised as our error (its body read under the
     call's deadlines too)."""
     call = UpstreamCall(provider, response, clock)
@@ -126,7 +128,8 @@ def first_byte_timeout(provider: Provider, exc: requests.Timeout) -> UpstreamTim
     return UpstreamTimeout(f"{provider.name} did not answer within {deadlines.first_byte:g}s")
 
 
-def status_error(provider: str, status: int, message: str, *, retry_after: float | None = None) -> UpstreamError:
+def status_error(provider: str, status: int, message: str, *,
+                 retry_after: float | None = None) -> UpstreamError:
     """What an error status means whoever sent it. Credential errors are the gateway operator's
     problem, not the caller's, and their messages are not passed on (they can quote key material)."""
     if status == 429:

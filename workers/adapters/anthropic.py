@@ -83,7 +83,8 @@ class AnthropicAdapter:
         return protocol.to_upstream(request, model.model, default_max_tokens=default)
 
     def _post(self, body: dict[str, Any], *, stream: bool) -> http.UpstreamCall:
-        return http.post(self.session, self.provider, self.url, body, self.headers, stream=stream, error_for=error_for)
+        return http.post(self.session, self.provider, self.url, body, self.headers, stream=stream,
+                         error_for=error_for)
 
 
 def error_for(provider: str, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:

@@ -77,7 +77,8 @@ class GeminiAdapter:
             call.close()
 
     def _post(self, url: str, body: dict[str, Any], *, stream: bool) -> http.UpstreamCall:
-        return http.post(self.session, self.provider, url, body, self.headers, stream=stream, error_for=error_for)
+        return http.post(self.session, self.provider, url, body, self.headers, stream=stream,
+                         error_for=error_for)
 
 
 def error_for(provider: str, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:

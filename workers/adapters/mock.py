@@ -38,7 +38,8 @@ class MockAdapter:
         base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"],
                 "model": answer["model"]}
         words = answer["choices"][0]["message"]["content"].split(" ")
-        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}
         for i, word in enumerate(words):
             piece = word if i == 0 else " " + word
             yield {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
@@ -48,7 +49,8 @@ class MockAdapter:
     def embed(self, request: EmbeddingsRequest, model: Model) -> ChatResponse:
         """A deterministic unit vector of 8 floats per input, from the SHA-256 of its text."""
         texts = request.texts()
-        data = [{"object": "embedding", "index": i, "embedding": _vector(text)} for i, text in enumerate(texts)]
+        data = [{"object": "embedding", "index": i, "embedding": _vector(text)}
+                for i, text in enumerate(texts)]
         tokens = sum(count_words(t) for t in texts)
         return ChatResponse(body={"object": "list", "data": data, "model": model.model,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
@@ -69,7 +71,8 @@ class MockAdapter:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
-        return ChatResponse(body=body, usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
+        return ChatResponse(body=body,
+                            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
 
 
 def _vector(text: str) -> list[float]:

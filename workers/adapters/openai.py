@@ -36,8 +36,8 @@ class OpenAIAdapter:
         data, _ = self._answer(request.upstream_body(model.model), self.embeddings_url, embeddings_problem)
         return ChatResponse(body=data, usage=usage_of(data))
 
-    def _answer(self, body: dict[str, Any], url: str,
-                problem_of: Callable[[dict[str, Any]], str | None]) -> tuple[dict[str, Any], Mapping[str, str]]:
+    def _answer(self, body: dict[str, Any], url: str, problem_of: Callable[[dict[str, Any]], str | None],
+                ) -> tuple[dict[str, Any], Mapping[str, str]]:
         """A non-streamed call's answer (and headers), checked to be one (``problem_of`` says what is
         missing when it is not)."""
         call = self._post(body, stream=False, url=url)
@@ -54,7 +54,8 @@ class OpenAIAdapter:
     def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
         body = request.upstream_body(model.model)
         body["stream"] = True
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}  # we bill by it
+        # we bill by the usage chunk, so ask for it whatever the caller asked
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         call = self._post(body, stream=True)
         try:
             for line in call.lines():
