@@ -18,24 +18,14 @@ COLUMNS = ("prompt_tokens", "completion_tokens", "queue_wait_ms", "upstream_late
 
 
 def upgrade() -> None:
-    for column in COLUMNS:
-        op.alter_column(
-            "usage",
-            column,
-            type_=sa.BigInteger(),
-            existing_type=sa.Integer(),
-            existing_nullable=False,
-            existing_server_default="0",
-        )
+    _retype(sa.Integer(), sa.BigInteger())
 
 
 def downgrade() -> None:
+    _retype(sa.BigInteger(), sa.Integer())
+
+
+def _retype(old: sa.types.TypeEngine, new: sa.types.TypeEngine) -> None:
     for column in COLUMNS:
-        op.alter_column(
-            "usage",
-            column,
-            type_=sa.Integer(),
-            existing_type=sa.BigInteger(),
-            existing_nullable=False,
-            existing_server_default="0",
-        )
+        op.alter_column("usage", column, type_=new, existing_type=old, existing_nullable=False,
+                        existing_server_default="0")
