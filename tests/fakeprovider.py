@@ -74,7 +74,8 @@ prefixes can be combined, e.g. ``"sleep:0.5 status:503 hi"``):
                       whole SSE text so) — an upstream that never trips a per-read timeout.
 ``bad200:<what>``     answer 200 with a body that is no answer: ``error`` (OpenAI's error object,
                       ``{"error": {"message", "type": "server_error", …}}``), ``empty`` (``choices: []``)
-                      or ``missing`` (no ``choices`` at all); streamed: one ``data: {"error": …}`` event.
+                      or ``missing`` (no ``choices`` at all); streamed: one ``data: {"error": …}``
+                      event (``error``) or ``data: [DONE]`` with no chunk before it.
 ``tokens:<p>,<c>``    report ``prompt_tokens`` <p> and ``completion_tokens`` <c> (any integers, negative
                       or huge: an upstream whose accounting is broken) instead of the counted ones.
 
@@ -859,7 +860,9 @@ class FakeUpstream:
         if stream:
             start_response("200 OK", self._headers(content_type="text/event-stream; charset=utf-8",
                                                    started=started, model=model))
-            return [b"data: " + _dumps({"error": error}) + b"\n\n"]
+            if what == "error":
+                return [b"data: " + _dumps({"error": error}) + b"\n\n"]
+            return [b"data: [DONE]\n\n"]  # a stream that ends before any choice
         if what == "error":
             obj: dict[str, Any] = {"error": error}
         else:

@@ -112,8 +112,9 @@ def stream_error(response: requests.Response) -> tuple[int, str | None]:
     return response.status_code, errors[-1] if errors else None
 
 
-def test_a_stream_answered_with_an_error_event_fails_after_the_retries(strict_api, fake):
-    status, code = stream_error(chat(strict_api, "bad200:error hello", stream=True))
+@pytest.mark.parametrize("what", ["error", "empty"], ids=["error-event", "done-before-any-choice"])
+def test_a_stream_that_is_no_answer_fails_after_the_retries(strict_api, fake, what):
+    status, code = stream_error(chat(strict_api, f"bad200:{what} hello", stream=True))
     assert (status, code) == (502, "upstream_bad_response")
     assert fake.stats()["calls"] == ATTEMPTS
 

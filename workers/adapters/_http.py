@@ -93,8 +93,7 @@ def send(session: requests.Session, url: str, body: dict[str, Any], headers: Map
 
 
 def post(session: requests.Session, provider: Provider, url: str, body: dict[str, Any],
-         headers: Mapping[str, str],
-         *, stream: bool, error_for: ErrorFor) -> UpstreamCall:
+         headers: Mapping[str, str], *, stream: bool, error_for: ErrorFor) -> UpstreamCall:
     """POST ``body``; transport failures and error statuses become our ``Upstream*`` errors."""
     clock = CallClock(provider.name, provider.deadlines, stream=stream)
     try:

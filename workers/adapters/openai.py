@@ -57,17 +57,21 @@ class OpenAIAdapter:
         # we bill by the usage chunk, so ask for it whatever the caller asked
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         call = self._post(body, stream=True)
+        answered = False  # a stream that ends before any choice is no answer (and nothing went out)
         try:
             for line in call.lines():
                 if not line.startswith(b"data:"):
                     continue  # SSE comments, blank separators, event names
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    if not answered:
+                        raise UpstreamBadResponse(f"{self.provider.name} sent a stream without choices")
                     return
                 chunk = http.json_event(self.provider.name, data)
                 if chunk.get("error"):
                     raise UpstreamBadResponse(f"{self.provider.name} failed mid-stream: "
                                               f"{_upstream_message(chunk, 200)}")
+                answered = answered or bool(chunk.get("choices"))
                 yield chunk
             raise UpstreamUnavailable(f"{self.provider.name} ended the stream without [DONE]")
         finally:
