@@ -24,7 +24,8 @@ class Base(DeclarativeBase):
 
 
 class ApiKey(Base):
-    """A client credential. Only the SHA-256 of the secret is stored; ``prefix`` lets people tell keys apart."""
+    """A client credential. Only the SHA-256 of the secret is stored; ``prefix`` lets people tell keys
+    apart."""
 
     __tablename__ = "api_keys"
 
@@ -70,11 +71,11 @@ class Usage(Base):
     model: Mapped[str] = mapped_column(String(200))
     provider: Mapped[str] = mapped_column(String(100))
     provider_model: Mapped[str] = mapped_column(String(200))
-    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(18, 10), default=Decimal(0))
-    queue_wait_ms: Mapped[int] = mapped_column(Integer, default=0)
-    upstream_latency_ms: Mapped[int] = mapped_column(Integer, default=0)
+    queue_wait_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    upstream_latency_ms: Mapped[int] = mapped_column(BigInteger, default=0)
     outcome: Mapped[str] = mapped_column(String(40))
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
@@ -87,7 +88,8 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
 
 
 def make_session_factory(database_url: str | Engine, *, pool_size: int = 10) -> sessionmaker:
-    engine = database_url if isinstance(database_url, Engine) else make_engine(database_url, pool_size=pool_size)
+    engine = (database_url if isinstance(database_url, Engine)
+              else make_engine(database_url, pool_size=pool_size))
     return sessionmaker(engine, expire_on_commit=False)
 
 

@@ -4,14 +4,14 @@ It is one YAML file (``GATEWAY_CONFIG``; the built-in ``default_registry.yaml`` 
 
     providers:
       openai:
-        kind: openai                 # adapter module in workers/adapters/
+        kind: openai                 # a provider kind (common/provider_kinds.py)
         base_url: https://api.openai.com/v1
         api_key_env: OPENAI_API_KEY  # credentials come from the environment, never from the file
         base_url_env: OPENAI_BASE_URL
         pool: 32                     # jobs per worker process (running + waiting in line)
         limits: {concurrency: 50, rpm: 500, tpm: 200000}   # held across all workers; unset = none
                                      # (also rpd/tpd: per UTC day; models may set their own limits)
-        timeout: 600                 # seconds for one upstream call
+        timeout: 600                 # seconds for one whole upstream call (see README: deadlines)
     models:
       gpt-4o-mini:
         provider: openai
@@ -31,14 +31,16 @@ listed in ``/health`` as unavailable and calls to them get a clear 503, never a 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ProviderKind = Literal["openai", "anthropic", "ollama", "gemini", "mock"]
+from common.provider_kinds import provider_kind
+
 Capability = Literal["chat", "tools", "vision", "json", "embeddings", "stream"]
 
 
@@ -78,9 +80,23 @@ class Limits(_Strict):
         return any(v is not None for v in (self.concurrency, self.rpm, self.tpm, self.rpd, self.tpd))
 
 
+@dataclass(frozen=True)
+class CallDeadlines:
+    """How long one upstream call may take, in seconds: ``connect`` to open the connection,
+    ``first_byte`` from the start to the first byte of the answer (a stream's first event),
+    ``total`` for a whole non-streamed call, ``stream_total`` for a whole stream and ``idle`` for
+    the longest gap between two events of a stream."""
+
+    connect: float
+    first_byte: float
+    total: float
+    stream_total: float
+    idle: float
+
+
 class Provider(_Strict):
     name: str = ""
-    kind: ProviderKind
+    kind: str
     base_url: str | None = None
     api_key_env: str | None = None
     base_url_env: str | None = None
@@ -90,12 +106,31 @@ class Provider(_Strict):
     fallback_base_urls_env: str | None = None
     requires_key: bool = True
     pool: int = Field(default=32, ge=1, le=10_000)
-    timeout: float = Field(default=600.0, gt=0)
-    connect_timeout: float = Field(default=5.0, gt=0)
+    # deadlines of one upstream call, in seconds (workers/adapters/_deadline.py enforces them)
+    timeout: float = Field(default=600.0, gt=0)            # a whole non-streamed call, connect to last byte
+    connect_timeout: float = Field(default=5.0, gt=0)      # to open the connection
+    first_byte_timeout: float | None = Field(default=None, gt=0)  # to the answer's first byte (timeout)
+    stream_timeout: float | None = Field(default=None, gt=0)      # a whole streamed call (timeout)
+    idle_timeout: float | None = Field(default=None, gt=0)  # longest gap between stream events
     max_retries: int = Field(default=2, ge=0, le=10)
     limits: Limits = Limits()
     # resolved from the environment at load time
     api_key: str | None = Field(default=None, repr=False)
+
+    @property
+    def deadlines(self) -> CallDeadlines:
+        """The resolved deadlines, defaults filled in (each capped by its call's whole deadline)."""
+        first_byte = min(self.first_byte_timeout or self.timeout, self.timeout)
+        stream_total = self.stream_timeout or self.timeout
+        return CallDeadlines(connect=min(self.connect_timeout, first_byte), first_byte=first_byte,
+                             total=self.timeout, stream_total=stream_total,
+                             idle=min(self.idle_timeout or first_byte, stream_total))
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        provider_kind(kind)  # raises, naming the known kinds
+        return kind
 
     @property
     def routable(self) -> bool:
@@ -103,7 +138,7 @@ class Provider(_Strict):
 
     @property
     def unroutable_reason(self) -> str | None:
-        if self.kind == "mock":
+        if provider_kind(self.kind).local:
             return None
         if not self.base_url:
             return f"no base URL (set {self.base_url_env or 'base_url'})"
@@ -166,7 +201,8 @@ def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
         if p.fallback_base_urls_env and env.get(p.fallback_base_urls_env):
             fallbacks = tuple(u.strip() for u in env[p.fallback_base_urls_env].split(",") if u.strip())
         providers[name] = p.model_copy(update={
-            "name": name, "base_url": _normalise_url(base_url, p.kind) if base_url else None, "api_key": api_key,
+            "name": name, "base_url": _normalise_url(base_url, p.kind) if base_url else None,
+            "api_key": api_key,
             "fallback_base_urls": tuple(_normalise_url(u, p.kind) for u in fallbacks)})
     models = {alias: m.model_copy(update={"alias": alias}) for alias, m in raw.models.items()}
     for name, weight in raw.key_weights.items():
@@ -175,14 +211,16 @@ def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
     for name, limits in raw.key_limits.items():
         if not limits.any:
             raise RegistryError(f"key_limits.{name} sets no limit: give concurrency, rpm, tpm, rpd or tpd")
-    return Registry(providers=providers, models=models, key_weights=raw.key_weights, key_limits=raw.key_limits)
+    return Registry(providers=providers, models=models, key_weights=raw.key_weights,
+                    key_limits=raw.key_limits)
 
 
 def _normalise_url(url: str, kind: str) -> str:
-    """No trailing slash; ``OLLAMA_HOST`` may be a bare ``host:port`` as the Ollama CLI accepts."""
+    """No trailing slash; a bare ``host:port`` gets its kind's scheme (``OLLAMA_HOST`` may be one)."""
     url = url.strip().rstrip("/")
-    if kind == "ollama" and "://" not in url:
-        url = "http://" + url
+    scheme = provider_kind(kind).bare_host_scheme
+    if scheme and "://" not in url:
+        url = scheme + url
     return url
 
 

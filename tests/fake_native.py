@@ -61,7 +61,8 @@ Magic prefixes of the last user text (combinable: ``"sleep:0.2 status:503 hi"``)
 ``drop:`` cut the connection after the first content piece (or half the body when not streaming);
 ``truncate:`` end the stream cleanly after the first piece, without its terminator;
 ``fail:`` send the format's mid-stream error after the first piece (Anthropic ``event: error``
-overloaded_error, Ollama ``{"error": …}``).
+overloaded_error, Ollama ``{"error": …}``);
+``bad200:`` answer 200 with the format's error body (a 500's), as a broken proxy in front of it would.
 
 Control API (JSON; not authenticated — loopback only)
 ``POST /_control/config`` partial update of ``latency_ms``, ``chunk_delay_ms`` (between streamed events),
@@ -116,7 +117,7 @@ GEMINI_GENERATION = {"temperature", "topP", "topK", "candidateCount", "maxOutput
 GEMINI_PARTS = {"text", "inlineData", "fileData", "functionCall", "functionResponse", "thought",
                 "thoughtSignature"}
 OLLAMA_MODELS = ("llama3.2:latest", "qwen3:8b")
-MAGIC = re.compile(r"(sleep:(?P<sleep>\d*\.?\d+)|status:(?P<status>\d{3})|(?P<flag>drop|truncate|fail):)\s*")
+MAGIC = re.compile(r"(sleep:(?P<sleep>\d*\.?\d+)|status:(?P<status>\d{3})|(?P<flag>drop|truncate|fail|bad200):)\s*")
 
 
 def count_tokens(text: str) -> int:
@@ -681,6 +682,8 @@ class FakeNativeApp:
                                    float(self.fail_next.get("retry_after") or 1))
             if magic.status:
                 return self._error(start_response, fmt, magic.status)
+            if "bad200" in magic.flags:
+                return self._json(start_response, 200, self._error_body(fmt, 500, None, 1.0)[0])
             answer = decide(ask)
             if fmt == "anthropic":
                 model, stream = str(body["model"]), bool(body.get("stream"))
@@ -755,6 +758,13 @@ class FakeNativeApp:
     # ---------------------------------------------------------------- responses
     def _error(self, start_response: StartResponse, fmt: str, status: int, message: str | None = None,
                retry_after: float = 1.0) -> Iterable[bytes]:
+        body, headers = self._error_body(fmt, status, message, retry_after)
+        return self._json(start_response, status, body, headers)
+
+    @staticmethod
+    def _error_body(fmt: str, status: int, message: str | None,
+                    retry_after: float) -> tuple[Any, list[tuple[str, str]]]:
+        """The format's error body for ``status``, and the headers that go with it."""
         headers: list[tuple[str, str]] = []
         if fmt == "anthropic":
             body = anthropic_error(status, message)
@@ -768,7 +778,7 @@ class FakeNativeApp:
                 headers = [("Retry-After", f"{retry_after:g}")]
         else:
             body = google_error(status, message, retry_after=retry_after)
-        return self._json(start_response, status, body, headers)
+        return body, headers
 
     def _json(self, start_response: StartResponse, status: int, obj: Any,
               headers: list[tuple[str, str]] | None = None, *, drop: bool = False) -> Iterable[bytes]:

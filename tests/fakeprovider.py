@@ -70,6 +70,14 @@ prefixes can be combined, e.g. ``"sleep:0.5 status:503 hi"``):
                       rate-limit headers; 5xx a ``server_error``; other 4xx ``invalid_request_error``).
 ``drop:``             send the response headers and part of the body, then cut the connection (for a
                       stream: after the first content chunk) — a broken upstream.
+``drip:<seconds>``    send the headers at once, then the body one byte every <seconds> (a stream: its
+                      whole SSE text so) — an upstream that never trips a per-read timeout.
+``bad200:<what>``     answer 200 with a body that is no answer: ``error`` (OpenAI's error object,
+                      ``{"error": {"message", "type": "server_error", …}}``), ``empty`` (``choices: []``)
+                      or ``missing`` (no ``choices`` at all); streamed: one ``data: {"error": …}``
+                      event (``error``) or ``data: [DONE]`` with no chunk before it.
+``tokens:<p>,<c>``    report ``prompt_tokens`` <p> and ``completion_tokens`` <c> (any integers, negative
+                      or huge: an upstream whose accounting is broken) instead of the counted ones.
 
 Enforced limits (real 429s)
 ---------------------------
@@ -768,6 +776,7 @@ class FakeUpstream:
             # magic contents
             text = last_user
             drop = False
+            drip = 0.0
             while True:
                 text = text.lstrip()
                 if text.startswith("sleep:"):
@@ -785,6 +794,24 @@ class FakeUpstream:
                 elif text.startswith("drop:"):
                     drop = True
                     text = text[5:]
+                elif text.startswith("drip:"):
+                    m = re.match(r"drip:([0-9]*\.?[0-9]+)", text)
+                    if not m:
+                        break
+                    drip = float(m.group(1))
+                    text = text[m.end():]
+                elif text.startswith("bad200:"):
+                    m = re.match(r"bad200:(error|empty|missing)", text)
+                    if not m:
+                        break
+                    self._count_status(200)
+                    return self._bad_answer(start_response, m.group(1), bool(body.get("stream")), model, started)
+                elif text.startswith("tokens:"):
+                    m = re.match(r"tokens:(-?[0-9]+),(-?[0-9]+)", text)
+                    if not m:
+                        break
+                    answer["prompt_tokens"], answer["completion_tokens"] = int(m.group(1)), int(m.group(2))
+                    text = text[m.end():]
                 else:
                     break
 
@@ -801,7 +828,8 @@ class FakeUpstream:
                 self._count_status(200)
                 start_response("200 OK", self._headers(content_type="text/event-stream; charset=utf-8",
                                                        started=started, model=model))
-                return self._stream(body, model, answer, drop, held)
+                events = self._stream(body, model, answer, drop, held)
+                return self._dripping(b"".join(events), drip) if drip else events
             self._count_status(200)
             payload = _dumps(self._completion(model, answer))
             headers = self._headers(started=started, model=model)
@@ -809,11 +837,44 @@ class FakeUpstream:
             start_response("200 OK", headers)
             if drop:
                 return self._dropping([payload[: len(payload) // 2]])
+            if drip:
+                return self._dripping(payload, drip)
             return [payload]
         finally:
             if not streaming:
                 self.in_flight -= 1
                 self._release(held)
+
+    def _dripping(self, payload: bytes, interval: float) -> Iterator[bytes]:
+        """One byte every ``interval`` seconds: each read sees data long before any read timeout."""
+        for i in range(len(payload)):
+            if i:
+                self._sleep(interval)
+            yield payload[i:i + 1]
+
+    def _bad_answer(self, start_response: Any, what: str, stream: bool, model: str,
+                    started: float) -> list[bytes]:
+        """A 200 that is no answer (``bad200:``), as some upstreams and proxies send."""
+        error = {"message": "The server had an error while processing your request.", "type": "server_error",
+                 "param": None, "code": None}
+        if stream:
+            start_response("200 OK", self._headers(content_type="text/event-stream; charset=utf-8",
+                                                   started=started, model=model))
+            if what == "error":
+                return [b"data: " + _dumps({"error": error}) + b"\n\n"]
+            return [b"data: [DONE]\n\n"]  # a stream that ends before any choice
+        if what == "error":
+            obj: dict[str, Any] = {"error": error}
+        else:
+            obj = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
+                   "model": model, "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+            if what == "empty":
+                obj["choices"] = []
+        payload = _dumps(obj)
+        headers = self._headers(started=started, model=model)
+        headers.append(("Content-Length", str(len(payload))))
+        start_response("200 OK", headers)
+        return [payload]
 
     def _dropping(self, pieces: list[bytes]) -> Iterator[bytes]:
         yield from pieces

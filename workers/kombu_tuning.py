@@ -1,4 +1,5 @@
-"""Two fixes to kombu's Redis transport, applied explicitly by the worker entry point.
+"""Two fixes to kombu's Redis transport. Importing this module changes nothing: :func:`install` applies
+them, called once by the worker's start-up (``workers/worker.py``) before any broker channel exists.
 
 **Lost messages.** kombu's synchronous pool is a plain ``redis.ConnectionPool`` of ``max_connections``
 (10 by default) that *raises* ``MaxConnectionsError`` when every connection is busy. A gevent worker
@@ -8,8 +9,9 @@ its BRPOP had already taken the message from the queue lost that message for goo
 ``queued`` and its caller waited out its max_wait (bench/held.py, 5,000 held). The pool is made a
 ``BlockingConnectionPool``: a greenlet that finds every connection busy waits for one.
 
-**Wasted CPU.** kombu's ``Channel.conn_or_acquire`` builds a brand-new ``redis.Redis`` client for every publish
-(``_create_client``), and redis-py's constructor fills a ~150-entry callback table each time. With
+**Wasted CPU.** kombu's ``Channel.conn_or_acquire`` builds a brand-new ``redis.Redis`` client for
+every publish (``_create_client``), and redis-py's constructor fills a ~150-entry callback table each
+time. With
 task events on (Flower needs them) a worker publishes 2–3 events per job: py-spy put that constructor
 at ~10 % of the worker's CPU (bench/profile.py). A ``redis.Redis`` is safe to share — each command
 borrows a connection from the pool — so each channel keeps one synchronous client. The asynchronous
@@ -27,7 +29,8 @@ _PATCHED = "_gateway_reuses_clients"
 POOL_WAIT_S = 30.0  # a greenlet waits this long for a broker connection before the operation fails
 
 
-def tune_kombu_redis() -> None:
+def install() -> None:
+    """Patch kombu's Redis ``Channel`` (idempotent: a second call changes nothing)."""
     channel = kombu_redis.Channel
     if getattr(channel, _PATCHED, False):
         return
@@ -49,6 +52,6 @@ def tune_kombu_redis() -> None:
             client = self.__dict__["_gateway_sync_client"] = create(self, asynchronous=False)
         return client
 
-    channel._create_client = _create_client
-    channel._get_pool = _get_pool
+    channel._create_client = _create_client  # type: ignore[method-assign]
+    channel._get_pool = _get_pool  # type: ignore[method-assign]
     setattr(channel, _PATCHED, True)

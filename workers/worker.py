@@ -1,23 +1,36 @@
-"""Entry point for ``celery -A workers.worker:app`` (what ``llm-gateway worker`` / ``flower`` run)."""
+"""Entry point for ``celery -A workers.worker:app`` (what ``llm-gateway worker`` / ``flower`` run).
+
+``celery -A`` needs an app object at import, so this module — imported by Celery and nothing else — is
+the worker's start-up: it reads the settings once and calls :func:`create_worker_app`. Every other
+module is free of import-time work.
+"""
 
 from typing import Any
 
+from celery import Celery
 from celery.signals import worker_ready
 
-from common.settings import load_settings
+from common.settings import Settings, load_settings
+from workers import kombu_tuning
 from workers.celery_app import make_celery, restore_interval
-from workers.kombu_tuning import tune_kombu_redis
 from workers.redelivery import RedeliverySweeper
 from workers.runner import build_runner
 
-tune_kombu_redis()
-app = make_celery(load_settings())
+
+def create_worker_app(settings: Settings) -> Celery:
+    """The worker's Celery app: kombu's fixes installed first (before any broker channel exists); the
+    threads a worker runs besides its jobs start with it, not with its first job — the usage flusher,
+    the reconciler of lost async jobs (both in ``build_runner``) and the redelivery sweep."""
+    kombu_tuning.install()
+    app = make_celery(settings)
+
+    @worker_ready.connect(weak=False)
+    def _start_background(sender: Any = None, **_: Any) -> None:
+        if getattr(app, "gateway_runner", None) is None:
+            app.gateway_runner = build_runner(settings)  # type: ignore[attr-defined]
+        RedeliverySweeper(app, restore_interval(settings)).start()
+
+    return app
 
 
-@worker_ready.connect
-def _start_background(sender: Any = None, **_: Any) -> None:
-    """The threads a worker runs besides its jobs start with it, not with its first job: the usage
-    flusher, the reconciler of lost async jobs (both in ``build_runner``) and the redelivery sweep."""
-    if getattr(app, "gateway_runner", None) is None:
-        app.gateway_runner = build_runner(app.gateway_settings)  # type: ignore[attr-defined]
-    RedeliverySweeper(app, restore_interval(app.gateway_settings)).start()
+app = create_worker_app(load_settings())

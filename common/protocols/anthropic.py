@@ -40,7 +40,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from common.errors import InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamUnavailable
+from common.errors import (
+    InvalidRequest,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from common.protocols import shared as s
 from common.types import ChatRequest, ChatResponse, Message
 
@@ -471,7 +477,7 @@ def _anthropic_tool_choice(choice: str | dict[str, Any] | None, parallel: Any) -
 def from_upstream(data: dict[str, Any], *, created: int | None = None) -> ChatResponse:
     """An Anthropic Message as a canonical response."""
     if not isinstance(data, dict) or not isinstance(data.get("content"), list):
-        raise UpstreamUnavailable("Anthropic sent a malformed message")
+        raise UpstreamBadResponse("Anthropic sent a message without content")
     text, calls = [], []
     for block in data["content"]:
         if block.get("type") == "text":

@@ -50,7 +50,7 @@ import mimetypes
 import re
 from typing import Any
 
-from common.errors import InvalidRequest, UpstreamUnavailable
+from common.errors import InvalidRequest, UpstreamBadResponse, UpstreamUnavailable
 from common.protocols import shared as s
 from common.types import ChatRequest, ChatResponse, Message
 
@@ -478,7 +478,9 @@ def _generation_config(request: ChatRequest) -> dict[str, Any]:
 def from_upstream(data: dict[str, Any], *, created: int | None = None) -> ChatResponse:
     """A GenerateContentResponse as a canonical response (one choice per candidate)."""
     if not isinstance(data, dict):
-        raise UpstreamUnavailable("Gemini sent a malformed response")
+        raise UpstreamBadResponse("Gemini sent a malformed response")
+    if not data.get("candidates") and not (data.get("promptFeedback") or {}).get("blockReason"):
+        raise UpstreamBadResponse("Gemini sent a response without candidates")
     response_id = _response_id(data)
     choices = []
     for i, candidate in enumerate(data.get("candidates") or []):

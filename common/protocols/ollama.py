@@ -35,7 +35,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from common.errors import InvalidRequest, UpstreamUnavailable
+from common.errors import InvalidRequest, UpstreamBadResponse, UpstreamUnavailable
 from common.protocols import shared as s
 from common.types import ChatRequest, ChatResponse, Message
 
@@ -324,7 +324,7 @@ def _ollama_tools(request: ChatRequest) -> list[dict[str, Any]]:
 def from_upstream(data: dict[str, Any]) -> ChatResponse:
     """An Ollama chat response (``stream: false``) as a canonical response."""
     if not isinstance(data, dict) or not isinstance(data.get("message"), dict):
-        raise UpstreamUnavailable("Ollama sent a malformed response")
+        raise UpstreamBadResponse("Ollama sent a response without a message")
     created_at = str(data.get("created_at", ""))
     source = data["message"]
     calls = [_canonical_upstream_call(call, s.stable_id("call_", created_at, i))

@@ -17,6 +17,8 @@ import pytest
 import requests
 
 from common.errors import (
+    UpstreamBadResponse,
+    UpstreamCredentialsRejected,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -342,7 +344,7 @@ GOOGLE_ERRORS = [
     ("no-retry-hint", 429, {}, google(429), UpstreamRateLimited, None),
     ("array-wrapped-key-invalid", 400, {},
      [google(400, {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"})],
-     UpstreamUnavailable, None),
+     UpstreamCredentialsRejected, None),
     ("not-json", 502, {}, None, UpstreamUnavailable, None),
 ]
 
@@ -386,6 +388,13 @@ def test_error_reported_mid_stream(fake, kind, error):
     with pytest.raises(error) as caught:
         list(make(kind, fake.url).stream(request("fail: one two three", stream=True), model(kind)))
     assert "stream error" in caught.value.message
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_200_with_an_error_body_is_a_bad_response(fake, kind):
+    """A proxy in front of the provider answering 200 with the provider's error body: never a success."""
+    with pytest.raises(UpstreamBadResponse, match="answered 200 with an error"):
+        make(kind, fake.url).complete(request("bad200: hello"), model(kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -52,9 +52,9 @@ def test_more_greenlets_than_broker_connections_wait_for_one_instead_of_failing(
 
     from kombu import Connection
 
-    from workers.kombu_tuning import tune_kombu_redis
+    from workers import kombu_tuning
 
-    tune_kombu_redis()
+    kombu_tuning.install()
     with Connection(TEST_REDIS_URL, transport_options={"max_connections": 2,
                                                        "global_keyprefix": f"{prefix}:"}) as conn:
         channel = conn.default_channel

@@ -11,6 +11,7 @@ from common.errors import (
     GatewayError,
     InvalidRequest,
     QueueTimeout,
+    UpstreamCredentialsRejected,
     UpstreamRateLimited,
     UpstreamRejected,
     UpstreamTimeout,
@@ -68,7 +69,7 @@ UPSTREAM = [
     ("400-passes-through", 400, b'{"error":{"message":"bad param"}}', {}, UpstreamRejected, 400),
     ("422-passes-through", 422, b'{"error":"unprocessable"}', {}, UpstreamRejected, 422),
     ("401-is-the-operators-problem", 401, b'{"error":{"message":"Incorrect API key sk-abc"}}', {},
-     UpstreamUnavailable, 502),
+     UpstreamCredentialsRejected, 502),
     ("500", 500, b"oops", {}, UpstreamUnavailable, 502),
     ("504", 504, b"", {}, UpstreamTimeout, 504),
 ]

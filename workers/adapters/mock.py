@@ -9,24 +9,28 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import requests
 
+from common.errors import UpstreamError
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
-from workers.adapters.base import register
+from workers.adapters import _http as http
 
 
 def count_words(text: str) -> int:
     return max(1, len(text.split()))
 
 
-@register("mock")
 class MockAdapter:
     def __init__(self, provider: Provider, session: requests.Session) -> None:
         self.provider = provider
+
+    def map_error(self, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
+        """Never needed (the mock makes no HTTP call); here because every adapter maps errors."""
+        return http.status_error(self.provider.name, status, str(data)[:200])
 
     def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
         """The same answer, one chunk per word, then the finish and usage chunks (OpenAI's order)."""
@@ -34,7 +38,8 @@ class MockAdapter:
         base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"],
                 "model": answer["model"]}
         words = answer["choices"][0]["message"]["content"].split(" ")
-        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}
         for i, word in enumerate(words):
             piece = word if i == 0 else " " + word
             yield {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
@@ -44,7 +49,8 @@ class MockAdapter:
     def embed(self, request: EmbeddingsRequest, model: Model) -> ChatResponse:
         """A deterministic unit vector of 8 floats per input, from the SHA-256 of its text."""
         texts = request.texts()
-        data = [{"object": "embedding", "index": i, "embedding": _vector(text)} for i, text in enumerate(texts)]
+        data = [{"object": "embedding", "index": i, "embedding": _vector(text)}
+                for i, text in enumerate(texts)]
         tokens = sum(count_words(t) for t in texts)
         return ChatResponse(body={"object": "list", "data": data, "model": model.model,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
@@ -65,7 +71,8 @@ class MockAdapter:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
-        return ChatResponse(body=body, usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
+        return ChatResponse(body=body,
+                            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
 
 
 def _vector(text: str) -> list[float]:

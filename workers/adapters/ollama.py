@@ -7,10 +7,11 @@ hosts and maps errors (bodies are ``{"error": "<text>"}``):
     sends nothing before the timeout      when none answers: UpstreamUnavailable / UpstreamTimeout
     404 (model not pulled)                UpstreamRejected 404 with Ollama's message
     429                                   UpstreamRateLimited (Ollama behind a proxy, ollama.com)
-    401, 403                              UpstreamUnavailable ``upstream_auth_failed``
+    401, 403                              UpstreamCredentialsRejected
     408, 504                              UpstreamTimeout
     5xx (503: its queue is full)          UpstreamUnavailable
     other 4xx                             UpstreamRejected with Ollama's status and message
+    200 with ``{"error"}`` or no message  UpstreamBadResponse
 
 Failover happens only before the first byte of an answer: a host that answered, even with an error,
 is the one that counts, and a stream that breaks later is not replayed elsewhere.
@@ -25,6 +26,7 @@ from typing import Any
 import requests
 
 from common.errors import (
+    UpstreamBadResponse,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -33,12 +35,11 @@ from common.protocols import ollama as protocol
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse
 from workers.adapters import _http as http
-from workers.adapters.base import register
+from workers.adapters._deadline import CallClock
 
 log = logging.getLogger(__name__)
 
 
-@register("ollama")
 class OllamaAdapter:
     def __init__(self, provider: Provider, session: requests.Session) -> None:
         self.provider = provider
@@ -48,63 +49,60 @@ class OllamaAdapter:
         if provider.api_key:  # plain Ollama has no auth; a proxy in front of it, or ollama.com, has
             self.headers["Authorization"] = f"Bearer {provider.api_key}"
 
+    def map_error(self, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
+        return error_for(self.provider.name, status, headers, data)
+
     def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
         body = protocol.to_upstream(request, model.model)
         body["stream"] = False  # Ollama streams unless told not to
-        response = self._post(body, stream=False)
+        call = self._post(body, stream=False)
+        data = call.answer(protocol.upstream_error_message)
         try:
-            return protocol.from_upstream(response.json())
+            return protocol.from_upstream(data)
         except (ValueError, AttributeError, TypeError):
-            raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
-        finally:
-            response.close()
+            raise UpstreamBadResponse(f"{self.provider.name} sent a malformed response") from None
 
     def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
         body = protocol.to_upstream(request, model.model)
         body["stream"] = True
-        response = self._post(body, stream=True)
+        call = self._post(body, stream=True)
         mapper = protocol.UpstreamStreamMapper()
         try:
-            for line in response.iter_lines():
+            for line in call.lines():
                 if not line.strip():
                     continue
                 yield from mapper.feed(http.json_event(self.provider.name, line))
                 if mapper.done:
                     return
             mapper.close()  # raises: the stream ended before its "done": true object
-        except requests.ConnectionError as exc:
-            raise http.broken_stream(self.provider.name, exc) from None
-        except requests.exceptions.ChunkedEncodingError:
-            raise UpstreamUnavailable(f"{self.provider.name} broke the stream off") from None
         finally:
-            response.close()
+            call.close()
 
-    def _post(self, body: dict[str, Any], *, stream: bool) -> requests.Response:
-        """POST to the first host that answers; see the module docstring for what counts as not answering."""
+    def _post(self, body: dict[str, Any], *, stream: bool) -> http.UpstreamCall:
+        """POST to the first host that answers; see the module docstring for what counts as not answering.
+        Each host tried gets the provider's deadlines afresh (a host that timed out answered nothing)."""
         if not self.hosts:
             raise UpstreamUnavailable(f"{self.provider.name} has no host configured")
         timed_out = False
         for number, host in enumerate(self.hosts, start=1):
+            clock = CallClock(self.provider.name, self.provider.deadlines, stream=stream)
             try:
-                response = self.session.post(f"{host}/api/chat", json=body, headers=self.headers,
-                                             stream=stream, timeout=(self.provider.connect_timeout,
-                                                                     self.provider.timeout))
+                response = http.send(self.session, f"{host}/api/chat", body, self.headers, clock)
             except requests.ConnectionError:  # refused, reset, or no connection within connect_timeout
                 timed_out = False
-            except requests.Timeout:  # connected, but no answer within the read timeout
+            except requests.Timeout:  # connected, but no answer within the first-byte timeout
                 timed_out = True
-            except requests.RequestException:  # it answered, then broke off (stream=False): no failover
+            except requests.RequestException:  # it answered, then broke off: no failover
                 raise UpstreamUnavailable(f"{self.provider.name} broke its answer off") from None
             else:
-                http.raise_for_status(self.provider.name, response, error_for)
-                return response
+                return http.answered(self.provider.name, response, clock, error_for)
             if number < len(self.hosts):
                 log.warning("%s: host %d of %d (%s) did not answer; trying the next", self.provider.name,
                             number, len(self.hosts), host)
         which = f" (none of its {len(self.hosts)} hosts answered)" if len(self.hosts) > 1 else ""
         if timed_out:
             raise UpstreamTimeout(f"{self.provider.name} did not answer within "
-                                  f"{self.provider.timeout:g}s{which}")
+                                  f"{self.provider.deadlines.first_byte:g}s{which}")
         raise UpstreamUnavailable(f"cannot reach {self.provider.name}{which}")
 
 

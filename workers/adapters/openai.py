@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import requests
 
 from common.errors import (
+    UpstreamBadResponse,
     UpstreamError,
     UpstreamUnavailable,
 )
@@ -17,10 +17,8 @@ from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from workers.adapters import _http as http
 from workers.adapters._http import retry_after_seconds  # noqa: F401  (part of this module's surface)
-from workers.adapters.base import register
 
 
-@register("openai")
 class OpenAIAdapter:
     def __init__(self, provider: Provider, session: requests.Session) -> None:
         self.provider = provider
@@ -31,56 +29,83 @@ class OpenAIAdapter:
         if provider.api_key:
             self.headers["Authorization"] = f"Bearer {provider.api_key}"
 
-    def embed(self, request: EmbeddingsRequest, model: Model) -> ChatResponse:
-        response = self._post(request.upstream_body(model.model), stream=False, url=self.embeddings_url)
-        try:
-            data = response.json()
-            usage = data.get("usage") or {}
-            return ChatResponse(body=data, usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0)))
-        except (ValueError, AttributeError):
-            raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
+    def map_error(self, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:
+        return error_for(self.provider.name, status, headers, data)
 
-    def _post(self, body: dict[str, Any], *, stream: bool, url: str | None = None) -> requests.Response:
+    def embed(self, request: EmbeddingsRequest, model: Model) -> ChatResponse:
+        data, _ = self._answer(request.upstream_body(model.model), self.embeddings_url, embeddings_problem)
+        return ChatResponse(body=data, usage=usage_of(data))
+
+    def _answer(self, body: dict[str, Any], url: str, problem_of: Callable[[dict[str, Any]], str | None],
+                ) -> tuple[dict[str, Any], Mapping[str, str]]:
+        """A non-streamed call's answer (and headers), checked to be one (``problem_of`` says what is
+        missing when it is not)."""
+        call = self._post(body, stream=False, url=url)
+        data = call.answer(upstream_error_message)
+        problem = problem_of(data)
+        if problem:
+            raise UpstreamBadResponse(f"{self.provider.name} sent {problem}")
+        return data, call.headers
+
+    def _post(self, body: dict[str, Any], *, stream: bool, url: str | None = None) -> http.UpstreamCall:
         return http.post(self.session, self.provider, url or self.url, body, self.headers, stream=stream,
                          error_for=error_for)
 
     def stream(self, request: ChatRequest, model: Model) -> Iterator[dict[str, Any]]:
         body = request.upstream_body(model.model)
         body["stream"] = True
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}  # we bill by it
-        response = self._post(body, stream=True)
+        # we bill by the usage chunk, so ask for it whatever the caller asked
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        call = self._post(body, stream=True)
+        answered = False  # a stream that ends before any choice is no answer (and nothing went out)
         try:
-            for line in response.iter_lines():
+            for line in call.lines():
                 if not line.startswith(b"data:"):
                     continue  # SSE comments, blank separators, event names
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    if not answered:
+                        raise UpstreamBadResponse(f"{self.provider.name} sent a stream without choices")
                     return
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    raise UpstreamUnavailable(f"{self.provider.name} sent a malformed stream event") from None
-                if isinstance(chunk, dict) and chunk.get("error"):
-                    raise UpstreamUnavailable(f"{self.provider.name} failed mid-stream: {chunk['error']}")
+                chunk = http.json_event(self.provider.name, data)
+                if chunk.get("error"):
+                    raise UpstreamBadResponse(f"{self.provider.name} failed mid-stream: "
+                                              f"{_upstream_message(chunk, 200)}")
+                answered = answered or bool(chunk.get("choices"))
                 yield chunk
             raise UpstreamUnavailable(f"{self.provider.name} ended the stream without [DONE]")
-        except requests.RequestException as exc:
-            raise http.broken_stream(self.provider.name, exc) from None
         finally:
-            response.close()
+            call.close()
 
     def complete(self, request: ChatRequest, model: Model) -> ChatResponse:
-        response = self._post(request.upstream_body(model.model), stream=False)
-        try:
-            data = response.json()
-            usage = data.get("usage") or {}
-            return ChatResponse(body=data, usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                                       completion_tokens=int(usage.get("completion_tokens") or 0)),
-                                quota_reset_s=quota_exhausted_for(response.headers))
-        except (ValueError, AttributeError):
-            raise UpstreamUnavailable(f"{self.provider.name} sent a malformed response") from None
-        except requests.RequestException:  # the body broke off while being read
-            raise UpstreamUnavailable(f"{self.provider.name} broke its answer off") from None
+        data, headers = self._answer(request.upstream_body(model.model), self.url, completion_problem)
+        return ChatResponse(body=data, usage=usage_of(data), quota_reset_s=quota_exhausted_for(headers))
+
+
+def usage_of(data: dict[str, Any]) -> Usage:
+    """The billable usage of an OpenAI answer (``Usage`` makes the counts sane)."""
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    return Usage.model_validate({"prompt_tokens": usage.get("prompt_tokens"),
+                                 "completion_tokens": usage.get("completion_tokens")})
+
+
+def completion_problem(data: dict[str, Any]) -> str | None:
+    """What makes a 200 chat.completion no answer (None when it is one): it needs choices, each
+    with a message."""
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return "a completion without choices"
+    if not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices):
+        return "a completion choice without a message"
+    return None
+
+
+def embeddings_problem(data: dict[str, Any]) -> str | None:
+    """What makes a 200 embeddings list no answer: it needs ``data``, one entry per input at least."""
+    if not isinstance(data.get("data"), list) or not data["data"]:
+        return "an embeddings answer without data"
+    return None
 
 
 def map_error(provider: str, response: requests.Response) -> UpstreamError:
@@ -118,10 +143,15 @@ def parse_duration(text: str) -> float | None:
     return sum(float(n) * _UNIT[u] for n, u in parts)
 
 
-def _upstream_message(data: Any, status: int) -> str:
+def upstream_error_message(data: Any) -> str | None:
+    """The message of an OpenAI error body (``{"error": {"message": …}}``; some servers send a string)."""
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])[:2000]
-    if isinstance(error, str):
-        return error[:2000]
-    return f"HTTP {status}"
+        return str(error["message"])
+    if isinstance(error, str) and error:
+        return error
+    return None
+
+
+def _upstream_message(data: Any, status: int) -> str:
+    return (upstream_error_message(data) or f"HTTP {status}")[:2000]

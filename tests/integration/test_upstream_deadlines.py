@@ -1,0 +1,109 @@
+"""An adapter's deadlines against the fake upstream process (plain threads here; the gevent worker path
+is in test_upstream_answers.py): a drip-fed answer, a drip-fed stream and a stream that goes quiet end
+at their deadline plus a small margin, and the deadlines cost no connection reuse."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from common.errors import UpstreamTimeout
+from common.registry import Model, Provider
+from common.types import ChatRequest
+from tests.fakeprovider import FakeProvider
+from workers.adapters.base import Adapter, build_adapter, make_http_session
+
+pytestmark = pytest.mark.integration
+
+MARGIN = 0.5  # seconds past a deadline that a cut call may take to return
+
+
+def adapter(fake: FakeProvider, **deadlines: Any) -> Adapter:
+    provider = Provider(name="deadlined", kind="openai", base_url=fake.base_url, api_key="k", **deadlines)
+    return build_adapter(provider, make_http_session(4))
+
+
+def ask(text: str) -> ChatRequest:
+    return ChatRequest(model="alias", messages=[{"role": "user", "content": text}])
+
+
+MODEL = Model(provider="deadlined", model="fake-model")
+
+# id, deadlines, magic content, streamed, the deadline that must end it (s), what it says
+CASES = [
+    (
+        "drip-fed-answer-hits-the-whole-call-deadline",
+        {"timeout": 1.5},
+        "drip:0.2 a b c d e f g h i j k l m n",
+        False,
+        1.5,
+        "whole answer within 1.5s",
+    ),
+    (
+        "drip-fed-stream-hits-the-first-event-deadline",
+        {"timeout": 5, "first_byte_timeout": 1.0},
+        "drip:0.2 a b c",
+        True,
+        1.0,
+        "first stream event within 1s",
+    ),
+    (
+        "quiet-stream-hits-the-idle-deadline",
+        {"timeout": 5, "first_byte_timeout": 2, "idle_timeout": 0.6},
+        "sleepy a b c d",
+        True,
+        0.6,
+        "next stream event within 0.6s",
+    ),
+    (
+        "long-stream-hits-its-cap",
+        {"timeout": 5, "stream_timeout": 1.2, "idle_timeout": 1},
+        " ".join(["word"] * 40),
+        True,
+        1.2,
+        "whole stream within 1.2s",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("deadlines", "text", "stream", "limit", "what"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_a_call_ends_at_its_deadline(
+    fake: FakeProvider, deadlines: dict[str, float], text: str, stream: bool, limit: float, what: str
+) -> None:
+    if text.startswith("sleepy"):
+        fake.configure(chunk_delay_ms=1000)  # > idle_timeout, < first_byte_timeout
+    elif text.startswith("word"):
+        fake.configure(chunk_delay_ms=100)  # 40 chunks: 4 s, each gap well inside idle_timeout
+    client = adapter(fake, **deadlines)
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout, match=what):
+        if stream:
+            list(client.stream(ask(text), MODEL))
+        else:
+            client.complete(ask(text), MODEL)
+    elapsed = time.monotonic() - started
+    assert limit <= elapsed + 0.05 and elapsed < limit + MARGIN
+
+
+def test_a_slow_but_steady_stream_is_not_cut(fake: FakeProvider) -> None:
+    fake.configure(chunk_delay_ms=300)
+    chunks = list(adapter(fake, timeout=5, idle_timeout=1).stream(ask("one two three four five"), MODEL))
+    assert (
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+        == "echo: one two three four five"
+    )
+
+
+def test_answers_reuse_their_connection(fake: FakeProvider) -> None:
+    """Every call reads its body under the deadline (stream=True underneath): a whole answer still
+    hands its connection back for the next call."""
+    client = adapter(fake, timeout=5)
+    for i in range(5):
+        client.complete(ask(f"call {i}"), MODEL)
+        list(client.stream(ask(f"stream {i}"), MODEL))
+    pools = list(client.session.get_adapter(fake.base_url).poolmanager.pools._container.values())  # type: ignore[attr-defined]
+    assert [pool.num_connections for pool in pools] == [1]

@@ -1,0 +1,175 @@
+"""Deadlines of one upstream call that hold whatever the upstream does.
+
+A socket read timeout bounds each ``recv``, not the call: an upstream that sends one byte every few
+seconds never trips it and can hold a call for as long as it likes. So the connection and the first
+byte of the answer are bounded by requests' own ``(connect, read)`` timeouts, and everything after
+the headers by a :class:`CallClock`: the process's :class:`Watchdog` (one thread — a greenlet in a
+gevent worker — asleep until the nearest deadline of all calls) shuts the connection's socket down
+when a deadline passes. The reading code then fails or ends early, and :attr:`CallClock.expired` says
+which deadline it was, so the failure is reported as :class:`UpstreamTimeout`, never as a broken or
+malformed answer.
+
+Deadlines (``Provider.deadlines``), all measured from the start of the call unless said otherwise:
+
+* non-streamed: the first byte within ``first_byte``, the whole answer within ``total``;
+* streamed: the first event within ``first_byte``, each next one within ``idle`` of the one before,
+  the whole stream within ``stream_total``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+
+import requests
+
+from common.errors import UpstreamTimeout
+from common.registry import CallDeadlines
+
+
+class CallClock:
+    """The deadlines of one call. Start it before the request; :meth:`watch` the response once its
+    headers are in; call :meth:`progress` for each stream event and :meth:`stop` when done."""
+
+    def __init__(self, provider: str, deadlines: CallDeadlines, *, stream: bool,
+                 watchdog: Watchdog | None = None) -> None:
+        self.provider = provider
+        self.deadlines = deadlines
+        self.stream = stream
+        self.started = time.monotonic()
+        self.end = self.started + (deadlines.stream_total if stream else deadlines.total)
+        self.next = min(self.end, self.started + deadlines.first_byte)  # the nearest deadline
+        self.stopped = False
+        self.expired: str | None = None  # which deadline passed, once one did
+        self.token = 0  # the watchdog's current entry for this clock (older entries are stale)
+        self._scheduled_at = 0.0
+        self._progressed = False
+        self._response: requests.Response | None = None
+        self._watchdog = watchdog or Watchdog.of_process()
+
+    @property
+    def request_timeout(self) -> tuple[float, float]:
+        """requests' ``(connect, read)`` timeout: the read one bounds the wait for the first byte."""
+        return self.deadlines.connect, self.deadlines.first_byte
+
+    def watch(self, response: requests.Response) -> None:
+        """Guard the rest of ``response`` (its headers are in): cut it when a deadline passes."""
+        if not self.stream:
+            self.next = self.end
+        self._response = response
+        self._schedule()
+
+    def progress(self) -> None:
+        """A stream event arrived: the next one is due within ``idle`` (and before the end)."""
+        self.next = min(self.end, time.monotonic() + self.deadlines.idle)
+        self._progressed = True
+        if self.next < self._scheduled_at:  # idle < first_byte: the watchdog must look sooner
+            self._schedule()
+        # a later deadline needs nothing: the watchdog finds it moved when the old one comes
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self._response = None
+            self._watchdog.forget(self)
+
+    def timeout_error(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"{self.provider} did not send {self.expired or 'its answer in time'}")
+
+    def expire(self) -> None:
+        """A deadline passed (the watchdog calls this): note which, and cut the connection."""
+        self.expired = self._missed()
+        raw = getattr(self._response, "raw", None)
+        if raw is None or getattr(raw, "connection", None) is None:
+            return  # the body was read to its end and the connection went back to the pool
+        try:
+            raw.shutdown()  # a read blocked on the socket returns at once, also in another thread
+        except (ValueError, RuntimeError, OSError):  # closed or released meanwhile: nothing left to cut
+            return
+
+    def _schedule(self) -> None:
+        self._scheduled_at = self.next
+        self._watchdog.schedule(self)
+
+    def _missed(self) -> str:
+        d = self.deadlines
+        if not self.stream:
+            return f"its whole answer within {d.total:g}s"
+        if self.next >= self.end:
+            return f"its whole stream within {d.stream_total:g}s"
+        if not self._progressed:
+            return f"its first stream event within {d.first_byte:g}s"
+        return f"its next stream event within {d.idle:g}s of the one before"
+
+
+class Watchdog:
+    """Expires the clocks whose deadline passed: a heap of (deadline, token, clock) and one thread,
+    started on first use, asleep until the earliest. A clock's deadline that moved later is pushed
+    again when its old one comes; an entry whose token is not its clock's current one, or whose clock
+    stopped, is dropped — and the heap is compacted when such entries outnumber the live ones."""
+
+    _process: Watchdog | None = None
+    _process_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, CallClock]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._tokens = itertools.count(1)
+        self._live = 0
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def of_process(cls) -> Watchdog:
+        if cls._process is None:
+            with cls._process_lock:
+                if cls._process is None:
+                    cls._process = Watchdog()
+        return cls._process
+
+    def schedule(self, clock: CallClock) -> None:
+        with self._lock:
+            if clock.token == 0:
+                self._live += 1
+            clock.token = next(self._tokens)
+            heapq.heappush(self._heap, (clock.next, clock.token, clock))
+            earliest = self._heap[0][2] is clock
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="upstream-deadlines", daemon=True)
+                self._thread.start()
+        if earliest:
+            self._wake.set()
+
+    def forget(self, clock: CallClock) -> None:
+        with self._lock:
+            if clock.token:
+                self._live -= 1
+            if len(self._heap) > 2 * self._live + 1024:
+                self._heap = [e for e in self._heap if not e[2].stopped and e[1] == e[2].token]
+                heapq.heapify(self._heap)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            due, wait = self._take_due()
+            for clock in due:
+                clock.expire()
+            self._wake.wait(wait)
+
+    def _take_due(self) -> tuple[list[CallClock], float | None]:
+        """The clocks whose deadline passed, and how long until the next one."""
+        due = []
+        with self._lock:
+            now = time.monotonic()
+            while self._heap and self._heap[0][0] <= now:
+                _, token, clock = heapq.heappop(self._heap)
+                if clock.stopped or token != clock.token:
+                    continue
+                if clock.next > now:  # it moved later meanwhile
+                    heapq.heappush(self._heap, (clock.next, token, clock))
+                else:
+                    due.append(clock)
+            wait = self._heap[0][0] - now if self._heap else None
+        return due, wait
