@@ -1,7 +1,9 @@
 """Shared plumbing for the benchmarks: start the fake upstream, a fresh database, and the gateway's
 API and worker through the real CLI (``llm-gateway``), each in its own process group; stop them all.
 
-Not a benchmark itself; imported by ``bench/overhead.py``, ``bench/held.py`` and ``bench/limits.py``.
+Not a benchmark itself; imported by ``bench/overhead.py``, ``bench/held.py``, ``bench/limits.py`` and
+``bench/faults.py`` (which also restarts processes one by one — :meth:`Stack.spawn_worker`,
+:meth:`Stack.spawn_api` — and runs a private ``redis-server`` it may kill or wipe, :class:`RedisServer`).
 Options beyond the defaults (which are what ``overhead.py`` measures): several worker processes on the
 one provider (``workers``), limits the gateway holds (``limits``, the registry's ``providers.fake.limits``)
 and limits the fake upstream enforces with real 429s (``fake_limits``).
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.fakeprovider import FakeProvider
+from tests.fakeprovider import FakeProvider  # noqa: E402 - needs ROOT on sys.path
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"          # its own DB: nothing else's queues or keys
 DEFAULT_ADMIN_DB_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -69,6 +71,12 @@ class Proc:
             return self.log.read_text(errors="replace")[-tail:]
         except OSError:
             return ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once, as a crash or the OOM killer would; no cleanup runs."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc.poll() is None:
@@ -124,12 +132,15 @@ class Stack:
     """fake upstream + fresh database + ``llm-gateway api`` + ``llm-gateway worker --provider fake``."""
 
     def __init__(self, *, latency_ms: float = 0.0, worker_concurrency: int | None = None, pool: int = 256,
-                 api_workers: int = 1, redis_url: str = DEFAULT_REDIS_URL, admin_db_url: str = DEFAULT_ADMIN_DB_URL,
+                 api_workers: int = 1, redis_url: str = DEFAULT_REDIS_URL,
+                 admin_db_url: str = DEFAULT_ADMIN_DB_URL,
                  db_name: str = "bench_gateway", max_wait: float = 60.0, provider_timeout: float = 120.0,
                  extra_env: dict[str, str] | None = None, keep_logs: bool = False, workers: int = 1,
                  limits: dict[str, int] | None = None, fake_limits: dict[str, int] | None = None,
-                 max_output_tokens: int | None = None) -> None:
+                 max_output_tokens: int | None = None, api_key: bool = False) -> None:
         self.latency_ms = latency_ms
+        self.create_api_key = api_key   # create one key after migrating; calls then carry its secret
+        self.auth = dict(AUTH)
         self.n_workers = workers
         self.limits = {k: v for k, v in (limits or {}).items() if v}
         self.fake_limits = fake_limits
@@ -150,6 +161,7 @@ class Stack:
         self.api: Proc | None = None
         self.worker: Proc | None = None      # the first worker process (all of them: ``workers``)
         self.workers: list[Proc] = []
+        self.retired: list[Proc] = []        # API processes replaced by a restart (stopped with the rest)
         self.api_port: int | None = None
         self.database_url: str | None = None
 
@@ -169,7 +181,8 @@ class Stack:
             "    api_key_env: FAKE_API_KEY\n"
             f"    pool: {self.pool}\n"
             f"    timeout: {self.provider_timeout:g}\n"
-            + (f"    limits: {{{', '.join(f'{k}: {v}' for k, v in self.limits.items())}}}\n" if self.limits else "")
+            + (f"    limits: {{{', '.join(f'{k}: {v}' for k, v in self.limits.items())}}}\n"
+               if self.limits else "")
             + "models:\n"
             "  fake-model:\n"
             "    provider: fake\n"
@@ -192,30 +205,58 @@ class Stack:
 
     def start(self, ready_timeout: float = 90.0) -> Self:
         try:
-            if self.fake is None:
-                self.start_fake()
-            self.database_url = create_database(self.admin_db_url, self.db_name)
-            env = self.env()
-            mig = subprocess.run([*gateway_cli(), "migrate"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                 timeout=120, check=False)
-            if mig.returncode != 0:
-                raise RuntimeError(f"llm-gateway migrate failed:\n{mig.stdout}\n{mig.stderr}")
-            self.api_port = free_port()
-            for i in range(self.n_workers):
-                name = "worker" if i == 0 else f"worker{i + 1}"
-                self.workers.append(Proc(name, [*gateway_cli(), "worker", "--provider", "fake",
-                                                "--name", self.prefix if i == 0 else f"{self.prefix}-{i + 1}",
-                                                *([] if self.worker_concurrency is None
-                                                  else ["--concurrency", str(self.worker_concurrency)])],
-                                         env, self.workdir))
-            self.worker = self.workers[0]
-            self.api = Proc("api", [*gateway_cli(), "api", "--host", "127.0.0.1", "--port", str(self.api_port),
-                                    "--workers", str(self.api_workers)], env, self.workdir)
+            self.prepare()
+            for _ in range(self.n_workers):
+                self.spawn_worker()
+            self.spawn_api()
             self.wait_ready(ready_timeout)
             return self
         except BaseException:
             self.stop()
             raise
+
+    def prepare(self) -> None:
+        """The fake upstream, a fresh migrated database and (``api_key``) one API key; no gateway yet."""
+        if self.fake is None:
+            self.start_fake()
+        self.database_url = create_database(self.admin_db_url, self.db_name)
+        mig = self.cli("migrate")
+        if mig.returncode != 0:
+            raise RuntimeError(f"llm-gateway migrate failed:\n{mig.stdout}\n{mig.stderr}")
+        if self.create_api_key:
+            out = self.cli("keys", "create", "--name", "bench")
+            if out.returncode != 0:
+                raise RuntimeError(f"llm-gateway keys create failed:\n{out.stdout}\n{out.stderr}")
+            self.auth = {"Authorization": f"Bearer {out.stdout.strip().splitlines()[-1]}"}
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*gateway_cli(), *args], cwd=ROOT, env=self.env(), capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    def spawn_worker(self) -> Proc:
+        """One more ``llm-gateway worker --provider fake`` (each with its own Celery node name)."""
+        i = len(self.workers)
+        name = "worker" if i == 0 else f"worker{i + 1}"
+        proc = Proc(name, [*gateway_cli(), "worker", "--provider", "fake",
+                           "--name", self.prefix if i == 0 else f"{self.prefix}-{i + 1}",
+                           *([] if self.worker_concurrency is None
+                             else ["--concurrency", str(self.worker_concurrency)])],
+                    self.env(), self.workdir)
+        self.workers.append(proc)
+        if self.worker is None:
+            self.worker = proc
+        return proc
+
+    def spawn_api(self) -> Proc:
+        """``llm-gateway api`` on this stack's port (the same one again after a restart)."""
+        if self.api_port is None:
+            self.api_port = free_port()
+        name = "api" if self.api is None else f"api{len(self.retired) + 2}"
+        if self.api is not None:
+            self.retired.append(self.api)
+        self.api = Proc(name, [*gateway_cli(), "api", "--host", "127.0.0.1", "--port", str(self.api_port),
+                               "--workers", str(self.api_workers)], self.env(), self.workdir)
+        return self.api
 
     @property
     def url(self) -> str:
@@ -229,7 +270,7 @@ class Stack:
                 if p is not None and not p.alive():
                     raise RuntimeError(f"{p.name} exited ({p.proc.returncode}):\n{p.output()}")
             try:
-                status, body = post_json(self.url, CHAT_BODY, AUTH, timeout=10)
+                status, body = post_json(self.url, CHAT_BODY, self.auth, timeout=10)
                 if status == 200 and b"echo: hello from the benchmark" in body:
                     return
                 last = f"HTTP {status}: {body[:500]!r}"
@@ -263,7 +304,7 @@ class Stack:
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
-        for p in (self.api, *self.workers):
+        for p in (self.api, *self.retired, *self.workers):
             if p is not None:
                 p.stop()
         if self.fake is not None:
@@ -293,6 +334,54 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port with AOF on, in its own directory, so a
+    benchmark can SIGKILL it (:meth:`kill`), start it again on the same port and data (:meth:`start`)
+    or wipe it, touching nothing else on the machine."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 20.0) -> Self:
+        import redis
+
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes"]
+        log = (self.dir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        log.close()
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
+            with contextlib.suppress(redis.RedisError):
+                if client.ping():
+                    client.close()
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout:g}s")
+
+    def kill(self) -> None:
+        """SIGKILL: whatever the AOF has not fsynced yet is lost, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.kill()
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def cpu_seconds(procs: list[Any]) -> float:
