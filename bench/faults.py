@@ -503,7 +503,8 @@ def _wait_all_upstream(stack: Stack, load: Load, limit: float) -> None:
     load.sent_all(limit)
     while time.monotonic() < deadline:
         seen = stack.fake.stats()["by_content"]
-        if all(c.prompt in seen for c in load.accepted_jobs):
+        posted = all(c.done_at is not None for c in load.calls)   # every POST answered: 202 or not
+        if posted and all(c.prompt in seen for c in load.accepted_jobs):
             return
         time.sleep(0.1)
     log("pg-cut-settle", f"not every job reached the upstream within {limit:g}s; cutting anyway")
