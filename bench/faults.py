@@ -409,19 +409,24 @@ def api_kill(o: Options) -> Row:
         stack.spawn_api()
         log(name, "API restarted")
         row = measure(name, stack, load, t_fault, o.window, baseline)
-        row.notes.append(_cut_off_note(stack, load, seen_at_kill, row))
+        row.notes.append(_cut_off_note(stack, load, seen_at_kill, row, baseline))
         return row
 
 
-def _cut_off_note(stack: Stack, load: Load, seen_at_kill: dict[str, int], row: Row) -> str:
-    """What became of the sync callers the crash cut off: did their text run upstream afterwards?"""
+def _cut_off_note(stack: Stack, load: Load, seen_at_kill: dict[str, int], row: Row,
+                  baseline: set[str]) -> str:
+    """What became of the sync callers the crash cut off: did their text reach the upstream after it,
+    and how many calls were billed under a job id no caller ever learned (theirs, or that of an async
+    POST the crash cut before its 202)?"""
     assert stack.fake is not None
     now = stack.fake.stats()["by_content"]
     cut = [c for c in load.sync if c.failure == "cut off"]
     after = [c for c in cut if now.get(c.prompt, 0) > seen_at_kill.get(c.prompt, 0)]
-    row.detail["cut_off"] = len(cut)
-    row.detail["cut_off_run_after_crash"] = len(after)
-    return f"{len(cut)} sync callers cut off by the crash: {len(after)} of their texts ran upstream after it"
+    known = {c.job_id for c in load.calls if c.job_id} | baseline
+    billed = sum(1 for j, o in usage_rows(stack) if o == "success" and j not in known)
+    row.detail.update(cut_off=len(cut), cut_off_run_after_crash=len(after), cut_off_billed=billed)
+    return (f"{len(cut)} sync callers cut off by the crash: {len(after)} of their texts reached the upstream "
+            f"after it, {billed} billed")
 
 
 def redis_kill(o: Options) -> Row:
