@@ -60,9 +60,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _stack import DEFAULT_ADMIN_DB_URL, DEFAULT_REDIS_URL, RedisServer, Stack
 
+from common.jobs import TERMINAL
 from tests.faults import TcpProxy
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 SAYS_NOTHING_RAN = frozenset({"queue_unavailable", "database_unavailable", "job_lost", "service_unavailable"})
 OUTCOME_UNKNOWN = "outcome_unknown"
 USAGE_DRAIN_S = 35.0
@@ -250,10 +250,10 @@ def settle(stack: Stack, load: Load, deadline: float) -> float:
     until ``deadline`` (wall clock); returns when it stopped waiting."""
     load.sent_all(max(0.0, deadline - time.time()))
     while time.time() < deadline:
-        waiting_sync = any(c.done_at is None for c in load.calls)
+        waiting = any(c.done_at is None for c in load.calls)
         ids = [c.job_id for c in load.accepted_jobs if c.job_id]
         rows = job_rows(stack, ids) if ids else {}
-        if not waiting_sync and all(rows.get(i, {}).get("status") in TERMINAL for i in ids):
+        if not waiting and all(rows.get(i, {}).get("status") in TERMINAL for i in ids):
             break
         time.sleep(POLL_S)
     return time.time()
@@ -302,7 +302,7 @@ def measure(name: str, stack: Stack, load: Load, t_fault: float, window: float,
     reached = [c for c in calls if c.kind == "sync" and c.sent_at is not None and c.failure != "refused"]
     row.sent = len(jobs) + len(reached)
     async_state = Counter(rows.get(c.job_id or "", {}).get("status", "missing") for c in jobs)
-    row.stuck = async_state["queued"] + async_state["running"] + async_state["missing"]
+    row.stuck = sum(n for state, n in async_state.items() if state not in TERMINAL)  # or "missing"
     row.lost = row.stuck + sum(1 for c in reached if c.done_at is None or c.failure == "timeout")
     row.served = sum(c.served for c in reached) + sum(
         1 for c in jobs if rows.get(c.job_id or "", {}).get("status") == "succeeded"
