@@ -4,7 +4,8 @@ A job delivered to a worker joins its provider's line (``common/limits.py``) and
 until the line's head changes to it (one pubsub subscription per process, ``P:lim:wake``), or until the
 time the head was told a permit frees (a sliding-window slot, a cooldown), or its deadline — never a
 busy poll (only a rare safety re-check, :func:`recheck_after`), and never a ``retry(countdown)`` that
-would reorder the queue or outlive the visibility timeout. The job stays ``queued`` while it waits, so the API can still withdraw it at its max_wait.
+would reorder the queue or outlive the visibility timeout. The job stays ``queued`` while it waits,
+so the API can still withdraw it at its max_wait.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class AdmissionControl:
             return
         permit.released = True
         self.limiter.release(provider=permit.provider, scopes=permit.scopes, call_id=permit.call_id,
-                             actual_tokens=actual_tokens, refund=refund)
+                             tokens=permit.tokens, actual_tokens=actual_tokens, refund=refund)
 
     def renew(self, permit: Permit) -> None:
         if not permit.released:

@@ -1,4 +1,4 @@
-"""Writing what an upstream call cost, and settling async jobs, in Postgres.
+"""Writing what an upstream call cost, in Postgres.
 
 A usage row's ``call_id`` (``<job>:<attempt>:<try>``) is unique and every insert is
 ``ON CONFLICT DO NOTHING``: a redelivered task or a re-read stream entry never doubles a bill.
@@ -17,17 +17,16 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import redis
-from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from common.db import Job, Usage
+from common.db import Usage
+from common.jobrows import insert_usage
 from common.jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -61,35 +60,21 @@ class UsageRecord:
 
 
 class UsageLedger:
+    """Usage rows into Postgres. (An async job's usage row is written with its job row instead, in one
+    transaction: ``common/jobrows.py``.)"""
+
     def __init__(self, sessions: sessionmaker) -> None:
         self.sessions = sessions
 
-    def record(self, usage: UsageRecord | None, *, job_update: dict[str, Any] | None = None,
-               job_id: str | None = None) -> None:
-        """Write a usage row (at most once per call_id) and, for async jobs, the job's new state,
-        in one transaction."""
+    def record(self, usage: UsageRecord) -> None:
+        """Write a usage row (at most once per call_id)."""
         with self.sessions.begin() as session:
-            if usage is not None:
-                session.execute(insert(Usage).values(**usage.__dict__)
-                                .on_conflict_do_nothing(index_elements=["call_id"]))
-            if job_update and job_id:
-                session.execute(update(Job).where(Job.id == job_id).values(**job_update))
+            insert_usage(session, usage.as_row())
 
     def record_many(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             with self.sessions.begin() as session:
                 session.execute(insert(Usage).on_conflict_do_nothing(index_elements=["call_id"]), rows)
-
-    def mark_job(self, job_id: str, **values: Any) -> None:
-        self.record(None, job_update=values, job_id=job_id)
-
-    def load_job(self, job_id: str) -> Job | None:
-        with self.sessions() as session:
-            return session.get(Job, job_id)
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 class UsageFlusher:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from common.contract import JobSpec, JobState, Kind, Mode
 from common.jobs import JobStore
 from common.limits import Limiter, Scope
 from common.registry import Limits
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 PROVIDER = "linetest"
 SCOPES = [Scope(PROVIDER, Limits(concurrency=1))]
+SPEC = JobSpec(Mode.ASYNC, Kind.CHAT, "m", PROVIDER, {})
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ class Line:
         limiter.heartbeat("alive", 30)
 
     def add(self, job_id: str, proc: str = "alive", max_wait: float = 30) -> str:
-        self.limiter.store.create(job_id, {"model": "m"}, max_wait=max_wait, reply_to="", ttl=60, mode="async")
+        self.limiter.store.create(job_id, SPEC, max_wait=max_wait, reply_to="", ttl=60)
         return self.acquire(job_id, proc).outcome
 
     def acquire(self, job_id: str, proc: str = "alive"):
@@ -71,7 +73,7 @@ def test_admission_wakes_the_next_head(limiter):
     line = Line(limiter)
     assert [line.add(j) for j in ("a", "b", "c")] == ["run", "wait", "wait"]
     line.published()
-    limiter.release(provider=PROVIDER, scopes=SCOPES, call_id="a:c", actual_tokens=None)
+    limiter.release(provider=PROVIDER, scopes=SCOPES, call_id="a:c", tokens=0, actual_tokens=None)
     assert line.published() == ["b"]  # a release wakes the head ...
     assert line.acquire("b").outcome == "run"
     assert line.published() == ["c"]  # ... and its admission wakes the one behind it
@@ -82,7 +84,7 @@ def test_withdrawn_head_leaves_at_once_and_wakes_the_next(limiter):
     for j in ("a", "b", "c"):
         line.add(j)
     line.published()
-    assert limiter.store.withdraw("b", "cancelled") == "cancelled"
+    assert limiter.store.withdraw("b", JobState.CANCELLED) == JobState.CANCELLED
     assert line.published() == ["b"]  # its worker hears of it now, not at its next re-check
     assert line.acquire("b").outcome == "gone"
     assert line.order() == ["c"]
@@ -93,7 +95,7 @@ def test_withdrawn_job_behind_the_head_wakes_nobody_else(limiter):
     line = Line(limiter)
     for j in ("a", "b", "c", "d"):
         line.add(j)
-    limiter.store.withdraw("c", "cancelled")
+    limiter.store.withdraw("c", JobState.CANCELLED)
     line.published()
     assert line.acquire("c").outcome == "gone"
     assert line.order() == ["b", "d"] and line.published() == []
@@ -107,7 +109,7 @@ def test_head_expiring_wakes_the_next(limiter):
     time.sleep(0.3)
     line.published()
     assert line.acquire("b").outcome == "expired"
-    assert limiter.store.state("b")["state"] == "expired"
+    assert limiter.store.state("b")["state"] == JobState.EXPIRED
     assert line.published() == ["c"]
 
 
@@ -146,7 +148,7 @@ class KeyedLine(Line):
 
     def add_for(self, key: str, job_id: str, max_wait: float = 30):
         self.keys[job_id] = key
-        self.limiter.store.create(job_id, {"model": "m"}, max_wait=max_wait, reply_to="", ttl=60, mode="async")
+        self.limiter.store.create(job_id, SPEC, max_wait=max_wait, reply_to="", ttl=60)
         return self.acquire(job_id)
 
     def scopes(self, job_id: str) -> list[Scope]:
@@ -159,7 +161,8 @@ class KeyedLine(Line):
                                     key=self.keys[job_id], weight=1, proc_id=proc)
 
     def release(self, job_id: str) -> None:
-        self.limiter.release(provider=PROVIDER, scopes=self.scopes(job_id), call_id=f"{job_id}:c", actual_tokens=10)
+        self.limiter.release(provider=PROVIDER, scopes=self.scopes(job_id), call_id=f"{job_id}:c", tokens=10,
+                             actual_tokens=10)
 
 
 SCOPES_WIDE = [Scope(PROVIDER, Limits(concurrency=10))]
@@ -209,8 +212,8 @@ def test_a_key_out_of_its_daily_requests_is_blocked_until_the_next_utc_day(keyed
 def test_a_refunded_call_gives_its_daily_request_back(keyed_limiter):
     line = KeyedLine(keyed_limiter, {"E": Limits(rpd=1, tpd=100)})
     assert line.add_for("E", "e1").outcome == "run"
-    keyed_limiter.release(provider=PROVIDER, scopes=line.scopes("e1"), call_id="e1:c", actual_tokens=None,
-                          refund=True)            # the upstream answered 429: it did no work
+    keyed_limiter.release(provider=PROVIDER, scopes=line.scopes("e1"), call_id="e1:c", tokens=10,
+                          actual_tokens=None, refund=True)            # the upstream answered 429: it did no work
     use = keyed_limiter.key_use("E", Limits(rpd=1, tpd=100))
     assert use["requests_today"] == 0 and use["tokens_today"] == 0
     assert line.add_for("E", "e2").outcome == "run"

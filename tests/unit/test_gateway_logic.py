@@ -10,7 +10,9 @@ from common.errors import (
     AuthenticationFailed,
     GatewayError,
     InvalidRequest,
+    JobTimeout,
     QueueTimeout,
+    UpstreamCredentialsRejected,
     UpstreamRateLimited,
     UpstreamRejected,
     UpstreamTimeout,
@@ -42,9 +44,9 @@ def test_max_wait_rejected(raw):
 @pytest.mark.parametrize("error", [
     QueueTimeout("waited", retry_after=7),
     UpstreamRejected("bad", status=422),
-    UpstreamUnavailable("down", code="upstream_auth_failed"),
-    GatewayError("plain", status=504, code="job_timeout"),
-], ids=["queue-timeout", "rejected-422", "auth-failed", "plain"])
+    UpstreamCredentialsRejected("down"),
+    JobTimeout("the job did not finish"),
+], ids=["queue-timeout", "rejected-422", "auth-failed", "job-timeout"])
 def test_errors_cross_the_queue_intact(error):
     back = GatewayError.from_dict(error.to_dict())
     assert type(back) is type(error)
@@ -66,7 +68,7 @@ UPSTREAM = [
     ("400-passes-through", 400, b'{"error":{"message":"bad param"}}', {}, UpstreamRejected, 400),
     ("422-passes-through", 422, b'{"error":"unprocessable"}', {}, UpstreamRejected, 422),
     ("401-is-the-operators-problem", 401, b'{"error":{"message":"Incorrect API key sk-abc"}}', {},
-     UpstreamUnavailable, 502),
+     UpstreamCredentialsRejected, 502),
     ("500", 500, b"oops", {}, UpstreamUnavailable, 502),
     ("504", 504, b"", {}, UpstreamTimeout, 504),
 ]
