@@ -78,9 +78,9 @@ class ReplyDispatcher:
                             waiter.put(RESYNC)
                     elif message["type"] == "message":
                         job_id, event = parse_reply(message["data"])
-                        waiter = self._waiters.get(job_id)
-                        if waiter is not None:
-                            waiter.put(event)
+                        found = self._waiters.get(job_id)
+                        if found is not None:
+                            found.put(event)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 self._subscribed.clear()
                 log.warning("reply subscription lost (%s); reconnecting in %.1fs", exc, backoff)

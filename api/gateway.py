@@ -30,6 +30,7 @@ from common.contract import (
     JobState,
     Mode,
     Result,
+    Start,
 )
 from common.db import Job
 from common.errors import (
@@ -231,7 +232,7 @@ class Gateway:
         if job.status in TERMINAL:
             raise JobConflict(f"job '{job_id}' already {job.status}")
         state = self.store.withdraw(job_id, JobState.CANCELLED)
-        if state not in (JobState.CANCELLED, "missing"):
+        if state not in (JobState.CANCELLED, Start.MISSING):
             raise JobConflict(f"job '{job_id}' is {state} and can no longer be cancelled")
         return self.rows.cancelled(job_id)
 
@@ -298,12 +299,12 @@ class JobWatch:
         if self.running:
             raise JobTimeout("the job did not finish within the task time limit")
         state = self.gateway.store.withdraw(self.job_id, JobState.EXPIRED)
-        if state == JobState.EXPIRED:
+        if state is JobState.EXPIRED:
             raise QueueTimeout(f"the request waited {self.max_wait:g}s in the queue for '{self.route.model.alias}' "
                                "without a free slot and was withdrawn; retry later or raise max_wait",
                                retry_after=self.gateway.retry_after(self.route.provider, self.max_wait,
                                                                     self.api_key_id))
-        if state == "missing":
+        if state is Start.MISSING:
             raise _job_lost()
         self.running = True  # a worker claimed it just in time: it will run, so keep waiting
 

@@ -57,6 +57,23 @@ class JobState(StrEnum):
         return self in TERMINAL
 
 
+class Start(StrEnum):
+    """A worker's answer to "may this delivered job start?" (the claim, or the admission to a line);
+    a job that may not because it already settled answers with its :class:`JobState` instead."""
+
+    RUN = "run"              # it is ours: call upstream
+    WAIT = "wait"            # in line, not its turn or no permits yet
+    EXPIRED = "expired"      # its deadline passed while queued: moved to expired, never called
+    BUSY = "busy"            # another worker runs it (its lease is alive)
+    MISSING = "missing"      # Redis does not know it (lost state)
+    GONE = "gone"            # it left the line: withdrawn, settled, or running elsewhere
+    TOO_LARGE = "too_large"  # the call alone exceeds a limit: it could never start
+
+
+def start_or_state(text: str) -> Start | JobState:
+    return Start(text) if text in Start._value2member_map_ else JobState(text)
+
+
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
 WITHDRAWN = frozenset({JobState.EXPIRED, JobState.CANCELLED})   # what the API may move a queued job to
 

@@ -45,10 +45,13 @@ class JobRows:
     def started(self, job_id: str, attempt: int) -> None:
         self._update(job_id, status=JobState.RUNNING.value, started_at=_now(), attempts=attempt)
 
-    def settle(self, job_id: str, state: JobState, *, usage_row: dict[str, Any] | None = None,
-               **outcome: Any) -> None:
-        """The job's final ``state`` (with its ``result`` / ``error`` / ``usage``) and, in the same
-        transaction, the usage row of the call that settled it."""
+    def settle(self, job_id: str, state: JobState, *, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None, usage: dict[str, Any] | None = None,
+               usage_row: dict[str, Any] | None = None) -> None:
+        """The job's final ``state`` with its ``result`` or ``error`` and ``usage`` (tokens, cost) and, in
+        the same transaction, the usage row of the call that settled it. Columns left None keep their
+        value."""
+        outcome = {k: v for k, v in (("result", result), ("error", error), ("usage", usage)) if v is not None}
         with self.sessions.begin() as session:
             if usage_row is not None:
                 insert_usage(session, usage_row)

@@ -27,12 +27,21 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from common import lua
-from common.contract import EVENT_TTL_S, WITHDRAWN, JobEvent, JobSpec, JobState, parse_event
+from common.contract import (
+    EVENT_TTL_S,
+    WITHDRAWN,
+    JobEvent,
+    JobSpec,
+    JobState,
+    Start,
+    parse_event,
+    start_or_state,
+)
 
 WAKE_CHANNEL_SUFFIX = "lim:wake"  # pubsub: a job id whose waiting worker should try its line again
 
@@ -47,7 +56,7 @@ class Claim:
     spec if the claim read it), or not — ``expired``, ``busy`` (another worker runs it), ``missing``
     (Redis forgot it), or the terminal state it is already in."""
 
-    outcome: str
+    outcome: Start | JobState
     attempt: int = 0
     queue_wait_s: float = 0.0
     spec: JobSpec | None = None
@@ -117,24 +126,25 @@ class JobStore:
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.job_key(job_id)))
 
-    def withdraw(self, job_id: str, new_state: JobState) -> str:
+    def withdraw(self, job_id: str, new_state: JobState) -> JobState | Start:
         """Move a *queued* job to ``new_state`` so that it never runs; returns the resulting state.
 
         If the job already left ``queued`` (a worker claimed it) it is left alone and its current
         state is returned: the caller then knows the job will run or has run."""
         assert new_state in WITHDRAWN
-        return _text(self._withdraw(keys=[self.job_key(job_id)],
-                                    args=[new_state.value, job_id, self.wake_channel]))
+        return start_or_state(_text(self._withdraw(keys=[self.job_key(job_id)],
+                                                   args=[new_state.value, job_id, self.wake_channel])))
 
     def read_events(self, job_id: str, after: str = "0-0") -> list[StreamEvent]:
-        entries = self.redis.xrange(self.events_key(job_id), min=f"({after}" if after != "0-0" else "-")
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]],
+                       self.redis.xrange(self.events_key(job_id), min=f"({after}" if after != "0-0" else "-"))
         return [StreamEvent(_text(sid), parse_event(json.loads(fields[b"e"]))) for sid, fields in entries]
 
-    def abort(self, job_id: str) -> str:
+    def abort(self, job_id: str) -> JobState | Start:
         """The caller went away: withdraw the job if it is still queued, else ask its worker to stop
         the upstream call (it checks :meth:`aborted` while relaying). Returns the job's state."""
         state = self.withdraw(job_id, JobState.CANCELLED)
-        if state == JobState.RUNNING:
+        if state is JobState.RUNNING:
             self.redis.set(self.abort_key(job_id), 1, ex=3600)
         return state
 
@@ -148,7 +158,7 @@ class JobStore:
     # the worker's side ----------------------------------------------------------------------
     def spec(self, job_id: str) -> JobSpec | None:
         """The job's spec as the API wrote it, with its deadline; None if Redis does not know it."""
-        raw, deadline = self.redis.hmget(self.job_key(job_id), "spec", "deadline")
+        raw, deadline = cast(list[bytes], self.redis.hmget(self.job_key(job_id), "spec", "deadline"))
         return None if raw is None else JobSpec.parse(raw, float(deadline))
 
     def claim(self, job_id: str, execution: str, lease_ttl: float, *, with_spec: bool = True) -> Claim:
@@ -157,11 +167,11 @@ class JobStore:
         already read it to learn the job's limits passes False: the spec is read once per job)."""
         reply = self._claim(keys=[self.job_key(job_id), self.lease_key(job_id)],
                             args=[execution, int(lease_ttl * 1000), 1 if with_spec else 0])
-        outcome = _text(reply[0])
-        if outcome != "run":
+        outcome = start_or_state(_text(reply[0]))
+        if outcome is not Start.RUN:
             return Claim(outcome)
         spec = JobSpec.parse(reply[3], float(reply[4])) if with_spec else None
-        return Claim("run", int(reply[1]), float(reply[2]), spec)
+        return Claim(Start.RUN, int(reply[1]), float(reply[2]), spec)
 
     def renew_lease(self, job_id: str, execution: str, lease_ttl: float) -> bool:
         return bool(self._renew(keys=[self.lease_key(job_id)], args=[execution, int(lease_ttl * 1000)]))

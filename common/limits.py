@@ -58,11 +58,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from common import lua
+from common.contract import Start
 from common.jobs import JobStore
 from common.registry import Limits
 
@@ -116,7 +117,7 @@ class Scope:
 
 @dataclass(frozen=True)
 class Attempt:
-    outcome: str                  # run | wait | expired | gone | too_large
+    outcome: Start                # run | wait | expired | gone | too_large
     attempt: int = 0              # run: the job's attempt number (0 when re-waiting after a 429)
     queue_wait_s: float = 0.0     # run: how long it waited since it was queued
     rank: int = 0                 # wait: position in line (0 = head)
@@ -176,16 +177,16 @@ class Limiter:
                 "proc_prefix": self.proc_key(""), "keyed": self.keyed, "window_ms": WINDOW_MS, "day_ms": DAY_MS,
                 "scopes": [s.steps() for s in scopes]}
         reply = self._acquire(keys=keys, args=[json.dumps(args, separators=(",", ":"))])
-        outcome = _text(reply[0])
-        if outcome == "run":
-            return Attempt("run", attempt=int(reply[1]), queue_wait_s=float(reply[2]))
-        if outcome == "wait":
-            return Attempt("wait", rank=int(reply[1]), wait_ms=int(reply[2]))
-        if outcome == "too_large":
+        outcome = Start(_text(reply[0]))
+        if outcome is Start.RUN:
+            return Attempt(outcome, attempt=int(reply[1]), queue_wait_s=float(reply[2]))
+        if outcome is Start.WAIT:
+            return Attempt(outcome, rank=int(reply[1]), wait_ms=int(reply[2]))
+        if outcome is Start.TOO_LARGE:
             kind, scope = KIND_BY_NAME[_text(reply[1])], scopes[int(reply[3])]
             whose = "your API key's quota" if scope.key is not None else f"'{scope.name}'"
             return Attempt(outcome, detail=f"the {int(reply[2])} {kind.unit} {whose} allows")
-        if outcome == "gone":
+        if outcome is Start.GONE:
             return Attempt(outcome, detail=_text(reply[1]))
         return Attempt(outcome)
 
@@ -299,7 +300,7 @@ class Limiter:
             starts = self.redis.zrangebyscore(rpm_key, now_ms - WINDOW_MS, "+inf", start=index, num=1,
                                               withscores=True)
             if starts:
-                base = starts[0][1]
+                base = float(cast(list[tuple[bytes, float]], starts)[0][1])
         frees_at = base + WINDOW_MS * (cycles + 1)
         return max(0.0, (frees_at - now_ms) / 1000)
 
@@ -307,7 +308,7 @@ class Limiter:
         return int(self.redis.zcard(self.key(provider, "line")))
 
     def position(self, provider: str, job_id: str) -> int | None:
-        rank = self.redis.zrank(self.key(provider, "line"), job_id)
+        rank = cast(int | None, self.redis.zrank(self.key(provider, "line"), job_id))
         return None if rank is None else int(rank)
 
 

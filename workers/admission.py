@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from common.contract import Start
 from common.limits import Attempt, Limiter, Scope
 from common.registry import Model, Provider, Registry
 
@@ -103,14 +104,14 @@ class AdmissionControl:
                     provider=provider, scopes=scopes, job_id=job_id, execution=execution, job_lease_s=job_lease_s,
                     call_id=call_id, call_lease_s=self.call_lease_s, tokens=tokens, key=key, weight=weight,
                     proc_id=self.proc_id, rewait=rewait)
-                if attempt.outcome == "run":
+                if attempt.outcome is Start.RUN:
                     return attempt, Permit(provider, scopes, call_id, tokens)
-                if attempt.outcome != "wait":
+                if attempt.outcome is not Start.WAIT:
                     return attempt, None
                 remaining = deadline - time.time()
                 if rewait and remaining <= 0:
                     self.limiter.leave(provider, job_id)
-                    return Attempt("expired"), None
+                    return Attempt(Start.EXPIRED), None
                 timeout = recheck_after(attempt.rank)
                 if attempt.wait_ms:  # the head, told when a permit frees
                     timeout = min(timeout, attempt.wait_ms / 1000)
@@ -151,9 +152,9 @@ class AdmissionControl:
                         for waiter in list(self._waiters.values()):  # we may have missed a wake
                             waiter.set()
                     elif message["type"] == "message":
-                        waiter = self._waiters.get(message["data"].decode())
-                        if waiter is not None:
-                            waiter.set()
+                        found = self._waiters.get(message["data"].decode())
+                        if found is not None:
+                            found.set()
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.warning("wake subscription lost (%s); reconnecting", exc)
                 time.sleep(backoff)

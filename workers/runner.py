@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -38,7 +38,9 @@ from common.contract import (
     JobSpec,
     JobState,
     Result,
+    Start,
     failure_state,
+    start_or_state,
     unrun_event,
 )
 from common.errors import (
@@ -78,11 +80,13 @@ class Settlement:
     state: JobState
     event: JobEvent
     usage: UsageRecord | None = None
-    row: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None     # an async job's row: the answer ...
+    error: dict[str, Any] | None = None      # ... or the error ...
+    billed: dict[str, Any] | None = None     # ... and its token counts and cost (the row's ``usage``)
 
     @classmethod
     def failed(cls, error: GatewayError) -> Settlement:
-        return cls(failure_state(error), Failed.of(error), row={"error": error.to_dict()})
+        return cls(failure_state(error), Failed.of(error), error=error.to_dict())
 
 
 class JobRunner:
@@ -112,20 +116,20 @@ class JobRunner:
             claim = self._admit(job)
         else:  # no limits apply: claim straight away (returning the spec unless we read it: one round trip)
             claim = self.store.claim(job_id, execution, self.lease_ttl, with_spec=job is None)
-        if claim.outcome == "missing":
+        if claim.outcome is Start.MISSING:
             return self._recover_missing(job_id)
-        if claim.outcome == JobState.EXPIRED:
+        if claim.outcome is Start.EXPIRED:
             spec = job.spec if job is not None else self.store.spec(job_id)
             self._settle(job_id, execution, spec, Settlement(JobState.EXPIRED, unrun_event(
                 JobState.EXPIRED, "the job waited longer than its max_wait and was withdrawn")), state_set=True)
             return claim.outcome
-        if claim.outcome != "run":
+        if claim.outcome is not Start.RUN:
             return claim.outcome  # busy (another worker runs it), already settled, or failed in line
         if job is None:
             assert claim.spec is not None
             job = self._job(job_id, execution, claim.spec)
         heartbeat = _LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl,
-                                    renew_permit=lambda: job.permit and self.admission.renew(job.permit))
+                                    renew_permit=lambda: self._renew_permit(job))
         heartbeat.start()
         try:
             return self._execute(job, claim.attempt, claim.queue_wait_s)
@@ -150,13 +154,13 @@ class JobRunner:
             weight=1.0 if rewait else self.settings.registry.key_weights.get(job.key, 1.0),
             deadline=job.spec.deadline if until is None else until, execution=job.execution,
             job_lease_s=self.lease_ttl, rewait=rewait)
-        if attempt.outcome == "too_large" and not rewait:
+        if attempt.outcome is Start.TOO_LARGE and not rewait:
             error = ExceedsLimit(f"this request needs about {job.tokens} tokens, more than {attempt.detail}",
                                  code="request_exceeds_tpm", param="max_tokens")
             self._settle(job.job_id, job.execution, job.spec, Settlement.failed(error))
             return Claim(JobState.FAILED)
-        if attempt.outcome == "gone":
-            return Claim(attempt.detail)
+        if attempt.outcome is Start.GONE:
+            return Claim(start_or_state(attempt.detail))
         return Claim(attempt.outcome, attempt.attempt, attempt.queue_wait_s)
 
     # ------------------------------------------------------------------------------------------
@@ -197,8 +201,7 @@ class JobRunner:
         event: JobEvent = (Done(meta, response.body.get("usage")) if streamed else Result(response.body, meta))
         return Settlement(JobState.SUCCEEDED, event,
                           _usage_row(job, call_id, queue_wait_ms, latency_ms, response=response, cost=cost),
-                          row={"result": response.body,
-                               "usage": {**response.usage.model_dump(), "cost_usd": _money(cost)}})
+                          result=response.body, billed={**response.usage.model_dump(), "cost_usd": _money(cost)})
 
     def _relay_stream(self, job_id: str, adapter: Adapter, request: ChatRequest, model: Model) -> ChatResponse:
         """Forward each upstream chunk to the waiting API as it arrives (no buffering); returns the
@@ -275,8 +278,12 @@ class JobRunner:
         in_line = decision.action is Action.WAIT_IN_LINE
         if not in_line:
             time.sleep(decision.delay_s)
-        if self._admit(job, rewait=True, until=None if in_line else give_up_at).outcome != "run":
+        if self._admit(job, rewait=True, until=None if in_line else give_up_at).outcome is not Start.RUN:
             raise exc
+
+    def _renew_permit(self, job: _Run) -> None:
+        if job.permit is not None:
+            self.admission.renew(job.permit)
 
     def _release(self, job: _Run, actual_tokens: int | None, *, refund: bool = False) -> None:
         if job.permit is not None:
@@ -296,7 +303,8 @@ class JobRunner:
         usage = settlement.usage.as_row() if settlement.usage is not None else None
         if spec is not None and spec.is_async:
             if not recorded:
-                self.rows.settle(job_id, settlement.state, usage_row=usage, **settlement.row)
+                self.rows.settle(job_id, settlement.state, usage_row=usage, result=settlement.result,
+                                 error=settlement.error, usage=settlement.billed)
             usage = None
         self.store.emit(job_id, settlement.event, final_state=None if state_set else settlement.state,
                         execution=execution, provider=spec.provider if spec is not None else "", usage=usage)
@@ -324,7 +332,7 @@ class JobRunner:
         durable row so it still runs; a sync job's caller is gone with it."""
         row = self.rows.get(job_id)
         if row is None or row.status not in (JobState.QUEUED, JobState.RUNNING):
-            return "missing"
+            return Start.MISSING
         remaining = (row.deadline_at - datetime.now(UTC)).total_seconds()
         if remaining <= 0:
             self.rows.settle(job_id, JobState.EXPIRED)
