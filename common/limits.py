@@ -8,8 +8,9 @@ number of machines agree. The line (``line.lua``: fair queue, key blocks, wakes)
 ``job.lua`` claim the unlimited path runs.
 
 **Limit kinds are data**: :data:`LIMIT_KINDS` lists them with the per-scope keys each keeps; the Lua
-side has one ``KINDS[name]`` entry (check / take / settle) per row. Every kind is counted in every
-scope (that is what ``GET /v1/limits`` shows); a limit of 0 is counted but never checked. Adding a
+side has one ``KINDS[name]`` entry (check / take / settle) per row. A kind is counted in every
+scope that sets a limit of its ``counted_with`` group (that is what ``GET /v1/limits`` shows); a limit
+of 0 is counted but never checked. Adding a
 kind (a USD budget is next) is one row here, one field on ``Limits`` and one Lua entry.
 
 Per scope (the provider; the model if it sets its own limits; ``key:<id>``, an API key's own quota
@@ -75,19 +76,25 @@ DAY_MS = 86_400_000       # rpd / tpd count per UTC day
 class LimitKind:
     """One kind of limit: ``name`` is its ``Limits`` field and its Lua entry (``permits.lua``
     ``KINDS[name]``, which takes ``len(keys)`` keys); ``keys`` are the per-scope key suffixes it keeps;
-    ``unit`` is how a limit of this kind reads ("the 5 tokens per day ... allows")."""
+    ``unit`` is how a limit of this kind reads ("the 5 tokens per day ... allows"); ``counted_with``:
+    the kind is counted only in scopes that set one of these limits (empty: in every scope)."""
 
     name: str
     keys: tuple[str, ...]
     unit: str
+    counted_with: tuple[str, ...] = ()
+
+    def counted_in(self, limits: Limits) -> bool:
+        return not self.counted_with or any(getattr(limits, name) for name in self.counted_with)
 
 
 LIMIT_KINDS: tuple[LimitKind, ...] = (
     LimitKind("concurrency", ("conc",), "calls in flight"),
     LimitKind("rpm", ("rpm",), "requests per minute"),
     LimitKind("tpm", ("tpm", "tok"), "tokens per minute"),
-    LimitKind("rpd", ("rpd",), "requests per day"),
-    LimitKind("tpd", ("tpd",), "tokens per day"),
+    # the day counters cost a little on every call: kept only where a daily limit is set
+    LimitKind("rpd", ("rpd",), "requests per day", counted_with=("rpd", "tpd")),
+    LimitKind("tpd", ("tpd",), "tokens per day", counted_with=("rpd", "tpd")),
 )
 KIND_BY_NAME = {kind.name: kind for kind in LIMIT_KINDS}
 
@@ -109,10 +116,15 @@ class Scope:
     def of_key(cls, key_id: str, limits: Limits) -> Scope:
         return cls(f"key:{key_id}", limits, key=key_id)
 
+    def kinds(self) -> list[LimitKind]:
+        """The kinds counted in this scope, in table order."""
+        return [kind for kind in LIMIT_KINDS if kind.counted_in(self.limits)]
+
     def steps(self) -> dict[str, Any]:
-        """This scope as the Lua reads it: every kind in table order with its limit (0 = unlimited)."""
+        """This scope as the Lua reads it: each counted kind with its limit (0 = counted, not checked);
+        its keys follow in the same order (:meth:`Limiter._scope_keys`)."""
         return {"key": self.key is not None,
-                "kinds": [[kind.name, getattr(self.limits, kind.name) or 0] for kind in LIMIT_KINDS]}
+                "kinds": [[kind.name, getattr(self.limits, kind.name) or 0] for kind in self.kinds()]}
 
 
 @dataclass(frozen=True)
@@ -152,7 +164,7 @@ class Limiter:
 
     def _scope_keys(self, scopes: list[Scope]) -> list[str]:
         """Every scope's permit keys, in the order ``permits.lua`` ``permits_open`` consumes them."""
-        return [self.key(s.name, suffix) for s in scopes for kind in LIMIT_KINDS for suffix in kind.keys]
+        return [self.key(s.name, suffix) for s in scopes for kind in s.kinds() for suffix in kind.keys]
 
     @property
     def _keyblock(self) -> str:

@@ -6,9 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
+import redis
 
 from common import lua
-from common.limits import LIMIT_KINDS, Scope
+from common.jobs import JobStore
+from common.limits import LIMIT_KINDS, Limiter, Scope
 from common.registry import Limits
 
 PERMITS_LUA = (Path(lua.__file__).parent / "permits.lua").read_text()
@@ -38,22 +40,21 @@ def test_key_suffixes_are_distinct():
     assert len(suffixes) == len(set(suffixes))
 
 
+WINDOWED = [["concurrency", 0], ["rpm", 0], ["tpm", 0]]
 SCOPES = [
-    ("provider-concurrency", Scope("p", Limits(concurrency=2)), False, {"concurrency": 2}),
-    ("model-rpm-tpm", Scope.of_model("p", "m", Limits(rpm=10, tpm=1000)), False, {"rpm": 10, "tpm": 1000}),
-    ("key-daily", Scope.of_key("k1", Limits(rpd=5, tpd=50)), True, {"rpd": 5, "tpd": 50}),
+    ("provider-concurrency", Scope("p", Limits(concurrency=2)), False,
+     [["concurrency", 2], ["rpm", 0], ["tpm", 0]]),
+    ("model-rpm-tpm", Scope.of_model("p", "m", Limits(rpm=10, tpm=1000)), False,
+     [["concurrency", 0], ["rpm", 10], ["tpm", 1000]]),
+    ("key-daily: both day counters kept", Scope.of_key("k1", Limits(rpd=5)), True,
+     [*WINDOWED, ["rpd", 5], ["tpd", 0]]),
+    ("key-both-daily", Scope.of_key("k1", Limits(rpd=5, tpd=50)), True, [*WINDOWED, ["rpd", 5], ["tpd", 50]]),
 ]
 
 
-@pytest.mark.parametrize(("scope", "is_key", "limits"), [c[1:] for c in SCOPES], ids=[c[0] for c in SCOPES])
-def test_scope_steps_list_every_kind_in_table_order(scope, is_key, limits):
-    steps = scope.steps()
-    assert steps["key"] is is_key
-    assert steps["kinds"] == [[kind.name, limits.get(kind.name, 0)] for kind in LIMIT_KINDS]
+@pytest.mark.parametrize(("scope", "is_key", "steps"), [c[1:] for c in SCOPES], ids=[c[0] for c in SCOPES])
+def test_scope_steps_list_its_counted_kinds_in_table_order(scope, is_key, steps):
+    assert scope.steps() == {"key": is_key, "kinds": steps}
+    limiter = Limiter(JobStore(redis.Redis(), "P"))  # a client that never connects: key names only
+    assert len(limiter._scope_keys([scope])) == sum(len(kind.keys) for kind in scope.kinds())
 
-
-def test_every_script_loads_with_its_libraries():
-    for name in ("create", "claim", "withdraw", "emit", "renew_lease", "acquire", "release", "leave",
-                 "renew_permits"):
-        assert lua.source(name).strip()
-    assert "job_check" in lua.source("claim") and "job_check" in lua.source("acquire")
