@@ -10,11 +10,12 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import redis
 
-from common.contract import JobSpec, JobState, Kind, Mode
+from common.contract import Chunk, Done, Failed, JobSpec, JobState, Kind, Mode, Start
 from common.jobs import JobStore
 from common.limits import Limiter, Scope
 from common.registry import Limits
@@ -258,3 +259,33 @@ def test_retry_after_under_an_rpm_window_counts_slots_not_rate(limiter, starts, 
     limiter.redis.zadd(limiter.key(PROVIDER, "rpm"), {f"c{i}": now_ms + s * 1000 for i, s in enumerate(starts)})
     got = limiter.window_start_in(PROVIDER, rpm, ahead)
     assert got == expected if expected is None else abs(got - expected) < 0.5
+
+
+def test_the_plain_claim_and_the_admission_start_a_job_the_same_way(limiter):
+    """Both run job.lua's job_check + job_start: same state, attempt, lease; a second try is refused."""
+    store = limiter.store
+    limiter.heartbeat("alive", 30)
+    for job_id in ("plain", "admitted"):
+        store.create(job_id, SPEC, max_wait=30, reply_to="", ttl=60)
+    claim = store.claim("plain", "exec-1", 10)
+    attempt = Line(limiter).acquire("admitted")
+    assert (claim.outcome, claim.attempt, claim.spec) == (Start.RUN, 1, replace(SPEC, deadline=claim.spec.deadline))
+    assert (attempt.outcome, attempt.attempt) == (Start.RUN, 1)
+    for job_id, execution in (("plain", "exec-1"), ("admitted", "x")):
+        state = store.state(job_id)
+        assert (state["state"], state["attempts"]) == (JobState.RUNNING, "1") and "started_at" in state
+        assert store.redis.get(store.lease_key(job_id)).decode() == execution
+    assert store.claim("plain", "exec-2", 10).outcome is Start.BUSY      # its lease is alive
+    assert Line(limiter).acquire("admitted").detail == Start.BUSY
+
+
+def test_events_cross_redis_as_the_contract_types(limiter):
+    store = limiter.store
+    store.create("ev", SPEC, max_wait=30, reply_to="", ttl=60)
+    store.claim("ev", "exec", 10)
+    sent = [Chunk({"choices": [{"delta": {"content": "a"}}]}), Done({"provider": PROVIDER}, {"total_tokens": 3})]
+    store.emit("ev", sent[0])
+    assert store.emit("ev", sent[1], final_state=JobState.SUCCEEDED, execution="exec", provider=PROVIDER)
+    assert [e.event for e in store.read_events("ev")] == sent
+    assert store.state("ev")["state"] == JobState.SUCCEEDED and not store.redis.exists(store.lease_key("ev"))
+    assert not store.emit("ev", Failed({"message": "late"}), final_state=JobState.FAILED)  # settled once
