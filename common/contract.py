@@ -71,7 +71,15 @@ class Start(StrEnum):
 
 
 def start_or_state(text: str) -> Start | JobState:
+    """A claim's answer: its :class:`Start` (``expired``: the claim itself just expired the job), else
+    the state the job had settled in."""
     return Start(text) if text in Start._value2member_map_ else JobState(text)
+
+
+def state_or_start(text: str) -> JobState | Start:
+    """A job's state as a script reports it (``expired``: the job *is* expired, by whomever), or why
+    there is none (``missing``) or it is not ours (``busy``)."""
+    return JobState(text) if text in JobState._value2member_map_ else Start(text)
 
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})

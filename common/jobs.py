@@ -41,6 +41,7 @@ from common.contract import (
     Start,
     parse_event,
     start_or_state,
+    state_or_start,
 )
 
 WAKE_CHANNEL_SUFFIX = "lim:wake"  # pubsub: a job id whose waiting worker should try its line again
@@ -132,7 +133,7 @@ class JobStore:
         If the job already left ``queued`` (a worker claimed it) it is left alone and its current
         state is returned: the caller then knows the job will run or has run."""
         assert new_state in WITHDRAWN
-        return start_or_state(_text(self._withdraw(keys=[self.job_key(job_id)],
+        return state_or_start(_text(self._withdraw(keys=[self.job_key(job_id)],
                                                    args=[new_state.value, job_id, self.wake_channel])))
 
     def read_events(self, job_id: str, after: str = "0-0") -> list[StreamEvent]:

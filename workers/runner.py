@@ -40,7 +40,7 @@ from common.contract import (
     Result,
     Start,
     failure_state,
-    start_or_state,
+    state_or_start,
     unrun_event,
 )
 from common.errors import (
@@ -160,7 +160,7 @@ class JobRunner:
             self._settle(job.job_id, job.execution, job.spec, Settlement.failed(error))
             return Claim(JobState.FAILED)
         if attempt.outcome is Start.GONE:
-            return Claim(start_or_state(attempt.detail))
+            return Claim(state_or_start(attempt.detail))  # e.g. withdrawn: expired / cancelled
         return Claim(attempt.outcome, attempt.attempt, attempt.queue_wait_s)
 
     # ------------------------------------------------------------------------------------------

@@ -289,3 +289,12 @@ def test_events_cross_redis_as_the_contract_types(limiter):
     assert [e.event for e in store.read_events("ev")] == sent
     assert store.state("ev")["state"] == JobState.SUCCEEDED and not store.redis.exists(store.lease_key("ev"))
     assert not store.emit("ev", Failed({"message": "late"}), final_state=JobState.FAILED)  # settled once
+
+
+@pytest.mark.parametrize("new_state", [JobState.EXPIRED, JobState.CANCELLED], ids=["expired", "cancelled"])
+def test_withdraw_reports_the_state_the_job_is_in(limiter, new_state):
+    store = limiter.store
+    store.create("w", SPEC, max_wait=30, reply_to="", ttl=60)
+    assert store.withdraw("w", new_state) is new_state
+    assert store.withdraw("w", JobState.CANCELLED) is new_state     # the first withdrawal won
+    assert store.withdraw("never-created", new_state) is Start.MISSING

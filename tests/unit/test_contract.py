@@ -24,6 +24,7 @@ from common.contract import (
     failure_state,
     parse_event,
     start_or_state,
+    state_or_start,
     unrun_event,
 )
 from common.errors import ClientGone, JobTimeout, QueueTimeout, UpstreamRateLimited
@@ -99,8 +100,18 @@ def test_unrun_events_and_terminal_states():
                                                                JobState.CANCELLED, JobState.EXPIRED}
 
 
-@pytest.mark.parametrize(("text", "expected"), [("run", Start.RUN), ("busy", Start.BUSY), ("missing", Start.MISSING),
-                                                ("succeeded", JobState.SUCCEEDED)],
-                         ids=["run", "busy", "missing", "settled"])
-def test_claim_answers_parse(text, expected):
-    assert start_or_state(text) is expected
+ANSWERS = [
+    # (id, text, as a claim's answer, as a job's state)
+    ("run", "run", Start.RUN, Start.RUN),
+    ("busy", "busy", Start.BUSY, Start.BUSY),
+    ("missing", "missing", Start.MISSING, Start.MISSING),
+    ("settled", "succeeded", JobState.SUCCEEDED, JobState.SUCCEEDED),
+    ("expired: by this claim / is expired", "expired", Start.EXPIRED, JobState.EXPIRED),
+    ("cancelled", "cancelled", JobState.CANCELLED, JobState.CANCELLED),
+]
+
+
+@pytest.mark.parametrize(("text", "claim", "state"), [c[1:] for c in ANSWERS], ids=[c[0] for c in ANSWERS])
+def test_claim_answers_and_states_parse(text, claim, state):
+    assert start_or_state(text) is claim
+    assert state_or_start(text) is state
