@@ -17,11 +17,17 @@ import time
 
 import redis
 
-from common.jobs import Event, JobStore, parse_reply
+from common.jobs import JobStore, StreamEvent, parse_reply
 
 log = logging.getLogger(__name__)
 
-RESYNC = Event("", {"type": "_resync"})  # "re-read your job's stream": the subscription was re-established
+
+class Resync:
+    """Put to every waiter when the subscription was (re-)established: re-read your job's stream."""
+
+
+RESYNC = Resync()
+Delivery = StreamEvent | Resync
 
 
 class ReplyDispatcher:
@@ -29,7 +35,7 @@ class ReplyDispatcher:
         self.store = store
         self.instance_id = secrets.token_hex(8)
         self.channel = store.reply_channel(self.instance_id)
-        self._waiters: dict[str, queue.SimpleQueue[Event]] = {}
+        self._waiters: dict[str, queue.SimpleQueue[Delivery]] = {}
         self._subscribed = threading.Event()
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -45,9 +51,9 @@ class ReplyDispatcher:
         if not self._subscribed.wait(timeout):
             raise redis.ConnectionError("could not subscribe to the reply channel")
 
-    def register(self, job_id: str) -> queue.SimpleQueue[Event]:
+    def register(self, job_id: str) -> queue.SimpleQueue[Delivery]:
         self.ensure_started()
-        waiter: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        waiter: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self._waiters[job_id] = waiter
         return waiter
 
@@ -72,9 +78,9 @@ class ReplyDispatcher:
                             waiter.put(RESYNC)
                     elif message["type"] == "message":
                         job_id, event = parse_reply(message["data"])
-                        waiter = self._waiters.get(job_id)
-                        if waiter is not None:
-                            waiter.put(event)
+                        found = self._waiters.get(job_id)
+                        if found is not None:
+                            found.put(event)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 self._subscribed.clear()
                 log.warning("reply subscription lost (%s); reconnecting in %.1fs", exc, backoff)

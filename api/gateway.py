@@ -13,25 +13,41 @@ import queue
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
-from api.dispatcher import RESYNC, ReplyDispatcher
+from api.dispatcher import RESYNC, Delivery, ReplyDispatcher
+from common.contract import (
+    EVENT_TTL_S,
+    TERMINAL,
+    Cancelled,
+    Chunk,
+    Expired,
+    Failed,
+    JobSpec,
+    JobState,
+    Mode,
+    Result,
+    Start,
+)
 from common.db import Job
 from common.errors import (
     GatewayError,
     InvalidRequest,
+    JobCancelled,
     JobConflict,
+    JobTimeout,
     ModelNotFound,
     NotFound,
+    OutcomeUnknown,
     ProviderUnavailable,
     QueueTimeout,
+    QueueUnavailable,
 )
-from common.jobs import TERMINAL, Event, JobStore, new_job_id
+from common.jobrows import JobRows
+from common.jobs import JobStore, StreamEvent, new_job_id
 from common.limits import Limiter, Scope
 from common.registry import Model, Provider
 from common.settings import Settings
@@ -41,7 +57,6 @@ from common.types import ChatRequest, EmbeddingsRequest
 log = logging.getLogger(__name__)
 
 SAFETY_POLL_S = 30.0     # re-read the job's stream this often even without a notification
-EVENT_TTL_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ class Gateway:
         self.store = store
         self.limiter = Limiter(store, keyed=bool(settings.registry.key_limits))
         self.sessions = sessions
+        self.rows = JobRows(sessions)
         self.dispatcher = dispatcher
 
     # resolution ---------------------------------------------------------------------------------
@@ -90,9 +106,8 @@ class Gateway:
         job_id = new_job_id()
         waiter = self.dispatcher.register(job_id)
         try:
-            self._enqueue(job_id, _spec(request, route, api_key_id), route, max_wait=max_wait,
-                          reply_to=self.dispatcher.channel,
-                          ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S, mode="sync")
+            self._enqueue(job_id, _spec(request, route, Mode.SYNC, api_key_id), route, max_wait=max_wait,
+                          reply_to=self.dispatcher.channel, ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S)
         except GatewayError:
             self.dispatcher.unregister(job_id)
             raise
@@ -111,17 +126,18 @@ class Gateway:
         finally:
             watch.close()
 
-    def final(self, watch: JobWatch, event: Event) -> Outcome | None:
-        kind = event.data.get("type")
-        if kind == "result":
-            return Outcome(watch.job_id, event.data["result"], event.data.get("meta", {}))
-        if kind == "error":
-            raise GatewayError.from_dict(event.data["error"])
-        if kind == "expired":
-            raise QueueTimeout(event.data.get("message", "the job expired in the queue"),
+    def final(self, watch: JobWatch, entry: StreamEvent) -> Outcome | None:
+        """The outcome a final event carries (an error event raises it); None for a chunk."""
+        event = entry.event
+        if isinstance(event, Result):
+            return Outcome(watch.job_id, event.result, event.meta)
+        if isinstance(event, Failed):
+            raise event.exception()
+        if isinstance(event, Expired):
+            raise QueueTimeout(event.message,
                                retry_after=self.retry_after(watch.route.provider, 1.0, watch.api_key_id))
-        if kind == "cancelled":
-            raise GatewayError("the job was cancelled", status=409, code="job_cancelled")
+        if isinstance(event, Cancelled):
+            raise JobCancelled(event.message)
         return None
 
     def start_in(self, provider: Provider, ahead: int) -> float | None:
@@ -179,7 +195,7 @@ class Gateway:
     def queue_depth(self, provider: Provider) -> int:
         return int(self.store.redis.llen(self.settings.queue_key(provider.name)))
 
-    def _enqueue(self, job_id: str, spec: dict[str, Any], route: Route, **job: Any) -> None:
+    def _enqueue(self, job_id: str, spec: JobSpec, route: Route, **job: Any) -> None:
         """Record the job and push its Celery message onto ``llm.<provider>`` in one Redis step."""
         queue_name = self.settings.queue_for(route.provider.name)
         try:
@@ -187,8 +203,8 @@ class Gateway:
                               message=task_message(job_id, queue_name), **job)
         except redis.RedisError as exc:
             log.error("job %s: broker unavailable: %s", job_id, exc)
-            raise GatewayError("the job queue is unavailable; nothing was queued, retry shortly", status=503,
-                               code="queue_unavailable", retry_after=1) from None
+            raise QueueUnavailable("the job queue is unavailable; nothing was queued, retry shortly",
+                                   retry_after=1) from None
 
     # async jobs ---------------------------------------------------------------------------------
     def submit(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None) -> Job:
@@ -196,25 +212,17 @@ class Gateway:
         if request.stream:
             raise InvalidRequest("async jobs return a whole completion; do not set 'stream'", param="stream")
         job_id = new_job_id()
-        created = datetime.now(UTC)
-        spec = _spec(request, route, api_key_id)
-        job = Job(id=job_id, api_key_id=api_key_id, model=route.model.alias, provider=route.provider.name,
-                  request=spec["request"], status="queued", attempts=0, created_at=created,
-                  deadline_at=created + timedelta(seconds=max_wait))
-        with self.sessions.begin() as session:
-            session.add(job)
+        spec = _spec(request, route, Mode.ASYNC, api_key_id)
+        job = self.rows.add(job_id, spec, max_wait=max_wait)
         try:
-            self._enqueue(job_id, spec, route, max_wait=max_wait, reply_to="", ttl=max_wait + EVENT_TTL_S * 24,
-                          mode="async")
-        except GatewayError:
-            self._update_job(job_id, status="failed", finished_at=datetime.now(UTC),
-                             error={"message": "the job queue was unavailable", "code": "queue_unavailable"})
+            self._enqueue(job_id, spec, route, max_wait=max_wait, reply_to="", ttl=max_wait + EVENT_TTL_S * 24)
+        except QueueUnavailable as exc:
+            self.rows.settle(job_id, JobState.FAILED, error=exc.to_dict())
             raise
         return job
 
     def job(self, job_id: str, api_key_id: str | None) -> Job:
-        with self.sessions() as session:
-            job = session.get(Job, job_id)
+        job = self.rows.get(job_id)
         if job is None or (api_key_id is not None and job.api_key_id not in (None, api_key_id)):
             raise NotFound(f"no job with id '{job_id}'", param="id", code="job_not_found")
         return job
@@ -223,17 +231,10 @@ class Gateway:
         job = self.job(job_id, api_key_id)
         if job.status in TERMINAL:
             raise JobConflict(f"job '{job_id}' already {job.status}")
-        state = self.store.withdraw(job_id, "cancelled")
-        if state not in ("cancelled", "missing"):
+        state = self.store.withdraw(job_id, JobState.CANCELLED)
+        if state not in (JobState.CANCELLED, Start.MISSING):
             raise JobConflict(f"job '{job_id}' is {state} and can no longer be cancelled")
-        return self._update_job(job_id, status="cancelled", finished_at=datetime.now(UTC))
-
-    def _update_job(self, job_id: str, **values: Any) -> Job:
-        with self.sessions.begin() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(**values))
-            job = session.get(Job, job_id, populate_existing=True)
-        assert job is not None
-        return job
+        return self.rows.cancelled(job_id)
 
 
 class JobWatch:
@@ -243,7 +244,7 @@ class JobWatch:
     Past the job's max_wait in line :meth:`next` withdraws it and raises :class:`QueueTimeout`; if a
     worker claimed it first, the watch keeps going (a started job is never reported as expired)."""
 
-    def __init__(self, gateway: Gateway, job_id: str, route: Route, waiter: queue.SimpleQueue[Event],
+    def __init__(self, gateway: Gateway, job_id: str, route: Route, waiter: queue.SimpleQueue[Delivery],
                  max_wait: float, api_key_id: str | None = None) -> None:
         self.gateway = gateway
         self.job_id = job_id
@@ -255,9 +256,9 @@ class JobWatch:
         self._waiter = waiter
         self._last_id = "0-0"
         self._read_at = time.monotonic()
-        self._pending: deque[Event] = deque()
+        self._pending: deque[StreamEvent] = deque()
 
-    def next(self, timeout: float | None = None) -> Event | None:
+    def next(self, timeout: float | None = None) -> StreamEvent | None:
         """The next event; None if ``timeout`` seconds pass first (None = wait as long as the job may)."""
         give_up = math.inf if timeout is None else time.monotonic() + timeout
         settings = self.gateway.settings
@@ -266,7 +267,7 @@ class JobWatch:
             now = time.monotonic()
             try:
                 event = self._waiter.get(timeout=max(0.0, min(SAFETY_POLL_S, limit - now, give_up - now)))
-                self._take([event] if event is not RESYNC else self._reread())
+                self._take(self._reread() if event is RESYNC else [event])  # type: ignore[list-item]
             except queue.Empty:
                 if time.monotonic() - self._read_at >= SAFETY_POLL_S or time.monotonic() >= limit:
                     self._take(self._reread())
@@ -279,31 +280,31 @@ class JobWatch:
                 return None
         return self._pending.popleft()
 
-    def _reread(self) -> list[Event]:
+    def _reread(self) -> list[StreamEvent]:
         self._read_at = time.monotonic()
         events = self.gateway.store.read_events(self.job_id, self._last_id)
         if not events and not self.gateway.store.exists(self.job_id):
             raise _job_lost()
         return events
 
-    def _take(self, events: list[Event]) -> None:
-        for event in events:
-            if event.stream_id and _stream_order(event.stream_id) > _stream_order(self._last_id):
-                self._last_id = event.stream_id
-                if event.data.get("type") == "chunk":
+    def _take(self, entries: list[StreamEvent]) -> None:
+        for entry in entries:
+            if entry.stream_id and _stream_order(entry.stream_id) > _stream_order(self._last_id):
+                self._last_id = entry.stream_id
+                if isinstance(entry.event, Chunk):
                     self.running = True
-                self._pending.append(event)
+                self._pending.append(entry)
 
     def _expire(self) -> None:
         if self.running:
-            raise GatewayError("the job did not finish within the task time limit", status=504, code="job_timeout")
-        state = self.gateway.store.withdraw(self.job_id, "expired")
-        if state == "expired":
+            raise JobTimeout("the job did not finish within the task time limit")
+        state = self.gateway.store.withdraw(self.job_id, JobState.EXPIRED)
+        if state is JobState.EXPIRED:
             raise QueueTimeout(f"the request waited {self.max_wait:g}s in the queue for '{self.route.model.alias}' "
                                "without a free slot and was withdrawn; retry later or raise max_wait",
                                retry_after=self.gateway.retry_after(self.route.provider, self.max_wait,
                                                                     self.api_key_id))
-        if state == "missing":
+        if state is Start.MISSING:
             raise _job_lost()
         self.running = True  # a worker claimed it just in time: it will run, so keep waiting
 
@@ -315,11 +316,11 @@ class JobWatch:
         self.gateway.dispatcher.unregister(self.job_id)
 
 
-def _job_lost() -> GatewayError:
+def _job_lost() -> OutcomeUnknown:
     """Redis no longer knows the job (it restarted without persistence): the caller must not wait on
     a job nobody will run. (Async jobs are queued again from Postgres: ``workers/reconciler.py``.)"""
-    return GatewayError("the gateway's queue lost this call (its Redis restarted); retry it", status=503,
-                        code="job_lost", retry_after=1)
+    return OutcomeUnknown("the gateway's queue lost this call (its Redis restarted); retry it", code="job_lost",
+                          retry_after=1)
 
 
 def _stream_order(stream_id: str) -> tuple[int, int]:
@@ -344,7 +345,6 @@ def parse_max_wait(raw: Any, default: float, limit: float) -> float:
     return value
 
 
-def _spec(request: ChatRequest | EmbeddingsRequest, route: Route, api_key_id: str | None) -> dict[str, Any]:
-    return {"model": route.model.alias, "provider": route.provider.name,
-            "kind": "embeddings" if isinstance(request, EmbeddingsRequest) else "chat",
-            "request": request.model_dump(exclude_none=True), "api_key_id": api_key_id}
+def _spec(request: ChatRequest | EmbeddingsRequest, route: Route, mode: Mode, api_key_id: str | None) -> JobSpec:
+    return JobSpec.of(request, mode=mode, model=route.model.alias, provider=route.provider.name,
+                      api_key_id=api_key_id)

@@ -12,6 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, url_for
 
 from api.openai_routes import admit, gateway, json_body
+from common.contract import JobState
 from common.db import Job
 from common.protocols.openai import parse_chat_request
 
@@ -33,7 +34,7 @@ def get_job(job_id: str) -> Response:
     gw = gateway()
     job = gw.job(job_id, g.api_key_id)
     body = render_job(job)
-    if job.status == "queued":
+    if job.status == JobState.QUEUED:
         body["queue"] = gw.position(job)
     return jsonify(body)
 
@@ -44,7 +45,7 @@ def cancel_job(job_id: str) -> Response:
 
 
 def render_job(job: Job) -> dict[str, Any]:
-    timestamps = {"queued": _iso(job.created_at), "running": _iso(job.started_at)}
+    timestamps = {JobState.QUEUED.value: _iso(job.created_at), JobState.RUNNING.value: _iso(job.started_at)}
     if job.finished_at is not None:
         timestamps[job.status] = _iso(job.finished_at)
     return {

@@ -20,8 +20,9 @@ from typing import Any, Protocol
 from flask import Response
 
 from api.gateway import Gateway, JobWatch
+from common.contract import Chunk, Done
 from common.errors import GatewayError, QueueTimeout
-from common.jobs import Event
+from common.jobs import StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -53,41 +54,38 @@ def stream_response(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, header
                              "x-gateway-job-id": watch.job_id})
 
 
-def _first_output(gateway: Gateway, watch: JobWatch) -> Event | None:
+def _first_output(gateway: Gateway, watch: JobWatch) -> StreamEvent | None:
     """The first chunk (None if none came within HOLD_S); raises if the job ends without one."""
     while True:
-        event = watch.next(timeout=HOLD_S)
-        if event is None:
+        entry = watch.next(timeout=HOLD_S)
+        if entry is None:
             return None
-        kind = event.data.get("type")
-        if kind == "chunk" or kind == "done":
-            return event
-        gateway.final(watch, event)  # raises the job's error
+        if isinstance(entry.event, Chunk | Done):
+            return entry
+        gateway.final(watch, entry)  # raises the job's error
 
 
-def _relay(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, event: Event | None) -> Iterator[str]:
+def _relay(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, entry: StreamEvent | None) -> Iterator[str]:
     finished = False
     try:
         while True:
-            if event is None:
+            if entry is None:
                 yield from fmt.waiting(_position(gateway, watch))
+            elif isinstance(entry.event, Chunk):
+                yield from fmt.chunk(entry.event.chunk)
+            elif isinstance(entry.event, Done):
+                finished = True
+                yield from fmt.done()
+                return
             else:
-                kind = event.data.get("type")
-                if kind == "chunk":
-                    yield from fmt.chunk(event.data["chunk"])
-                elif kind == "done":
-                    finished = True
-                    yield from fmt.done()
-                    return
-                else:
-                    finished = True
-                    try:
-                        gateway.final(watch, event)
-                    except GatewayError as exc:
-                        yield from fmt.error(exc)
-                    return
+                finished = True
+                try:
+                    gateway.final(watch, entry)
+                except GatewayError as exc:
+                    yield from fmt.error(exc)
+                return
             try:
-                event = watch.next(timeout=PING_S)
+                entry = watch.next(timeout=PING_S)
             except (QueueTimeout, GatewayError) as exc:
                 finished = True
                 yield from fmt.error(exc)

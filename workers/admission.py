@@ -4,7 +4,8 @@ A job delivered to a worker joins its provider's line (``common/limits.py``) and
 until the line's head changes to it (one pubsub subscription per process, ``P:lim:wake``), or until the
 time the head was told a permit frees (a sliding-window slot, a cooldown), or its deadline — never a
 busy poll (only a rare safety re-check, :func:`recheck_after`), and never a ``retry(countdown)`` that
-would reorder the queue or outlive the visibility timeout. The job stays ``queued`` while it waits, so the API can still withdraw it at its max_wait.
+would reorder the queue or outlive the visibility timeout. The job stays ``queued`` while it waits,
+so the API can still withdraw it at its max_wait.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from common.contract import Start
 from common.limits import Attempt, Limiter, Scope
 from common.registry import Model, Provider, Registry
 
@@ -102,14 +104,14 @@ class AdmissionControl:
                     provider=provider, scopes=scopes, job_id=job_id, execution=execution, job_lease_s=job_lease_s,
                     call_id=call_id, call_lease_s=self.call_lease_s, tokens=tokens, key=key, weight=weight,
                     proc_id=self.proc_id, rewait=rewait)
-                if attempt.outcome == "run":
+                if attempt.outcome is Start.RUN:
                     return attempt, Permit(provider, scopes, call_id, tokens)
-                if attempt.outcome != "wait":
+                if attempt.outcome is not Start.WAIT:
                     return attempt, None
                 remaining = deadline - time.time()
                 if rewait and remaining <= 0:
                     self.limiter.leave(provider, job_id)
-                    return Attempt("expired"), None
+                    return Attempt(Start.EXPIRED), None
                 timeout = recheck_after(attempt.rank)
                 if attempt.wait_ms:  # the head, told when a permit frees
                     timeout = min(timeout, attempt.wait_ms / 1000)
@@ -124,7 +126,7 @@ class AdmissionControl:
             return
         permit.released = True
         self.limiter.release(provider=permit.provider, scopes=permit.scopes, call_id=permit.call_id,
-                             actual_tokens=actual_tokens, refund=refund)
+                             tokens=permit.tokens, actual_tokens=actual_tokens, refund=refund)
 
     def renew(self, permit: Permit) -> None:
         if not permit.released:
@@ -150,9 +152,9 @@ class AdmissionControl:
                         for waiter in list(self._waiters.values()):  # we may have missed a wake
                             waiter.set()
                     elif message["type"] == "message":
-                        waiter = self._waiters.get(message["data"].decode())
-                        if waiter is not None:
-                            waiter.set()
+                        found = self._waiters.get(message["data"].decode())
+                        if found is not None:
+                            found.set()
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.warning("wake subscription lost (%s); reconnecting", exc)
                 time.sleep(backoff)

@@ -18,7 +18,6 @@ from celery import Celery
 from kombu import Queue
 
 from common.settings import Settings
-from common.taskwire import TASK_NAME  # noqa: F401  (re-exported for tasks)
 
 
 def restore_interval(settings: Settings) -> int:

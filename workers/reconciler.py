@@ -19,56 +19,43 @@ A job recreated twice (two reconcilers, or a message that survived) still runs o
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 import redis
-from sqlalchemy import or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.contract import EVENT_TTL_S, JobState
 from common.db import Job
 from common.errors import QueueTimeout
+from common.jobrows import JobRows, spec_of
 from common.jobs import JobStore
 from common.settings import Settings
 from common.taskwire import task_message
 from workers.periodic import Periodic
-from workers.usage import UsageLedger
 
 log = logging.getLogger(__name__)
 
 GRACE_S = 10.0     # a row younger than this may not have its live state yet
 BATCH = 500        # rows looked at per pass
-EVENT_TTL_S = 3600.0
-
-
-def async_spec(job: Job) -> dict[str, Any]:
-    """The live spec of an async job, rebuilt from its durable row."""
-    return {"mode": "async", "model": job.model, "provider": job.provider, "request": job.request,
-            "api_key_id": job.api_key_id}
 
 
 class JobReconciler(Periodic):
     name = "job-reconciliation"
     retry_on = (redis.RedisError, SQLAlchemyError, OSError)
 
-    def __init__(self, settings: Settings, store: JobStore, ledger: UsageLedger) -> None:
+    def __init__(self, settings: Settings, store: JobStore, rows: JobRows) -> None:
         super().__init__(settings.reconcile_interval)
         self.settings = settings
         self.store = store
-        self.ledger = ledger
+        self.rows = rows
 
     def tick(self) -> dict[str, int]:
         """One pass; returns how many jobs were queued again and how many expired."""
         lock = f"{self.store.prefix}:reconcile"
         if not self.store.redis.set(lock, 1, nx=True, px=int(max(self.settings.reconcile_interval, 1) * 900)):
             return {"requeued": 0, "expired": 0}  # another worker process is on it
-        now = datetime.now(UTC)
-        stuck_running = now - timedelta(seconds=self.settings.task_time_limit + self.settings.visibility_timeout)
-        with self.ledger.sessions() as session:
-            rows = session.scalars(
-                select(Job).where(Job.created_at < now - timedelta(seconds=GRACE_S), or_(
-                    Job.status == "queued", (Job.status == "running") & (Job.started_at < stuck_running)))
-                .order_by(Job.created_at).limit(BATCH)).all()
+        rows = self.rows.lost_candidates(
+            grace_s=GRACE_S, stuck_s=self.settings.task_time_limit + self.settings.visibility_timeout, limit=BATCH)
         pipe = self.store.redis.pipeline(transaction=False)
         for job in rows:
             pipe.exists(self.store.job_key(job.id))
@@ -83,9 +70,8 @@ class JobReconciler(Periodic):
                 done["expired"] += 1
                 continue
             queue = self.settings.queue_for(job.provider)
-            created = self.store.create(job.id, async_spec(job), max_wait=remaining, reply_to="",
-                                        ttl=remaining + EVENT_TTL_S, mode="async",
-                                        queue=self.settings.queue_key(job.provider),
+            created = self.store.create(job.id, spec_of(job), max_wait=remaining, reply_to="",
+                                        ttl=remaining + EVENT_TTL_S, queue=self.settings.queue_key(job.provider),
                                         message=task_message(job.id, queue), only_if_missing=True)
             if created is not None:
                 log.warning("job %s: its live state was lost (Redis restarted?); queued again on %s", job.id, queue)
@@ -95,5 +81,5 @@ class JobReconciler(Periodic):
     def _expire(self, job: Job) -> None:
         error = QueueTimeout("the job's queue state was lost and its max_wait passed before it could be "
                              "queued again; submit it again").to_dict()
-        self.ledger.mark_job(job.id, status="expired", finished_at=datetime.now(UTC), error=error)
+        self.rows.settle(job.id, JobState.EXPIRED, error=error)
         log.warning("job %s: its live state was lost and its deadline passed; marked expired", job.id)

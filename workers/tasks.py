@@ -6,7 +6,7 @@ import logging
 
 from celery import Task, shared_task
 
-from workers.celery_app import TASK_NAME
+from common.taskwire import TASK_NAME
 from workers.runner import JobRunner, build_runner
 
 log = logging.getLogger(__name__)

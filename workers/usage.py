@@ -1,4 +1,4 @@
-"""Writing what an upstream call cost, and settling async jobs, in Postgres.
+"""Writing what an upstream call cost, in Postgres.
 
 A usage row's ``call_id`` (``<job>:<attempt>:<try>``) is unique and every insert is
 ``ON CONFLICT DO NOTHING``: a redelivered task or a re-read stream entry never doubles a bill.
@@ -24,7 +24,6 @@ from decimal import Decimal
 from typing import Any
 
 import redis
-from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import (
     ArgumentError,
@@ -37,7 +36,8 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import sessionmaker
 
-from common.db import Job, Usage
+from common.db import Usage
+from common.jobrows import insert_usage
 from common.jobs import JobStore
 
 log = logging.getLogger(__name__)
@@ -73,19 +73,16 @@ class UsageRecord:
 
 
 class UsageLedger:
+    """Usage rows into Postgres. (An async job's usage row is written with its job row instead, in one
+    transaction: ``common/jobrows.py``.)"""
+
     def __init__(self, sessions: sessionmaker) -> None:
         self.sessions = sessions
 
-    def record(self, usage: UsageRecord | None, *, job_update: dict[str, Any] | None = None,
-               job_id: str | None = None) -> None:
-        """Write a usage row (at most once per call_id) and, for async jobs, the job's new state,
-        in one transaction."""
+    def record(self, usage: UsageRecord) -> None:
+        """Write a usage row (at most once per call_id)."""
         with self.sessions.begin() as session:
-            if usage is not None:
-                session.execute(insert(Usage).values(**usage.__dict__)
-                                .on_conflict_do_nothing(index_elements=["call_id"]))
-            if job_update and job_id:
-                session.execute(update(Job).where(Job.id == job_id).values(**job_update))
+            insert_usage(session, usage.as_row())
 
     def record_many(self, rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
         """Insert usage rows (each at most once per call_id) in one transaction. When Postgres refuses a
@@ -117,14 +114,6 @@ class UsageLedger:
         with self.sessions.begin() as session:
             session.execute(insert(Usage).on_conflict_do_nothing(index_elements=["call_id"]), rows)
 
-    def mark_job(self, job_id: str, **values: Any) -> None:
-        self.record(None, job_update=values, job_id=job_id)
-
-    def load_job(self, job_id: str) -> Job | None:
-        with self.sessions() as session:
-            return session.get(Job, job_id)
-
-
 def row_at_fault(exc: SQLAlchemyError) -> bool:
     """Postgres (or SQLAlchemy) refused a row for what it holds — a number out of range, a missing or
     unknown column, a bad value — rather than failing itself (a lost connection, a pool timeout)."""
@@ -138,10 +127,6 @@ def describe(exc: SQLAlchemyError) -> str:
     reason = getattr(exc, "orig", None) or exc
     text = str(reason).strip()
     return f"{type(reason).__name__}: {text.splitlines()[0] if text else ''}"[:500]
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _usage_row(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
@@ -203,7 +188,7 @@ class UsageFlusher:
         for entry_id, fields, reason in parked:
             log.warning("usage row %s parked in %s: %s", _call_id(fields), self.parked_key(), reason)
             pipe.xadd(self.parked_key(), {"u": fields.get(b"u", b""), "error": reason, "id": entry_id,
-                                          "at": now().isoformat()}, maxlen=PARKED_MAX, approximate=True)
+                                          "at": datetime.now(UTC).isoformat()}, maxlen=PARKED_MAX, approximate=True)
         pipe.xack(self.key, GROUP, *ids)
         pipe.xdel(self.key, *ids)
         pipe.execute()

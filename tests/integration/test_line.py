@@ -10,10 +10,12 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import redis
 
+from common.contract import Chunk, Done, Failed, JobSpec, JobState, Kind, Mode, Start
 from common.jobs import JobStore
 from common.limits import Limiter, Scope
 from common.registry import Limits
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 PROVIDER = "linetest"
 SCOPES = [Scope(PROVIDER, Limits(concurrency=1))]
+SPEC = JobSpec(Mode.ASYNC, Kind.CHAT, "m", PROVIDER, {})
 
 
 @pytest.fixture
@@ -47,8 +50,7 @@ class Line:
         limiter.heartbeat("alive", 30)
 
     def add(self, job_id: str, proc: str = "alive", max_wait: float = 30) -> str:
-        self.limiter.store.create(job_id, {"model": "m"}, max_wait=max_wait, reply_to="", ttl=60,
-                                  mode="async")
+        self.limiter.store.create(job_id, SPEC, max_wait=max_wait, reply_to="", ttl=60)
         return self.acquire(job_id, proc).outcome
 
     def acquire(self, job_id: str, proc: str = "alive"):
@@ -80,7 +82,7 @@ def test_admission_wakes_the_next_head(limiter):
     line = Line(limiter)
     assert [line.add(j) for j in ("a", "b", "c")] == ["run", "wait", "wait"]
     line.published()
-    limiter.release(provider=PROVIDER, scopes=SCOPES, call_id="a:c", actual_tokens=None)
+    limiter.release(provider=PROVIDER, scopes=SCOPES, call_id="a:c", tokens=0, actual_tokens=None)
     assert line.published() == ["b"]  # a release wakes the head ...
     assert line.acquire("b").outcome == "run"
     assert line.published() == ["c"]  # ... and its admission wakes the one behind it
@@ -91,7 +93,7 @@ def test_withdrawn_head_leaves_at_once_and_wakes_the_next(limiter):
     for j in ("a", "b", "c"):
         line.add(j)
     line.published()
-    assert limiter.store.withdraw("b", "cancelled") == "cancelled"
+    assert limiter.store.withdraw("b", JobState.CANCELLED) == JobState.CANCELLED
     assert line.published() == ["b"]  # its worker hears of it now, not at its next re-check
     assert line.acquire("b").outcome == "gone"
     assert line.order() == ["c"]
@@ -102,7 +104,7 @@ def test_withdrawn_job_behind_the_head_wakes_nobody_else(limiter):
     line = Line(limiter)
     for j in ("a", "b", "c", "d"):
         line.add(j)
-    limiter.store.withdraw("c", "cancelled")
+    limiter.store.withdraw("c", JobState.CANCELLED)
     line.published()
     assert line.acquire("c").outcome == "gone"
     assert line.order() == ["b", "d"] and line.published() == []
@@ -116,7 +118,7 @@ def test_head_expiring_wakes_the_next(limiter):
     time.sleep(0.3)
     line.published()
     assert line.acquire("b").outcome == "expired"
-    assert limiter.store.state("b")["state"] == "expired"
+    assert limiter.store.state("b")["state"] == JobState.EXPIRED
     assert line.published() == ["c"]
 
 
@@ -155,8 +157,7 @@ class KeyedLine(Line):
 
     def add_for(self, key: str, job_id: str, max_wait: float = 30):
         self.keys[job_id] = key
-        self.limiter.store.create(job_id, {"model": "m"}, max_wait=max_wait, reply_to="", ttl=60,
-                                  mode="async")
+        self.limiter.store.create(job_id, SPEC, max_wait=max_wait, reply_to="", ttl=60)
         return self.acquire(job_id)
 
     def scopes(self, job_id: str) -> list[Scope]:
@@ -170,7 +171,7 @@ class KeyedLine(Line):
 
     def release(self, job_id: str) -> None:
         self.limiter.release(provider=PROVIDER, scopes=self.scopes(job_id), call_id=f"{job_id}:c",
-                             actual_tokens=10)
+                             tokens=10, actual_tokens=10)
 
 
 SCOPES_WIDE = [Scope(PROVIDER, Limits(concurrency=10))]
@@ -220,8 +221,8 @@ def test_a_key_out_of_its_daily_requests_is_blocked_until_the_next_utc_day(keyed
 def test_a_refunded_call_gives_its_daily_request_back(keyed_limiter):
     line = KeyedLine(keyed_limiter, {"E": Limits(rpd=1, tpd=100)})
     assert line.add_for("E", "e1").outcome == "run"
-    keyed_limiter.release(provider=PROVIDER, scopes=line.scopes("e1"), call_id="e1:c", actual_tokens=None,
-                          refund=True)            # the upstream answered 429: it did no work
+    keyed_limiter.release(provider=PROVIDER, scopes=line.scopes("e1"), call_id="e1:c", tokens=10,
+                          actual_tokens=None, refund=True)            # the upstream answered 429: it did no work
     use = keyed_limiter.key_use("E", Limits(rpd=1, tpd=100))
     assert use["requests_today"] == 0 and use["tokens_today"] == 0
     assert line.add_for("E", "e2").outcome == "run"
@@ -267,3 +268,42 @@ def test_retry_after_under_an_rpm_window_counts_slots_not_rate(limiter, starts, 
     limiter.redis.zadd(limiter.key(PROVIDER, "rpm"), window)
     got = limiter.window_start_in(PROVIDER, rpm, ahead)
     assert got == expected if expected is None else abs(got - expected) < 0.5
+
+
+def test_the_plain_claim_and_the_admission_start_a_job_the_same_way(limiter):
+    """Both run job.lua's job_check + job_start: same state, attempt, lease; a second try is refused."""
+    store = limiter.store
+    limiter.heartbeat("alive", 30)
+    for job_id in ("plain", "admitted"):
+        store.create(job_id, SPEC, max_wait=30, reply_to="", ttl=60)
+    claim = store.claim("plain", "exec-1", 10)
+    attempt = Line(limiter).acquire("admitted")
+    assert (claim.outcome, claim.attempt, claim.spec) == (Start.RUN, 1, replace(SPEC, deadline=claim.spec.deadline))
+    assert (attempt.outcome, attempt.attempt) == (Start.RUN, 1)
+    for job_id, execution in (("plain", "exec-1"), ("admitted", "x")):
+        state = store.state(job_id)
+        assert (state["state"], state["attempts"]) == (JobState.RUNNING, "1") and "started_at" in state
+        assert store.redis.get(store.lease_key(job_id)).decode() == execution
+    assert store.claim("plain", "exec-2", 10).outcome is Start.BUSY      # its lease is alive
+    assert Line(limiter).acquire("admitted").detail == Start.BUSY
+
+
+def test_events_cross_redis_as_the_contract_types(limiter):
+    store = limiter.store
+    store.create("ev", SPEC, max_wait=30, reply_to="", ttl=60)
+    store.claim("ev", "exec", 10)
+    sent = [Chunk({"choices": [{"delta": {"content": "a"}}]}), Done({"provider": PROVIDER}, {"total_tokens": 3})]
+    store.emit("ev", sent[0])
+    assert store.emit("ev", sent[1], final_state=JobState.SUCCEEDED, execution="exec", provider=PROVIDER)
+    assert [e.event for e in store.read_events("ev")] == sent
+    assert store.state("ev")["state"] == JobState.SUCCEEDED and not store.redis.exists(store.lease_key("ev"))
+    assert not store.emit("ev", Failed({"message": "late"}), final_state=JobState.FAILED)  # settled once
+
+
+@pytest.mark.parametrize("new_state", [JobState.EXPIRED, JobState.CANCELLED], ids=["expired", "cancelled"])
+def test_withdraw_reports_the_state_the_job_is_in(limiter, new_state):
+    store = limiter.store
+    store.create("w", SPEC, max_wait=30, reply_to="", ttl=60)
+    assert store.withdraw("w", new_state) is new_state
+    assert store.withdraw("w", JobState.CANCELLED) is new_state     # the first withdrawal won
+    assert store.withdraw("never-created", new_state) is Start.MISSING

@@ -10,6 +10,7 @@ from common.errors import (
     AuthenticationFailed,
     GatewayError,
     InvalidRequest,
+    JobTimeout,
     QueueTimeout,
     UpstreamCredentialsRejected,
     UpstreamRateLimited,
@@ -43,9 +44,9 @@ def test_max_wait_rejected(raw):
 @pytest.mark.parametrize("error", [
     QueueTimeout("waited", retry_after=7),
     UpstreamRejected("bad", status=422),
-    UpstreamUnavailable("down", code="upstream_auth_failed"),
-    GatewayError("plain", status=504, code="job_timeout"),
-], ids=["queue-timeout", "rejected-422", "auth-failed", "plain"])
+    UpstreamCredentialsRejected("down"),
+    JobTimeout("the job did not finish"),
+], ids=["queue-timeout", "rejected-422", "auth-failed", "job-timeout"])
 def test_errors_cross_the_queue_intact(error):
     back = GatewayError.from_dict(error.to_dict())
     assert type(back) is type(error)

@@ -1,0 +1,93 @@
+"""The durable half of an async job: its row in Postgres ``jobs``. The only code that writes it.
+
+The API adds the row before the job's live state (``common/jobs.py``) exists and cancels it; the worker
+marks it ``running`` and settles it — with the call's usage row in the same transaction, so an async
+job's result and its bill commit together; the reconciler reads the rows whose live state Redis lost.
+Every state written here is a :class:`~common.contract.JobState`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.contract import JobSpec, JobState, Kind, Mode
+from common.db import Job, Usage
+
+
+def insert_usage(session: Session, row: dict[str, Any]) -> None:
+    """A usage row, at most once per ``call_id`` (a redelivered task never doubles a bill)."""
+    session.execute(insert(Usage).values(**row).on_conflict_do_nothing(index_elements=["call_id"]))
+
+
+class JobRows:
+    def __init__(self, sessions: sessionmaker) -> None:
+        self.sessions = sessions
+
+    def add(self, job_id: str, spec: JobSpec, *, max_wait: float) -> Job:
+        """The row of a newly accepted async job, ``queued``, its deadline ``max_wait`` from now."""
+        created = datetime.now(UTC)
+        job = Job(id=job_id, api_key_id=spec.api_key_id, model=spec.model, provider=spec.provider,
+                  request=spec.request, status=JobState.QUEUED.value, attempts=0, created_at=created,
+                  deadline_at=created + timedelta(seconds=max_wait))
+        with self.sessions.begin() as session:
+            session.add(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self.sessions() as session:
+            return session.get(Job, job_id)
+
+    def started(self, job_id: str, attempt: int) -> None:
+        self._update(job_id, status=JobState.RUNNING.value, started_at=_now(), attempts=attempt)
+
+    def settle(self, job_id: str, state: JobState, *, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None, usage: dict[str, Any] | None = None,
+               usage_row: dict[str, Any] | None = None) -> None:
+        """The job's final ``state`` with its ``result`` or ``error`` and ``usage`` (tokens, cost) and, in
+        the same transaction, the usage row of the call that settled it. Columns left None keep their
+        value."""
+        outcome = {k: v for k, v in (("result", result), ("error", error), ("usage", usage)) if v is not None}
+        with self.sessions.begin() as session:
+            if usage_row is not None:
+                insert_usage(session, usage_row)
+            session.execute(update(Job).where(Job.id == job_id)
+                            .values(status=state.value, finished_at=_now(), **outcome))
+
+    def cancelled(self, job_id: str) -> Job:
+        """The API withdrew the queued job: ``cancelled``; returns the row as it is now."""
+        with self.sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id)
+                            .values(status=JobState.CANCELLED.value, finished_at=_now()))
+            job = session.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        return job
+
+    def lost_candidates(self, *, grace_s: float, stuck_s: float, limit: int) -> list[Job]:
+        """Rows that may have lost their live state, oldest first: ``queued`` (older than ``grace_s``:
+        the API writes the row a moment before the live state), or ``running`` for longer than
+        ``stuck_s``, more than any run may take."""
+        now = _now()
+        with self.sessions() as session:
+            return list(session.scalars(
+                select(Job).where(Job.created_at < now - timedelta(seconds=grace_s), or_(
+                    Job.status == JobState.QUEUED.value,
+                    (Job.status == JobState.RUNNING.value) & (Job.started_at < now - timedelta(seconds=stuck_s))))
+                .order_by(Job.created_at).limit(limit)).all())
+
+    def _update(self, job_id: str, **values: Any) -> None:
+        with self.sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def spec_of(job: Job) -> JobSpec:
+    """The live spec of an async job, rebuilt from its durable row (the deadline is set anew)."""
+    return JobSpec(Mode.ASYNC, Kind.CHAT, job.model, job.provider, job.request, job.api_key_id)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

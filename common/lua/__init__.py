@@ -1,0 +1,38 @@
+"""The Lua that owns a job's live state and the limits, kept in ``.lua`` files and read once per process.
+
+Libraries (functions only, no side effects) are prepended to the scripts that use them:
+
+    job.lua       the job's state machine: job_check, job_start, job_settle (+ now_ms, stamp)
+    line.lua      a provider's line: join, turn (who is head), admit, leave, key blocks, wakes
+    permits.lua   the limit kinds (KINDS: check / take / settle per kind) and the loops over scopes
+
+Scripts: create, claim, withdraw, emit, renew_lease (common/jobs.py); acquire, release, leave,
+renew_permits (common/limits.py).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import redis
+from redis.commands.core import Script
+
+_HERE = Path(__file__).parent
+
+_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "create": ("job",), "claim": ("job",), "withdraw": ("job",), "emit": ("job",), "renew_lease": (),
+    "acquire": ("job", "line", "permits"), "release": ("job", "line", "permits"), "leave": ("job", "line"),
+    "renew_permits": ("job",),
+}
+
+
+@cache
+def source(name: str) -> str:
+    """The full text of script ``name``: its libraries, then the script itself."""
+    parts = [(_HERE / f"{lib}.lua").read_text() for lib in _LIBRARIES[name]]
+    return "\n".join([*parts, (_HERE / f"{name}.lua").read_text()])
+
+
+def register(client: redis.Redis, name: str) -> Script:
+    return client.register_script(source(name))

@@ -1,0 +1,56 @@
+-- The live job's state machine (common/jobs.py). The only Lua that reads or writes a job hash's
+-- 'state': the plain claim (claim.lua) and the limited admission (acquire.lua) both start a job
+-- with job_check + job_start, so the queued -> running claim exists once.
+--
+--   queued --job_start--> running --job_settle--> succeeded | failed | cancelled
+--     |                    ^ (lease lapsed: its worker died) job_start again on redelivery
+--     +--job_check after the deadline--> expired       (the worker never calls upstream)
+--     +--withdraw--> expired | cancelled               (the API gave up waiting / the caller left)
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function stamp(ms) return string.format('%.6f', ms / 1000) end
+
+-- Why a delivered job may not start now: nil if it may; else 'missing', 'expired' (it was queued
+-- past its deadline: moved to expired here), 'busy' (running, its worker's lease alive) or the
+-- terminal state it is in.
+local function job_check(job, lease, now)
+  local state = redis.call('HGET', job, 'state')
+  if not state then return 'missing' end
+  if state == 'queued' then
+    if now > tonumber(redis.call('HGET', job, 'deadline')) * 1000 then
+      redis.call('HSET', job, 'state', 'expired', 'finished_at', stamp(now))
+      return 'expired'
+    end
+    return nil
+  end
+  if state == 'running' then
+    if redis.call('EXISTS', lease) == 1 then return 'busy' end
+    return nil   -- its worker died: it runs again, as the next attempt
+  end
+  return state
+end
+
+-- Start a job job_check let through: running, one more attempt, our lease. -> attempt, queue wait (s)
+local function job_start(job, lease, execution, lease_ms, now)
+  if redis.call('HGET', job, 'state') == 'queued' then
+    redis.call('HSET', job, 'state', 'running', 'started_at', stamp(now))
+  end
+  local attempt = redis.call('HINCRBY', job, 'attempts', 1)
+  redis.call('SET', lease, execution, 'PX', lease_ms)
+  local created = tonumber(redis.call('HGET', job, 'created_at'))
+  return attempt, string.format('%.6f', now / 1000 - created)
+end
+
+-- Settle a running (or still queued) job into a final state and drop our lease; false if it was
+-- settled already (then nothing else may be emitted for it).
+local function job_settle(job, lease, state, execution, now)
+  local current = redis.call('HGET', job, 'state')
+  if current and current ~= 'running' and current ~= 'queued' then return false end
+  redis.call('HSET', job, 'state', state, 'finished_at', stamp(now))
+  if redis.call('GET', lease) == execution then redis.call('DEL', lease) end
+  return true
+end
