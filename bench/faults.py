@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _stack import DEFAULT_ADMIN_DB_URL, DEFAULT_REDIS_URL, RedisServer, Stack
 
-from common.jobs import TERMINAL
+from common.contract import TERMINAL
 from tests.faults import TcpProxy
 
 SAYS_NOTHING_RAN = frozenset({"queue_unavailable", "database_unavailable", "job_lost", "service_unavailable"})
