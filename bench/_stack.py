@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.fakeprovider import FakeProvider
+from tests.fakeprovider import FakeProvider  # noqa: E402 -- importable once ROOT is on sys.path (above)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"          # its own DB: nothing else's queues or keys
 DEFAULT_ADMIN_DB_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -37,6 +37,8 @@ the line, the broker queue and Redis's operations per second.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 -- the imports below come after monkey.patch_all() on purpose: the callers are
+# greenlets, so socket, ssl and time must be gevent's before anything imports them.
 from gevent import monkey
 
 monkey.patch_all()

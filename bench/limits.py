@@ -44,6 +44,8 @@ Raw results go to ``bench/results/limits-<time>.json`` (git-ignored).
 
 from __future__ import annotations
 
+# ruff: noqa: E402 -- the imports below come after monkey.patch_all() on purpose: the callers are
+# greenlets, so socket, ssl and time must be gevent's before anything imports them.
 from gevent import monkey
 
 monkey.patch_all()
