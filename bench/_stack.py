@@ -124,7 +124,8 @@ class Stack:
     """fake upstream + fresh database + ``llm-gateway api`` + ``llm-gateway worker --provider fake``."""
 
     def __init__(self, *, latency_ms: float = 0.0, worker_concurrency: int | None = None, pool: int = 256,
-                 api_workers: int = 1, redis_url: str = DEFAULT_REDIS_URL, admin_db_url: str = DEFAULT_ADMIN_DB_URL,
+                 api_workers: int = 1, redis_url: str = DEFAULT_REDIS_URL,
+                 admin_db_url: str = DEFAULT_ADMIN_DB_URL,
                  db_name: str = "bench_gateway", max_wait: float = 60.0, provider_timeout: float = 120.0,
                  extra_env: dict[str, str] | None = None, keep_logs: bool = False, workers: int = 1,
                  limits: dict[str, int] | None = None, fake_limits: dict[str, int] | None = None,
@@ -169,7 +170,8 @@ class Stack:
             "    api_key_env: FAKE_API_KEY\n"
             f"    pool: {self.pool}\n"
             f"    timeout: {self.provider_timeout:g}\n"
-            + (f"    limits: {{{', '.join(f'{k}: {v}' for k, v in self.limits.items())}}}\n" if self.limits else "")
+            + (f"    limits: {{{', '.join(f'{k}: {v}' for k, v in self.limits.items())}}}\n"
+               if self.limits else "")
             + "models:\n"
             "  fake-model:\n"
             "    provider: fake\n"
@@ -196,8 +198,8 @@ class Stack:
                 self.start_fake()
             self.database_url = create_database(self.admin_db_url, self.db_name)
             env = self.env()
-            mig = subprocess.run([*gateway_cli(), "migrate"], cwd=ROOT, env=env, capture_output=True, text=True,
-                                 timeout=120, check=False)
+            mig = subprocess.run([*gateway_cli(), "migrate"], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=120, check=False)
             if mig.returncode != 0:
                 raise RuntimeError(f"llm-gateway migrate failed:\n{mig.stdout}\n{mig.stderr}")
             self.api_port = free_port()
@@ -209,8 +211,9 @@ class Stack:
                                                   else ["--concurrency", str(self.worker_concurrency)])],
                                          env, self.workdir))
             self.worker = self.workers[0]
-            self.api = Proc("api", [*gateway_cli(), "api", "--host", "127.0.0.1", "--port", str(self.api_port),
-                                    "--workers", str(self.api_workers)], env, self.workdir)
+            api_argv = [*gateway_cli(), "api", "--host", "127.0.0.1", "--port", str(self.api_port),
+                        "--workers", str(self.api_workers)]
+            self.api = Proc("api", api_argv, env, self.workdir)
             self.wait_ready(ready_timeout)
             return self
         except BaseException:
