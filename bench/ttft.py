@@ -67,8 +67,9 @@ def main() -> int:
         assert stack.fake is not None
         direct_url = urlparse(stack.fake.base_url + "/chat/completions")
         gateway_url = urlparse(stack.url)
-        direct = http.client.HTTPConnection(direct_url.hostname, direct_url.port, timeout=30)
-        gateway = http.client.HTTPConnection(gateway_url.hostname, gateway_url.port, timeout=30)
+        # netloc is "host:port" (HTTPConnection splits it); hostname would be Optional
+        direct = http.client.HTTPConnection(direct_url.netloc, timeout=30)
+        gateway = http.client.HTTPConnection(gateway_url.netloc, timeout=30)
         for _ in range(20):  # warm both paths
             first_token_s(direct, direct_url.path, body)
             first_token_s(gateway, gateway_url.path, body)
