@@ -222,6 +222,7 @@ class Limiter:
         keys = [self.key(provider, "line"), self.key(provider, "owner"), self.key(provider, "keyof"),
                 self._keyblock]
         self._leave(keys=keys, args=[job_id, self.wake_channel, 1 if self.keyed else 0])
+
     def blocked_for(self, provider: str, key: str | None) -> float:
         """Seconds before this provider's line may start anything (its head was told when a window
         or a day frees), or — longer — before ``key``'s own quota has room: the floor of an honest
