@@ -21,10 +21,10 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import gevent  # type: ignore[import-untyped]
-import gevent.local  # type: ignore[import-untyped]
-from gunicorn.http import errors as http_errors  # type: ignore[import-untyped]
-from gunicorn.workers.ggevent import GeventWorker  # type: ignore[import-untyped]
+import gevent
+import gevent.local
+from gunicorn.http import errors as http_errors
+from gunicorn.workers.ggevent import GeventWorker
 
 # Nothing of the app may be imported here: gunicorn imports this module before the worker
 # monkey-patches the standard library, and the app's imports (redis, ssl, …) must come after that.

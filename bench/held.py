@@ -37,6 +37,8 @@ the line, the broker queue and Redis's operations per second.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 -- the imports below come after monkey.patch_all() on purpose: the callers are
+# greenlets, so socket, ssl and time must be gevent's before anything imports them.
 from gevent import monkey
 
 monkey.patch_all()
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rpm", type=int, default=None, help="upstream enforces it, gateway configured with it")
     p.add_argument("--tpm", type=int, default=None, help="upstream enforces it, gateway configured with it")
     p.add_argument("--max-wait", type=float, default=None,
-                   help="max_wait of every call (default: hold + 60, or with a limit the minutes it needs + 120 s)")
+                   help="max_wait of every call "
+                        "(default: hold + 60, or with a limit the minutes it needs + 120 s)")
     p.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     p.add_argument("--json-out", default=None)
     p.add_argument("--keep-logs", action="store_true")
@@ -177,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             try:
                 status, resp_headers, resp = conn.request(raw)
-                ok = status == 200 and json.loads(resp)["choices"][0]["message"]["content"] == f"echo: held {i}"
-                results[i] = {"status": status, "ok": ok, "latency": time.monotonic() - t0, "done": time.monotonic(),
+                ok = (status == 200
+                      and json.loads(resp)["choices"][0]["message"]["content"] == f"echo: held {i}")
+                results[i] = {"status": status, "ok": ok, "latency": time.monotonic() - t0,
+                              "done": time.monotonic(),
                               "queue_wait_ms": int(resp_headers.get("x-gateway-queue-wait-ms", "-1")),
                               "retry_after": resp_headers.get("retry-after"),
                               "error": None if ok else (resp[:300].decode("utf-8", "replace")
@@ -199,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"sample failed: {exc!r}", file=sys.stderr)
                 gevent.sleep(args.sample)
 
+        limited = f", limits {limits}, max_wait {max_wait:g} s" if limits else ""
         print(f"opening {n} calls over {args.ramp:g} s; the upstream answers after {args.hold:g} s"
-              f"{f', limits {limits}, max_wait {max_wait:g} s' if limits else ''} ...", file=sys.stderr, flush=True)
+              f"{limited} ...", file=sys.stderr, flush=True)
         t_start = time.monotonic()
         sampler_g = gevent.spawn(sampler)
         greenlets = []
@@ -225,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     errors = Counter((r["error"] or "")[:120] for r in done if not r["ok"])
     lat = sorted(r["latency"] for r in done)
     if limits:  # "all held" = the most client connections open (the upstream sees only a few at a time)
-        peak_hold = max(samples, key=lambda s: (s["api_client_conns"], s["upstream_in_flight"] or 0)) if samples else {}
+        peak_hold = (max(samples, key=lambda s: (s["api_client_conns"], s["upstream_in_flight"] or 0))
+                     if samples else {})
     else:
-        peak_hold = max(samples, key=lambda s: (s["upstream_in_flight"] or 0, s["api_client_conns"])) if samples else {}
+        peak_hold = (max(samples, key=lambda s: (s["upstream_in_flight"] or 0, s["api_client_conns"]))
+                     if samples else {})
 
     def peak(key: str) -> float:
         return max((s[key] for s in samples if s.get(key) is not None), default=float("nan"))
@@ -244,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         ("wall time for all calls (s)", f"{elapsed:.1f}"),
         ("peak calls in flight at the upstream", f"{fake_stats.get('concurrent_max')}"),
         ("peak client connections held by the API", f"{peak('api_client_conns'):.0f}"),
-        ("API RSS idle → peak (MB, master + workers)", f"{baseline['api_rss_mb']:.0f} → {peak('api_rss_mb'):.0f}"),
+        ("API RSS idle → peak (MB, master + workers)",
+         f"{baseline['api_rss_mb']:.0f} → {peak('api_rss_mb'):.0f}"),
         ("API RSS while all calls were held (MB)", f"{peak_hold.get('api_rss_mb', float('nan')):.0f}"),
         ("API Redis connections idle → peak (psutil)",
          f"{baseline['api_redis_conns']} → {peak('api_redis_conns'):.0f}"),
@@ -261,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         last_done = max((r["done"] for r in done if r["ok"]), default=t_start) - t_start
         ideal = 60.0 * (math.ceil(n / args.rpm) - 1) if args.rpm else float("nan")
         waits = sorted(r["queue_wait_ms"] / 1000 for r in done if r["ok"])
+        ops = [s["redis_ops_per_s"] for s in samples if s.get("redis_ops_per_s") is not None]
         rows += [
             ("client 429s (of which before their max_wait)", f"{len(client_429)} ({len(early_429)})"),
             ("upstream 429s by limit", f"{fake_stats.get('rate_limited')}"),
@@ -269,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             ("queue wait p50 / max (s)", f"{percentile(waits, 50):.1f} / {waits[-1]:.1f}" if waits else "–"),
             ("peak line at the worker / broker queue", f"{peak('line'):.0f} / {peak('queue'):.0f}"),
             ("Redis ops/s: median / peak while held",
-             f"{statistics.median(s['redis_ops_per_s'] for s in samples if s.get('redis_ops_per_s') is not None):.0f}"
+             f"{statistics.median(ops):.0f}"
              f" / {peak('redis_ops_per_s'):.0f}" if samples else "–"),
         ]
     for k, v in rows:
@@ -284,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(dumps({"started": started, "requests": n, "hold_s": args.hold, "ok": ok, "limits": limits,
                           "max_wait_s": max_wait, "workers": args.workers, "worker_concurrency": concurrency,
                           "statuses": dict(statuses), "errors": dict(errors), "baseline": baseline,
-                          "final": final, "samples": samples, "fake_stats": {k: v for k, v in fake_stats.items()
-                                                                          if k != "by_content"}}))
+                          "final": final, "samples": samples,
+                          "fake_stats": {k: v for k, v in fake_stats.items() if k != "by_content"}}))
     print(f"\nraw results: {out}", file=sys.stderr)
     return 0 if ok == n else 1
 

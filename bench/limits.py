@@ -44,6 +44,8 @@ Raw results go to ``bench/results/limits-<time>.json`` (git-ignored).
 
 from __future__ import annotations
 
+# ruff: noqa: E402 -- the imports below come after monkey.patch_all() on purpose: the callers are
+# greenlets, so socket, ssl and time must be gevent's before anything imports them.
 from gevent import monkey
 
 monkey.patch_all()
@@ -170,7 +172,8 @@ class CooldownSampler:
         return sum(inside) / len(inside) if inside else float("nan")
 
 
-def start_stack(args: argparse.Namespace, *, limits: dict[str, int], latency_ms: float, workers: int) -> Stack:
+def start_stack(args: argparse.Namespace, *, limits: dict[str, int], latency_ms: float,
+                workers: int) -> Stack:
     stack = Stack(latency_ms=latency_ms, pool=args.pool, workers=workers, limits=limits, fake_limits=limits,
                   max_output_tokens=64, redis_url=args.redis_url, max_wait=60, provider_timeout=60,
                   extra_env={"GATEWAY_MAX_WAIT_LIMIT": "3600"}, keep_logs=args.keep_logs)
@@ -207,8 +210,8 @@ def precision_phase(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         sampler = CooldownSampler(stack)
         t_start = time.time()
         stop_at = t_start + args.warmup + args.measure
-        print(f"  {args.clients} closed-loop callers for {args.warmup + args.measure:g} s ...", file=sys.stderr,
-              flush=True)
+        print(f"  {args.clients} closed-loop callers for {args.warmup + args.measure:g} s ...",
+              file=sys.stderr, flush=True)
         greenlets = []
         for i in range(args.clients):
             greenlets.append(gevent.spawn(caller.loop, i, make_body, stop_at))
@@ -256,8 +259,9 @@ def precision_phase(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         "calls_total": len(ok),
         "tokens_per_call": (sum(toks) / len(toks)) if toks else 0,
         "calls_per_second": [per_second.get(k, 0) for k in range(int(args.warmup + args.measure) + 1)],
-        "client_failures": [{"t": round(r["t_sent"] - t_start, 3), "after_s": round(r["t_done"] - r["t_sent"], 3),
-                             "status": r["status"], "code": r.get("code") or r.get("error")}
+        "client_failures": [{"t": round(r["t_sent"] - t_start, 3),
+                             "after_s": round(r["t_done"] - r["t_sent"], 3), "status": r["status"],
+                             "code": r.get("code") or r.get("error")}
                             for r in done if r["status"] != 200][:500],
         "logs": str(stack.workdir) if args.keep_logs else None,
     }
@@ -265,9 +269,9 @@ def precision_phase(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_precision(results: list[dict[str, Any]]) -> None:
-    print("\n| binding limit | configured (gateway = upstream) | achieved over the span (/min) | % of limit | "
-          "sliding 60 s window ending each second: min / mean / max | upstream 429s (whole run / span) | "
-          "client non-200 | cooldown on | fastest second |")
+    print("\n| binding limit | configured (gateway = upstream) | achieved over the span (/min) "
+          "| % of limit | sliding 60 s window ending each second: min / mean / max "
+          "| upstream 429s (whole run / span) | client non-200 | cooldown on | fastest second |")
     print("|---|---|---:|---:|---|---|---:|---:|---:|")
     for r in results:
         lim = r["limits"]
@@ -279,13 +283,14 @@ def print_precision(results: list[dict[str, Any]]) -> None:
         u_all = sum(r["upstream_429"].values())
         u_span = sum(r["upstream_429_in_span"].values())
         print(f"| {r['kind']} | rpm {lim['rpm']}, tpm {lim['tpm']} | {got:,.0f} {unit} | **{pct:.1f} %** | "
-              f"{w['min']:,} / {w['mean']:,.0f} / {w['max']:,} {unit} | {u_all} {r['upstream_429'] or ''} / {u_span} | "
+              f"{w['min']:,} / {w['mean']:,.0f} / {w['max']:,} {unit} | "
+              f"{u_all} {r['upstream_429'] or ''} / {u_span} | "
               f"{non200} | {100 * r['cooldown_share_span']:.0f} % | {r['max_calls_in_one_second']} calls |")
     for r in results:
         other = (f"tokens {r['tokens_per_min']:,.0f}/min ({r['tpm_pct']:.1f} % of tpm)" if r["kind"] == "rpm"
                  else f"calls {r['calls_per_min']:,.0f}/min ({r['rpm_pct']:.1f} % of rpm)")
-        print(f"- {r['kind']}: span = seconds {r['span'][0]:.0f}–{r['span'][1]:.0f} of the load; the other limit: "
-              f"{other}; {r['tokens_per_call']:.1f} tokens per call; upstream 429 at (s): "
+        print(f"- {r['kind']}: span = seconds {r['span'][0]:.0f}–{r['span'][1]:.0f} of the load; "
+              f"the other limit: {other}; {r['tokens_per_call']:.1f} tokens per call; upstream 429 at (s): "
               f"{r['upstream_429_times'][:20]}")
 
 
@@ -359,7 +364,8 @@ def retry_phase(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             "expired": sum(1 for r in rows if r["outcome"] == "expired"), "usable": len(good),
             "position": spread("truth_position_s"), "line": spread("truth_line_s"),
             "median_estimate_s": statistics.median([r["estimate_s"] for r in good]) if good else None,
-            "median_truth_position_s": statistics.median([r["truth_position_s"] for r in good]) if good else None,
+            "median_truth_position_s": (statistics.median([r["truth_position_s"] for r in good])
+                                        if good else None),
             "median_truth_line_s": statistics.median([r["truth_line_s"] for r in good]) if good else None,
             "median_ahead": statistics.median([r["ahead"] for r in good]) if good else None,
             "median_waiting": statistics.median([r["waiting"] for r in good]) if good else None,
@@ -367,8 +373,10 @@ def retry_phase(kind: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_retry(results: list[dict[str, Any]]) -> None:
-    print("\n| scenario | probes expired / usable | median Retry-After s | median truth s: position / whole line "
-          "| estimate ÷ truth (position): median [p10, p90] | estimate ÷ truth (whole line): median [p10, p90] "
+    print("\n| scenario | probes expired / usable | median Retry-After s "
+          "| median truth s: position / whole line "
+          "| estimate ÷ truth (position): median [p10, p90] "
+          "| estimate ÷ truth (whole line): median [p10, p90] "
           "| median error s (position / line) |")
     print("|---|---:|---:|---|---|---|---|")
     for r in results:
@@ -383,8 +391,9 @@ def print_retry(results: list[dict[str, Any]]) -> None:
               f"**{line['median_ratio']:.2f}** [{line['p10_ratio']:.2f}, {line['p90_ratio']:.2f}] | "
               f"{pos['median_error_s']:+.1f} / {line['median_error_s']:+.1f} |")
     for r in results:
-        print(f"- {r['kind']}: median {r['median_ahead']} calls ahead of the probe, {r['median_waiting']} waiting "
-              f"in all at its expiry; background answers {r['background_statuses']}")
+        print(f"- {r['kind']}: median {r['median_ahead']} calls ahead of the probe, "
+              f"{r['median_waiting']} waiting in all at its expiry; "
+              f"background answers {r['background_statuses']}")
 
 
 # ----------------------------------------------------------------------------------- main
@@ -393,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", default="rpm,tpm,retry-steady,retry-window")
     p.add_argument("--rpm", type=int, default=1200)
     p.add_argument("--tpm", type=int, default=50_000)
-    p.add_argument("--workers", type=int, default=4, help="worker processes on the provider (precision phases)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="worker processes on the provider (precision phases)")
     p.add_argument("--pool", type=int, default=256, help="provider pool (jobs per worker process)")
     p.add_argument("--clients", type=int, default=400, help="closed-loop callers (precision phases)")
     p.add_argument("--latency-ms", type=float, default=100.0, help="upstream latency (precision phases)")
@@ -403,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-max-wait", type=float, default=3.0)
     p.add_argument("--probe-interval", type=float, default=1.0)
     p.add_argument("--reset-mode", choices=("next", "full"), default="next",
-                   help="what the fake's x-ratelimit-reset-* mean: until the next call fits (default) or until "
-                        "the window is empty (OpenAI's documented 'until the limit resets to its initial state')")
+                   help="what the fake's x-ratelimit-reset-* mean: until the next call fits (default) "
+                        "or until the window is empty "
+                        "(OpenAI's documented 'until the limit resets to its initial state')")
     p.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
     p.add_argument("--json-out", default=None)
     p.add_argument("--keep-logs", action="store_true")
@@ -412,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < WINDOW:
         p.error("--warmup must be at least 60 s: the measured windows must not reach back before the load")
     if args.measure % WINDOW:
-        p.error("--measure must be a multiple of 60 s: the calls start in bursts once per window, so only whole "
-                "windows give a per-minute rate")
+        p.error("--measure must be a multiple of 60 s: the calls start in bursts once per window, "
+                "so only whole windows give a per-minute rate")
     raise_nofile(args.clients * 2 + 500)
     phases = [x.strip() for x in args.phases.split(",") if x.strip()]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -431,9 +442,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown phase {phase!r}")
     print(f"\n### Limits — {started}")
     if precision:
-        print(f"\nLimiter precision: {args.workers} worker processes, {args.clients} closed-loop callers, upstream "
-              f"{args.latency_ms:g} ms, warm-up {args.warmup:g} s, measured {args.measure:g} s, the fake's "
-              f"x-ratelimit-reset-* = {args.reset_mode}.")
+        print(f"\nLimiter precision: {args.workers} worker processes, {args.clients} closed-loop callers, "
+              f"upstream {args.latency_ms:g} ms, warm-up {args.warmup:g} s, measured {args.measure:g} s, "
+              f"the fake's x-ratelimit-reset-* = {args.reset_mode}.")
         print_precision(precision)
     if retry:
         print(f"\nRetry-After accuracy: probes with max_wait {args.probe_max_wait:g} s every "

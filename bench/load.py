@@ -284,8 +284,8 @@ def _wrk_cmd(url: str, concurrency: int, duration: float, body: bytes | None, he
     script_path = os.path.join(workdir, "script.lua")
     with open(script_path, "w") as fh:
         fh.write(script)
-    return ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", f"--timeout={max(1, round(timeout))}s",
-            "-s", script_path, url]
+    return ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s",
+            f"--timeout={max(1, round(timeout))}s", "-s", script_path, url]
 
 
 def _parse_wrk(stdout: str) -> dict[str, Any]:
@@ -312,7 +312,8 @@ def have_wrk() -> bool:
 
 
 def run_load(url: str, *, concurrency: int, duration: float, body: bytes | str | None = None,
-             headers: dict[str, str] | None = None, driver: str = "auto", timeout: float = 60.0) -> dict[str, Any]:
+             headers: dict[str, str] | None = None, driver: str = "auto",
+             timeout: float = 60.0) -> dict[str, Any]:
     """Run one closed-loop load test in a child process and return its measurements (see module doc)."""
     if isinstance(body, str):
         body = body.encode()

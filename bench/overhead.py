@@ -1,9 +1,9 @@
 """What the gateway adds: DIRECT (driver -> fake upstream) vs THROUGH THE GATEWAY
 (driver -> API -> Redis queue -> worker -> fake upstream), non-streaming chat completions.
 
-    .venv/bin/python bench/overhead.py                      # 10 s per cell, c = 1, 32, 128, upstream 0 and 50 ms
+    .venv/bin/python bench/overhead.py                # 10 s per cell, c = 1, 32, 128, upstream 0 and 50 ms
     .venv/bin/python bench/overhead.py --duration 5 --concurrency 1,32 --latencies 0
-    .venv/bin/python bench/overhead.py --direct-only        # just the fake upstream and the driver
+    .venv/bin/python bench/overhead.py --direct-only  # just the fake upstream and the driver
 
 It starts, as subprocesses in their own process groups, and stops again at the end (also on Ctrl-C):
 the fake upstream (``python -m tests.fakeprovider``), a fresh Postgres database ``bench_gateway`` on
@@ -46,7 +46,8 @@ def _measure(url: str, *, concurrency: int, duration: float, driver: str, groups
     result = run_load(url, concurrency=concurrency, duration=duration, body=CHAT_BODY, headers=AUTH,
                       driver=driver, timeout=60)
     wall = time.perf_counter() - t0
-    result["cpu_pct"] = {name: 100.0 * (cpu_seconds(procs) - before[name]) / wall for name, procs in groups.items()}
+    result["cpu_pct"] = {name: 100.0 * (cpu_seconds(procs) - before[name]) / wall
+                         for name, procs in groups.items()}
     result["cpu_pct"]["driver"] = result["driver_cpu_pct"]
     return result
 
@@ -83,9 +84,9 @@ def table(rows: list[dict[str, Any]], direct_only: bool) -> str:
                        f"{_fmt(d['p99_ms'], 2)} | {_fmt(d['rps'])} | {d['errors']} | "
                        f"{_fmt(d['cpu_pct'].get('fake'), 0)} / {_fmt(d['cpu_pct']['driver'], 0)} |")
         return "\n".join(out)
-    out = [("| upstream latency | concurrency | direct p50 / p99 ms | gateway p50 / p99 ms | **added p50 / p99 ms** "
-            "| direct req/s | gateway req/s | errors direct / gateway | CPU % api / worker / fake / driver (gateway run) "
-            "| backlog drain s |"),
+    out = [("| upstream latency | concurrency | direct p50 / p99 ms | gateway p50 / p99 ms "
+            "| **added p50 / p99 ms** | direct req/s | gateway req/s | errors direct / gateway "
+            "| CPU % api / worker / fake / driver (gateway run) | backlog drain s |"),
            "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         d, g = r["direct"], dict(r["gateway"])
@@ -93,7 +94,8 @@ def table(rows: list[dict[str, Any]], direct_only: bool) -> str:
         if g["requests"] == 0:  # wrk reports 0 latencies when nothing completed
             g["p50_ms"] = g["p99_ms"] = float("nan")
         out.append(
-            f"| {r['latency_ms']:g} ms | {r['concurrency']} | {_fmt(d['p50_ms'], 2)} / {_fmt(d['p99_ms'], 2)} | "
+            f"| {r['latency_ms']:g} ms | {r['concurrency']} | "
+            f"{_fmt(d['p50_ms'], 2)} / {_fmt(d['p99_ms'], 2)} | "
             f"{_fmt(g['p50_ms'], 2)} / {_fmt(g['p99_ms'], 2)} | "
             f"**{_fmt(g['p50_ms'] - d['p50_ms'], 2)} / {_fmt(g['p99_ms'] - d['p99_ms'], 2)}** | "
             f"{_fmt(d['rps'])} | {_fmt(g['rps'])} | {d['errors']} / {g['errors']}"
@@ -108,8 +110,8 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         d, g = r["direct"], r["gateway"]
         if g["requests"] == 0:
-            lines.append(f"- upstream {r['latency_ms']:g} ms, c={r['concurrency']}: NO call completed through the "
-                         "gateway during the run: NOT met")
+            lines.append(f"- upstream {r['latency_ms']:g} ms, c={r['concurrency']}: "
+                         "NO call completed through the gateway during the run: NOT met")
             continue
         if r["concurrency"] == 1:
             a50, a99 = g["p50_ms"] - d["p50_ms"], g["p99_ms"] - d["p99_ms"]
@@ -119,9 +121,9 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
                          f"{'MET' if ok else 'NOT met'}")
         else:
             ok = g["rps"] >= TARGET_RPS and g["errors"] == 0
-            lines.append(f"- upstream {r['latency_ms']:g} ms, c={r['concurrency']}: {g['rps']:.0f} req/s through "
-                         f"the gateway, {g['errors']} errors (target >= {TARGET_RPS:g} req/s, 0 errors): "
-                         f"{'MET' if ok else 'NOT met'}")
+            lines.append(f"- upstream {r['latency_ms']:g} ms, c={r['concurrency']}: "
+                         f"{g['rps']:.0f} req/s through the gateway, {g['errors']} errors "
+                         f"(target >= {TARGET_RPS:g} req/s, 0 errors): {'MET' if ok else 'NOT met'}")
     return lines
 
 
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                     row["gateway"]["drain_s"] = _drain(stack)
                     if row["gateway"]["requests"] == 0:
                         print(f"WARNING: no call through the gateway completed in {args.duration:g} s "
-                              f"(fake stats {stack.fake.stats()['by_status']}); see --keep-logs", file=sys.stderr)
+                              f"(fake stats {stack.fake.stats()['by_status']}); see --keep-logs",
+                              file=sys.stderr)
                 rows.append(row)
         if not args.direct_only:
             st = stack.fake.stats()

@@ -52,7 +52,8 @@ def summarize(path: Path, top: int) -> str:
         return f"(no samples in {path})"
 
     def short(f: str) -> str:
-        return f.replace(str(Path(sys.prefix)), "<venv>").replace(str(Path(__file__).resolve().parent.parent), ".")
+        root = str(Path(__file__).resolve().parent.parent)
+        return f.replace(str(Path(sys.prefix)), "<venv>").replace(root, ".")
 
     lines = [f"{total} on-CPU samples", "", "inclusive:"]
     lines += [f"  {100 * c / total:5.1f}%  {short(f)}" for f, c in inclusive.most_common(top)]

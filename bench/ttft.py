@@ -37,7 +37,8 @@ def first_token_s(conn: http.client.HTTPConnection, path: str, body: bytes) -> f
         line = response.readline()
         if not line:
             break
-        if first is None and line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+        content = line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line
+        if first is None and content:
             first = time.perf_counter() - started
         if line.strip() == b"data: [DONE]":
             break
@@ -53,7 +54,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--words", type=int, default=20)
     args = parser.parse_args()
@@ -65,8 +67,9 @@ def main() -> int:
         assert stack.fake is not None
         direct_url = urlparse(stack.fake.base_url + "/chat/completions")
         gateway_url = urlparse(stack.url)
-        direct = http.client.HTTPConnection(direct_url.hostname, direct_url.port, timeout=30)
-        gateway = http.client.HTTPConnection(gateway_url.hostname, gateway_url.port, timeout=30)
+        # netloc is "host:port" (HTTPConnection splits it); hostname would be Optional
+        direct = http.client.HTTPConnection(direct_url.netloc, timeout=30)
+        gateway = http.client.HTTPConnection(gateway_url.netloc, timeout=30)
         for _ in range(20):  # warm both paths
             first_token_s(direct, direct_url.path, body)
             first_token_s(gateway, gateway_url.path, body)
@@ -74,11 +77,13 @@ def main() -> int:
         for _ in range(args.requests):
             d.append(first_token_s(direct, direct_url.path, body))
             gw.append(first_token_s(gateway, gateway_url.path, body))
-    print(f"TTFT over {args.requests} streamed calls each way, alternating, concurrency 1, {args.words}-word answers")
+    print(f"TTFT over {args.requests} streamed calls each way, alternating, concurrency 1, "
+          f"{args.words}-word answers")
     print("| path | p50 ms | p99 ms | mean ms |")
     print("|---|---:|---:|---:|")
     print(f"| direct to the fake | {pct(d, .5):.2f} | {pct(d, .99):.2f} | {statistics.mean(d) * 1000:.2f} |")
-    print(f"| through the gateway | {pct(gw, .5):.2f} | {pct(gw, .99):.2f} | {statistics.mean(gw) * 1000:.2f} |")
+    print(f"| through the gateway | {pct(gw, .5):.2f} | {pct(gw, .99):.2f} "
+          f"| {statistics.mean(gw) * 1000:.2f} |")
     print(f"| **added** | **{pct(gw, .5) - pct(d, .5):.2f}** | **{pct(gw, .99) - pct(d, .99):.2f}** | |")
     return 0
 

@@ -41,9 +41,11 @@ from typing import Any, ClassVar
 
 
 class GatewayError(Exception):
-    status: ClassVar[int] = 500
+    # status and code are the class's defaults; one error may carry its own (``__init__``), so they are
+    # instance attributes, not ClassVars. The type is fixed per class.
+    status: int = 500
     type: ClassVar[str] = "api_error"
-    code: ClassVar[str | None] = None
+    code: str | None = None
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
                  retry_after: float | None = None, param: str | None = None) -> None:

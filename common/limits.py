@@ -182,12 +182,13 @@ class Limiter:
         take all permits and claim the job — atomically. See the module docstring for guarantees."""
         keys = [self.key(provider, "line"), self.key(provider, "vt"), self.key(provider, "owner"),
                 self.key(provider, "cooldown"), self.store.job_key(job_id), self.store.lease_key(job_id),
-                self.key(provider, "keyof"), self._keyblock, self.key(provider, "next"), *self._scope_keys(scopes)]
-        args = {"job_id": job_id, "execution": execution, "job_lease_ms": int(job_lease_s * 1000), "call": call_id,
-                "lease_ms": int(call_lease_s * 1000), "tokens": tokens, "key": key, "weight": weight,
-                "proc": proc_id, "rewait": rewait, "wake": self.wake_channel, "job_prefix": self.store.job_prefix,
-                "proc_prefix": self.proc_key(""), "keyed": self.keyed, "window_ms": WINDOW_MS, "day_ms": DAY_MS,
-                "scopes": [s.steps() for s in scopes]}
+                self.key(provider, "keyof"), self._keyblock, self.key(provider, "next"),
+                *self._scope_keys(scopes)]
+        args = {"job_id": job_id, "execution": execution, "job_lease_ms": int(job_lease_s * 1000),
+                "call": call_id, "lease_ms": int(call_lease_s * 1000), "tokens": tokens, "key": key,
+                "weight": weight, "proc": proc_id, "rewait": rewait, "wake": self.wake_channel,
+                "job_prefix": self.store.job_prefix, "proc_prefix": self.proc_key(""), "keyed": self.keyed,
+                "window_ms": WINDOW_MS, "day_ms": DAY_MS, "scopes": [s.steps() for s in scopes]}
         reply = self._acquire(keys=keys, args=[json.dumps(args, separators=(",", ":"))])
         outcome = Start(_text(reply[0]))
         if outcome is Start.RUN:
@@ -202,8 +203,8 @@ class Limiter:
             return Attempt(outcome, detail=_text(reply[1]))
         return Attempt(outcome)
 
-    def release(self, *, provider: str, scopes: list[Scope], call_id: str, tokens: int, actual_tokens: int | None,
-                refund: bool = False) -> None:
+    def release(self, *, provider: str, scopes: list[Scope], call_id: str, tokens: int,
+                actual_tokens: int | None, refund: bool = False) -> None:
         """Settle every permit of the call that reserved ``tokens``: give back its concurrency, settle its
         token reservations to ``actual_tokens`` (None: keep them), or refund the call (``refund``: the
         upstream did no work, e.g. it answered 429). Lifts the block of the call's API key, if it has
@@ -211,14 +212,17 @@ class Limiter:
         key = next((s.key for s in scopes if s.key is not None), "")
         args = {"call": call_id, "tokens": tokens, "actual": -1 if actual_tokens is None else actual_tokens,
                 "refund": refund, "key": key, "keyed": self.keyed, "wake": self.wake_channel,
-                "window_ms": WINDOW_MS, "day_ms": DAY_MS, "lease_ms": 0, "scopes": [s.steps() for s in scopes]}
+                "window_ms": WINDOW_MS, "day_ms": DAY_MS, "lease_ms": 0,
+                "scopes": [s.steps() for s in scopes]}
         self._release(keys=[self.key(provider, "line"), self.key(provider, "keyof"), self._keyblock,
                             *self._scope_keys(scopes)], args=[json.dumps(args, separators=(",", ":"))])
 
     def leave(self, provider: str, job_id: str) -> None:
         """Take a waiting job out of its line (it gave up); if it was the head, wake the next."""
-        self._leave(keys=[self.key(provider, "line"), self.key(provider, "owner"), self.key(provider, "keyof"),
-                          self._keyblock], args=[job_id, self.wake_channel, 1 if self.keyed else 0])
+        keys = [self.key(provider, "line"), self.key(provider, "owner"), self.key(provider, "keyof"),
+                self._keyblock]
+        self._leave(keys=keys, args=[job_id, self.wake_channel, 1 if self.keyed else 0])
+
     def blocked_for(self, provider: str, key: str | None) -> float:
         """Seconds before this provider's line may start anything (its head was told when a window
         or a day frees), or — longer — before ``key``'s own quota has room: the floor of an honest
@@ -249,7 +253,8 @@ class Limiter:
         pipe.zcard(self.key(provider, "line"))
         pipe.pttl(self.key(provider, "cooldown"))
         values = pipe.execute()
-        return {"scopes": scopes_out(values), "waiting_in_line": values[-2], "cooldown_ms": max(0, values[-1])}
+        return {"scopes": scopes_out(values), "waiting_in_line": values[-2],
+                "cooldown_ms": max(0, values[-1])}
 
     def use(self, scopes: list[Scope], now_ms: int, pipe: Any) -> Any:
         """Queue on ``pipe`` the reads of each scope's current use; returns the function that turns the

@@ -20,8 +20,8 @@ from common.settings import Settings, SettingsError, load_settings
 
 
 def _require(settings: Settings, what: str) -> None:
-    missing = [name for name, value in (("REDIS_URL", settings.redis_url), ("DATABASE_URL", settings.database_url))
-               if value is None]
+    urls = (("REDIS_URL", settings.redis_url), ("DATABASE_URL", settings.database_url))
+    missing = [name for name, value in urls if value is None]
     if missing:
         raise SystemExit(f"llm-gateway {what}: set {' and '.join(missing)} (or use `llm-gateway up`, "
                          "which starts embedded servers when they are unset)")
@@ -74,7 +74,8 @@ def worker_argv(settings: Settings, args: argparse.Namespace) -> list[str]:
     """The ``celery worker`` command line for one provider's queue."""
     provider = settings.registry.providers.get(args.provider)
     if provider is None:
-        raise SystemExit(f"unknown provider {args.provider!r}; known: {', '.join(settings.registry.providers)}")
+        known = ", ".join(settings.registry.providers)
+        raise SystemExit(f"unknown provider {args.provider!r}; known: {known}")
     return [
         sys.executable, "-m", "celery", "-A", "workers.worker:app", "worker",
         "--queues", settings.queue_for(provider.name),
@@ -90,8 +91,9 @@ def worker_argv(settings: Settings, args: argparse.Namespace) -> list[str]:
 
 def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
     _require(settings, "flower")
+    address = "0.0.0.0" if args.public else "127.0.0.1"
     argv = [sys.executable, "-m", "celery", "-A", "workers.worker:app", "flower",
-            f"--port={args.port or settings.flower_port}", "--address=127.0.0.1" if not args.public else "--address=0.0.0.0"]
+            f"--port={args.port or settings.flower_port}", f"--address={address}"]
     os.execv(sys.executable, argv)
     return 0  # pragma: no cover
 
@@ -128,7 +130,8 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_providers(settings: Settings, args: argparse.Namespace) -> int:
     for name, p in settings.registry.providers.items():
-        print(f"{name}\t{p.kind}\t{'routable' if p.routable else 'NOT routable: ' + str(p.unroutable_reason)}")
+        status = "routable" if p.routable else f"NOT routable: {p.unroutable_reason}"
+        print(f"{name}\t{p.kind}\t{status}")
     return 0
 
 

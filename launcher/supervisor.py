@@ -70,25 +70,28 @@ def run_up(settings: Settings, host: str | None, port: int | None) -> int:
 def _run(settings: Settings, api_host: str, api_port: int, console: _Console, signals: _SignalWatch,
          cleanup: contextlib.ExitStack) -> int:
     if api_port == settings.flower_port:
-        problem: str | None = f"the API and Flower cannot both use port {api_port} (GATEWAY_PORT / GATEWAY_FLOWER_PORT)"
+        problem: str | None = (f"the API and Flower cannot both use port {api_port} "
+                               "(GATEWAY_PORT / GATEWAY_FLOWER_PORT)")
     else:
-        problem = _port_problem(api_host, api_port, "API") or _port_problem("127.0.0.1", settings.flower_port, "Flower")
+        problem = (_port_problem(api_host, api_port, "API")
+                   or _port_problem("127.0.0.1", settings.flower_port, "Flower"))
     if problem:
         console.say(f"error: {problem}")
         return 1
 
     embedded: list[EmbeddedServer] = []
     urls: list[str] = []
-    for label, given, variable, start in (("redis:   ", settings.redis_url, "REDIS_URL", start_embedded_redis),
-                                          ("postgres:", settings.database_url, "DATABASE_URL",
-                                           start_embedded_postgres)):
+    stores = (("redis:   ", settings.redis_url, "REDIS_URL", start_embedded_redis),
+              ("postgres:", settings.database_url, "DATABASE_URL", start_embedded_postgres))
+    for label, given, variable, start in stores:
         if given is None:
             server = start(settings.state_dir)
             cleanup.callback(_stop_embedded, server, console)
             embedded.append(server)
             urls.append(server.url)
             console.say(f"{label} embedded {server.name} on {server.display_url} (pid {server.pid}, "
-                        f"ready in {server.startup_seconds:.2f} s, data {server.data_dir}, log {server.log_path})")
+                        f"ready in {server.startup_seconds:.2f} s, data {server.data_dir}, "
+                        f"log {server.log_path})")
         else:
             urls.append(given)
             console.say(f"{label} {variable} {redact_url(given)}")
@@ -106,7 +109,8 @@ def _run(settings: Settings, api_host: str, api_port: int, console: _Console, si
     if code is None:
         return _interrupted(signals, console)  # stop_all() ends the migration
     if code != 0:
-        console.say(f"error: `llm-gateway migrate` failed with {_describe_exit(code)}; not starting the gateway")
+        console.say(f"error: `llm-gateway migrate` failed with {_describe_exit(code)}; "
+                    "not starting the gateway")
         return 1
 
     children.spawn("api", ["api", "--host", api_host, "--port", str(api_port)])
@@ -115,7 +119,8 @@ def _run(settings: Settings, api_host: str, api_port: int, console: _Console, si
     children.spawn("flower", ["flower", "--port", str(settings.flower_port)])
 
     base = f"http://{_connectable(api_host)}:{api_port}"
-    console.say(f"API:      {base}/v1" + (f"  (listening on {api_host})" if api_host != _connectable(api_host) else ""))
+    listening = f"  (listening on {api_host})" if api_host != _connectable(api_host) else ""
+    console.say(f"API:      {base}/v1{listening}")
     console.say(f"health:   {base}/health")
     console.say(f"Flower:   http://127.0.0.1:{settings.flower_port}")
     for name, provider in settings.registry.providers.items():
@@ -164,7 +169,8 @@ class _Child:
 class _Children:
     """The app processes: spawn, forward their output, watch them, stop them."""
 
-    def __init__(self, console: _Console, signals: _SignalWatch, env: Mapping[str, str], names: list[str]) -> None:
+    def __init__(self, console: _Console, signals: _SignalWatch, env: Mapping[str, str],
+                 names: list[str]) -> None:
         self._console = console
         self._signals = signals
         self._env = dict(env)

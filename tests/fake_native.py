@@ -117,7 +117,8 @@ GEMINI_GENERATION = {"temperature", "topP", "topK", "candidateCount", "maxOutput
 GEMINI_PARTS = {"text", "inlineData", "fileData", "functionCall", "functionResponse", "thought",
                 "thoughtSignature"}
 OLLAMA_MODELS = ("llama3.2:latest", "qwen3:8b")
-MAGIC = re.compile(r"(sleep:(?P<sleep>\d*\.?\d+)|status:(?P<status>\d{3})|(?P<flag>drop|truncate|fail|bad200):)\s*")
+MAGIC = re.compile(r"(sleep:(?P<sleep>\d*\.?\d+)|status:(?P<status>\d{3})"
+                   r"|(?P<flag>drop|truncate|fail|bad200):)\s*")
 
 
 def count_tokens(text: str) -> int:

@@ -216,7 +216,8 @@ _ERROR_DEFAULTS = {
     400: ("invalid_request_error", None, "Invalid request."),
     401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
     403: ("invalid_request_error", "unsupported_country_region_territory", "Request not allowed."),
-    404: ("invalid_request_error", "model_not_found", "The model does not exist or you do not have access to it."),
+    404: ("invalid_request_error", "model_not_found",
+          "The model does not exist or you do not have access to it."),
     408: ("server_error", None, "Request timed out."),
     409: ("invalid_request_error", None, "Conflict."),
     422: ("invalid_request_error", None, "Unprocessable request."),
@@ -266,7 +267,7 @@ def parse_limits(raw: Any) -> dict[str, int | None]:
     if raw is None:
         return dict.fromkeys(LIMIT_KINDS)
     if not isinstance(raw, dict):
-        raise TypeError("limits must be an object like {\"rpm\": 60, \"tpm\": 10000, \"concurrency\": 4} or null")
+        raise TypeError('limits must be an object like {"rpm": 60, "tpm": 10000, "concurrency": 4} or null')
     unknown = set(raw) - set(LIMIT_KINDS)
     if unknown:
         raise TypeError(f"unknown limit(s) {sorted(unknown)}; known: {', '.join(LIMIT_KINDS)}")
@@ -358,8 +359,8 @@ class _Drop(Exception):
 class FakeUpstream:
     """The WSGI application. One instance per process; greenlets share its state."""
 
-    def __init__(self, latency_ms: float = 0.0, api_key: str | None = None, limits: dict[str, Any] | None = None,
-                 model_limits: dict[str, Any] | None = None) -> None:
+    def __init__(self, latency_ms: float = 0.0, api_key: str | None = None,
+                 limits: dict[str, Any] | None = None, model_limits: dict[str, Any] | None = None) -> None:
         self.default_latency_ms = float(latency_ms)
         self.default_api_key = api_key
         self.default_limits = parse_limits(limits)
@@ -436,7 +437,8 @@ class FakeUpstream:
             raise TypeError("reset_mode must be 'next' or 'full'")
         conc_retry = float(cfg.get("concurrency_retry_after", self.concurrency_retry_after))
         if "latency_ms" in cfg:
-            self.latency_ms = self.default_latency_ms if cfg["latency_ms"] is None else float(cfg["latency_ms"])
+            latency = cfg["latency_ms"]
+            self.latency_ms = self.default_latency_ms if latency is None else float(latency)
         if "chunk_delay_ms" in cfg:
             self.chunk_delay_ms = float(cfg["chunk_delay_ms"] or 0)
         if "fail_next" in cfg:
@@ -478,7 +480,8 @@ class FakeUpstream:
             *self._ratelimit_headers(model),
         ]
         if remaining is not None:
-            headers = [(k, str(remaining)) if k == "x-ratelimit-remaining-requests" else (k, v) for k, v in headers]
+            headers = [(k, str(remaining)) if k == "x-ratelimit-remaining-requests" else (k, v)
+                       for k, v in headers]
         headers.extend(extra)
         return headers
 
@@ -511,14 +514,16 @@ class FakeUpstream:
         for part in ("limit", "remaining"):
             for kind in ("requests", "tokens"):
                 out.append((f"x-ratelimit-{part}-{kind}", str(values[kind][0 if part == "limit" else 1])))
-        out += [("x-ratelimit-reset-requests", values["requests"][2]), ("x-ratelimit-reset-tokens", values["tokens"][2])]
+        out += [("x-ratelimit-reset-requests", values["requests"][2]),
+                ("x-ratelimit-reset-tokens", values["tokens"][2])]
         return out
 
     # ---------------------------------------------------------------- enforced limits
     def _scopes_for(self, model: str) -> list[LimitScope]:
         return [sc for sc in (self.scopes.get("*"), self.scopes.get(model)) if sc is not None]
 
-    def _enforce(self, model: str, tokens: int) -> tuple[list[LimitScope], tuple[LimitScope, str, float] | None]:
+    def _enforce(self, model: str,
+                 tokens: int) -> tuple[list[LimitScope], tuple[LimitScope, str, float] | None]:
         """Admit a call of ``tokens`` to every scope that applies to ``model`` (all or none), or refuse
         it: (None, (scope, limit kind, seconds until it could start)). Runs without yielding, so it is
         atomic among the greenlets."""
@@ -527,7 +532,8 @@ class FakeUpstream:
         refusals: list[tuple[LimitScope, str, float]] = []
         for sc in scopes:
             sc.prune(now)
-            refusals += [(sc, kind, wait) for kind, wait in sc.refusals(now, tokens, self.concurrency_retry_after)]
+            refusals += [(sc, kind, wait)
+                         for kind, wait in sc.refusals(now, tokens, self.concurrency_retry_after)]
         if refusals:
             sc, kind, _ = min(refusals, key=lambda r: LIMIT_KINDS.index(r[1]))
             self.rate_limited[kind] += 1
@@ -544,8 +550,8 @@ class FakeUpstream:
         for sc in held:
             sc.in_flight -= 1
 
-    def _rate_limited(self, start_response: Any, model: str, tokens: int, refusal: tuple[LimitScope, str, float],
-                      started: float) -> list[bytes]:
+    def _rate_limited(self, start_response: Any, model: str, tokens: int,
+                      refusal: tuple[LimitScope, str, float], started: float) -> list[bytes]:
         """A real 429 for an enforced limit, in OpenAI's words and headers."""
         sc, kind, wait = refusal
         wait = max(0.001, _ceil_ms(wait))
@@ -558,20 +564,22 @@ class FakeUpstream:
         elif kind == "tpm":
             type_ = "tokens"
             if lim["tpm"] is not None and tokens > lim["tpm"]:
-                message = (f"Request too large for {model} in organization org-fake on tokens per min (TPM): "
-                           f"Limit {lim['tpm']}, Requested {tokens}. The input or output tokens must be reduced "
-                           "in order to run successfully.")
+                message = (f"Request too large for {model} in organization org-fake on tokens per min "
+                           f"(TPM): Limit {lim['tpm']}, Requested {tokens}. The input or output tokens "
+                           "must be reduced in order to run successfully.")
             else:
-                message = (f"Rate limit reached for {model} in organization org-fake on tokens per min (TPM): "
-                           f"Limit {lim['tpm']}, Used {sc.token_sum}, Requested {tokens}. {again}")
+                message = (f"Rate limit reached for {model} in organization org-fake on tokens per min "
+                           f"(TPM): Limit {lim['tpm']}, Used {sc.token_sum}, Requested {tokens}. {again}")
         else:
             type_ = "requests"
             message = (f"Too many concurrent requests for {model} in organization org-fake: Limit "
                        f"{lim['concurrency']}, In flight {sc.in_flight}. {again}")
         self._count_status(429)
         headers = self._headers([("Retry-After", str(max(1, math.ceil(wait)))),
-                                 ("retry-after-ms", str(max(1, round(wait * 1000))))], started=started, model=model)
-        return self._json(start_response, 429, error_body(429, message, "rate_limit_exceeded", type_), headers)
+                                 ("retry-after-ms", str(max(1, round(wait * 1000))))],
+                                started=started, model=model)
+        body = error_body(429, message, "rate_limit_exceeded", type_)
+        return self._json(start_response, 429, body, headers)
 
     def _count_status(self, status: int) -> None:
         key = str(status)
@@ -604,7 +612,8 @@ class FakeUpstream:
         headers = self._headers(extra, remaining=remaining, started=started, model=model)
         if status == 429 and remaining == 0:
             ra = 1.0 if retry_after is None else float(retry_after)
-            headers = [(k, _go_duration(ra)) if k == "x-ratelimit-reset-requests" else (k, v) for k, v in headers]
+            headers = [(k, _go_duration(ra)) if k == "x-ratelimit-reset-requests" else (k, v)
+                       for k, v in headers]
         return self._json(start_response, status, error_body(status, message, code, type_), headers)
 
     # ---------------------------------------------------------------- WSGI entry
@@ -663,7 +672,8 @@ class FakeUpstream:
                     with contextlib.suppress(ValueError):
                         since = float(value)
             events = [list(e) for e in self.timeline if e[0] > since]
-            return self._json(start_response, 200, {"now": time.time(), "events": events}, list(_JSON_HEADERS))
+            return self._json(start_response, 200, {"now": time.time(), "events": events},
+                              list(_JSON_HEADERS))
         if name == "reset" and method == "POST":
             self.reset()
             return self._json(start_response, 200, {"ok": True}, list(_JSON_HEADERS))
@@ -759,7 +769,8 @@ class FakeUpstream:
                 return self._embeddings(start_response, body, model, started)
 
             messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            if (not isinstance(messages, list) or not messages
+                    or not all(isinstance(m, dict) for m in messages)):
                 return self._error(start_response, 400, "'messages' must be a non-empty array of objects",
                                    type_="invalid_request_error")
             last_user = next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
@@ -805,7 +816,8 @@ class FakeUpstream:
                     if not m:
                         break
                     self._count_status(200)
-                    return self._bad_answer(start_response, m.group(1), bool(body.get("stream")), model, started)
+                    return self._bad_answer(start_response, m.group(1), bool(body.get("stream")), model,
+                                            started)
                 elif text.startswith("tokens:"):
                     m = re.match(r"tokens:(-?[0-9]+),(-?[0-9]+)", text)
                     if not m:
@@ -866,8 +878,9 @@ class FakeUpstream:
         if what == "error":
             obj: dict[str, Any] = {"error": error}
         else:
-            obj = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
-                   "model": model, "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+            obj = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion",
+                   "created": int(time.time()), "model": model,
+                   "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
             if what == "empty":
                 obj["choices"] = []
         payload = _dumps(obj)
@@ -894,7 +907,8 @@ class FakeUpstream:
         last = messages[-1]
         tools = body.get("tools")
         last_text = message_text(last)
-        if (last.get("role") == "user" and isinstance(tools, list) and tools and body.get("tool_choice") != "none"
+        if (last.get("role") == "user" and isinstance(tools, list) and tools
+                and body.get("tool_choice") != "none"
                 and re.search(r"\bweather\b", last_text, re.IGNORECASE)):
             tool = _pick_tool(tools)
             name = tool.get("name") or "get_weather"
@@ -906,7 +920,8 @@ class FakeUpstream:
         if last.get("role") == "tool":
             content = "echo: " + last_text
         else:
-            content = "echo: " + next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
+            asked = next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
+            content = "echo: " + asked
         finish = "stop"
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(limit, int) and limit > 0:
@@ -990,7 +1005,8 @@ class FakeUpstream:
             self.in_flight -= 1
             self._release(held or [])
 
-    def _embeddings(self, start_response: Any, body: dict[str, Any], model: str, started: float) -> list[bytes]:
+    def _embeddings(self, start_response: Any, body: dict[str, Any], model: str,
+                    started: float) -> list[bytes]:
         inp = body.get("input")
         if isinstance(inp, str):
             texts = [inp]
@@ -1082,8 +1098,8 @@ def _tool_arguments(schema: dict[str, Any], text: str) -> dict[str, Any]:
 
 
 # ===================================================================================== server
-def serve(host: str, port: int, latency_ms: float, api_key: str | None = None, limits: dict[str, Any] | None = None,
-          model_limits: dict[str, Any] | None = None) -> None:
+def serve(host: str, port: int, latency_ms: float, api_key: str | None = None,
+          limits: dict[str, Any] | None = None, model_limits: dict[str, Any] | None = None) -> None:
     from gevent import monkey
 
     monkey.patch_all()
@@ -1095,7 +1111,8 @@ def serve(host: str, port: int, latency_ms: float, api_key: str | None = None, l
     with contextlib.suppress(ValueError, OSError):
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or hard > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+            target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
     class QuietHandler(WSGIHandler):
         def handle(self) -> Any:
@@ -1132,10 +1149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay before every /v1 answer")
     parser.add_argument("--api-key", default=None, help="require exactly this bearer key (default: any)")
     parser.add_argument("--rpm", type=int, default=None, help="enforce: calls started per sliding 60 s")
-    parser.add_argument("--tpm", type=int, default=None, help="enforce: tokens (prompt+completion) per sliding 60 s")
+    parser.add_argument("--tpm", type=int, default=None,
+                        help="enforce: tokens (prompt+completion) per sliding 60 s")
     parser.add_argument("--concurrency", type=int, default=None, help="enforce: calls in flight")
     parser.add_argument("--model-limits", default=None, metavar="JSON",
-                        help='enforce per model, e.g. \'{"gpt-x": {"rpm": 20}}\' (on top of the global limits)')
+                        help='''enforce per model, e.g. '{"gpt-x": {"rpm": 20}}' '''
+                             "(on top of the global limits)")
     args = parser.parse_args(argv)
     limits = {"rpm": args.rpm, "tpm": args.tpm, "concurrency": args.concurrency}
     model_limits = json.loads(args.model_limits) if args.model_limits else None
@@ -1165,7 +1184,8 @@ class FakeProvider(ServerProcess):
                  model_limits: dict[str, Any] | None = None) -> None:
         super().__init__(host=host, port=port, startup_timeout=startup_timeout, stderr=stderr, env=env)
         self.latency_ms, self.api_key = latency_ms, api_key
-        self.limits = parse_limits(limits)  # the --rpm/--tpm/--concurrency the process starts (and resets) with
+        # the --rpm/--tpm/--concurrency the process starts (and resets) with
+        self.limits = parse_limits(limits)
         self.model_limits = {m: parse_limits(v) for m, v in (model_limits or {}).items()}
 
     def arguments(self) -> list[str]:

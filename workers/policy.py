@@ -58,7 +58,8 @@ def decide(error: GatewayError, *, tries: int, max_retries: int, until_deadline_
     ``until_give_up_s``: time left of the run's time limit (what retries of a failure may take).
     A wait that would not end before its limit is not started: the job fails now."""
     if isinstance(error, UpstreamRateLimited):
-        wait = error.retry_after if error.retry_after is not None else min(2.0 ** tries, MAX_RATE_LIMIT_WAIT_S)
+        backoff = min(2.0 ** tries, MAX_RATE_LIMIT_WAIT_S)
+        wait = error.retry_after if error.retry_after is not None else backoff
         return Decision(Action.WAIT_IN_LINE, wait) if wait < until_deadline_s else FAIL
     if isinstance(error, UpstreamCredentialsRejected | UpstreamStreamBroken):
         return FAIL

@@ -28,7 +28,8 @@ HELLO = {"contents": [{"role": "user", "parts": [{"text": "hello raw"}]}]}
 
 
 def client_for(url: str, api_key: str = "anything", version: str = "v1beta",
-               headers: dict[str, str] | None = None, client_args: dict[str, Any] | None = None) -> genai.Client:
+               headers: dict[str, str] | None = None,
+               client_args: dict[str, Any] | None = None) -> genai.Client:
     """A client; close it (``with``) before the API stops: its keep-alive connections would hold the
     API's graceful shutdown."""
     return genai.Client(api_key=api_key, http_options=types.HttpOptions(
@@ -61,7 +62,8 @@ def ask_gemini(url: str, model: str, text: str, *, streamed: bool, tools: bool,
     config = types.GenerateContentConfig(tools=[WEATHER] if tools else None)
     with client_for(url) as client:
         if streamed:
-            responses = list(client.models.generate_content_stream(model=model, contents=contents, config=config))
+            responses = list(client.models.generate_content_stream(model=model, contents=contents,
+                                                                   config=config))
         else:
             responses = [client.models.generate_content(model=model, contents=contents, config=config)]
     calls = [(call.name, call.args) for r in responses for call in r.function_calls or []]
@@ -71,7 +73,8 @@ def ask_gemini(url: str, model: str, text: str, *, streamed: bool, tools: bool,
 
 
 def test_text_with_system_instruction_and_generation_config(gem, fake):
-    config = types.GenerateContentConfig(system_instruction="be brief", max_output_tokens=100, temperature=0.5)
+    config = types.GenerateContentConfig(system_instruction="be brief", max_output_tokens=100,
+                                         temperature=0.5)
     reply = gem.models.generate_content(model="fake-model", contents="hello gemini", config=config)
     assert reply.text == "echo: hello gemini"
     assert reply.candidates[0].finish_reason == types.FinishReason.STOP
@@ -131,7 +134,8 @@ def test_function_call_and_its_response(gem, fake, streamed):
     config = types.GenerateContentConfig(tools=[WEATHER])
     question = types.Content(role="user", parts=[types.Part.from_text(text="what is the weather in Oslo")])
     if streamed:
-        chunks = list(gem.models.generate_content_stream(model="fake-model", contents=[question], config=config))
+        chunks = list(gem.models.generate_content_stream(model="fake-model", contents=[question],
+                                                         config=config))
         calls = [call for c in chunks for call in c.function_calls or []]
         model_turn = types.Content(role="model", parts=[types.Part(function_call=call) for call in calls])
     else:
@@ -166,7 +170,8 @@ def test_errors_in_googles_shape(gem, api):
     with pytest.raises(errors.ClientError) as err:
         gem.models.generate_content(model="fake-model", contents="x", config=types.GenerateContentConfig(
             tools=[types.Tool(google_search=types.GoogleSearch())]))
-    assert err.value.code == 400 and err.value.status == "INVALID_ARGUMENT" and "googleSearch" in err.value.message
+    assert err.value.code == 400 and err.value.status == "INVALID_ARGUMENT"
+    assert "googleSearch" in err.value.message
     assert err.value.details["error"]["details"][0]["fieldViolations"][0]["field"] == "tools.0"
     for method, path, body, status in [
             ("post", "/v1beta/models/fake-model:generateContent", b"{bad", 400),
@@ -195,8 +200,8 @@ def secured_api(gateway_env, workers, tmp_path_factory):
 
 
 def test_keys_as_google_sends_them(secured_api, gateway_env, fake, clients):
-    out = subprocess.run([sys.executable, "-m", "launcher.cli", "keys", "create", "--name", "gemini"], cwd=ROOT,
-                         env=gateway_env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "launcher.cli", "keys", "create", "--name", "gemini"],
+                         cwd=ROOT, env=gateway_env, check=True, capture_output=True, text=True).stdout
     secret = out.strip().splitlines()[-1]
     keyed = clients(secured_api.url, api_key=secret)  # the SDK sends x-goog-api-key
     assert keyed.models.generate_content(model="fake-model", contents="keyed").text == "echo: keyed"

@@ -221,8 +221,9 @@ def test_a_key_out_of_its_daily_requests_is_blocked_until_the_next_utc_day(keyed
 def test_a_refunded_call_gives_its_daily_request_back(keyed_limiter):
     line = KeyedLine(keyed_limiter, {"E": Limits(rpd=1, tpd=100)})
     assert line.add_for("E", "e1").outcome == "run"
+    # the upstream answered 429: it did no work
     keyed_limiter.release(provider=PROVIDER, scopes=line.scopes("e1"), call_id="e1:c", tokens=10,
-                          actual_tokens=None, refund=True)            # the upstream answered 429: it did no work
+                          actual_tokens=None, refund=True)
     use = keyed_limiter.key_use("E", Limits(rpd=1, tpd=100))
     assert use["requests_today"] == 0 and use["tokens_today"] == 0
     assert line.add_for("E", "e2").outcome == "run"
@@ -278,7 +279,8 @@ def test_the_plain_claim_and_the_admission_start_a_job_the_same_way(limiter):
         store.create(job_id, SPEC, max_wait=30, reply_to="", ttl=60)
     claim = store.claim("plain", "exec-1", 10)
     attempt = Line(limiter).acquire("admitted")
-    assert (claim.outcome, claim.attempt, claim.spec) == (Start.RUN, 1, replace(SPEC, deadline=claim.spec.deadline))
+    expected_spec = replace(SPEC, deadline=claim.spec.deadline)
+    assert (claim.outcome, claim.attempt, claim.spec) == (Start.RUN, 1, expected_spec)
     assert (attempt.outcome, attempt.attempt) == (Start.RUN, 1)
     for job_id, execution in (("plain", "exec-1"), ("admitted", "x")):
         state = store.state(job_id)
@@ -292,7 +294,8 @@ def test_events_cross_redis_as_the_contract_types(limiter):
     store = limiter.store
     store.create("ev", SPEC, max_wait=30, reply_to="", ttl=60)
     store.claim("ev", "exec", 10)
-    sent = [Chunk({"choices": [{"delta": {"content": "a"}}]}), Done({"provider": PROVIDER}, {"total_tokens": 3})]
+    sent = [Chunk({"choices": [{"delta": {"content": "a"}}]}),
+            Done({"provider": PROVIDER}, {"total_tokens": 3})]
     store.emit("ev", sent[0])
     assert store.emit("ev", sent[1], final_state=JobState.SUCCEEDED, execution="exec", provider=PROVIDER)
     assert [e.event for e in store.read_events("ev")] == sent

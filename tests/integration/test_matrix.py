@@ -39,7 +39,8 @@ def ask(ingress: str, url: str, model: str, case: str) -> dict[str, Any]:
     tools = case.startswith("tool")
     text = "what is the weather in Oslo" if tools else "describe this" if case == "image" else f"say {case}"
     if ingress == "gemini":
-        return ask_gemini(url, model, text, streamed=streamed, tools=tools, image=PIXEL if case == "image" else None)
+        image = PIXEL if case == "image" else None
+        return ask_gemini(url, model, text, streamed=streamed, tools=tools, image=image)
     if ingress == "openai":
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
         content: Any = ([{"type": "text", "text": text},

@@ -32,7 +32,8 @@ def strict_api(
 ) -> Iterator[Api]:
     config = tmp_path_factory.mktemp("strict") / "registry.yaml"
     config.write_text(
-        f"providers:\n  strict:\n    kind: openai\n    base_url: {fake.base_url}\n    api_key_env: FAKE_API_KEY\n"
+        f"providers:\n  strict:\n    kind: openai\n    base_url: {fake.base_url}\n"
+        "    api_key_env: FAKE_API_KEY\n"
         f"    pool: 16\n    max_retries: {MAX_RETRIES}\n    timeout: {TIMEOUT}\n    idle_timeout: {IDLE}\n"
         "models:\n  strict-model:\n    provider: strict\n    model: fake-model\n"
         "    price: {input: 1.0, output: 2.0}\n"

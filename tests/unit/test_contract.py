@@ -33,7 +33,8 @@ from common.types import ChatRequest, EmbeddingsRequest
 CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "hi"}}]}
 EVENTS = [
     ("chunk", Chunk(CHUNK), None),
-    ("result", Result({"id": "r1", "choices": []}, {"provider": "fake", "cost_usd": "0.1"}), JobState.SUCCEEDED),
+    ("result", Result({"id": "r1", "choices": []}, {"provider": "fake", "cost_usd": "0.1"}),
+     JobState.SUCCEEDED),
     ("done", Done({"provider": "fake"}, {"prompt_tokens": 2, "completion_tokens": 3}), JobState.SUCCEEDED),
     ("done-without-usage", Done({"provider": "fake"}), JobState.SUCCEEDED),
     ("error", Failed.of(UpstreamRateLimited("slow down", retry_after=3)), JobState.FAILED),
@@ -64,11 +65,15 @@ def test_unknown_event_type_is_refused():
         parse_event({"type": "started"})
 
 
+def _chat(text: str) -> ChatRequest:
+    return ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": text}]})
+
+
 SPECS = [
-    ("sync-chat", JobSpec.of(ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
-                             mode=Mode.SYNC, model="m", provider="p", api_key_id="key_1"), Kind.CHAT),
-    ("async-chat-anonymous", JobSpec.of(ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "y"}]}),
-                                        mode=Mode.ASYNC, model="m", provider="p", api_key_id=None), Kind.CHAT),
+    ("sync-chat", JobSpec.of(_chat("x"), mode=Mode.SYNC, model="m", provider="p", api_key_id="key_1"),
+     Kind.CHAT),
+    ("async-chat-anonymous",
+     JobSpec.of(_chat("y"), mode=Mode.ASYNC, model="m", provider="p", api_key_id=None), Kind.CHAT),
     ("embeddings", JobSpec.of(EmbeddingsRequest.model_validate({"model": "e", "input": ["a", "b"]}),
                               mode=Mode.SYNC, model="e", provider="p", api_key_id="key_2"), Kind.EMBEDDINGS),
 ]

@@ -25,11 +25,12 @@ def wait_for(predicate, timeout: float) -> float:
 # id, provider deadlines, streamed, events to send, what expires and when (s after the start)
 EXPIRIES = [
     ("whole-answer", {"timeout": 0.2}, False, 0, "whole answer within 0.2s", 0.2),
-    ("first-event", {"timeout": 5, "first_byte_timeout": 0.2}, True, 0, "first stream event within 0.2s", 0.2),
+    ("first-event", {"timeout": 5, "first_byte_timeout": 0.2}, True, 0,
+     "first stream event within 0.2s", 0.2),
     ("idle-shorter-than-first-event", {"timeout": 5, "first_byte_timeout": 3, "idle_timeout": 0.2}, True, 1,
      "next stream event within 0.2s", 0.2),
-    ("stream-cap", {"timeout": 5, "stream_timeout": 0.3, "idle_timeout": 1}, True, 1, "whole stream within 0.3s",
-     0.3),
+    ("stream-cap", {"timeout": 5, "stream_timeout": 0.3, "idle_timeout": 1}, True, 1,
+     "whole stream within 0.3s", 0.3),
 ]
 
 
