@@ -385,9 +385,25 @@ class JobWatch:
         self._retry_at = math.inf
         events = self.gateway.store.read_events(self.job_id, self._last_id)
         self._backoff = 0.0
-        if not events and not self.gateway.store.exists(self.job_id):
+        if not events and not self.owner:
+            self._check_withdrawn()
+        elif not events and not self.gateway.store.exists(self.job_id):
             raise _job_lost(self.job_id)
         return events
+
+    def _check_withdrawn(self) -> None:
+        """For a watch on another request's job: a withdrawal leaves no event in the stream (its
+        owner answered it directly), so read the job's state — expired or cancelled is the answer."""
+        state = self.gateway.store.state(self.job_id).get("state")
+        if state is None:
+            raise _job_lost(self.job_id)
+        if state == JobState.EXPIRED:
+            raise QueueTimeout(f"the first call under this Idempotency-Key (job {self.job_id}) waited in the "
+                               "queue past its max_wait and was withdrawn; it never ran",
+                               retry_after=self.gateway.retry_after(self.route.provider, 1.0,
+                                                                    self.api_key_id))
+        if state == JobState.CANCELLED:
+            raise JobCancelled(f"the first call under this Idempotency-Key (job {self.job_id}) was cancelled")
 
     def _take(self, entries: list[StreamEvent]) -> None:
         for entry in entries:
@@ -396,8 +412,17 @@ class JobWatch:
                 if isinstance(entry.event, Chunk):
                     self.running = True
                 elif self.idem is not None:
-                    self.gateway.idem.record(self.idem, entry.event)
+                    self._keep_outcome(entry.event)
                 self._pending.append(entry)
+
+    def _keep_outcome(self, event: JobEvent) -> None:
+        """Record the final event for the call's Idempotency-Key — unless the job never ran (it
+        expired in line or was withdrawn): then the key is freed, so that a retry runs the call."""
+        assert self.idem is not None
+        if isinstance(event, Expired | Cancelled):
+            self.gateway.idem.release(self.idem, self.job_id)
+        else:
+            self.gateway.idem.record(self.idem, event)
 
     def replay(self, event: JobEvent) -> None:
         """Answer with the final event recorded for an Idempotency-Key (the job's stream is gone)."""
@@ -409,6 +434,8 @@ class JobWatch:
             raise JobTimeout("the job did not finish within the task time limit")
         state = self.gateway.store.withdraw(self.job_id, JobState.EXPIRED)
         if state is JobState.EXPIRED:
+            if self.idem is not None:
+                self.gateway.idem.release(self.idem, self.job_id)  # it never ran: a retry may run it
             raise QueueTimeout(f"the request waited {self.max_wait:g}s in the queue for "
                                f"'{self.route.model.alias}' without a free slot and was withdrawn; "
                                "retry later or raise max_wait",

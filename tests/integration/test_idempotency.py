@@ -169,3 +169,18 @@ def test_a_malformed_key_is_a_400_in_the_callers_shape(api, fake, path, body, sh
     assert r.status_code == 400, r.text
     assert shape(r) and "Idempotency-Key" in r.text
     assert fake.stats()["calls"] == 0
+
+
+def test_a_call_that_never_ran_frees_its_key(api):
+    """stalled-model has no worker: the first call expires in line (429, it never ran). A repeat made
+    while it waited is told the same; the key is then free, so the next retry is a new job."""
+    key, body = new_key(), {**chat_body("idem never ran"), "model": "stalled-model", "max_wait": 1.5}
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, api, "/v1/chat/completions", body, key)
+        repeat = pool.submit(post, api, "/v1/chat/completions", body, key)
+        answers = [first.result(), repeat.result()]
+    assert [r.status_code for r in answers] == [429, 429], [r.text for r in answers]
+    assert answers[0].headers["x-gateway-job-id"] == answers[1].headers["x-gateway-job-id"]
+    retry = post(api, "/v1/chat/completions", body, key)
+    assert retry.status_code == 429
+    assert retry.headers["x-gateway-job-id"] != answers[0].headers["x-gateway-job-id"]
