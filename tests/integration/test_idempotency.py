@@ -184,3 +184,20 @@ def test_a_call_that_never_ran_frees_its_key(api):
     retry = post(api, "/v1/chat/completions", body, key)
     assert retry.status_code == 429
     assert retry.headers["x-gateway-job-id"] != answers[0].headers["x-gateway-job-id"]
+
+
+def test_gemini_generate_content_repeats_and_conflicts(api, fake):
+    key, path = new_key(), "/v1beta/models/fake-model:generateContent"
+
+    def body(text: str) -> dict:
+        return {"contents": [{"role": "user", "parts": [{"text": text}]}]}
+
+    first = post(api, path, body("idem gemini"), key)
+    again = post(api, path, body("idem gemini"), key)
+    assert first.status_code == again.status_code == 200, first.text
+    assert again.headers["x-gateway-job-id"] == first.headers["x-gateway-job-id"]
+    assert upstream_calls(fake, "idem gemini") == 1
+    other = post(api, path, body("idem gemini, changed"), key)
+    assert other.status_code == 422
+    error = other.json()["error"]
+    assert error["code"] == 422 and "different request body" in error["message"]
