@@ -61,6 +61,7 @@ from common.types import ChatRequest, EmbeddingsRequest
 log = logging.getLogger(__name__)
 
 SAFETY_POLL_S = 30.0     # re-read the job's stream this often even without a notification
+FIRST_ROW_WAIT_S = 5.0   # how long an async repeat waits for the first call's row to be committed
 REPEAT_POLL_S = 0.25     # how often an Idempotency-Key repeat re-reads the first call's job stream
 
 
@@ -273,9 +274,15 @@ class Gateway:
         return job, True
 
     def _first_job(self, job_id: str) -> Job:
-        job = self.rows.get(job_id)
-        if job is None:  # the claim was made, then the row could not be written nor the claim freed
-            raise OutcomeUnknown.for_job(job_id, "the first call under this Idempotency-Key was not recorded")
+        """The row of the first call's job. Its claim precedes its row by a moment (a concurrent repeat
+        waits up to FIRST_ROW_WAIT_S for it); a claim whose row never came means the first call
+        failed and Redis could not be told."""
+        give_up = time.monotonic() + FIRST_ROW_WAIT_S
+        while (job := self.rows.get(job_id)) is None:
+            if time.monotonic() >= give_up:
+                raise OutcomeUnknown.for_job(job_id, "the first call under this Idempotency-Key was not "
+                                             "recorded")
+            time.sleep(0.05)
         return job
 
     def _adopt(self, idem: IdemCall, claimed: str) -> Job:

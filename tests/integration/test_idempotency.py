@@ -49,6 +49,17 @@ def test_an_async_repeat_returns_the_same_job_and_runs_once(api, fake):
     assert upstream_calls(fake, "idem async once") == 1
 
 
+def test_concurrent_async_repeats_share_one_job(api, fake):
+    key, body = new_key(), chat_body("idem async concurrent")
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: post(api, "/v1/jobs", body, key), range(5)))
+    assert sorted(r.status_code for r in answers) == [200, 200, 200, 200, 202], [r.text for r in answers]
+    assert len({r.json()["id"] for r in answers}) == 1
+    job_url = f"{api.url}/v1/jobs/{answers[0].json()['id']}"
+    wait_until(lambda: requests.get(job_url).json()["status"] == "succeeded", 20)
+    assert upstream_calls(fake, "idem async concurrent") == 1
+
+
 def test_an_async_repeat_finds_its_job_in_postgres_after_redis_lost_the_key(api, fake, prefix):
     import redis
 
