@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify
 
 from api.errors import anthropic_document, install_error_handlers
-from api.requests import admit, gateway, json_body, outcome_headers
+from api.requests import admit, gateway, idempotency, json_body, outcome_headers
 from api.streaming import stream_response
 from common.errors import GatewayError
 from common.protocols import anthropic
@@ -25,13 +25,14 @@ install_error_handlers(bp, anthropic_document)
 @bp.post("/v1/messages")
 def messages() -> Response:
     body = json_body()
+    idem = idempotency(body)
     chat = anthropic.parse_request(body)
     call = admit(chat.model, body.get("max_wait") if isinstance(body, dict) else None)
     if chat.stream:
-        watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+        watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
         stream = AnthropicStream(chat.model, estimate_prompt_tokens(chat, call.route.model))
         return stream_response(call.gw, watch, stream, call.headers)
-    outcome = call.gw.call(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+    outcome = call.gw.call(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
     response = jsonify(anthropic.render_response(outcome.result, chat.model))
     response.headers.update(outcome_headers(outcome))
     return response

@@ -58,6 +58,7 @@ def ollama_document(exc: GatewayError) -> dict[str, Any]:
 def error_response(exc: GatewayError, render: Render) -> Response:
     response = jsonify(render(exc))
     response.status_code = exc.status
+    response.headers.update(exc.headers())
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     return response

@@ -18,7 +18,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 
 from api.errors import install_error_handlers
-from api.requests import admit, gateway, json_body, outcome_headers
+from api.requests import admit, gateway, idempotency, json_body, outcome_headers
 from api.streaming import stream_response
 from common.errors import GatewayError, NotFound
 from common.protocols import gemini
@@ -54,9 +54,10 @@ def _max_wait(body: Any) -> Any:
 @_model_method("generateContent")
 def generate_content(model: str) -> Response:
     body = json_body()
+    idem = idempotency(body)
     chat = gemini.parse_request(body, model)
     call = admit(chat.model, _max_wait(body))
-    outcome = call.gw.call(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+    outcome = call.gw.call(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
     response = jsonify(gemini.render_response(outcome.result, chat.model))
     response.headers.update(outcome_headers(outcome))
     return response

@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, url_for
 
-from api.openai_routes import admit, gateway, json_body
+from api.requests import admit, gateway, idempotency, json_body
 from common.contract import JobState
 from common.db import Job
 from common.protocols.openai import parse_chat_request
@@ -21,11 +21,16 @@ bp = Blueprint("jobs", __name__)
 
 @bp.post("/v1/jobs")
 def create_job() -> tuple[Response, int]:
-    chat, extensions = parse_chat_request(json_body())
+    body = json_body()
+    idem = idempotency(body)
+    chat, extensions = parse_chat_request(body)
     call = admit(chat.model, extensions.get("max_wait"), gateway().settings.async_max_wait)
-    job = call.gw.submit(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+    job, new = call.gw.submit(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
     response = jsonify(render_job(job))
     response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
+    if not new:  # a repeat under an Idempotency-Key: the first call's job as it is now
+        response.headers["Idempotent-Replayed"] = "true"
+        return response, 200
     return response, 202
 
 
@@ -61,7 +66,8 @@ def render_job(job: Job) -> dict[str, Any]:
         "result": job.result,
         "error": job.error,
         "usage": job.usage,
-        "urls": {"self": url_for("jobs.get_job", job_id=job.id), "cancel": url_for("jobs.cancel_job", job_id=job.id)},
+        "urls": {"self": url_for("jobs.get_job", job_id=job.id),
+                 "cancel": url_for("jobs.cancel_job", job_id=job.id)},
     }
 
 

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from api.errors import install_error_handlers, ollama_document
-from api.requests import admit, gateway, json_body, outcome_headers
+from api.requests import admit, gateway, idempotency, json_body, outcome_headers
 from api.streaming import stream_response
 from common.errors import GatewayError, InvalidRequest, NotFound
 from common.protocols import ollama
@@ -67,12 +67,15 @@ Shape = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def _serve(body: Any, chat_request: ChatRequest, shape: Shape) -> Response:
+    idem = idempotency(body)
     call = admit(chat_request.model, body.get("max_wait") if isinstance(body, dict) else None)
     started = time.monotonic_ns()
     if chat_request.stream:
-        watch = call.gw.start(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+        watch = call.gw.start(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id,
+                              idem=idem)
         return stream_response(call.gw, watch, OllamaStream(chat_request.model, shape, started), call.headers)
-    outcome = call.gw.call(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+    outcome = call.gw.call(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id,
+                           idem=idem)
     document = ollama.render_response(outcome.result, chat_request.model,
                                       elapsed_ns=time.monotonic_ns() - started)
     response = jsonify(shape(document))

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, g, jsonify
 
 from api.errors import install_error_handlers, openai_document
 from api.gateway import Outcome
-from api.requests import admit, gateway, json_body, outcome_headers
+from api.requests import admit, gateway, idempotency, json_body, outcome_headers
 from api.streaming import stream_response
 from common.errors import GatewayError
 from common.protocols.openai import error_body, parse_chat_request, parse_embeddings_request
@@ -20,14 +20,16 @@ install_error_handlers(bp, openai_document)
 
 @bp.post("/v1/chat/completions")
 def chat_completions() -> Response:
-    chat, extensions = parse_chat_request(json_body())
+    body = json_body()
+    idem = idempotency(body)
+    chat, extensions = parse_chat_request(body)
     call = admit(chat.model, extensions.get("max_wait"))
     if chat.stream:
         include_usage = bool((chat.model_extra or {}).get("stream_options", {}).get("include_usage"))
-        watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+        watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
         return stream_response(call.gw, watch, OpenAIStream(include_usage), call.headers)
     return completion_response(call.gw.call(chat, call.route, max_wait=call.max_wait,
-                                            api_key_id=g.api_key_id))
+                                            api_key_id=g.api_key_id, idem=idem))
 
 
 class OpenAIStream:

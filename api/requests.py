@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent  # type: ignore[import-untyped]
-from flask import current_app, request
+from flask import current_app, g, request
 from gunicorn.http.errors import ParseException  # type: ignore[import-untyped]
 
 from api.gateway import Gateway, Outcome, Route
 from api.gunicorn_worker import CLOSE_CONNECTION
+from api.idempotency import HEADER, IdemCall
 from common.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from common.protocols import safejson
 
@@ -47,6 +48,12 @@ def admit(model: str, body_max_wait: Any, default: float | None = None) -> Admit
     max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), body_max_wait,
                            gw.settings.default_max_wait if default is None else default)
     return Admitted(gw, route, max_wait)
+
+
+def idempotency(body: Any) -> IdemCall | None:
+    """The call's ``Idempotency-Key`` (400 if malformed), with its owner, this route and the body's
+    fingerprint; None without the header."""
+    return IdemCall.of(request.headers.get(HEADER), g.api_key_id, request.path, body)
 
 
 def outcome_headers(outcome: Outcome) -> dict[str, str]:

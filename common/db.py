@@ -56,6 +56,9 @@ class Job(Base):
     deadline_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the caller's Idempotency-Key and its body's fingerprint; unique per owner (migration 0003)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    idempotency_body: Mapped[str | None] = mapped_column(String(64))
 
 
 class Usage(Base):

@@ -56,6 +56,13 @@ class GatewayError(Exception):
         self.retry_after = retry_after
         self.param = param
 
+    #: the job this error is about, if one was created (answered as ``x-gateway-job-id``)
+    job_id: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error carries (besides ``Retry-After``)."""
+        return {"x-gateway-job-id": self.job_id} if self.job_id else {}
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": type(self).__name__, "message": self.message, "status": self.status,
                 "code": self.code, "retry_after": self.retry_after, "param": self.param}
@@ -158,7 +165,19 @@ class StoreUnavailable(ServiceUnavailable):
 
 
 class OutcomeUnknown(ServiceUnavailable):
+    """The gateway lost track of an accepted call (its live state is gone, or Redis stayed down past
+    the call's deadline): the call may or may not have run. Never says "retry it" and carries no
+    ``Retry-After``: a blind retry may run the call twice. Carries the job id (``x-gateway-job-id``)."""
+
     code = "outcome_unknown"
+
+    @classmethod
+    def for_job(cls, job_id: str, why: str) -> OutcomeUnknown:
+        error = cls(f"the outcome of job {job_id} is unknown: {why}. The call may or may not have run "
+                    "(and been billed); a retry may run it again unless it is sent with the same "
+                    "Idempotency-Key while the gateway still holds that key's outcome")
+        error.job_id = job_id
+        return error
 
 
 class JobTimeout(GatewayError):

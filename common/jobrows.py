@@ -11,8 +11,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.contract import JobSpec, JobState, Kind, Mode
@@ -24,19 +25,41 @@ def insert_usage(session: Session, row: dict[str, Any]) -> None:
     session.execute(insert(Usage).values(**row).on_conflict_do_nothing(index_elements=["call_id"]))
 
 
+ANONYMOUS_OWNER = "anonymous"  # whose Idempotency-Keys a job without an api_key_id holds
+
+
+class DuplicateKey(Exception):
+    """A job under the same owner and Idempotency-Key already exists."""
+
+
 class JobRows:
     def __init__(self, sessions: sessionmaker) -> None:
         self.sessions = sessions
 
-    def add(self, job_id: str, spec: JobSpec, *, max_wait: float) -> Job:
-        """The row of a newly accepted async job, ``queued``, its deadline ``max_wait`` from now."""
+    def add(self, job_id: str, spec: JobSpec, *, max_wait: float,
+            idempotency: tuple[str, str] | None = None) -> Job:
+        """The row of a newly accepted async job, ``queued``, its deadline ``max_wait`` from now; with
+        ``idempotency`` (key, body fingerprint) it raises :class:`DuplicateKey` if the owner already
+        has a job under that key."""
         created = datetime.now(UTC)
+        key, body = idempotency or (None, None)
         job = Job(id=job_id, api_key_id=spec.api_key_id, model=spec.model, provider=spec.provider,
                   request=spec.request, status=JobState.QUEUED.value, attempts=0, created_at=created,
-                  deadline_at=created + timedelta(seconds=max_wait))
-        with self.sessions.begin() as session:
-            session.add(job)
+                  deadline_at=created + timedelta(seconds=max_wait),
+                  idempotency_key=key, idempotency_body=body)
+        try:
+            with self.sessions.begin() as session:
+                session.add(job)
+        except IntegrityError as exc:
+            if key is not None and "ix_jobs_idempotency" in str(exc):
+                raise DuplicateKey(job_id) from None
+            raise
         return job
+
+    def by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        with self.sessions() as session:
+            return session.scalars(select(Job).where(
+                func.coalesce(Job.api_key_id, ANONYMOUS_OWNER) == owner, Job.idempotency_key == key)).first()
 
     def get(self, job_id: str) -> Job | None:
         with self.sessions() as session:
@@ -76,7 +99,8 @@ class JobRows:
             return list(session.scalars(
                 select(Job).where(Job.created_at < now - timedelta(seconds=grace_s), or_(
                     Job.status == JobState.QUEUED.value,
-                    (Job.status == JobState.RUNNING.value) & (Job.started_at < now - timedelta(seconds=stuck_s))))
+                    (Job.status == JobState.RUNNING.value)
+                    & (Job.started_at < now - timedelta(seconds=stuck_s))))
                 .order_by(Job.created_at).limit(limit)).all())
 
     def _update(self, job_id: str, **values: Any) -> None:
