@@ -205,8 +205,8 @@ class UsageFlusher:
             elif row is not None:
                 rows.append((entry_id, row))
             else:
-                parked.append((entry_id, fields, "neither a usage row (a JSON object in field 'u') nor a "
-                                                  "job's outcome (field 'j')"))
+                parked.append((entry_id, fields, "not a job's outcome (field 'j')" if b"j" in fields
+                               else "not a usage row (no JSON object in field 'u')"))
         fields_of = dict(entries)
         for refused, readable in ((self.ledger.record_many([row for _, row in rows]), rows),
                                   (self.ledger.settle_many([outcome for _, outcome in outcomes]), outcomes)):
@@ -225,7 +225,8 @@ class UsageFlusher:
         pipe = self.store.redis.pipeline(transaction=True)
         for entry_id, fields, reason in parked:
             log.warning("usage entry %s parked in %s: %s", _entry_name(fields), self.parked_key(), reason)
-            kept: dict[Any, Any] = {name: fields[name] for name in (b"u", b"j") if name in fields} or {b"u": b""}
+            kept: dict[Any, Any] = {name: fields[name] for name in (b"u", b"j") if name in fields}
+            kept = kept or {b"u": b""}
             at = datetime.now(UTC).isoformat()
             pipe.xadd(self.parked_key(), {**kept, "error": reason, "id": entry_id, "at": at},
                       maxlen=PARKED_MAX, approximate=True)
