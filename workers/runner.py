@@ -78,7 +78,7 @@ class OutcomeNotDurable(Exception):
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 SETTLE_PATIENCE_S = 30.0     # a settle waits out a Redis outage at least this long (the outcome in memory)
 SETTLE_RETRY_FIRST_S = 0.1   # ... retrying after this long, then twice as long each time ...
-SETTLE_RETRY_MAX_S = 2.0     # ... up to this
+SETTLE_RETRY_MAX_S = 1.0     # ... up to this
 _outages = OutageLog()
 REDIS_CONNECTIONS = 64  # per worker process (two are held: the wake subscription and the usage reader)
 ABORT_CHECK_S = 0.25  # how often a relayed stream checks whether its client went away

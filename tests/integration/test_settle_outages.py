@@ -30,6 +30,9 @@ pytestmark = pytest.mark.integration
 
 ASYNC_JOBS = 30
 SYNC_CALLS = 10
+# redis-py retries a failed command itself for a few seconds (3 tries, jittered backoff): the outage
+# outlasts that, so that the settle's own patience is what carries the answers through
+REDIS_OUTAGE_AFTER_ANSWERS_S = 7.0
 
 
 def chat(model: str, text: str) -> dict:
@@ -98,8 +101,10 @@ def direct_api(gateway_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture
 def crashy_worker(faults: FaultProxies, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    """A worker on ``llm.crashy`` that reaches Redis and Postgres through the fault proxies."""
-    proc = WorkerFactory(faults.env, tmp_path_factory.mktemp("crashy-logs")).start("crashy", "crashy-proxied")
+    """A worker on ``llm.crashy`` that reaches Redis and Postgres through the fault proxies (with the
+    default-sized visibility timeout and lease: the outage must not pass for a dead worker's)."""
+    env = {**faults.env, "GATEWAY_VISIBILITY_TIMEOUT": "120"}
+    proc = WorkerFactory(env, tmp_path_factory.mktemp("crashy-logs")).start("crashy", "crashy-proxied")
     yield proc
     kill_all([proc])
 
@@ -116,7 +121,7 @@ def test_sync_calls_settled_while_redis_is_down_are_answered_when_it_is_back(
         faults.redis.cut()  # the upstream answers ~2 s later, while the workers cannot reach Redis
         try:
             wait_until(lambda: fake.stats()["in_flight"] == 0, 20, interval=0.05)
-            time.sleep(1)  # the outage goes on ~1 s after the last answer
+            time.sleep(REDIS_OUTAGE_AFTER_ANSWERS_S)
         finally:
             faults.redis.restore()
         replies = [future.result() for future in futures]
