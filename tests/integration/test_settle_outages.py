@@ -4,6 +4,7 @@
   reach their rows once Postgres is back; reads answer 503 with Retry-After meanwhile, never 500.
 * Sync calls whose worker settles while Redis is cut: the worker keeps the answer and settles once
   Redis is back, so the callers get it; each call leaves one usage row.
+* A row left open after its job settled (a crash between the two writes) is repaired.
 * A job made while auth is open belongs to "anonymous": a key made later cannot see or cancel it.
 
 The outages are real: the workers (and, for Postgres, the API) reach Redis and Postgres through the
@@ -22,6 +23,8 @@ import redis
 import requests
 
 from common.apikeys import ANONYMOUS
+from common.contract import JobState
+from common.jobs import JobStore
 from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import Api, FaultProxies, Process, WorkerFactory, kill_all, wait_until
 from tests.integration.test_auth import cli
@@ -152,3 +155,24 @@ def test_a_job_made_while_auth_is_open_is_not_a_later_keys(gateway_env, tmp_path
         assert requests.get(url, timeout=30).status_code == 401
     finally:
         server.kill()
+
+
+def test_a_row_left_open_after_its_job_settled_is_repaired(direct_api, gateway_env, prefix, db,
+                                                           tmp_path_factory):
+    """The API withdrew a queued job (the real Lua step) and died before cancelling its row: the
+    reconciler settles the row into the live state."""
+    job_id = requests.post(f"{direct_api.url}/v1/jobs", json=chat("stalled-model", "orphan"),
+                           timeout=30).json()["id"]
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        assert JobStore(client, prefix).withdraw(job_id, JobState.CANCELLED) is JobState.CANCELLED
+    finally:
+        client.close()
+    assert statuses(db, [job_id]) == {job_id: "queued"}
+    env = {**gateway_env, "GATEWAY_RECONCILE_INTERVAL": "1"}
+    worker = WorkerFactory(env, tmp_path_factory.mktemp("repair-logs")).start("leasy", "reconciling")
+    try:
+        wait_until(lambda: statuses(db, [job_id]) == {job_id: "cancelled"}, 30, interval=0.2)
+        assert f"job {job_id}: its row said queued after the job had cancelled; repaired" in worker.output()
+    finally:
+        kill_all([worker])
