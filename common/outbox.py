@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from common.contract import TERMINAL, JobState
+from common.errors import InternalError
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,15 @@ class RowOutcome:
         data = {**asdict(self), "state": self.state.value, "finished_at": self.finished_at.isoformat()}
         present = {k: v for k, v in data.items() if v is not None}
         return json.dumps(present, separators=(",", ":"), default=str)
+
+    def unstorable(self, reason: str) -> RowOutcome:
+        """What the row gets when Postgres refuses this outcome for what it holds (the entry itself is
+        parked for an operator): failed, with an error that says why, and nothing of the refused
+        columns — so the job never stays open."""
+        error = InternalError(f"the job ended but its outcome could not be stored ({reason}); it was kept "
+                              "for an operator").to_dict()
+        error["code"] = "outcome_unstorable"
+        return RowOutcome(self.job_id, JobState.FAILED, self.finished_at, error=error)
 
     @classmethod
     def parse(cls, raw: str | bytes) -> RowOutcome:

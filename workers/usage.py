@@ -208,8 +208,14 @@ class UsageFlusher:
                 parked.append((entry_id, fields, "not a job's outcome (field 'j')" if b"j" in fields
                                else "not a usage row (no JSON object in field 'u')"))
         fields_of = dict(entries)
-        for refused, readable in ((self.ledger.record_many([row for _, row in rows]), rows),
-                                  (self.ledger.settle_many([outcome for _, outcome in outcomes]), outcomes)):
+        refused_rows = self.ledger.record_many([row for _, row in rows])
+        refused_outcomes = self.ledger.settle_many([outcome for _, outcome in outcomes])
+        # a refused outcome is parked, and its row still closed: a job never stays open
+        closing = [outcomes[i][1].unstorable(reason) for i, reason in refused_outcomes]
+        for i, reason in self.ledger.settle_many(closing):
+            log.error("job %s: its row could not be closed either (%s); it stays open",
+                      closing[i].job_id, reason)
+        for refused, readable in ((refused_rows, rows), (refused_outcomes, outcomes)):
             parked += [(readable[i][0], fields_of[readable[i][0]], reason) for i, reason in refused]
         self._settle([entry_id for entry_id, _ in entries], parked)
         return len(entries)
