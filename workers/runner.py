@@ -374,7 +374,8 @@ class JobRunner:
             return settlement.state
         if not sync and not recorded:
             raise OutcomeNotDurable(f"job {job_id}: neither Redis nor Postgres took its outcome")
-        log.warning("job %s: Redis unreachable; settled in Postgres only (%s)", job_id, settlement.state)
+        log.warning("job %s: Redis unreachable; %s (%s)", job_id, "its caller could not be answered" if sync
+                    else "settled in Postgres only", settlement.state)
         return settlement.state
 
     def _record_try(self, usage: UsageRecord) -> None:
