@@ -13,7 +13,7 @@ from api.auth import Authenticator
 from api.dispatcher import ReplyDispatcher
 from api.errors import install_error_handlers, openai_document
 from api.gateway import Gateway
-from common.apikeys import active_key_hashes
+from common.apikeys import ANONYMOUS, active_key_hashes
 from common.db import make_session_factory
 from common.errors import NotFound
 from common.jobs import JobStore
@@ -52,7 +52,8 @@ def create_app(settings: Settings) -> Flask:
         g.request_id = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(12)
         g.api_key_id = None
         if request.path not in PUBLIC_PATHS:
-            g.api_key_id = authenticator.authenticate(request.headers, gemini_routes.key_in_query())
+            g.api_key_id = (authenticator.authenticate(request.headers, gemini_routes.key_in_query())
+                            or ANONYMOUS)  # auth is open: the caller owns what anonymous callers own
 
     @app.after_request
     def _tag(response: Response) -> Response:

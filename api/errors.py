@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +24,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from common.errors import GatewayError, InternalError, PayloadTooLarge, QueueUnavailable, StoreUnavailable
+from common.outage import OutageLog
 from common.protocols import anthropic, ollama
 from common.protocols.openai import error_body
 
@@ -39,7 +38,6 @@ STORE_DOWN: tuple[type[Exception], ...] = (sqlalchemy.exc.OperationalError, sqla
 #: what redis-py raises when Redis cannot be reached
 QUEUE_DOWN: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 OUTAGE_RETRY_AFTER_S = 2
-OUTAGE_LOG_INTERVAL_S = 30.0
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}
 
 
@@ -71,25 +69,6 @@ def from_http_exception(exc: HTTPException) -> GatewayError:
         return PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
     code = _HTTP_CODES.get(exc.code or 0, "http_error")
     return GatewayError(exc.description or exc.name, status=exc.code or 400, code=code)
-
-
-class OutageLog:
-    """One log line per kind of outage per interval, however many requests hit it."""
-
-    def __init__(self, interval: float = OUTAGE_LOG_INTERVAL_S) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def warn(self, kind: str, exc: BaseException) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(kind, -math.inf) < self.interval:
-                return
-            self._last[kind] = now
-        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
-        log.warning("%s unreachable (%s: %s); answering 503 (logged at most every %gs)",
-                    kind, type(exc).__name__, first_line, self.interval)
 
 
 _outages = OutageLog()

@@ -21,6 +21,7 @@ from sqlalchemy.orm import sessionmaker
 from api.dispatcher import RESYNC, Delivery, ReplyDispatcher
 from api.errors import QUEUE_DOWN
 from api.idempotency import FirstCall, IdemCall, IdemStore
+from common.apikeys import ANONYMOUS
 from common.contract import (
     EVENT_TTL_S,
     TERMINAL,
@@ -297,7 +298,8 @@ class Gateway:
 
     def job(self, job_id: str, api_key_id: str | None) -> Job:
         job = self.rows.get(job_id)
-        if job is None or (api_key_id is not None and job.api_key_id not in (None, api_key_id)):
+        # only its owner sees a job; rows from before owners existed (NULL) are anonymous's
+        if job is None or (job.api_key_id or ANONYMOUS) != (api_key_id or ANONYMOUS):
             raise NotFound(f"no job with id '{job_id}'", param="id", code="job_not_found")
         return job
 

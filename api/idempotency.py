@@ -24,9 +24,9 @@ from typing import Any
 
 import redis
 
+from common.apikeys import ANONYMOUS
 from common.contract import JobEvent, parse_event
 from common.errors import IdempotencyConflict, InvalidRequest
-from common.jobrows import ANONYMOUS_OWNER
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class IdemCall:
         key = validate_key(raw_key)
         if key is None:
             return None
-        return IdemCall(api_key_id or ANONYMOUS_OWNER, key, endpoint, body_fingerprint(body))
+        return IdemCall(api_key_id or ANONYMOUS, key, endpoint, body_fingerprint(body))
 
     def row(self) -> tuple[str, str]:
         """What an async job's Postgres row keeps: the key and the body's fingerprint."""

@@ -12,6 +12,9 @@ from sqlalchemy.orm import sessionmaker
 from common.db import ApiKey
 
 SECRET_PREFIX = "sk-gw-"
+#: who calls when auth is open (GATEWAY_AUTH=off, or auto with no key yet): the owner of the jobs and usage
+#: rows of such calls. No key id looks like it (theirs are ``key_<hex>``), so no key inherits them.
+ANONYMOUS = "anonymous"
 
 
 def hash_secret(secret: str) -> str:

@@ -16,8 +16,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.contract import JobSpec, JobState, Kind, Mode
+from common.apikeys import ANONYMOUS
+from common.contract import TERMINAL, JobSpec, JobState, Kind, Mode
 from common.db import Job, Usage
+from common.outbox import RowOutcome
+
+_FINAL = tuple(state.value for state in TERMINAL)
 
 
 def insert_usage(session: Session, row: dict[str, Any]) -> None:
@@ -25,7 +29,16 @@ def insert_usage(session: Session, row: dict[str, Any]) -> None:
     session.execute(insert(Usage).values(**row).on_conflict_do_nothing(index_elements=["call_id"]))
 
 
-ANONYMOUS_OWNER = "anonymous"  # whose Idempotency-Keys a job without an api_key_id holds
+def settle_outcome(session: Session, outcome: RowOutcome) -> None:
+    """Write an async job's outcome that came the long way (the outbox, or the reconciler's repair):
+    its usage row (at most once per ``call_id``) and, if the row is not final yet, its final columns.
+    A row that is final already keeps what it has: whoever settled it first wins, so the outbox and
+    the repair may both run, in either order."""
+    if outcome.usage_row is not None:
+        insert_usage(session, outcome.usage_row)
+    session.execute(update(Job).where(Job.id == outcome.job_id, Job.status.not_in(_FINAL))
+                    .values(status=outcome.state.value, finished_at=outcome.finished_at,
+                            **_outcome_columns(outcome.result, outcome.error, outcome.usage)))
 
 
 class DuplicateKey(Exception):
@@ -59,7 +72,7 @@ class JobRows:
     def by_idempotency_key(self, owner: str, key: str) -> Job | None:
         with self.sessions() as session:
             return session.scalars(select(Job).where(
-                func.coalesce(Job.api_key_id, ANONYMOUS_OWNER) == owner, Job.idempotency_key == key)).first()
+                func.coalesce(Job.api_key_id, ANONYMOUS) == owner, Job.idempotency_key == key)).first()
 
     def get(self, job_id: str) -> Job | None:
         with self.sessions() as session:
@@ -74,12 +87,26 @@ class JobRows:
         """The job's final ``state`` with its ``result`` or ``error`` and ``usage`` (tokens, cost) and, in
         the same transaction, the usage row of the call that settled it. Columns left None keep their
         value."""
-        outcome = {k: v for k, v in (("result", result), ("error", error), ("usage", usage)) if v is not None}
+        outcome = _outcome_columns(result, error, usage)
         with self.sessions.begin() as session:
             if usage_row is not None:
                 insert_usage(session, usage_row)
             session.execute(update(Job).where(Job.id == job_id)
                             .values(status=state.value, finished_at=_now(), **outcome))
+
+    def settle_late(self, outcome: RowOutcome) -> None:
+        """:func:`settle_outcome` in a transaction of its own."""
+        with self.sessions.begin() as session:
+            settle_outcome(session, outcome)
+
+    def open_rows(self, *, grace_s: float, limit: int) -> list[Job]:
+        """Rows still ``queued`` or ``running`` that were created more than ``grace_s`` ago, oldest first:
+        the reconciler checks whether their live state settled without them."""
+        with self.sessions() as session:
+            return list(session.scalars(
+                select(Job).where(Job.created_at < _now() - timedelta(seconds=grace_s),
+                                  Job.status.in_((JobState.QUEUED.value, JobState.RUNNING.value)))
+                .order_by(Job.created_at).limit(limit)).all())
 
     def cancelled(self, job_id: str) -> Job:
         """The API withdrew the queued job: ``cancelled``; returns the row as it is now."""
@@ -111,6 +138,12 @@ class JobRows:
 def spec_of(job: Job) -> JobSpec:
     """The live spec of an async job, rebuilt from its durable row (the deadline is set anew)."""
     return JobSpec(Mode.ASYNC, Kind.CHAT, job.model, job.provider, job.request, job.api_key_id)
+
+
+def _outcome_columns(result: dict[str, Any] | None, error: dict[str, Any] | None,
+                     usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The outcome columns that are set (None: the column keeps its value)."""
+    return {k: v for k, v in (("result", result), ("error", error), ("usage", usage)) if v is not None}
 
 
 def _now() -> datetime:

@@ -4,7 +4,8 @@ Keys (``P`` is the settings' key prefix)::
 
     P:job:<id>          hash   spec, state, deadline, reply_to, timestamps, attempts
     P:job:<id>:events   stream the job's events (common/contract.py): chunk*, then one final event
-    P:job:<id>:lease    string the running worker's execution id, with a TTL it renews (a dead worker's lapses)
+    P:job:<id>:lease    string the running worker's execution id, with a TTL it renews (a dead worker's
+                               lapses)
     P:job:<id>:abort    string the caller went away: the worker stops relaying
     P:reply:<api-id>    pubsub each event is also published to the channel of the API process waiting
     P:lim:wake          pubsub a withdrawn job's id, for the worker holding it in a provider's line
@@ -43,6 +44,7 @@ from common.contract import (
     start_or_state,
     state_or_start,
 )
+from common.outbox import RowOutcome
 
 WAKE_CHANNEL_SUFFIX = "lim:wake"  # pubsub: a job id whose waiting worker should try its line again
 
@@ -186,17 +188,25 @@ class JobStore:
         return done / float(window_s)
 
     def emit(self, job_id: str, event: JobEvent, *, final_state: JobState | None = None, execution: str = "",
-             provider: str = "", usage: dict[str, Any] | None = None) -> bool:
+             provider: str = "", usage: dict[str, Any] | None = None,
+             outcome: RowOutcome | None = None) -> bool:
         """Append ``event`` to the job's stream and publish it to the waiting API process.
 
         With ``final_state`` it also settles the job (and drops the lease of ``execution``) in the same
-        atomic step; returns False if the job was already settled, in which case nothing is emitted."""
+        atomic step; returns False if the job was already settled, in which case nothing is emitted.
+        ``outcome``: an async job's row outcome that Postgres did not take; it joins the usage stream
+        (the outbox, ``common/outbox.py``) in the same step."""
         done = self._emit(keys=[self.events_key(job_id), self.job_key(job_id), self.lease_key(job_id),
                                 self.stats_key(provider), self.usage_key()],
                           args=[job_id, event.to_json(), int(EVENT_TTL_S * 1000),
                                 final_state.value if final_state else "", execution,
-                                json.dumps(usage, separators=(",", ":"), default=str) if usage else ""])
+                                json.dumps(usage, separators=(",", ":"), default=str) if usage else "",
+                                outcome.to_json() if outcome is not None else ""])
         return bool(done)
+
+    def queue_usage(self, usage: dict[str, Any]) -> None:
+        """Put a usage row on the usage stream (a failed try's: no job settles with it)."""
+        self.redis.xadd(self.usage_key(), {"u": json.dumps(usage, separators=(",", ":"), default=str)})
 
 
 def parse_reply(message: bytes) -> tuple[str, StreamEvent]:

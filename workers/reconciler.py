@@ -12,6 +12,12 @@ whose live state is gone, and
 * marks them ``expired`` if their deadline passed while they were lost.
 
 Rows younger than ``GRACE_S`` are left alone: the API writes the row a moment before the live state.
+
+It also repairs the opposite: a row still ``queued`` or ``running`` whose live state has settled (a
+worker died between a Lua step that settled the job and its row's write, or the API between
+withdrawing a job and cancelling its row). The row takes the live state and what the job's final
+event says (its result or error). A job whose outcome waits on the outbox (``common/outbox.py``,
+marked ``outbox`` on the job) is left to the flushers, which write it with its usage row.
 A job recreated twice (two reconcilers, or a message that survived) still runs once: the claim in
 ``common/jobs.py`` lets only one worker move it out of ``queued``.
 """
@@ -24,11 +30,12 @@ from datetime import UTC, datetime
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
-from common.contract import EVENT_TTL_S, JobState
+from common.contract import EVENT_TTL_S, TERMINAL, Failed, JobState, Result
 from common.db import Job
 from common.errors import QueueTimeout
 from common.jobrows import JobRows, spec_of
-from common.jobs import JobStore
+from common.jobs import JobStore, StreamEvent
+from common.outbox import RowOutcome
 from common.settings import Settings
 from common.taskwire import task_message
 from workers.periodic import Periodic
@@ -37,6 +44,7 @@ log = logging.getLogger(__name__)
 
 GRACE_S = 10.0     # a row younger than this may not have its live state yet
 BATCH = 500        # rows looked at per pass
+_TERMINAL = frozenset(state.value for state in TERMINAL)
 
 
 class JobReconciler(Periodic):
@@ -50,17 +58,17 @@ class JobReconciler(Periodic):
         self.rows = rows
 
     def tick(self) -> dict[str, int]:
-        """One pass; returns how many jobs were queued again and how many expired."""
+        """One pass; returns how many jobs were queued again, expired, and whose row was repaired."""
         lock = f"{self.store.prefix}:reconcile"
         if not self.store.redis.set(lock, 1, nx=True, px=int(max(self.settings.reconcile_interval, 1) * 900)):
-            return {"requeued": 0, "expired": 0}  # another worker process is on it
-        rows = self.rows.lost_candidates(
-            grace_s=GRACE_S, stuck_s=self.settings.task_time_limit + self.settings.visibility_timeout, limit=BATCH)
+            return {"requeued": 0, "expired": 0, "repaired": 0}  # another worker process is on it
+        stuck_s = self.settings.task_time_limit + self.settings.visibility_timeout
+        rows = self.rows.lost_candidates(grace_s=GRACE_S, stuck_s=stuck_s, limit=BATCH)
         pipe = self.store.redis.pipeline(transaction=False)
         for job in rows:
             pipe.exists(self.store.job_key(job.id))
         lost = [job for job, alive in zip(rows, pipe.execute() if rows else [], strict=True) if not alive]
-        done = {"requeued": 0, "expired": 0}
+        done = {"requeued": 0, "expired": 0, "repaired": self.repair_settled()}
         for job in lost:
             if job.provider not in self.settings.registry.providers:
                 continue  # a provider this deployment no longer has: left for an operator
@@ -71,15 +79,44 @@ class JobReconciler(Periodic):
                 continue
             queue = self.settings.queue_for(job.provider)
             created = self.store.create(job.id, spec_of(job), max_wait=remaining, reply_to="",
-                                        ttl=remaining + EVENT_TTL_S, queue=self.settings.queue_key(job.provider),
+                                        ttl=remaining + EVENT_TTL_S,
+                                        queue=self.settings.queue_key(job.provider),
                                         message=task_message(job.id, queue), only_if_missing=True)
             if created is not None:
-                log.warning("job %s: its live state was lost (Redis restarted?); queued again on %s", job.id, queue)
+                log.warning("job %s: its live state was lost (Redis restarted?); queued again on %s",
+                            job.id, queue)
                 done["requeued"] += 1
         return done
+
+    def repair_settled(self) -> int:
+        """Settle the open rows whose live state settled without them; returns how many."""
+        rows = self.rows.open_rows(grace_s=GRACE_S, limit=BATCH)
+        pipe = self.store.redis.pipeline(transaction=False)
+        for job in rows:
+            pipe.hmget(self.store.job_key(job.id), "state", "outbox", "finished_at")
+        repaired = 0
+        for job, (state, outbox, finished) in zip(rows, pipe.execute() if rows else [], strict=True):
+            if state is None or outbox is not None or state.decode() not in _TERMINAL:
+                continue  # lost (see tick), the outbox's to write, or still live
+            self.rows.settle_late(live_outcome(job.id, JobState(state.decode()), finished,
+                                               self.store.read_events(job.id)))
+            log.warning("job %s: its row said %s after the job had %s; repaired", job.id, job.status,
+                        state.decode())
+            repaired += 1
+        return repaired
 
     def _expire(self, job: Job) -> None:
         error = QueueTimeout("the job's queue state was lost and its max_wait passed before it could be "
                              "queued again; submit it again").to_dict()
         self.rows.settle(job.id, JobState.EXPIRED, error=error)
         log.warning("job %s: its live state was lost and its deadline passed; marked expired", job.id)
+
+
+def live_outcome(job_id: str, state: JobState, finished: bytes | None,
+                 events: list[StreamEvent]) -> RowOutcome:
+    """The row outcome a settled live job implies: its state, when it finished (the live state's
+    ``finished_at``, epoch seconds; else now) and the result or error of its final event, if any."""
+    final = next((entry.event for entry in reversed(events) if entry.event.final), None)
+    at = datetime.fromtimestamp(float(finished), UTC) if finished else datetime.now(UTC)
+    return RowOutcome(job_id, state, at, result=final.result if isinstance(final, Result) else None,
+                      error=final.error if isinstance(final, Failed) else None)

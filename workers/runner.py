@@ -56,6 +56,8 @@ from common.errors import (
 from common.jobrows import JobRows, spec_of
 from common.jobs import Claim, JobStore
 from common.limits import Limiter, Scope
+from common.outage import OutageLog
+from common.outbox import RowOutcome
 from common.registry import Model, Provider
 from common.settings import Settings
 from common.tokens import reservation
@@ -64,10 +66,20 @@ from workers.adapters.base import Adapter, build_adapter, make_http_session
 from workers.admission import AdmissionControl, Permit, scopes_for
 from workers.policy import Action, Decision, decide, reached_upstream
 from workers.reconciler import JobReconciler
-from workers.usage import UsageFlusher, UsageLedger, UsageRecord
+from workers.usage import UsageFlusher, UsageLedger, UsageRecord, row_at_fault
 
 log = logging.getLogger(__name__)
 
+
+class OutcomeNotDurable(Exception):
+    """A job's outcome could be written neither to Redis nor to Postgres: its task must not be acked."""
+
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+SETTLE_PATIENCE_S = 30.0     # a settle waits out a Redis outage at least this long (the outcome in memory)
+SETTLE_RETRY_FIRST_S = 0.1   # ... retrying after this long, then twice as long each time ...
+SETTLE_RETRY_MAX_S = 1.0     # ... up to this
+_outages = OutageLog()
 REDIS_CONNECTIONS = 64  # per worker process (two are held: the wake subscription and the usage reader)
 ABORT_CHECK_S = 0.25  # how often a relayed stream checks whether its client went away
 
@@ -170,7 +182,7 @@ class JobRunner:
                 done = self._replay_if_settled(job)
                 if done:
                     return done
-            self.rows.started(job.job_id, attempt)
+            self._mark_started(job.job_id, attempt)
         queue_wait_ms = int(queue_wait_s * 1000)
         try:
             invoke = self._invoker(job)
@@ -252,7 +264,7 @@ class JobRunner:
                 if rate_limited and job.scopes:
                     self.admission.limiter.cool_down(job.provider.name, exc.retry_after or 1.0)
                 if reached_upstream(exc):
-                    self.ledger.record(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc))
+                    self._record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc))
                 now = time.time()
                 decision = decide(exc, tries=tries, max_retries=job.provider.max_retries,
                                   until_deadline_s=job.spec.deadline - now, until_give_up_s=give_up_at - now)
@@ -296,19 +308,93 @@ class JobRunner:
 
         Async job: its row and usage row in one Postgres transaction (unless ``recorded``: the row
         says so already), then the Redis state (a crash in between is repaired on redelivery by
-        :meth:`_replay_if_settled`, not by calling upstream again). Sync job: the usage row rides in
-        the same Redis script that settles the job, onto the usage stream that the ledger drains into
+        :meth:`_replay_if_settled`, not by calling upstream again). If Postgres is unreachable, the
+        row's outcome rides in the Redis step instead, on the outbox (``common/outbox.py``), which
+        the workers' flushers move to Postgres once it is back. Sync job: the usage row rides in the
+        same Redis script that settles the job, onto the usage stream that the ledger drains into
         Postgres in batches — one round trip on the hot path. ``state_set``: the Lua already moved the
-        live state (a job that expired in line); only the event is left to emit."""
+        live state (a job that expired in line); only the event is left to emit.
+
+        Redis unreachable: the Redis step is retried with backoff for :meth:`_patience` seconds, the
+        outcome kept in memory, so a caller whose upstream answered still hears it. Past that, see
+        :meth:`_unsettled`."""
         usage = settlement.usage.as_row() if settlement.usage is not None else None
-        if spec is not None and spec.is_async:
-            if not recorded:
-                self.rows.settle(job_id, settlement.state, usage_row=usage, result=settlement.result,
-                                 error=settlement.error, usage=settlement.billed)
-            usage = None
-        self.store.emit(job_id, settlement.event, final_state=None if state_set else settlement.state,
-                        execution=execution, provider=spec.provider if spec is not None else "", usage=usage)
+        is_async = spec is not None and spec.is_async
+        pending = RowOutcome(job_id, settlement.state, datetime.now(UTC), settlement.result, settlement.error,
+                             settlement.billed, usage) if is_async else None
+        give_up = time.monotonic() + self._patience(spec)
+        delay = SETTLE_RETRY_FIRST_S
+        while True:
+            if pending is not None and not recorded:
+                recorded = self._record_row(pending)
+            try:
+                self.store.emit(job_id, settlement.event, final_state=None if state_set else settlement.state,
+                                execution=execution, provider=spec.provider if spec is not None else "",
+                                usage=None if is_async else usage, outcome=None if recorded else pending)
+                return settlement.state
+            except REDIS_DOWN as exc:
+                if time.monotonic() + delay > give_up:
+                    return self._unsettled(job_id, settlement, sync=not is_async, recorded=recorded)
+                _outages.warn("redis", exc, "settling jobs waits for it (the outcome is kept in memory)")
+                time.sleep(delay)
+                delay = min(delay * 2, SETTLE_RETRY_MAX_S)
+
+    def _record_row(self, outcome: RowOutcome) -> bool:
+        """Write an async job's row and usage row; False (logged once per outage) if Postgres is down."""
+        try:
+            self.rows.settle(outcome.job_id, outcome.state, usage_row=outcome.usage_row,
+                             result=outcome.result, error=outcome.error, usage=outcome.usage)
+        except SQLAlchemyError as exc:
+            if row_at_fault(exc):
+                raise
+            _outages.warn("postgres", exc, "async jobs' outcomes wait in the outbox (Redis) until it is back")
+            return False
+        return True
+
+    def _patience(self, spec: JobSpec | None) -> float:
+        """How long a settle waits out a Redis outage: ``SETTLE_PATIENCE_S``, or what is left of the job's
+        task time if that is longer (a job may take its whole time limit to settle)."""
+        left = spec.deadline + self.settings.task_time_limit - time.time() if spec is not None else 0.0
+        return max(SETTLE_PATIENCE_S, min(left, self.settings.task_time_limit))
+
+    def _unsettled(self, job_id: str, settlement: Settlement, *, sync: bool, recorded: bool) -> str:
+        """Redis stayed down past the settle's patience. A sync call's usage row goes straight to
+        Postgres (the last resort: its bill is never lost). If the outcome is durable nowhere — an
+        async job whose row Postgres did not take, or a usage row it refused now too — this raises
+        :class:`OutcomeNotDurable`: the task must fail without acking, so that redelivery settles it
+        again (an async job whose row did commit is replayed from it, not run again)."""
+        if sync and settlement.usage is not None:
+            try:
+                self.ledger.record(settlement.usage)
+            except SQLAlchemyError as exc:
+                raise OutcomeNotDurable(f"job {job_id}: neither Redis nor Postgres took its usage row"
+                                        ) from exc
+            log.warning("job %s: Redis unreachable; its usage row was written to Postgres directly and its "
+                        "caller could not be answered", job_id)
+            return settlement.state
+        if not sync and not recorded:
+            raise OutcomeNotDurable(f"job {job_id}: neither Redis nor Postgres took its outcome")
+        log.warning("job %s: Redis unreachable; %s (%s)", job_id, "its caller could not be answered" if sync
+                    else "settled in Postgres only", settlement.state)
         return settlement.state
+
+    def _record_try(self, usage: UsageRecord) -> None:
+        """The usage row of a failed try: onto the usage stream (it survives a Postgres outage), or
+        straight into Postgres if Redis is down."""
+        try:
+            self.store.queue_usage(usage.as_row())
+        except REDIS_DOWN:
+            self.ledger.record(usage)
+
+    def _mark_started(self, job_id: str, attempt: int) -> None:
+        """The async row says ``running`` — unless Postgres is down: the job runs anyway, its outcome
+        reaches the row through the outbox."""
+        try:
+            self.rows.started(job_id, attempt)
+        except SQLAlchemyError as exc:
+            if row_at_fault(exc):
+                raise
+            _outages.warn("postgres", exc, "async jobs run; their rows catch up when it is back")
 
     def fail_unexpectedly(self, job_id: str) -> None:
         """Best effort after an unexpected exception: settle the job as failed with a 500."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 from celery import Task, shared_task
+from celery.exceptions import Reject
 
 from common.taskwire import TASK_NAME
-from workers.runner import JobRunner, build_runner
+from workers.runner import JobRunner, OutcomeNotDurable, build_runner
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,11 @@ def run_job(self: Task, job_id: str) -> str:
     runner = _runner(self)
     try:
         return runner.run(job_id)
+    except OutcomeNotDurable as exc:
+        # neither Redis nor Postgres holds what the job came to: never ack it (nor settle it as failed);
+        # its message goes back — or, Redis being down, stays unacked until the broker restores it
+        log.error("%s; the job's message is put back for redelivery", exc)
+        raise Reject(str(exc), requeue=True) from exc
     except Exception:
         # a bug or an exhausted resource (e.g. EMFILE): never leave the caller waiting for a job that
         # will not run — settle it as failed (if it has not settled) so the caller hears at once

@@ -18,10 +18,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from sqlalchemy.dialects.postgresql import insert
@@ -37,8 +38,9 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import sessionmaker
 
 from common.db import Usage
-from common.jobrows import insert_usage
+from common.jobrows import insert_usage, settle_outcome
 from common.jobs import JobStore
+from common.outbox import RowOutcome, outcome_of
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ LINGER_S = 0.2         # after a short batch, let rows gather: a few inserts a s
 CLAIM_EVERY_S = 15.0   # how often to look for entries a dead worker read but never acked
 PARKED_MAX = 100_000   # refused rows kept for an operator (the oldest go first)
 _COLUMNS = frozenset(Usage.__table__.columns.keys())
+MAX_BACKOFF_S = 2.0    # a store is down: retry at least this often (rows land seconds after it is back)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -89,23 +93,13 @@ class UsageLedger:
         row (:func:`row_at_fault`) the batch is retried row by row and the refused rows — their indexes
         and why — are returned; the others are written. Postgres failing as a whole raises (nothing
         is lost: the caller keeps the rows pending)."""
-        if not rows:
-            return []
-        try:
-            self._insert(rows)
-            return []
-        except SQLAlchemyError as exc:
-            if not row_at_fault(exc):
-                raise
-        refused = []
-        for index, row in enumerate(rows):
-            try:
-                self._insert([row])
-            except SQLAlchemyError as exc:
-                if not row_at_fault(exc):
-                    raise
-                refused.append((index, describe(exc)))
-        return refused
+        return _write_refusing(rows, self._insert)
+
+    def settle_many(self, outcomes: list[RowOutcome]) -> list[tuple[int, str]]:
+        """Write async jobs' outcomes from the outbox (``common/outbox.py``: each its usage row and, unless
+        the row is final already, its final columns) in one transaction; refused ones as in
+        :meth:`record_many`."""
+        return _write_refusing(outcomes, self._settle)
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         # only the table's columns: a field this version does not know (a newer worker's, in a rolling
@@ -113,6 +107,34 @@ class UsageLedger:
         rows = [{k: v for k, v in row.items() if k in _COLUMNS} for row in rows]
         with self.sessions.begin() as session:
             session.execute(insert(Usage).on_conflict_do_nothing(index_elements=["call_id"]), rows)
+
+    def _settle(self, outcomes: list[RowOutcome]) -> None:
+        with self.sessions.begin() as session:
+            for outcome in outcomes:
+                settle_outcome(session, outcome)
+
+
+def _write_refusing(items: list[T], write: Callable[[list[T]], None]) -> list[tuple[int, str]]:
+    """``write`` all ``items`` at once; if Postgres refuses one for what it holds, write them one by one
+    and return the refused ones' indexes and why. Postgres failing as a whole raises."""
+    if not items:
+        return []
+    try:
+        write(items)
+        return []
+    except SQLAlchemyError as exc:
+        if not row_at_fault(exc):
+            raise
+    refused = []
+    for index, item in enumerate(items):
+        try:
+            write([item])
+        except SQLAlchemyError as exc:
+            if not row_at_fault(exc):
+                raise
+            refused.append((index, describe(exc)))
+    return refused
+
 
 def row_at_fault(exc: SQLAlchemyError) -> bool:
     """Postgres (or SQLAlchemy) refused a row for what it holds — a number out of range, a missing or
@@ -137,7 +159,17 @@ def _usage_row(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
     return row if isinstance(row, dict) else None
 
 
-def _call_id(fields: dict[bytes, bytes]) -> str:
+def _outcome(fields: dict[bytes, bytes]) -> RowOutcome | None:
+    try:
+        return outcome_of(fields)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _entry_name(fields: dict[bytes, bytes]) -> str:
+    if b"j" in fields:
+        outcome = _outcome(fields)
+        return f"outcome of job {outcome.job_id[:80]}" if outcome is not None else "outcome (unreadable)"
     row = _usage_row(fields)
     return str(row.get("call_id"))[:80] if row is not None else "(unreadable)"
 
@@ -163,32 +195,47 @@ class UsageFlusher:
                    or self._read(">", block_ms))
         if not entries:
             return 0
-        readable: list[tuple[bytes, dict[str, Any]]] = []
+        rows: list[tuple[bytes, dict[str, Any]]] = []
+        outcomes: list[tuple[bytes, RowOutcome]] = []
         parked: list[tuple[bytes, dict[bytes, bytes], str]] = []
         for entry_id, fields in entries:
-            row = _usage_row(fields)
-            if row is None:
-                parked.append((entry_id, fields, "not a usage row (no JSON object in field 'u')"))
+            outcome, row = (_outcome(fields), None) if b"j" in fields else (None, _usage_row(fields))
+            if outcome is not None:
+                outcomes.append((entry_id, outcome))
+            elif row is not None:
+                rows.append((entry_id, row))
             else:
-                readable.append((entry_id, row))
-        refused = self.ledger.record_many([row for _, row in readable])
+                parked.append((entry_id, fields, "not a job's outcome (field 'j')" if b"j" in fields
+                               else "not a usage row (no JSON object in field 'u')"))
         fields_of = dict(entries)
-        parked += [(readable[i][0], fields_of[readable[i][0]], reason) for i, reason in refused]
+        refused_rows = self.ledger.record_many([row for _, row in rows])
+        refused_outcomes = self.ledger.settle_many([outcome for _, outcome in outcomes])
+        # a refused outcome is parked, and its row still closed: a job never stays open
+        closing = [outcomes[i][1].unstorable(reason) for i, reason in refused_outcomes]
+        for i, reason in self.ledger.settle_many(closing):
+            log.error("job %s: its row could not be closed either (%s); it stays open",
+                      closing[i].job_id, reason)
+        for refused, readable in ((refused_rows, rows), (refused_outcomes, outcomes)):
+            parked += [(readable[i][0], fields_of[readable[i][0]], reason) for i, reason in refused]
         self._settle([entry_id for entry_id, _ in entries], parked)
         return len(entries)
 
     def parked_key(self) -> str:
-        """The Redis stream of rows Postgres refused: fields ``u`` (the row as queued), ``error``, ``id``
-        (its entry in the usage stream), ``at``. An operator fixes and re-queues them, or drops them."""
+        """The Redis stream of rows Postgres refused: fields ``u`` (the row as queued) or ``j`` (a job's
+        outcome), ``error``, ``id`` (its entry in the usage stream), ``at``. An operator fixes and
+        re-queues them, or drops them."""
         return f"{self.key}:parked"
 
     def _settle(self, ids: list[bytes], parked: list[tuple[bytes, dict[bytes, bytes], str]]) -> None:
         """Park the refused entries and ack all of them, atomically: a row is never both lost and acked."""
         pipe = self.store.redis.pipeline(transaction=True)
         for entry_id, fields, reason in parked:
-            log.warning("usage row %s parked in %s: %s", _call_id(fields), self.parked_key(), reason)
-            pipe.xadd(self.parked_key(), {"u": fields.get(b"u", b""), "error": reason, "id": entry_id,
-                                          "at": datetime.now(UTC).isoformat()}, maxlen=PARKED_MAX, approximate=True)
+            log.warning("usage entry %s parked in %s: %s", _entry_name(fields), self.parked_key(), reason)
+            kept: dict[Any, Any] = {name: fields[name] for name in (b"u", b"j") if name in fields}
+            kept = kept or {b"u": b""}
+            at = datetime.now(UTC).isoformat()
+            pipe.xadd(self.parked_key(), {**kept, "error": reason, "id": entry_id, "at": at},
+                      maxlen=PARKED_MAX, approximate=True)
         pipe.xack(self.key, GROUP, *ids)
         pipe.xdel(self.key, *ids)
         pipe.execute()
@@ -225,4 +272,4 @@ class UsageFlusher:
             except (redis.RedisError, SQLAlchemyError, OSError) as exc:
                 log.warning("usage flush failed (%s); entries stay pending, retrying in %.1fs", exc, backoff)
                 time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -1,5 +1,6 @@
 -- KEYS: events, job, lease, stats, usage
--- ARGV: job_id, event (JSON), ttl_ms, final_state ('' = not final), execution, usage row ('' = none)
+-- ARGV: job_id, event (JSON), ttl_ms, final_state ('' = not final), execution, usage row ('' = none),
+--       async row outcome ('' = none: Postgres has it already)
 -- -> 1, or 0 if the event was final and the job had settled already (nothing emitted)
 -- A final event settles the job (job_settle) and may carry the call's usage row: it joins the usage
 -- stream in the same atomic step, and the ledger moves it to Postgres in batches (workers/usage.py).
@@ -16,6 +17,14 @@ if ARGV[4] ~= '' then
   redis.call('HINCRBY', KEYS[4], 'c' .. slot, 1)
   redis.call('EXPIRE', KEYS[4], 600)
   if ARGV[6] ~= '' then redis.call('XADD', KEYS[5], '*', 'u', ARGV[6]) end
+end
+-- An async job settled while Postgres was unreachable: its row's outcome (with its usage row) waits on
+-- the same stream until a worker's flusher commits it (common/outbox.py). 'outbox' on the job marks
+-- it, so the reconciler leaves the row to the flusher. (A job that expired in line has its state set
+-- already: ARGV[4] is '' then, and its outcome still goes.)
+if ARGV[7] and ARGV[7] ~= '' then
+  redis.call('XADD', KEYS[5], '*', 'j', ARGV[7])
+  redis.call('HSET', KEYS[2], 'outbox', 1)
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', 10000, '*', 'e', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])

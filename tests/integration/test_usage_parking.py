@@ -1,11 +1,14 @@
 """A usage row Postgres refuses is parked with its error and never blocks the rows queued with it —
-on the real Redis usage stream and the real Postgres ``usage`` table (bigint columns since 0002)."""
+on the real Redis usage stream and the real Postgres ``usage`` table (bigint columns since 0002).
+Async jobs' outcomes on the same stream (the outbox) settle their rows once, with their usage rows."""
 
 from __future__ import annotations
 
 import json
 import secrets
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -13,8 +16,12 @@ import pytest
 import redis
 import requests
 
+from common.apikeys import ANONYMOUS
+from common.contract import JobSpec, JobState, Kind, Mode
 from common.db import make_session_factory
+from common.jobrows import JobRows
 from common.jobs import JobStore
+from common.outbox import RowOutcome
 from common.settings import normalise_database_url
 from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import wait_until
@@ -144,3 +151,43 @@ def test_a_worker_parks_a_poison_row_and_keeps_billing(api, fake, db, prefix):
         lambda: any(json.loads(f[b"u"])["call_id"] == bad for _, f in client.xrange(parked)), timeout=30
     )
     assert written(db, [bad]) == set()
+
+
+# the outbox: async jobs' outcomes on the same stream (field "j", common/outbox.py) ----------------
+def open_job(flusher: UsageFlusher) -> str:
+    job_id = "job_" + secrets.token_hex(12)
+    spec = JobSpec(Mode.ASYNC, Kind.CHAT, "fake-model", "fake", {"messages": []}, ANONYMOUS)
+    JobRows(flusher.ledger.sessions).add(job_id, spec, max_wait=60)
+    return job_id
+
+
+def queue_outcome(flusher: UsageFlusher, outcome: RowOutcome) -> None:
+    flusher.store.redis.xadd(flusher.key, {"j": outcome.to_json()})
+
+
+def row_of(db, job_id: str) -> tuple[str, Any, Any]:
+    return db.execute("SELECT status, result, error FROM jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+def test_an_outcome_settles_its_row_with_its_usage_row_once(flusher, db):
+    job_id, call_id = open_job(flusher), f"job:1:{secrets.token_hex(6)}"
+    done = RowOutcome(job_id, JobState.SUCCEEDED, datetime.now(UTC), result={"answer": 42},
+                      usage={"cost_usd": "0.1"}, usage_row=usage_row(call_id, job_id=job_id))
+    queue_outcome(flusher, done)
+    queue(flusher, usage_row(f"sync-{secrets.token_hex(6)}"))  # a sync call's row, in the same batch
+    queue_outcome(flusher, replace(done, state=JobState.FAILED, result=None, error={"code": "late"}))
+    assert flusher.flush_once(block_ms=None) == 3
+    assert row_of(db, job_id) == ("succeeded", {"answer": 42}, None)  # the first outcome wins
+    assert written(db, [call_id]) == {call_id}
+    assert flusher.store.redis.xlen(flusher.parked_key()) == 0
+
+
+def test_an_outcome_postgres_refuses_is_parked_and_its_row_still_closed(flusher, db):
+    job_id = open_job(flusher)
+    poison = RowOutcome(job_id, JobState.SUCCEEDED, datetime.now(UTC), result={"text": "nul \u0000"})
+    queue_outcome(flusher, poison)
+    assert flusher.flush_once(block_ms=None) == 1
+    status, result, error = row_of(db, job_id)
+    assert (status, result, error["code"]) == ("failed", None, "outcome_unstorable")
+    [(_, fields)] = flusher.store.redis.xrange(flusher.parked_key())
+    assert RowOutcome.parse(fields[b"j"]).job_id == job_id and b"UntranslatableCharacter" in fields[b"error"]
