@@ -123,6 +123,10 @@ class Gateway:
                 outcome = self.final(watch, event)
                 if outcome is not None:
                     return outcome
+        except BaseException:
+            if not watch.settled:  # its caller is answered without the job's result: never run it again
+                watch.give_up()
+            raise
         finally:
             watch.close()
 
@@ -253,6 +257,7 @@ class JobWatch:
         self.max_wait = max_wait
         self.deadline = time.monotonic() + max_wait
         self.running = False
+        self.settled = False   # a final event arrived
         self._waiter = waiter
         self._last_id = "0-0"
         self._read_at = time.monotonic()
@@ -293,10 +298,12 @@ class JobWatch:
                 self._last_id = entry.stream_id
                 if isinstance(entry.event, Chunk):
                     self.running = True
+                self.settled = self.settled or entry.event.final
                 self._pending.append(entry)
 
     def _expire(self) -> None:
         if self.running:
+            self.give_up()
             raise JobTimeout("the job did not finish within the task time limit")
         state = self.gateway.store.withdraw(self.job_id, JobState.EXPIRED)
         if state is JobState.EXPIRED:
@@ -311,6 +318,15 @@ class JobWatch:
     def abandon(self) -> None:
         """The caller left: withdraw the job if it waits, or make its worker abort the upstream call."""
         self.gateway.store.abort(self.job_id)
+
+    def give_up(self) -> None:
+        """The caller is answered without the job's result (504, 503, an error, the process stopping):
+        :meth:`JobStore.abandon` it, so that it never runs (again) for nobody. Best effort: if Redis is
+        unreachable the caller still gets its answer (the job then runs at most once more)."""
+        try:
+            self.gateway.store.abandon(self.job_id, JobState.CANCELLED)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("job %s: could not mark it abandoned: %s", self.job_id, exc)
 
     def close(self) -> None:
         self.gateway.dispatcher.unregister(self.job_id)

@@ -49,6 +49,7 @@ LINGER_S = 0.2         # after a short batch, let rows gather: a few inserts a s
 CLAIM_EVERY_S = 15.0   # how often to look for entries a dead worker read but never acked
 PARKED_MAX = 100_000   # refused rows kept for an operator (the oldest go first)
 _COLUMNS = frozenset(Usage.__table__.columns.keys())
+ATTEMPT_LOST = "attempt_lost"   # the outcome of an attempt whose worker died mid-run (0 tokens, cost 0)
 
 
 @dataclass(frozen=True)
