@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 REDIS_CONNECTIONS = 64  # per worker process (two are held: the wake subscription and the usage reader)
 ABORT_CHECK_S = 0.25  # how often a relayed stream checks whether its client went away
 LEASE_TTL_S = 10.0  # a running job's lease (renewed every third): a dead worker's job is free this soon
+BUSY_POLL_S = 1.0   # how often a delivery of a job whose lease is alive looks whether it lapsed
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ class JobRunner:
             spec = job.spec if job is not None else self.store.spec(job_id)
             if spec is not None:
                 return self._cancel_unrun(self._job(job_id, execution, spec), claim.lost_attempt)
+        if claim.outcome is Start.BUSY and self._outlived_lease(job_id):
+            return self.run(job_id)  # its holder died (a cold shutdown put its message back at once)
         if claim.outcome is not Start.RUN:
             return claim.outcome  # busy (another worker runs it), already settled, or failed in line
         if job is None:
@@ -325,6 +328,19 @@ class JobRunner:
             self._settle(job_id, "", self.store.spec(job_id), Settlement.failed(error))
         except (redis.RedisError, SQLAlchemyError, OSError) as exc:
             log.error("job %s: could not settle after an unexpected error: %s", job_id, exc)
+
+    def _outlived_lease(self, job_id: str) -> bool:
+        """A delivery of a job whose lease is alive: wait up to one lease period (plus a little) for
+        the lease to lapse. True if it did — its holder died, so this delivery is the job's only one
+        (a message can come back before its job's lease lapsed, e.g. restored by a worker's cold
+        shutdown; acking it as ``busy`` would leave the job ``running`` for ever) — False if the
+        holder still renews it (this delivery is a duplicate: the holder will settle the job)."""
+        give_up = time.monotonic() + self.lease_ttl + 2 * BUSY_POLL_S
+        while time.monotonic() < give_up:
+            time.sleep(BUSY_POLL_S)
+            if not self.store.redis.exists(self.store.lease_key(job_id)):
+                return True
+        return False
 
     def _cancel_unrun(self, job: _Run, lost_attempt: int) -> str:
         """The claim settled a job whose worker died as ``cancelled`` instead of running it again

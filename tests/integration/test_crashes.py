@@ -15,6 +15,9 @@ import pytest
 import redis
 import requests
 
+from common.contract import JobSpec, Kind, Mode, Start
+from common.jobs import JobStore, new_job_id
+from common.taskwire import task_message
 from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import Api, WorkerFactory, stop_all, wait_until
 from workers.usage import ATTEMPT_LOST
@@ -171,3 +174,26 @@ def test_sync_jobs_of_a_dead_api_process_are_cancelled_not_run(gateway_env, fake
     finally:
         stop_all(workers)
     assert not any(content.startswith("orphan ") for content in fake.stats()["by_content"])
+
+
+
+def test_a_delivery_that_finds_the_lease_alive_waits_it_out(fake, worker_factory, db, client, prefix):
+    """A message can come back while its job's lease still lives (a worker's cold shutdown restores its
+    messages at once). The worker that takes it must not ack it as ``busy`` — that would leave the job
+    ``running`` for ever — but wait the dead holder's lease out and run the job as the next attempt."""
+    store = JobStore(client, prefix)
+    job_id = new_job_id()
+    request = {"model": "crashy-model", "messages": [{"role": "user", "content": "outlive the lease"}]}
+    store.create(job_id, JobSpec(Mode.SYNC, Kind.CHAT, "crashy-model", "crashy", request), max_wait=30,
+                 reply_to="", ttl=120)
+    workers = start(worker_factory, ("crashy", "patient"))
+    try:
+        assert store.claim(job_id, "dead-holder", 4.0).outcome is Start.RUN   # a holder that then died
+        client.lpush(f"{prefix}:llm.crashy", task_message(job_id, "llm.crashy"))
+        wait_until(lambda: client.hget(store.job_key(job_id), "state") == b"succeeded", 20)
+    finally:
+        stop_all(workers)
+    assert client.hget(store.job_key(job_id), "attempts") == b"2"
+    assert fake.stats()["by_content"]["outlive the lease"] == 1
+    billed = [(f"{job_id}:1:lost", ATTEMPT_LOST), (f"{job_id}:2:1", "success")]
+    wait_until(lambda: usage(db, job_id) == billed, 15)
