@@ -15,6 +15,7 @@ sync jobs it queued. A worker never starts a sync job whose API process's heartb
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -44,6 +45,7 @@ class ReplyDispatcher:
         self.instance_id = secrets.token_hex(8)
         self.channel = store.reply_channel(self.instance_id)
         self.alive_key = store.alive_key(self.channel)
+        self._beat_at = -math.inf
         self._waiters: dict[str, queue.SimpleQueue[Delivery]] = {}
         self._subscribed = threading.Event()
         self._start_lock = threading.Lock()
@@ -64,6 +66,8 @@ class ReplyDispatcher:
 
     def register(self, job_id: str) -> queue.SimpleQueue[Delivery]:
         self.ensure_started()
+        if time.monotonic() - self._beat_at > ALIVE_EVERY_S:  # e.g. just after a Redis outage
+            self._beat()
         waiter: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self._waiters[job_id] = waiter
         return waiter
@@ -77,6 +81,7 @@ class ReplyDispatcher:
 
     def _beat(self) -> None:
         self.store.redis.set(self.alive_key, 1, px=int(ALIVE_TTL_S * 1000))
+        self._beat_at = time.monotonic()
 
     def _heartbeat(self) -> None:
         while True:

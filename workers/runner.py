@@ -126,7 +126,7 @@ class JobRunner:
             self._settle(job_id, execution, spec, Settlement(JobState.EXPIRED, unrun_event(
                 JobState.EXPIRED, "the job waited longer than its max_wait and was withdrawn")), state_set=True)
             return claim.outcome
-        if claim.outcome is JobState.CANCELLED and claim.lost_attempt:  # never run again: see job.lua
+        if claim.outcome is Start.ORPHANED:  # the claim cancelled it: nobody can use it (job.lua)
             spec = job.spec if job is not None else self.store.spec(job_id)
             if spec is not None:
                 return self._cancel_unrun(self._job(job_id, execution, spec), claim.lost_attempt)
@@ -343,10 +343,12 @@ class JobRunner:
         return False
 
     def _cancel_unrun(self, job: _Run, lost_attempt: int) -> str:
-        """The claim settled a job whose worker died as ``cancelled`` instead of running it again
-        (nobody can use its answer: ``job.lua`` job_check): record the lost attempt and end the
-        job's event stream."""
-        self._record_lost_attempt(job, lost_attempt)
+        """The claim settled the job ``cancelled`` instead of running it (again) — nobody can use its
+        answer (``job.lua`` job_check): record the attempt a dead worker lost, if any, and end the
+        job's event stream (a caller still waiting — e.g. its API's heartbeat lapsed in a Redis
+        outage — hears at once)."""
+        if lost_attempt:
+            self._record_lost_attempt(job, lost_attempt)
         event = unrun_event(JobState.CANCELLED, "the caller was already answered; the job was not run again")
         return self._settle(job.job_id, job.execution, job.spec, Settlement(JobState.CANCELLED, event),
                             state_set=True)

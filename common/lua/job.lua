@@ -26,12 +26,12 @@ end
 
 local function settle_unrun(job, now)
   redis.call('HSET', job, 'state', 'cancelled', 'finished_at', stamp(now))
-  return 'cancelled'
+  return 'orphaned'
 end
 
 -- Why a delivered job may not start now: nil if it may; else 'missing', 'expired' (it was queued
 -- past its deadline: moved to expired here), 'busy' (running, its worker's lease alive),
--- 'cancelled' (moved to cancelled here: its caller was answered without it — 'abandoned' — or its
+-- 'orphaned' (moved to cancelled here: its caller was answered without it — 'abandoned' — or its
 -- API process died) or the terminal state it is in. Second value: the attempt a dead worker lost
 -- (running, lease lapsed), else 0 — whoever re-claims the job records it (attempt_lost).
 local function job_check(job, lease, now)
