@@ -5,11 +5,17 @@ Workers publish each event of a job to the channel of the API process that submi
 the waiting request's in-memory queue — so 5,000 held requests cost one Redis connection and no
 polling. If the subscription breaks, every waiter is told to re-read its job's stream (events are
 also kept there), so nothing published during the gap is lost.
+
+The channel also names the process to the workers: its heartbeat ``<channel>:alive`` (TTL
+``ALIVE_TTL_S``, renewed every ``ALIVE_EVERY_S``) says somebody still waits for the answers of the
+sync jobs it queued. A worker never starts a sync job whose API process's heartbeat is gone
+(``common/lua/job.lua``): its caller was disconnected with it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -20,6 +26,9 @@ import redis
 from common.jobs import JobStore, StreamEvent, parse_reply
 
 log = logging.getLogger(__name__)
+
+ALIVE_TTL_S = 15.0    # a dead API process's queued sync jobs are cancelled, never run, after this long
+ALIVE_EVERY_S = 3.0
 
 
 class Resync:
@@ -35,6 +44,8 @@ class ReplyDispatcher:
         self.store = store
         self.instance_id = secrets.token_hex(8)
         self.channel = store.reply_channel(self.instance_id)
+        self.alive_key = store.alive_key(self.channel)
+        self._beat_at = -math.inf
         self._waiters: dict[str, queue.SimpleQueue[Delivery]] = {}
         self._subscribed = threading.Event()
         self._start_lock = threading.Lock()
@@ -46,6 +57,8 @@ class ReplyDispatcher:
             return
         with self._start_lock:
             if self._thread is None:
+                self._beat()  # before the first job is queued: a worker may look for it at once
+                threading.Thread(target=self._heartbeat, name="reply-heartbeat", daemon=True).start()
                 self._thread = threading.Thread(target=self._run, name="reply-dispatcher", daemon=True)
                 self._thread.start()
         if not self._subscribed.wait(timeout):
@@ -53,6 +66,8 @@ class ReplyDispatcher:
 
     def register(self, job_id: str) -> queue.SimpleQueue[Delivery]:
         self.ensure_started()
+        if time.monotonic() - self._beat_at > ALIVE_EVERY_S:  # e.g. just after a Redis outage
+            self._beat()
         waiter: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self._waiters[job_id] = waiter
         return waiter
@@ -63,6 +78,18 @@ class ReplyDispatcher:
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    def _beat(self) -> None:
+        self.store.redis.set(self.alive_key, 1, px=int(ALIVE_TTL_S * 1000))
+        self._beat_at = time.monotonic()
+
+    def _heartbeat(self) -> None:
+        while True:
+            time.sleep(ALIVE_EVERY_S)
+            try:
+                self._beat()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("API heartbeat failed (%s); retrying in %.0fs", exc, ALIVE_EVERY_S)
 
     def _run(self) -> None:
         backoff = 0.1

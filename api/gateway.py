@@ -156,8 +156,11 @@ class Gateway:
                 outcome = self.final(watch, event)
                 if outcome is not None:
                     return outcome
-        except GatewayError as exc:
-            exc.job_id = exc.job_id or watch.job_id
+        except BaseException as exc:
+            if isinstance(exc, GatewayError):
+                exc.job_id = exc.job_id or watch.job_id
+            if not watch.settled:  # its caller is answered without the job's result: never run it again
+                watch.give_up()
             raise
         finally:
             watch.close()
@@ -330,6 +333,7 @@ class JobWatch:
         self.max_wait = max_wait
         self.deadline = time.monotonic() + max_wait
         self.running = False
+        self.settled = False   # a final event arrived
         self._waiter = waiter
         self._last_id = "0-0"
         self._read_at = time.monotonic()
@@ -422,6 +426,7 @@ class JobWatch:
                     self.running = True
                 elif self.idem is not None:
                     self._keep_outcome(entry.event)
+                self.settled = self.settled or entry.event.final
                 self._pending.append(entry)
 
     def _keep_outcome(self, event: JobEvent) -> None:
@@ -440,6 +445,7 @@ class JobWatch:
 
     def _expire(self) -> None:
         if self.running or not self.owner:
+            self.give_up()
             raise JobTimeout("the job did not finish within the task time limit")
         state = self.gateway.store.withdraw(self.job_id, JobState.EXPIRED)
         if state is JobState.EXPIRED:
@@ -459,6 +465,18 @@ class JobWatch:
         (not if the job is another request's: an Idempotency-Key repeat only watches it)."""
         if self.owner:
             self.gateway.store.abort(self.job_id)
+
+    def give_up(self) -> None:
+        """The caller is answered without the job's result (504, 503, an error, the process stopping):
+        :meth:`JobStore.abandon` it, so that it never runs (again) for nobody. Best effort: if Redis is
+        unreachable the caller still gets its answer (the job then runs at most once more). A watch
+        that does not own its job (an Idempotency-Key repeat) leaves it alone."""
+        if not self.owner:
+            return
+        try:
+            self.gateway.store.abandon(self.job_id, JobState.CANCELLED)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("job %s: could not mark it abandoned: %s", self.job_id, exc)
 
     def close(self) -> None:
         self.gateway.dispatcher.unregister(self.job_id)

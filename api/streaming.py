@@ -46,7 +46,9 @@ def stream_response(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, header
     """Raises the job's error (as a normal HTTP error) if it fails before its first chunk within HOLD_S."""
     try:
         first = _first_output(gateway, watch)
-    except GatewayError:
+    except BaseException:
+        if not watch.settled:  # answered without the job's result: it must never run (again)
+            watch.give_up()
         watch.close()
         raise
     return Response(_relay(gateway, watch, fmt, first), mimetype=fmt.mimetype,

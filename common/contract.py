@@ -68,6 +68,7 @@ class Start(StrEnum):
     MISSING = "missing"      # Redis does not know it (lost state)
     GONE = "gone"            # it left the line: withdrawn, settled, or running elsewhere
     TOO_LARGE = "too_large"  # the call alone exceeds a limit: it could never start
+    ORPHANED = "orphaned"    # moved to cancelled by the claim itself: nobody can use its answer (job.lua)
 
 
 def start_or_state(text: str) -> Start | JobState:

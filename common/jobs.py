@@ -2,12 +2,15 @@
 
 Keys (``P`` is the settings' key prefix)::
 
-    P:job:<id>          hash   spec, state, deadline, reply_to, timestamps, attempts
+    P:job:<id>          hash   spec, state, deadline, reply_to, timestamps, attempts, holder (the worker
+                               process holding its delivery), abandoned (the API answered its caller
+                               without it: never run again)
     P:job:<id>:events   stream the job's events (common/contract.py): chunk*, then one final event
     P:job:<id>:lease    string the running worker's execution id, with a TTL it renews (a dead worker's
                                lapses)
     P:job:<id>:abort    string the caller went away: the worker stops relaying
     P:reply:<api-id>    pubsub each event is also published to the channel of the API process waiting
+    P:reply:<api-id>:alive  string that API process's heartbeat (a sync job whose API died never starts)
     P:lim:wake          pubsub a withdrawn job's id, for the worker holding it in a provider's line
 
 The state machine is ``common/lua/job.lua``, the only code that writes a job's state; every arrow is
@@ -63,6 +66,7 @@ class Claim:
     attempt: int = 0
     queue_wait_s: float = 0.0
     spec: JobSpec | None = None
+    lost_attempt: int = 0   # not run: the attempt a dead worker lost (the claim settled it cancelled)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class JobStore:
         self._create = lua.register(client, "create")
         self._claim = lua.register(client, "claim")
         self._withdraw = lua.register(client, "withdraw")
+        self._abandon = lua.register(client, "abandon")
         self._emit = lua.register(client, "emit")
         self._renew = lua.register(client, "renew_lease")
 
@@ -104,6 +109,12 @@ class JobStore:
 
     def reply_channel(self, api_instance: str) -> str:
         return f"{self.prefix}:reply:{api_instance}"
+
+    @staticmethod
+    def alive_key(reply_channel: str) -> str:
+        """The heartbeat of the API process listening on ``reply_channel`` (``job.lua`` derives it the
+        same way from a job's ``reply_to``)."""
+        return f"{reply_channel}:alive"
 
     @property
     def wake_channel(self) -> str:
@@ -144,12 +155,17 @@ class JobStore:
         return [StreamEvent(_text(sid), parse_event(json.loads(fields[b"e"]))) for sid, fields in entries]
 
     def abort(self, job_id: str) -> JobState | Start:
-        """The caller went away: withdraw the job if it is still queued, else ask its worker to stop
-        the upstream call (it checks :meth:`aborted` while relaying). Returns the job's state."""
-        state = self.withdraw(job_id, JobState.CANCELLED)
-        if state is JobState.RUNNING:
-            self.redis.set(self.abort_key(job_id), 1, ex=3600)
-        return state
+        """The caller went away: :meth:`abandon` the job as ``cancelled``. Returns the job's state."""
+        return self.abandon(job_id, JobState.CANCELLED)
+
+    def abandon(self, job_id: str, new_state: JobState) -> JobState | Start:
+        """The API answered the job's caller without its result (504, 503, a disconnect): withdraw it
+        to ``new_state`` if it is still queued; if it runs, mark it ``abandoned`` — a claim never
+        starts it again (``job.lua``), so a worker's death cannot make it run twice for nobody — and
+        ask its worker to stop relaying. One atomic step; returns the job's state afterwards."""
+        assert new_state in WITHDRAWN
+        return state_or_start(_text(self._abandon(keys=[self.job_key(job_id), self.abort_key(job_id)],
+                                                  args=[new_state.value, job_id, self.wake_channel, 3600])))
 
     def aborted(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.abort_key(job_id)))
@@ -164,17 +180,23 @@ class JobStore:
         raw, deadline = cast(list[bytes], self.redis.hmget(self.job_key(job_id), "spec", "deadline"))
         return None if raw is None else JobSpec.parse(raw, float(deadline))
 
-    def claim(self, job_id: str, execution: str, lease_ttl: float, *, with_spec: bool = True) -> Claim:
-        """Atomically take a delivered job for running (see the module's state machine). With
-        ``with_spec`` a job that may run comes with its spec, read in the same step (a worker that
-        already read it to learn the job's limits passes False: the spec is read once per job)."""
+    def claim(self, job_id: str, execution: str, lease_ttl: float, *, with_spec: bool = True,
+              holder: str = "") -> Claim:
+        """Atomically take a delivered job for running (see the module's state machine), recording
+        ``holder`` (the worker process) in the job. With ``with_spec`` a job that may run comes with
+        its spec, read in the same step (a worker that already read it to learn the job's limits
+        passes False: the spec is read once per job)."""
         reply = self._claim(keys=[self.job_key(job_id), self.lease_key(job_id)],
-                            args=[execution, int(lease_ttl * 1000), 1 if with_spec else 0])
+                            args=[execution, int(lease_ttl * 1000), 1 if with_spec else 0, holder])
         outcome = start_or_state(_text(reply[0]))
         if outcome is not Start.RUN:
-            return Claim(outcome)
+            return Claim(outcome, lost_attempt=int(reply[1]) if len(reply) > 1 else 0)
         spec = JobSpec.parse(reply[3], float(reply[4])) if with_spec else None
         return Claim(Start.RUN, int(reply[1]), float(reply[2]), spec)
+
+    def append_usage(self, row: dict[str, Any]) -> None:
+        """A usage row onto the usage stream, which the ledger moves to Postgres (workers/usage.py)."""
+        self.redis.xadd(self.usage_key(), {"u": json.dumps(row, separators=(",", ":"), default=str)})
 
     def renew_lease(self, job_id: str, execution: str, lease_ttl: float) -> bool:
         return bool(self._renew(keys=[self.lease_key(job_id)], args=[execution, int(lease_ttl * 1000)]))

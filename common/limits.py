@@ -135,6 +135,7 @@ class Attempt:
     rank: int = 0                 # wait: position in line (0 = head)
     wait_ms: int = 0              # wait: when the head may try again (0 = when woken)
     detail: str = ""              # gone: the job's state; too_large: the limit it exceeds
+    lost_attempt: int = 0         # gone: the attempt a dead worker lost (its job settled cancelled)
 
 
 class Limiter:
@@ -200,7 +201,8 @@ class Limiter:
             whose = "your API key's quota" if scope.key is not None else f"'{scope.name}'"
             return Attempt(outcome, detail=f"the {int(reply[2])} {kind.unit} {whose} allows")
         if outcome is Start.GONE:
-            return Attempt(outcome, detail=_text(reply[1]))
+            lost = int(reply[2]) if len(reply) > 2 else 0
+            return Attempt(outcome, detail=_text(reply[1]), lost_attempt=lost)
         return Attempt(outcome)
 
     def release(self, *, provider: str, scopes: list[Scope], call_id: str, tokens: int,

@@ -78,6 +78,11 @@ class AdmissionControl:
         self._started = threading.Event()
         self._lock = threading.Lock()
 
+    def start(self) -> None:
+        """Start this process's heartbeat (``P:lim:proc:<proc_id>``) and wake listener now, not at the
+        first wait in line: every job this process holds names it (the job's ``holder``)."""
+        self._ensure_started()
+
     def _ensure_started(self) -> None:
         if self._started.is_set():
             return

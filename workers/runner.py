@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -66,7 +66,7 @@ from workers.adapters.base import Adapter, build_adapter, make_http_session
 from workers.admission import AdmissionControl, Permit, scopes_for
 from workers.policy import Action, Decision, decide, reached_upstream
 from workers.reconciler import JobReconciler
-from workers.usage import UsageFlusher, UsageLedger, UsageRecord, row_at_fault
+from workers.usage import ATTEMPT_LOST, UsageFlusher, UsageLedger, UsageRecord, row_at_fault
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ SETTLE_RETRY_MAX_S = 1.0     # ... up to this
 _outages = OutageLog()
 REDIS_CONNECTIONS = 64  # per worker process (two are held: the wake subscription and the usage reader)
 ABORT_CHECK_S = 0.25  # how often a relayed stream checks whether its client went away
+LEASE_TTL_S = 10.0  # a running job's lease (renewed every third): a dead worker's job is free this soon
+BUSY_POLL_S = 1.0   # how often a delivery of a job whose lease is alive looks whether it lapsed
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ class JobRunner:
         if job is not None and job.scopes:  # wait in the provider's line; admission claims atomically
             claim = self._admit(job)
         else:  # no limits apply: claim straight away (returning the spec unless we read it: one round trip)
-            claim = self.store.claim(job_id, execution, self.lease_ttl, with_spec=job is None)
+            claim = self.store.claim(job_id, execution, self.lease_ttl, with_spec=job is None,
+                                     holder=self.admission.proc_id)
         if claim.outcome is Start.MISSING:
             return self._recover_missing(job_id)
         if claim.outcome is Start.EXPIRED:
@@ -135,6 +138,12 @@ class JobRunner:
             self._settle(job_id, execution, spec, Settlement(JobState.EXPIRED, unrun_event(
                 JobState.EXPIRED, "the job waited longer than its max_wait and was withdrawn")), state_set=True)
             return claim.outcome
+        if claim.outcome is Start.ORPHANED:  # the claim cancelled it: nobody can use it (job.lua)
+            spec = job.spec if job is not None else self.store.spec(job_id)
+            if spec is not None:
+                return self._cancel_unrun(self._job(job_id, execution, spec), claim.lost_attempt)
+        if claim.outcome is Start.BUSY and self._outlived_lease(job_id):
+            return self.run(job_id)  # its holder died (a cold shutdown put its message back at once)
         if claim.outcome is not Start.RUN:
             return claim.outcome  # busy (another worker runs it), already settled, or failed in line
         if job is None:
@@ -171,8 +180,8 @@ class JobRunner:
                                  code="request_exceeds_tpm", param="max_tokens")
             self._settle(job.job_id, job.execution, job.spec, Settlement.failed(error))
             return Claim(JobState.FAILED)
-        if attempt.outcome is Start.GONE:
-            return Claim(state_or_start(attempt.detail))  # e.g. withdrawn: expired / cancelled
+        if attempt.outcome is Start.GONE:  # e.g. withdrawn: expired / cancelled
+            return Claim(state_or_start(attempt.detail), lost_attempt=attempt.lost_attempt)
         return Claim(attempt.outcome, attempt.attempt, attempt.queue_wait_s)
 
     # ------------------------------------------------------------------------------------------
@@ -183,6 +192,8 @@ class JobRunner:
                 if done:
                     return done
             self._mark_started(job.job_id, attempt)
+        if attempt > 1:  # the previous attempt's worker died mid-run: its call may have cost money
+            self._record_lost_attempt(job, attempt - 1)
         queue_wait_ms = int(queue_wait_s * 1000)
         try:
             invoke = self._invoker(job)
@@ -404,6 +415,41 @@ class JobRunner:
         except (redis.RedisError, SQLAlchemyError, OSError) as exc:
             log.error("job %s: could not settle after an unexpected error: %s", job_id, exc)
 
+    def _outlived_lease(self, job_id: str) -> bool:
+        """A delivery of a job whose lease is alive: wait up to one lease period (plus a little) for
+        the lease to lapse. True if it did — its holder died, so this delivery is the job's only one
+        (a message can come back before its job's lease lapsed, e.g. restored by a worker's cold
+        shutdown; acking it as ``busy`` would leave the job ``running`` for ever) — False if the
+        holder still renews it (this delivery is a duplicate: the holder will settle the job)."""
+        give_up = time.monotonic() + self.lease_ttl + 2 * BUSY_POLL_S
+        while time.monotonic() < give_up:
+            time.sleep(BUSY_POLL_S)
+            if not self.store.redis.exists(self.store.lease_key(job_id)):
+                return True
+        return False
+
+    def _cancel_unrun(self, job: _Run, lost_attempt: int) -> str:
+        """The claim settled the job ``cancelled`` instead of running it (again) — nobody can use its
+        answer (``job.lua`` job_check): record the attempt a dead worker lost, if any, and end the
+        job's event stream (a caller still waiting — e.g. its API's heartbeat lapsed in a Redis
+        outage — hears at once)."""
+        if lost_attempt:
+            self._record_lost_attempt(job, lost_attempt)
+        event = unrun_event(JobState.CANCELLED, "the caller was already answered; the job was not run again")
+        return self._settle(job.job_id, job.execution, job.spec, Settlement(JobState.CANCELLED, event),
+                            state_set=True)
+
+    def _record_lost_attempt(self, job: _Run, attempt: int) -> None:
+        """A usage row for an attempt whose worker died: its upstream call may have been made (and
+        billed by the provider) but its answer is lost. 0 tokens, cost 0, outcome ``attempt_lost``;
+        written by whoever re-claims the job — at most once (its call_id is unique)."""
+        row = replace(_usage_row(job, f"{job.job_id}:{attempt}:lost", 0, 0), outcome=ATTEMPT_LOST,
+                      status_code=None, error="the worker running this attempt died; whether the upstream "
+                                              "call was made (and billed) is unknown")
+        self.store.append_usage(row.as_row())
+        log.warning("job %s: attempt %d was lost with its worker; recorded as %s", job.job_id, attempt,
+                    ATTEMPT_LOST)
+
     def _replay_if_settled(self, job: _Run) -> str | None:
         row = self.rows.get(job.job_id)
         if row is None or row.status not in (JobState.SUCCEEDED, JobState.FAILED):
@@ -501,14 +547,18 @@ def build_runner(settings: Settings) -> JobRunner:
     UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
     JobReconciler(settings, store, rows).start()
     lease_ttl = job_lease_ttl(settings)
-    return JobRunner(settings, store, rows, ledger, adapters, AdmissionControl(
-        Limiter(store, keyed=bool(settings.registry.key_limits)), call_lease_s=lease_ttl))
+    limiter = Limiter(store, keyed=bool(settings.registry.key_limits))
+    admission = AdmissionControl(limiter, call_lease_s=lease_ttl)
+    admission.start()  # the process heartbeat: the jobs this process holds (``holder``) are alive with it
+    return JobRunner(settings, store, rows, ledger, adapters, admission)
 
 
 def job_lease_ttl(settings: Settings) -> float:
-    """How long a dead worker keeps a job's (and a concurrency permit's) lease: short, but renewed
-    three times per period while the call runs; below the visibility timeout so redelivery can take over."""
-    return max(2.0, min(30.0, settings.visibility_timeout / 3))
+    """How long a dead worker keeps a job's (and a concurrency permit's) lease: short — the lease
+    sweeper (workers/leases.py) puts a job whose lease lapsed back on its queue, so a SIGKILLed
+    worker's jobs run again within ~this plus a sweep — but renewed three times per period while the
+    call runs; below the visibility timeout, the last resort."""
+    return max(2.0, min(LEASE_TTL_S, settings.visibility_timeout / 3))
 
 
 def _money(value: Decimal) -> str:

@@ -53,6 +53,7 @@ PARKED_MAX = 100_000   # refused rows kept for an operator (the oldest go first)
 _COLUMNS = frozenset(Usage.__table__.columns.keys())
 MAX_BACKOFF_S = 2.0    # a store is down: retry at least this often (rows land seconds after it is back)
 T = TypeVar("T")
+ATTEMPT_LOST = "attempt_lost"   # the outcome of an attempt whose worker died mid-run (0 tokens, cost 0)
 
 
 @dataclass(frozen=True)

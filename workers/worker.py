@@ -13,6 +13,7 @@ from celery.signals import worker_ready
 from common.settings import Settings, load_settings
 from workers import kombu_tuning
 from workers.celery_app import make_celery, restore_interval
+from workers.leases import LeaseSweeper
 from workers.redelivery import RedeliverySweeper
 from workers.runner import build_runner
 
@@ -20,7 +21,8 @@ from workers.runner import build_runner
 def create_worker_app(settings: Settings) -> Celery:
     """The worker's Celery app: kombu's fixes installed first (before any broker channel exists); the
     threads a worker runs besides its jobs start with it, not with its first job — the usage flusher,
-    the reconciler of lost async jobs (both in ``build_runner``) and the redelivery sweep."""
+    the reconciler of lost async jobs (both in ``build_runner``), the redelivery sweep (the visibility
+    timeout's) and the lease sweep (a dead worker's jobs, in seconds: ``workers/leases.py``)."""
     kombu_tuning.install()
     app = make_celery(settings)
 
@@ -28,7 +30,9 @@ def create_worker_app(settings: Settings) -> Celery:
     def _start_background(sender: Any = None, **_: Any) -> None:
         if getattr(app, "gateway_runner", None) is None:
             app.gateway_runner = build_runner(settings)  # type: ignore[attr-defined]
+        runner = app.gateway_runner
         RedeliverySweeper(app, restore_interval(settings)).start()
+        LeaseSweeper(app, runner.store, runner.admission.limiter.proc_key("")).start()
 
     return app
 

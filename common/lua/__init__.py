@@ -6,7 +6,7 @@ Libraries (functions only, no side effects) are prepended to the scripts that us
     line.lua      a provider's line: join, turn (who is head), admit, leave, key blocks, wakes
     permits.lua   the limit kinds (KINDS: check / take / settle per kind) and the loops over scopes
 
-Scripts: create, claim, withdraw, emit, renew_lease (common/jobs.py); acquire, release, leave,
+Scripts: create, claim, withdraw, abandon, emit, renew_lease (common/jobs.py); acquire, release, leave,
 renew_permits (common/limits.py).
 """
 
@@ -22,6 +22,7 @@ _HERE = Path(__file__).parent
 
 _LIBRARIES: dict[str, tuple[str, ...]] = {
     "create": ("job",), "claim": ("job",), "withdraw": ("job",), "emit": ("job",), "renew_lease": (),
+    "abandon": ("job",),
     "acquire": ("job", "line", "permits"), "release": ("job", "line", "permits"), "leave": ("job", "line"),
     "renew_permits": ("job",),
 }

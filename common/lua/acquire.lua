@@ -1,7 +1,7 @@
 -- KEYS: line, vt, owner, cooldown, job, job_lease, keyof, keyblock, next, then every scope's permit keys
 -- ARGV: one JSON object: job_id, execution, job_lease_ms, call, lease_ms, tokens, key, weight, proc,
 --       rewait, wake, job_prefix, proc_prefix, keyed, window_ms, day_ms, scopes (see permits_open)
--- -> {'run', attempt, queue_wait_s} | {'wait', rank, wait_ms} | {'expired'} | {'gone', why}
+-- -> {'run', attempt, queue_wait_s} | {'wait', rank, wait_ms} | {'expired'} | {'gone', why, lost attempt}
 --    | {'too_large', kind, limit, scope index}
 -- All permits or none, and the claim, in one step: the line's head takes every permit of every scope
 -- and starts (job_start, as the plain claim does) only if all have room.
@@ -12,12 +12,13 @@ local L = {line = KEYS[1], vt = KEYS[2], owner = KEYS[3], keyof = KEYS[7], block
 local JOB, LEASE = KEYS[5], KEYS[6]
 
 if not a.rewait then   -- a job back after an upstream 429 is already running: nothing to check
-  local refusal = job_check(JOB, LEASE, now)
+  local refusal, lost = job_check(JOB, LEASE, now)
   if refusal then
     line_leave(L, a.job_id, now)
     if refusal == 'expired' then return {'expired'} end
-    return {'gone', refusal}
+    return {'gone', refusal, lost}
   end
+  redis.call('HSET', JOB, 'holder', a.proc)   -- this worker process holds the delivery while it waits
 end
 
 line_join(L, a.job_id, a.key, a.weight, a.proc, a.rewait)
@@ -44,5 +45,5 @@ end
 permits_apply(scopes, c, 'take')
 line_admit(L, a.job_id, now)
 if a.rewait then return {'run', 0, '0'} end
-local attempt, waited = job_start(JOB, LEASE, a.execution, a.job_lease_ms, now)
+local attempt, waited = job_start(JOB, LEASE, a.execution, a.job_lease_ms, now, a.proc)
 return {'run', attempt, waited}

@@ -1,9 +1,11 @@
--- KEYS: job, lease   ARGV: execution, lease_ms, with_spec (1/0: the worker has not read the spec yet)
--- -> {'run', attempt, queue_wait_s[, spec, deadline]} | {why not: missing | expired | busy | <terminal>}
+-- KEYS: job, lease   ARGV: execution, lease_ms, with_spec (1/0: the worker has not read the spec yet),
+--                          holder (the worker process id, recorded in the job hash)
+-- -> {'run', attempt, queue_wait_s[, spec, deadline]} | {why not: missing | expired | busy | <terminal>,
+--    the attempt a dead worker lost (0: none)}
 local now = now_ms()
-local refusal = job_check(KEYS[1], KEYS[2], now)
-if refusal then return {refusal} end
-local attempt, waited = job_start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], now)
+local refusal, lost = job_check(KEYS[1], KEYS[2], now)
+if refusal then return {refusal, lost} end
+local attempt, waited = job_start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], now, ARGV[4])
 if ARGV[3] ~= '1' then return {'run', attempt, waited} end
 local job = redis.call('HMGET', KEYS[1], 'spec', 'deadline')
 return {'run', attempt, waited, job[1], job[2]}
