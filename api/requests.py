@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import gevent  # type: ignore[import-untyped]
+import gevent
 from flask import current_app, g, request
-from gunicorn.http.errors import ParseException  # type: ignore[import-untyped]
+from gunicorn.http.errors import ParseException
 
 from api.gateway import Gateway, Outcome, Route
 from api.gunicorn_worker import CLOSE_CONNECTION

@@ -42,7 +42,8 @@ class StreamFormat(Protocol):
     def waiting(self, position: int | None) -> Iterable[str]: ...
 
 
-def stream_response(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, headers: dict[str, str]) -> Response:
+def stream_response(gateway: Gateway, watch: JobWatch, fmt: StreamFormat,
+                    headers: dict[str, str]) -> Response:
     """Raises the job's error (as a normal HTTP error) if it fails before its first chunk within HOLD_S."""
     try:
         first = _first_output(gateway, watch)

@@ -31,7 +31,8 @@ EVENT_TTL_S = 3600.0   # seconds a job's event stream (and a settled job's state
 
 
 class Mode(StrEnum):
-    """``sync``: a caller holds the connection and waits; ``async``: ``POST /v1/jobs``, durable in Postgres."""
+    """``sync``: a caller holds the connection and waits; ``async``: ``POST /v1/jobs``, durable in
+    Postgres."""
 
     SYNC = "sync"
     ASYNC = "async"
@@ -212,7 +213,8 @@ class Cancelled(JobEvent):
     message: str = "the job was cancelled"
 
 
-_EVENTS: dict[str, type[JobEvent]] = {cls.type.value: cls for cls in (Chunk, Result, Done, Failed, Expired, Cancelled)}
+_EVENTS: dict[str, type[JobEvent]] = {
+    cls.type.value: cls for cls in (Chunk, Result, Done, Failed, Expired, Cancelled)}
 
 
 def parse_event(data: dict[str, Any]) -> JobEvent:

@@ -106,9 +106,9 @@ class AdmissionControl:
             while True:
                 call_id = f"{job_id}:{secrets.token_hex(4)}"
                 attempt = self.limiter.acquire(
-                    provider=provider, scopes=scopes, job_id=job_id, execution=execution, job_lease_s=job_lease_s,
-                    call_id=call_id, call_lease_s=self.call_lease_s, tokens=tokens, key=key, weight=weight,
-                    proc_id=self.proc_id, rewait=rewait)
+                    provider=provider, scopes=scopes, job_id=job_id, execution=execution,
+                    job_lease_s=job_lease_s, call_id=call_id, call_lease_s=self.call_lease_s, tokens=tokens,
+                    key=key, weight=weight, proc_id=self.proc_id, rewait=rewait)
                 if attempt.outcome is Start.RUN:
                     return attempt, Permit(provider, scopes, call_id, tokens)
                 if attempt.outcome is not Start.WAIT:

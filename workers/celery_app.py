@@ -60,6 +60,6 @@ def make_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         include=["workers.tasks"],
     )
-    app.gateway_settings = settings  # type: ignore[attr-defined]
+    app.gateway_settings = settings
     return app
 

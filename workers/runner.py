@@ -115,7 +115,8 @@ class JobRunner:
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
-                                  or any(m.limits.any for m in registry.models.values()) or bool(registry.key_limits))
+                                  or any(m.limits.any for m in registry.models.values())
+                                  or bool(registry.key_limits))
 
     def run(self, job_id: str) -> str:
         """Run a delivered job; returns what happened (for logs and tests)."""
@@ -135,8 +136,9 @@ class JobRunner:
             return self._recover_missing(job_id)
         if claim.outcome is Start.EXPIRED:
             spec = job.spec if job is not None else self.store.spec(job_id)
-            self._settle(job_id, execution, spec, Settlement(JobState.EXPIRED, unrun_event(
-                JobState.EXPIRED, "the job waited longer than its max_wait and was withdrawn")), state_set=True)
+            expired = unrun_event(JobState.EXPIRED,
+                                  "the job waited longer than its max_wait and was withdrawn")
+            self._settle(job_id, execution, spec, Settlement(JobState.EXPIRED, expired), state_set=True)
             return claim.outcome
         if claim.outcome is Start.ORPHANED:  # the claim cancelled it: nobody can use it (job.lua)
             spec = job.spec if job is not None else self.store.spec(job_id)
@@ -208,7 +210,8 @@ class JobRunner:
         if isinstance(request, EmbeddingsRequest):
             embed = getattr(adapter, "embed", None)
             if embed is None:
-                raise InvalidRequest(f"provider '{job.provider.name}' does not serve embeddings", param="model")
+                raise InvalidRequest(f"provider '{job.provider.name}' does not serve embeddings",
+                                     param="model")
             return lambda: embed(request, model)
         if request.stream:
             return lambda: self._relay_stream(job.job_id, adapter, request, model)
@@ -221,12 +224,15 @@ class JobRunner:
         meta = {"provider": provider.name, "provider_model": model.model, "queue_wait_ms": queue_wait_ms,
                 "upstream_latency_ms": latency_ms, "cost_usd": _money(cost), "attempt": attempt}
         streamed = isinstance(job.request, ChatRequest) and job.request.stream
-        event: JobEvent = (Done(meta, response.body.get("usage")) if streamed else Result(response.body, meta))
+        event: JobEvent = (Done(meta, response.body.get("usage")) if streamed
+                           else Result(response.body, meta))
+        billed = {**response.usage.model_dump(), "cost_usd": _money(cost)}
         return Settlement(JobState.SUCCEEDED, event,
                           _usage_row(job, call_id, queue_wait_ms, latency_ms, response=response, cost=cost),
-                          result=response.body, billed={**response.usage.model_dump(), "cost_usd": _money(cost)})
+                          result=response.body, billed=billed)
 
-    def _relay_stream(self, job_id: str, adapter: Adapter, request: ChatRequest, model: Model) -> ChatResponse:
+    def _relay_stream(self, job_id: str, adapter: Adapter, request: ChatRequest,
+                      model: Model) -> ChatResponse:
         """Forward each upstream chunk to the waiting API as it arrives (no buffering); returns the
         usage. Once a chunk went out the call cannot be retried: a later failure ends the stream with
         an error. Checks every ``ABORT_CHECK_S`` whether the client went away, and if so closes the
@@ -281,7 +287,8 @@ class JobRunner:
                                   until_deadline_s=job.spec.deadline - now, until_give_up_s=give_up_at - now)
                 if decision.action is Action.FAIL:
                     raise
-                log.info("job %s: %s; %s in %.2fs", job.job_id, exc.code, decision.action.value, decision.delay_s)
+                log.info("job %s: %s; %s in %.2fs", job.job_id, exc.code, decision.action.value,
+                         decision.delay_s)
                 self._wait_to_retry(job, exc, decision, give_up_at)
                 continue
             latency_ms = int((time.perf_counter() - started) * 1000)
@@ -489,13 +496,15 @@ class _Run:
     permit: Permit | None = None
 
 
-def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *, response: ChatResponse | None = None,
-               cost: Decimal = Decimal(0), error: GatewayError | None = None) -> UsageRecord:
+def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
+               response: ChatResponse | None = None, cost: Decimal = Decimal(0),
+               error: GatewayError | None = None) -> UsageRecord:
     """The usage row of one upstream call: what it cost if it answered, else its error (and no cost)."""
     usage = response.usage if response is not None else Usage(prompt_tokens=0, completion_tokens=0)
-    return UsageRecord(call_id=call_id, job_id=job.job_id, api_key_id=job.spec.api_key_id, model=job.model.alias,
-                       provider=job.provider.name, provider_model=job.model.model,
-                       prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost_usd=cost,
+    return UsageRecord(call_id=call_id, job_id=job.job_id, api_key_id=job.spec.api_key_id,
+                       model=job.model.alias, provider=job.provider.name, provider_model=job.model.model,
+                       prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                       cost_usd=cost,
                        queue_wait_ms=queue_wait_ms, upstream_latency_ms=latency_ms,
                        outcome="success" if error is None else (error.code or "error"),
                        status_code=200 if error is None else error.status,
@@ -535,8 +544,8 @@ def build_runner(settings: Settings) -> JobRunner:
         raise ValueError("workers need REDIS_URL and DATABASE_URL")
     # bounded: a worker may hold thousands of jobs (waiting in line, or relaying streams) and each
     # needs a connection only for one short command at a time; an unbounded pool grew one per job
-    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=30,
-                                                 health_check_interval=30)
+    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_CONNECTIONS,
+                                                 timeout=30, health_check_interval=30)
     client = redis.Redis(connection_pool=pool)
     adapters = {name: build_adapter(p, make_http_session(p.pool))
                 for name, p in settings.registry.providers.items() if p.routable}

@@ -29,7 +29,7 @@ def create_worker_app(settings: Settings) -> Celery:
     @worker_ready.connect(weak=False)
     def _start_background(sender: Any = None, **_: Any) -> None:
         if getattr(app, "gateway_runner", None) is None:
-            app.gateway_runner = build_runner(settings)  # type: ignore[attr-defined]
+            app.gateway_runner = build_runner(settings)
         runner = app.gateway_runner
         RedeliverySweeper(app, restore_interval(settings)).start()
         LeaseSweeper(app, runner.store, runner.admission.limiter.proc_key("")).start()
