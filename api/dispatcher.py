@@ -23,11 +23,11 @@ import time
 
 import redis
 
-from common.jobs import JobStore, StreamEvent, parse_reply
+from common.jobs import CALLER_ALIVE_TTL_S, JobStore, StreamEvent, parse_reply
 
 log = logging.getLogger(__name__)
 
-ALIVE_TTL_S = 15.0    # a dead API process's queued sync jobs are cancelled, never run, after this long
+ALIVE_TTL_S = CALLER_ALIVE_TTL_S  # a dead API process's queued sync jobs are cancelled, never run, after this
 ALIVE_EVERY_S = 3.0
 
 

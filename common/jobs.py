@@ -77,6 +77,8 @@ class StreamEvent:
     event: JobEvent
 
 
+CALLER_ALIVE_TTL_S = 15.0  # an API process's heartbeat: its queued sync jobs are cancelled this long after it dies
+
 class JobStore:
     """Every Redis operation on jobs. Thread/greenlet-safe: it only holds a connection pool."""
 
@@ -134,7 +136,7 @@ class JobStore:
         that exists is left as it is (None): whoever recreated it first wins."""
         created = self._create(keys=[self.job_key(job_id), queue or self.job_key(job_id)],
                                args=[spec.to_json(), max_wait, reply_to, int(ttl) + 1, message,
-                                     1 if only_if_missing else 0])
+                                     1 if only_if_missing else 0, int(CALLER_ALIVE_TTL_S * 1000)])
         return float(created) if created else None
 
     def exists(self, job_id: str) -> bool:

@@ -310,3 +310,14 @@ def test_withdraw_reports_the_state_the_job_is_in(limiter, new_state):
     assert store.withdraw("w", new_state) is new_state
     assert store.withdraw("w", JobState.CANCELLED) is new_state     # the first withdrawal won
     assert store.withdraw("never-created", new_state) is Start.MISSING
+
+
+def test_creating_a_sync_job_renews_its_callers_heartbeat(limiter):
+    """A Redis that lost the API's heartbeat (restart, wipe) must not get fresh sync jobs cancelled as
+    orphaned: creating the job proves its caller alive."""
+    store = limiter.store
+    channel = store.reply_channel("api-x")
+    assert not store.redis.exists(store.alive_key(channel))
+    store.create("alive-1", replace(SPEC, mode=Mode.SYNC), max_wait=30, reply_to=channel, ttl=60)
+    assert store.redis.pttl(store.alive_key(channel)) > 10_000
+    assert store.claim("alive-1", "exec", 10).outcome is Start.RUN
