@@ -77,7 +77,8 @@ class StreamEvent:
     event: JobEvent
 
 
-CALLER_ALIVE_TTL_S = 15.0  # an API process's heartbeat: its queued sync jobs are cancelled this long after it dies
+# an API process's heartbeat: its queued sync jobs are cancelled this long after it dies
+CALLER_ALIVE_TTL_S = 15.0
 
 class JobStore:
     """Every Redis operation on jobs. Thread/greenlet-safe: it only holds a connection pool."""
