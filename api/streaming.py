@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 from flask import Response
 
-from api.gateway import Gateway, JobWatch
+from api.gateway import Gateway
+from api.watch import JobWatch
 from common.contract import Chunk, Done
 from common.errors import GatewayError, QueueTimeout
 from common.jobs import StreamEvent

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
@@ -168,3 +170,29 @@ class LeaseSweeper(Periodic):
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class LeaseHeartbeat:
+    """Renews a running job's lease (and its concurrency permit) every third of its TTL; if the worker
+    dies both lapse."""
+
+    def __init__(self, store: JobStore, job_id: str, execution: str, ttl: float,
+                 renew_permit: Callable[[], object]) -> None:
+        self._stop = threading.Event()
+        self._renew_permit = renew_permit
+        self._thread = threading.Thread(target=self._loop, args=(store, job_id, execution, ttl), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self, store: JobStore, job_id: str, execution: str, ttl: float) -> None:
+        while not self._stop.wait(ttl / 3):
+            try:
+                if not store.renew_lease(job_id, execution, ttl):
+                    return
+                self._renew_permit()
+            except RedisError as exc:
+                log.warning("job %s: lease renewal failed: %s", job_id, exc)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -39,7 +37,6 @@ from common.contract import (
     JobState,
     Result,
     Start,
-    failure_state,
     state_or_start,
     unrun_event,
 )
@@ -55,52 +52,24 @@ from common.errors import (
 )
 from common.jobrows import JobRows, spec_of
 from common.jobs import Claim, JobStore
-from common.limits import Limiter, Scope
-from common.outage import OutageLog
-from common.outbox import RowOutcome
+from common.limits import Scope
 from common.registry import Model, Provider
 from common.settings import Settings
 from common.tokens import reservation
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
-from workers.adapters.base import Adapter, build_adapter, make_http_session
+from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, scopes_for
+from workers.leases import LeaseHeartbeat
 from workers.policy import Action, Decision, decide, reached_upstream
-from workers.reconciler import JobReconciler
-from workers.usage import ATTEMPT_LOST, UsageFlusher, UsageLedger, UsageRecord, row_at_fault
+from workers.settle import Settlement, Settler
+from workers.usage import ATTEMPT_LOST, UsageLedger, UsageRecord
 
 log = logging.getLogger(__name__)
 
 
-class OutcomeNotDurable(Exception):
-    """A job's outcome could be written neither to Redis nor to Postgres: its task must not be acked."""
-
-
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
-SETTLE_PATIENCE_S = 30.0     # a settle waits out a Redis outage at least this long (the outcome in memory)
-SETTLE_RETRY_FIRST_S = 0.1   # ... retrying after this long, then twice as long each time ...
-SETTLE_RETRY_MAX_S = 1.0     # ... up to this
-_outages = OutageLog()
-REDIS_CONNECTIONS = 64  # per worker process (two are held: the wake subscription and the usage reader)
 ABORT_CHECK_S = 0.25  # how often a relayed stream checks whether its client went away
 LEASE_TTL_S = 10.0  # a running job's lease (renewed every third): a dead worker's job is free this soon
 BUSY_POLL_S = 1.0   # how often a delivery of a job whose lease is alive looks whether it lapsed
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """How a job ends: its final state, the event its waiter gets, the usage row of the call that
-    settled it (if it reached upstream) and the columns of an async job's row (result/error/usage)."""
-
-    state: JobState
-    event: JobEvent
-    usage: UsageRecord | None = None
-    result: dict[str, Any] | None = None     # an async job's row: the answer ...
-    error: dict[str, Any] | None = None      # ... or the error ...
-    billed: dict[str, Any] | None = None     # ... and its token counts and cost (the row's ``usage``)
-
-    @classmethod
-    def failed(cls, error: GatewayError) -> Settlement:
-        return cls(failure_state(error), Failed.of(error), error=error.to_dict())
 
 
 class JobRunner:
@@ -112,6 +81,7 @@ class JobRunner:
         self.ledger = ledger
         self.adapters = adapters
         self.admission = admission
+        self.settler = Settler(settings, store, rows, ledger)
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
@@ -138,7 +108,8 @@ class JobRunner:
             spec = job.spec if job is not None else self.store.spec(job_id)
             expired = unrun_event(JobState.EXPIRED,
                                   "the job waited longer than its max_wait and was withdrawn")
-            self._settle(job_id, execution, spec, Settlement(JobState.EXPIRED, expired), state_set=True)
+            self.settler.settle(job_id, execution, spec, Settlement(JobState.EXPIRED, expired),
+                                state_set=True)
             return claim.outcome
         if claim.outcome is Start.ORPHANED:  # the claim cancelled it: nobody can use it (job.lua)
             spec = job.spec if job is not None else self.store.spec(job_id)
@@ -151,7 +122,7 @@ class JobRunner:
         if job is None:
             assert claim.spec is not None
             job = self._job(job_id, execution, claim.spec)
-        heartbeat = _LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl,
+        heartbeat = LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl,
                                     renew_permit=lambda: self._renew_permit(job))
         heartbeat.start()
         try:
@@ -180,7 +151,7 @@ class JobRunner:
         if attempt.outcome is Start.TOO_LARGE and not rewait:
             error = ExceedsLimit(f"this request needs about {job.tokens} tokens, more than {attempt.detail}",
                                  code="request_exceeds_tpm", param="max_tokens")
-            self._settle(job.job_id, job.execution, job.spec, Settlement.failed(error))
+            self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(error))
             return Claim(JobState.FAILED)
         if attempt.outcome is Start.GONE:  # e.g. withdrawn: expired / cancelled
             return Claim(state_or_start(attempt.detail), lost_attempt=attempt.lost_attempt)
@@ -193,7 +164,7 @@ class JobRunner:
                 done = self._replay_if_settled(job)
                 if done:
                     return done
-            self._mark_started(job.job_id, attempt)
+            self.settler.mark_started(job.job_id, attempt)
         if attempt > 1:  # the previous attempt's worker died mid-run: its call may have cost money
             self._record_lost_attempt(job, attempt - 1)
         queue_wait_ms = int(queue_wait_s * 1000)
@@ -201,8 +172,8 @@ class JobRunner:
             invoke = self._invoker(job)
             response, latency_ms, call_id = self._call_with_retries(job, attempt, invoke, queue_wait_ms)
         except GatewayError as exc:
-            return self._settle(job.job_id, job.execution, job.spec, Settlement.failed(exc))
-        return self._settle(job.job_id, job.execution, job.spec,
+            return self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(exc))
+        return self.settler.settle(job.job_id, job.execution, job.spec,
                             self._succeeded(job, response, attempt, call_id, queue_wait_ms, latency_ms))
 
     def _invoker(self, job: _Run) -> Callable[[], ChatResponse]:
@@ -281,7 +252,7 @@ class JobRunner:
                 if rate_limited and job.scopes:
                     self.admission.limiter.cool_down(job.provider.name, exc.retry_after or 1.0)
                 if reached_upstream(exc):
-                    self._record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc))
+                    self.settler.record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc))
                 now = time.time()
                 decision = decide(exc, tries=tries, max_retries=job.provider.max_retries,
                                   until_deadline_s=job.spec.deadline - now, until_give_up_s=give_up_at - now)
@@ -319,106 +290,11 @@ class JobRunner:
         if job.permit is not None:
             self.admission.release(job.permit, actual_tokens, refund=refund)
 
-    # the one settle path ----------------------------------------------------------------------
-    def _settle(self, job_id: str, execution: str, spec: JobSpec | None, settlement: Settlement, *,
-                recorded: bool = False, state_set: bool = False) -> str:
-        """Settle the job and account for its call, atomically; returns the state it settled into.
-
-        Async job: its row and usage row in one Postgres transaction (unless ``recorded``: the row
-        says so already), then the Redis state (a crash in between is repaired on redelivery by
-        :meth:`_replay_if_settled`, not by calling upstream again). If Postgres is unreachable, the
-        row's outcome rides in the Redis step instead, on the outbox (``common/outbox.py``), which
-        the workers' flushers move to Postgres once it is back. Sync job: the usage row rides in the
-        same Redis script that settles the job, onto the usage stream that the ledger drains into
-        Postgres in batches — one round trip on the hot path. ``state_set``: the Lua already moved the
-        live state (a job that expired in line); only the event is left to emit.
-
-        Redis unreachable: the Redis step is retried with backoff for :meth:`_patience` seconds, the
-        outcome kept in memory, so a caller whose upstream answered still hears it. Past that, see
-        :meth:`_unsettled`."""
-        usage = settlement.usage.as_row() if settlement.usage is not None else None
-        is_async = spec is not None and spec.is_async
-        pending = RowOutcome(job_id, settlement.state, datetime.now(UTC), settlement.result, settlement.error,
-                             settlement.billed, usage) if is_async else None
-        give_up = time.monotonic() + self._patience(spec)
-        delay = SETTLE_RETRY_FIRST_S
-        while True:
-            if pending is not None and not recorded:
-                recorded = self._record_row(pending)
-            try:
-                self.store.emit(job_id, settlement.event, final_state=None if state_set else settlement.state,
-                                execution=execution, provider=spec.provider if spec is not None else "",
-                                usage=None if is_async else usage, outcome=None if recorded else pending)
-                return settlement.state
-            except REDIS_DOWN as exc:
-                if time.monotonic() + delay > give_up:
-                    return self._unsettled(job_id, settlement, sync=not is_async, recorded=recorded)
-                _outages.warn("redis", exc, "settling jobs waits for it (the outcome is kept in memory)")
-                time.sleep(delay)
-                delay = min(delay * 2, SETTLE_RETRY_MAX_S)
-
-    def _record_row(self, outcome: RowOutcome) -> bool:
-        """Write an async job's row and usage row; False (logged once per outage) if Postgres is down."""
-        try:
-            self.rows.settle(outcome.job_id, outcome.state, usage_row=outcome.usage_row,
-                             result=outcome.result, error=outcome.error, usage=outcome.usage)
-        except SQLAlchemyError as exc:
-            if row_at_fault(exc):
-                raise
-            _outages.warn("postgres", exc, "async jobs' outcomes wait in the outbox (Redis) until it is back")
-            return False
-        return True
-
-    def _patience(self, spec: JobSpec | None) -> float:
-        """How long a settle waits out a Redis outage: ``SETTLE_PATIENCE_S``, or what is left of the job's
-        task time if that is longer (a job may take its whole time limit to settle)."""
-        left = spec.deadline + self.settings.task_time_limit - time.time() if spec is not None else 0.0
-        return max(SETTLE_PATIENCE_S, min(left, self.settings.task_time_limit))
-
-    def _unsettled(self, job_id: str, settlement: Settlement, *, sync: bool, recorded: bool) -> str:
-        """Redis stayed down past the settle's patience. A sync call's usage row goes straight to
-        Postgres (the last resort: its bill is never lost). If the outcome is durable nowhere — an
-        async job whose row Postgres did not take, or a usage row it refused now too — this raises
-        :class:`OutcomeNotDurable`: the task must fail without acking, so that redelivery settles it
-        again (an async job whose row did commit is replayed from it, not run again)."""
-        if sync and settlement.usage is not None:
-            try:
-                self.ledger.record(settlement.usage)
-            except SQLAlchemyError as exc:
-                raise OutcomeNotDurable(f"job {job_id}: neither Redis nor Postgres took its usage row"
-                                        ) from exc
-            log.warning("job %s: Redis unreachable; its usage row was written to Postgres directly and its "
-                        "caller could not be answered", job_id)
-            return settlement.state
-        if not sync and not recorded:
-            raise OutcomeNotDurable(f"job {job_id}: neither Redis nor Postgres took its outcome")
-        log.warning("job %s: Redis unreachable; %s (%s)", job_id, "its caller could not be answered" if sync
-                    else "settled in Postgres only", settlement.state)
-        return settlement.state
-
-    def _record_try(self, usage: UsageRecord) -> None:
-        """The usage row of a failed try: onto the usage stream (it survives a Postgres outage), or
-        straight into Postgres if Redis is down."""
-        try:
-            self.store.queue_usage(usage.as_row())
-        except REDIS_DOWN:
-            self.ledger.record(usage)
-
-    def _mark_started(self, job_id: str, attempt: int) -> None:
-        """The async row says ``running`` — unless Postgres is down: the job runs anyway, its outcome
-        reaches the row through the outbox."""
-        try:
-            self.rows.started(job_id, attempt)
-        except SQLAlchemyError as exc:
-            if row_at_fault(exc):
-                raise
-            _outages.warn("postgres", exc, "async jobs run; their rows catch up when it is back")
-
     def fail_unexpectedly(self, job_id: str) -> None:
         """Best effort after an unexpected exception: settle the job as failed with a 500."""
         error = InternalError("the gateway failed while running this job; it has been logged")
         try:
-            self._settle(job_id, "", self.store.spec(job_id), Settlement.failed(error))
+            self.settler.settle(job_id, "", self.store.spec(job_id), Settlement.failed(error))
         except (redis.RedisError, SQLAlchemyError, OSError) as exc:
             log.error("job %s: could not settle after an unexpected error: %s", job_id, exc)
 
@@ -443,7 +319,7 @@ class JobRunner:
         if lost_attempt:
             self._record_lost_attempt(job, lost_attempt)
         event = unrun_event(JobState.CANCELLED, "the caller was already answered; the job was not run again")
-        return self._settle(job.job_id, job.execution, job.spec, Settlement(JobState.CANCELLED, event),
+        return self.settler.settle(job.job_id, job.execution, job.spec, Settlement(JobState.CANCELLED, event),
                             state_set=True)
 
     def _record_lost_attempt(self, job: _Run, attempt: int) -> None:
@@ -463,8 +339,8 @@ class JobRunner:
             return None
         event = (Result(row.result or {}, {"provider": job.provider.name}) if row.status == JobState.SUCCEEDED
                  else Failed(row.error or {}))
-        return self._settle(job.job_id, job.execution, job.spec, Settlement(JobState(row.status), event),
-                            recorded=True)
+        settlement = Settlement(JobState(row.status), event)
+        return self.settler.settle(job.job_id, job.execution, job.spec, settlement, recorded=True)
 
     def _recover_missing(self, job_id: str) -> str:
         """Redis lost the job's live state (e.g. a Redis restart): an async job is rebuilt from its
@@ -509,57 +385,6 @@ def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
                        outcome="success" if error is None else (error.code or "error"),
                        status_code=200 if error is None else error.status,
                        error=None if error is None else error.message[:500])
-
-
-class _LeaseHeartbeat:
-    """Renews a running job's lease (and its concurrency permit) every third of its TTL; if the worker
-    dies both lapse."""
-
-    def __init__(self, store: JobStore, job_id: str, execution: str, ttl: float,
-                 renew_permit: Callable[[], object]) -> None:
-        self._stop = threading.Event()
-        self._renew_permit = renew_permit
-        self._thread = threading.Thread(target=self._loop, args=(store, job_id, execution, ttl), daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self, store: JobStore, job_id: str, execution: str, ttl: float) -> None:
-        while not self._stop.wait(ttl / 3):
-            try:
-                if not store.renew_lease(job_id, execution, ttl):
-                    return
-                self._renew_permit()
-            except redis.RedisError as exc:
-                log.warning("job %s: lease renewal failed: %s", job_id, exc)
-
-
-def build_runner(settings: Settings) -> JobRunner:
-    from common.db import make_session_factory
-
-    if settings.redis_url is None or settings.database_url is None:
-        raise ValueError("workers need REDIS_URL and DATABASE_URL")
-    # bounded: a worker may hold thousands of jobs (waiting in line, or relaying streams) and each
-    # needs a connection only for one short command at a time; an unbounded pool grew one per job
-    pool = redis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=REDIS_CONNECTIONS,
-                                                 timeout=30, health_check_interval=30)
-    client = redis.Redis(connection_pool=pool)
-    adapters = {name: build_adapter(p, make_http_session(p.pool))
-                for name, p in settings.registry.providers.items() if p.routable}
-    store = JobStore(client, settings.key_prefix)
-    sessions = make_session_factory(settings.database_url)
-    ledger = UsageLedger(sessions)
-    rows = JobRows(sessions)
-    UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
-    JobReconciler(settings, store, rows).start()
-    lease_ttl = job_lease_ttl(settings)
-    limiter = Limiter(store, keyed=bool(settings.registry.key_limits))
-    admission = AdmissionControl(limiter, call_lease_s=lease_ttl)
-    admission.start()  # the process heartbeat: the jobs this process holds (``holder``) are alive with it
-    return JobRunner(settings, store, rows, ledger, adapters, admission)
 
 
 def job_lease_ttl(settings: Settings) -> float:

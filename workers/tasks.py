@@ -8,7 +8,9 @@ from celery import Task, shared_task
 from celery.exceptions import Reject
 
 from common.taskwire import TASK_NAME
-from workers.runner import JobRunner, OutcomeNotDurable, build_runner
+from workers.assembly import build_runner
+from workers.runner import JobRunner
+from workers.settle import OutcomeNotDurable
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from celery.signals import worker_ready
 
 from common.settings import Settings, load_settings
 from workers import kombu_tuning
+from workers.assembly import build_runner
 from workers.celery_app import make_celery, restore_interval
 from workers.leases import LeaseSweeper
 from workers.redelivery import RedeliverySweeper
-from workers.runner import build_runner
 
 
 def create_worker_app(settings: Settings) -> Celery:
