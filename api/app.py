@@ -9,6 +9,7 @@ import redis
 from flask import Flask, Response, g, request
 
 from api import anthropic_routes, gemini_routes, health, jobs_routes, ollama_routes, openai_routes
+from api.admin import PREFIX as ADMIN_PREFIX
 from api.auth import Authenticator
 from api.dispatcher import ReplyDispatcher
 from api.errors import install_error_handlers, openai_document
@@ -43,6 +44,10 @@ def create_app(settings: Settings) -> Flask:
     authenticator = Authenticator(settings.auth_mode, lambda: active_key_hashes(sessions),
                                   stale_limit=settings.auth_stale_limit)
     app.extensions["gateway"] = gateway
+    app.config["GATEWAY_ADMIN_KEY"] = settings.admin_key
+    # no key has the admin role yet: the admin API answers to GATEWAY_ADMIN_KEY only
+    app.extensions["admin_identify"] = lambda secret: (
+        None if (key_id := authenticator.identify(secret)) is None else (key_id, False))
 
     @app.before_request
     def _identify() -> None:
@@ -51,7 +56,7 @@ def create_app(settings: Settings) -> Flask:
         incoming = request.headers.get("x-request-id", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(12)
         g.api_key_id = None
-        if request.path not in PUBLIC_PATHS:
+        if request.path not in PUBLIC_PATHS and not request.path.startswith(ADMIN_PREFIX + "/"):
             g.api_key_id = (authenticator.authenticate(request.headers, gemini_routes.key_in_query())
                             or ANONYMOUS)  # auth is open: the caller owns what anonymous callers own
 

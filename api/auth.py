@@ -101,7 +101,7 @@ class Authenticator:
         active = self._active()
         if self.mode == "auto" and not active:
             return None
-        secret = _presented_key(headers) or query_key
+        secret = presented_key(headers) or query_key
         if not secret:
             raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>', 'x-api-key' "
                                        "or 'x-goog-api-key'")
@@ -113,8 +113,13 @@ class Authenticator:
             raise AuthenticationFailed("invalid or revoked API key")
         return key_id
 
+    def identify(self, secret: str) -> str | None:
+        """The id of the active key whose secret this is, whatever the mode (the admin API's check)."""
+        digest = hash_secret(secret)
+        return self._active().get(digest) or self._active(MISS_RELOAD_SECONDS).get(digest)
 
-def _presented_key(headers: Headers | Mapping[str, str]) -> str | None:
+
+def presented_key(headers: Headers | Mapping[str, str]) -> str | None:
     auth = headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip() or None

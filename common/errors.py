@@ -4,6 +4,7 @@
     ├── InvalidRequest            400   malformed JSON, missing or ill-typed fields
     │   └── ExceedsLimit          400   the call alone is larger than a limit allows (it could never start)
     ├── AuthenticationFailed      401   missing, unknown or revoked API key
+    ├── PermissionDenied          403   a valid key that may not do this (a client key on /admin/)
     ├── NotFound                  404   unknown job id, unknown route
     │   └── ModelNotFound         404   the model alias is not in the registry
     ├── JobConflict               409   e.g. cancelling a job that already runs
@@ -83,6 +84,12 @@ class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
 
 
 class NotFound(GatewayError):

@@ -76,6 +76,8 @@ class Settings:
     client_timeout: float = 10.0            # a new connection's headers, and any body, arrive within this
     auth_stale_limit: float = 300.0         # Postgres down: keys checked against the last good set this long
     auth_mode: str = "auto"                 # auto | required | off
+    # GATEWAY_ADMIN_KEY: the bearer secret of /admin/ (None: only admin-role keys); never in a repr
+    admin_key: str | None = field(default=None, repr=False)
     state_dir: Path = field(default_factory=lambda: Path(".state"))
     api_host: str = "127.0.0.1"
     api_port: int = 8080
@@ -129,6 +131,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         client_timeout=_float(env, "GATEWAY_CLIENT_TIMEOUT", 10.0, minimum=0.1),
         auth_stale_limit=_float(env, "GATEWAY_AUTH_STALE_LIMIT", 300.0),
         auth_mode=auth_mode,
+        admin_key=env.get("GATEWAY_ADMIN_KEY") or None,
         state_dir=Path(env.get("GATEWAY_STATE_DIR", ".state")),
         api_host=env.get("GATEWAY_HOST", "127.0.0.1"),
         api_port=_int(env, "GATEWAY_PORT", 8080, minimum=1),
