@@ -38,9 +38,9 @@ from launcher.embedded import (
     EmbeddedServerError,
     die_with_parent,
     redact_url,
-    start_embedded_postgres,
-    start_embedded_redis,
 )
+from launcher.embedded_postgres import start_embedded_postgres
+from launcher.embedded_redis import start_embedded_redis
 
 #: How long children get to stop after SIGTERM before their process groups are SIGKILLed: a bit
 #: more than the API's own ``--graceful-timeout 10``, so gunicorn finishes its orderly stop first.

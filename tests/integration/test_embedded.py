@@ -27,13 +27,9 @@ import requests
 from sqlalchemy import create_engine, text
 
 from common.settings import normalise_database_url
-from launcher.embedded import (
-    EmbeddedServer,
-    EmbeddedServerError,
-    free_port,
-    start_embedded_postgres,
-    start_embedded_redis,
-)
+from launcher.embedded import EmbeddedServer, EmbeddedServerError, free_port
+from launcher.embedded_postgres import start_embedded_postgres
+from launcher.embedded_redis import start_embedded_redis
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +110,7 @@ def test_one_state_directory_serves_one_launcher(state_dir: Path) -> None:
 
 
 def test_server_orphaned_by_a_crashed_launcher_is_stopped_at_next_start(state_dir: Path) -> None:
-    crash = ("import os, sys\nfrom pathlib import Path\nimport launcher.embedded as e\n"
+    crash = ("import os, sys\nfrom pathlib import Path\nimport launcher.embedded_redis as e\n"
              "e.die_with_parent = lambda sig: None  # as on a platform without PR_SET_PDEATHSIG\n"
              "print(e.start_embedded_redis(Path(sys.argv[1])).pid, flush=True)\nos._exit(0)\n")
     out = subprocess.run([sys.executable, "-c", crash, str(state_dir)], cwd=ROOT, capture_output=True,
