@@ -17,14 +17,22 @@ import sys
 from collections.abc import Sequence
 
 from common.settings import Settings, SettingsError, load_settings
+from launcher.discovery import StoresNotFound, resolve_stores, store_environment
+
+#: The stores each command needs. A URL the environment leaves unset is taken from the running
+#: ``llm-gateway up`` of the state directory (launcher/discovery.py); a command not listed needs none.
+STORES_NEEDED: dict[str, tuple[str, ...]] = {
+    "api": ("redis", "postgres"),
+    "worker": ("redis", "postgres"),
+    "flower": ("redis",),
+    "migrate": ("postgres",),
+    "keys": ("postgres",),
+}
 
 
-def _require(settings: Settings, what: str) -> None:
-    urls = (("REDIS_URL", settings.redis_url), ("DATABASE_URL", settings.database_url))
-    missing = [name for name, value in urls if value is None]
-    if missing:
-        raise SystemExit(f"llm-gateway {what}: set {' and '.join(missing)} (or use `llm-gateway up`, "
-                         "which starts embedded servers when they are unset)")
+def _exec(argv: list[str], settings: Settings) -> None:
+    """Replace this process by ``argv``, passing on the store URLs it was resolved with."""
+    os.execve(argv[0], argv, store_environment(os.environ, settings.redis_url, settings.database_url))
 
 
 def raise_fd_limit() -> int:
@@ -41,7 +49,6 @@ def raise_fd_limit() -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    _require(settings, "api")
     raise_fd_limit()
     argv = [
         sys.executable, "-m", "gunicorn",
@@ -59,14 +66,13 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
         *(["--access-logfile", "-"] if args.access_log else []),  # formatting lines for /dev/null costs ~5%
         "api.wsgi:app",
     ]
-    os.execv(sys.executable, argv)
+    _exec(argv, settings)
     return 0  # pragma: no cover - execv does not return
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    _require(settings, "worker")
     raise_fd_limit()
-    os.execv(sys.executable, worker_argv(settings, args))
+    _exec(worker_argv(settings, args), settings)
     return 0  # pragma: no cover
 
 
@@ -90,19 +96,17 @@ def worker_argv(settings: Settings, args: argparse.Namespace) -> list[str]:
 
 
 def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
-    _require(settings, "flower")
     address = "0.0.0.0" if args.public else "127.0.0.1"
     argv = [sys.executable, "-m", "celery", "-A", "workers.worker:app", "flower",
             f"--port={args.port or settings.flower_port}", f"--address={address}"]
-    os.execv(sys.executable, argv)
+    _exec(argv, settings)
     return 0  # pragma: no cover
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from common.db import migrate
 
-    if settings.database_url is None:
-        raise SystemExit("llm-gateway migrate: set DATABASE_URL")
+    assert settings.database_url is not None  # resolved by main() (STORES_NEEDED)
     migrate(settings.database_url)
     print("database schema is at head")
     return 0
@@ -191,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
     except (SettingsError, ValueError) as exc:
         print(f"llm-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        settings = resolve_stores(settings, STORES_NEEDED.get(args.command, ()))
+    except StoresNotFound as exc:
+        print(f"llm-gateway {args.command}: {exc}", file=sys.stderr)
         return 2
     return args.func(settings, args)
 

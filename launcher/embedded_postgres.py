@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psycopg
 
+from launcher.discovery import STORES
 from launcher.embedded import (
     POLL_INTERVAL,
     PORT_ATTEMPTS,
@@ -199,9 +200,11 @@ def _start_postgres(bin_dir: Path, base: Path, data_dir: Path, account: pwd.stru
             raise
         if error is None:
             url = f"postgresql://{POSTGRES_SUPERUSER}:{password}@127.0.0.1:{port}/{POSTGRES_DATABASE}"
-            return EmbeddedServer(name="postgres", url=url, process=process, log_path=log_path,
-                                  data_dir=data_dir, startup_seconds=time.monotonic() - started,
-                                  stop_steps=_POSTGRES_STOP, lock_fd=lock_fd)
+            server = EmbeddedServer(name="postgres", url=url, process=process, log_path=log_path,
+                                    data_dir=data_dir, startup_seconds=time.monotonic() - started,
+                                    stop_steps=_POSTGRES_STOP, lock_fd=lock_fd)
+            server.publish(STORES["postgres"], base.parent)
+            return server
         output = log_since(log_path, log_offset)
         exited = process.poll() is not None
         stop_process_group(process, _POSTGRES_STOP)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import redis
 
+from launcher.discovery import STORES
 from launcher.embedded import (
     POLL_INTERVAL,
     PORT_ATTEMPTS,
@@ -98,9 +99,11 @@ def _start_redis(executable: Path, redis_dir: Path, port: int | None, lock_fd: i
             stop_process_group(process, _REDIS_STOP)
             raise
         if ready:
-            return EmbeddedServer(name="redis", url=url, process=process, log_path=log_path,
-                                  data_dir=redis_dir, startup_seconds=time.monotonic() - started,
-                                  stop_steps=_REDIS_STOP, lock_fd=lock_fd)
+            server = EmbeddedServer(name="redis", url=url, process=process, log_path=log_path,
+                                    data_dir=redis_dir, startup_seconds=time.monotonic() - started,
+                                    stop_steps=_REDIS_STOP, lock_fd=lock_fd)
+            server.publish(STORES["redis"], redis_dir.parent)
+            return server
         output = log_since(log_path, log_offset)
         exited = process.poll() is not None
         stop_process_group(process, _REDIS_STOP)

@@ -33,6 +33,7 @@ from types import FrameType
 from typing import Self, TextIO
 
 from common.settings import Settings
+from launcher.discovery import store_environment
 from launcher.embedded import (
     EmbeddedServer,
     EmbeddedServerError,
@@ -137,9 +138,7 @@ def _run(settings: Settings, api_host: str, api_port: int, console: _Console, si
 def _child_environment(redis_url: str, database_url: str) -> dict[str, str]:
     """The children's environment: ours (the only place the launcher reads ``os.environ``; the
     children's own settings are parsed from it by ``common.settings``) plus the URLs they must use."""
-    env = dict(os.environ)
-    env["REDIS_URL"] = redis_url
-    env["DATABASE_URL"] = database_url
+    env = store_environment(os.environ, redis_url, database_url)
     env["PYTHONUNBUFFERED"] = "1"  # their output is forwarded line by line; don't hold it in buffers
     return env
 

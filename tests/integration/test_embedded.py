@@ -8,6 +8,7 @@ These need no Redis or Postgres on the machine (they bring their own), only the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -159,12 +160,12 @@ def test_postgres_serves_sqlalchemy_keeps_data_and_is_gone_after_stop(state_dir:
 class _Up:
     """``llm-gateway up`` on embedded servers in ``state_dir``, on free ports, output in a file."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, auth: str = "off") -> None:
         self.api_port, self.flower_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items()
                if k not in ("REDIS_URL", "DATABASE_URL", "GATEWAY_CONFIG", "OPENAI_API_KEY")}
         env.update(GATEWAY_STATE_DIR=str(state_dir), GATEWAY_PORT=str(self.api_port),
-                   GATEWAY_FLOWER_PORT=str(self.flower_port), GATEWAY_AUTH="off", PYTHONUNBUFFERED="1")
+                   GATEWAY_FLOWER_PORT=str(self.flower_port), GATEWAY_AUTH=auth, PYTHONUNBUFFERED="1")
         self.log = state_dir / "up.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "up"], cwd=ROOT, env=env,
@@ -237,3 +238,54 @@ def test_up_stops_everything_when_a_child_dies(state_dir: Path) -> None:
         assert "worker-mock exited unexpectedly with signal SIGKILL" in up.output()
     finally:
         up.kill()
+
+
+def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``llm-gateway <args>`` as an operator types it next to a running ``up``: no store URLs set."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "GATEWAY_CONFIG")}
+    env["GATEWAY_STATE_DIR"] = str(state_dir)
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_cli_commands_find_the_servers_of_a_running_up(state_dir: Path) -> None:
+    up = _Up(state_dir, auth="auto")  # the default: open until the first key exists
+    try:
+        up.wait_ready()
+        connection = state_dir / "postgres" / "connection.json"
+        assert connection.stat().st_mode & 0o777 == 0o600  # it holds the password
+        secrets_ = [(state_dir / "postgres" / "password").read_text().strip(),
+                    urlsplit(json.loads((state_dir / "redis" / "connection.json").read_text())["url"]).password]
+
+        created = _cli(state_dir, "keys", "create", "--name", "first-hour")
+        assert created.returncode == 0, created.stderr
+        key_id, secret = created.stdout.split()[2], created.stdout.split()[-1]
+        assert secret.startswith("sk-gw-")
+        listed = _cli(state_dir, "keys", "list")
+        assert listed.returncode == 0 and key_id in listed.stdout and "active" in listed.stdout
+        migrated = _cli(state_dir, "migrate")
+        assert migrated.returncode == 0 and "at head" in migrated.stdout
+        with requests.Session() as http:  # the key `keys create` made is the one the API checks
+            http.headers["Connection"] = "close"
+            call = {"model": "mock-1", "messages": [{"role": "user", "content": "hi"}]}
+            url = f"http://127.0.0.1:{up.api_port}/v1/chat/completions"
+            assert http.post(url, json=call, headers={"Authorization": f"Bearer {secret}"},
+                             timeout=30).status_code == 200
+            assert http.post(url, json=call, timeout=30).status_code == 401
+        revoked = _cli(state_dir, "keys", "revoke", key_id)
+        assert revoked.returncode == 0, revoked.stderr
+        for out in (created.stdout + created.stderr, listed.stdout, migrated.stdout, up.output()):
+            assert not any(s in out for s in secrets_), "a password was printed"
+
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.proc.wait(timeout=30) == 0
+        assert not connection.exists() and not (state_dir / "redis" / "connection.json").exists()
+    finally:
+        up.kill()
+    for args in (["keys", "list"], ["migrate"], ["worker", "--provider", "mock"]):
+        stopped = _cli(state_dir, *args)
+        assert stopped.returncode == 2 and stopped.stdout == "", stopped
+        line = stopped.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line, line
+        assert f"llm-gateway {args[0]}: " in line and "`llm-gateway up` is not running" in line
+        assert str(state_dir.resolve()) in line
