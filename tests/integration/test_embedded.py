@@ -254,8 +254,8 @@ def test_cli_commands_find_the_servers_of_a_running_up(state_dir: Path) -> None:
         up.wait_ready()
         connection = state_dir / "postgres" / "connection.json"
         assert connection.stat().st_mode & 0o777 == 0o600  # it holds the password
-        secrets_ = [(state_dir / "postgres" / "password").read_text().strip(),
-                    urlsplit(json.loads((state_dir / "redis" / "connection.json").read_text())["url"]).password]
+        redis_url = json.loads((state_dir / "redis" / "connection.json").read_text())["url"]
+        secrets_ = [(state_dir / "postgres" / "password").read_text().strip(), urlsplit(redis_url).password]
 
         created = _cli(state_dir, "keys", "create", "--name", "first-hour")
         assert created.returncode == 0, created.stderr

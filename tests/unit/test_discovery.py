@@ -12,6 +12,7 @@ import pytest
 from common.settings import load_settings
 from launcher.discovery import STORES, StoresNotFound, connection_record, resolve_stores
 
+PG, PG_NORMAL = "postgresql://u:s3cr3t@127.0.0.1:2/g", "postgresql+psycopg://u:s3cr3t@127.0.0.1:2/g"
 DEAD_PID = 99_999_999  # above any pid_max: no such process
 OURS = psutil.Process().name()
 
@@ -27,21 +28,21 @@ def _write(state: Path, store: str, text: str) -> None:
     [
         ({}, {}, (), {"redis_url": None, "database_url": None}),
         ({"REDIS_URL": "redis://env:6379/0", "DATABASE_URL": "postgresql://env/db"},
-         {"redis": ("redis://file/0", "me")}, ("redis", "postgres"),
+         {"redis": "redis://file/0"}, ("redis", "postgres"),
          {"redis_url": "redis://env:6379/0", "database_url": "postgresql+psycopg://env/db"}),
-        ({}, {"redis": ("redis://:s3cr3t@127.0.0.1:1/0", "me"), "postgres": ("postgresql://u:s3cr3t@127.0.0.1:2/g", "me")},
+        ({}, {"redis": "redis://:s3cr3t@127.0.0.1:1/0", "postgres": PG},
          ("redis", "postgres"),
-         {"redis_url": "redis://:s3cr3t@127.0.0.1:1/0", "database_url": "postgresql+psycopg://u:s3cr3t@127.0.0.1:2/g"}),
-        ({"REDIS_URL": "redis://env/0"}, {"postgres": ("postgresql://u:s3cr3t@127.0.0.1:2/g", "me")},
+         {"redis_url": "redis://:s3cr3t@127.0.0.1:1/0", "database_url": PG_NORMAL}),
+        ({"REDIS_URL": "redis://env/0"}, {"postgres": PG},
          ("redis", "postgres"),
-         {"redis_url": "redis://env/0", "database_url": "postgresql+psycopg://u:s3cr3t@127.0.0.1:2/g"}),
-        ({}, {"postgres": ("postgresql://u:s3cr3t@h/g", "me")}, ("postgres",),
+         {"redis_url": "redis://env/0", "database_url": PG_NORMAL}),
+        ({}, {"postgres": "postgresql://u:s3cr3t@h/g"}, ("postgres",),
          {"redis_url": None, "database_url": "postgresql+psycopg://u:s3cr3t@h/g"}),
     ],
     ids=["nothing-needed", "environment-wins", "both-from-up", "one-from-each", "only-what-is-needed"],
 )
 def test_unset_urls_come_from_the_running_up(tmp_path, env, files, needs, expect):
-    for store, (url, _) in files.items():
+    for store, url in files.items():
         _write(tmp_path, store, connection_record(url, psutil.Process().pid, OURS))
     settings = resolve_stores(load_settings({**env, "GATEWAY_STATE_DIR": str(tmp_path)}), needs)
     assert {"redis_url": settings.redis_url, "database_url": settings.database_url} == expect
@@ -53,8 +54,7 @@ def test_unset_urls_come_from_the_running_up(tmp_path, env, files, needs, expect
         (None, ("redis", "postgres"), "REDIS_URL and DATABASE_URL"),
         (None, ("postgres",), "DATABASE_URL"),
         (connection_record("postgresql://u:s3cr3t@h/g", DEAD_PID, "postgres"), ("postgres",), "DATABASE_URL"),
-        (connection_record("postgresql://u:s3cr3t@h/g", psutil.Process().pid, "postgres-not-us"), ("postgres",),
-         "DATABASE_URL"),
+        (connection_record(PG, psutil.Process().pid, "postgres-not-us"), ("postgres",), "DATABASE_URL"),
         ('{"url": "postgresql://u:s3cr3t@h/g"', ("postgres",), "DATABASE_URL"),
     ],
     ids=["no-up-both", "no-up-one", "up-killed-pid-dead", "pid-reused-by-another-process", "torn-file"],
