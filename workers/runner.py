@@ -57,6 +57,7 @@ from common.registry import Model, Provider
 from common.settings import Settings
 from common.tokens import reservation
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
+from common.upstream_health import UpstreamHealth, scrub
 from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, scopes_for
 from workers.leases import LeaseHeartbeat
@@ -82,6 +83,7 @@ class JobRunner:
         self.adapters = adapters
         self.admission = admission
         self.settler = Settler(settings, store, rows, ledger)
+        self.upstream = UpstreamHealth(store.redis, settings.key_prefix)
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
@@ -256,18 +258,30 @@ class JobRunner:
                 now = time.time()
                 decision = decide(exc, tries=tries, max_retries=job.provider.max_retries,
                                   until_deadline_s=job.spec.deadline - now, until_give_up_s=give_up_at - now)
+                self._report_failure(job, exc, tries, decision)
                 if decision.action is Action.FAIL:
                     raise
-                log.info("job %s: %s; %s in %.2fs", job.job_id, exc.code, decision.action.value,
-                         decision.delay_s)
                 self._wait_to_retry(job, exc, decision, give_up_at)
                 continue
             latency_ms = int((time.perf_counter() - started) * 1000)
+            self.upstream.record_success(job.provider.name)
             self._release(job, response.usage.total_tokens)
             if response.quota_reset_s and job.scopes:
                 # the provider's headers say its quota is spent: hold everyone back before the 429s come
                 self.admission.limiter.cool_down(job.provider.name, response.quota_reset_s)
             return response, latency_ms, call_id
+
+    def _report_failure(self, job: _Run, exc: UpstreamError, tries: int, decision: Decision) -> None:
+        """Make a failed upstream attempt visible to the operator: one warning line (provider, model,
+        status class, the message with the provider's key scrubbed, what happens next) and the
+        provider's shared counts that ``/health`` shows."""
+        message = scrub(exc.message, job.provider.api_key)
+        label = self.upstream.record_failure(job.provider.name, exc, message)
+        then = ("giving up" if decision.action is Action.FAIL
+                else f"{decision.action.value.replace('_', ' ')} in {decision.delay_s:.2f}s")
+        log.warning("upstream attempt failed: provider=%s model=%s (%s) status=%s job=%s try=%d: %s; %s",
+                    job.provider.name, job.model.alias, job.model.model, label, job.job_id, tries, message,
+                    then)
 
     def _wait_to_retry(self, job: _Run, exc: UpstreamError, decision: Decision, give_up_at: float) -> None:
         """Wait out ``decision`` before the next try. A limited job goes back to the head of its line
