@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -31,6 +28,7 @@ from common.settings import normalise_database_url
 from launcher.embedded import EmbeddedServer, EmbeddedServerError, free_port
 from launcher.embedded_postgres import start_embedded_postgres
 from launcher.embedded_redis import start_embedded_redis
+from tests.integration.uprun import Up, fresh_environment, temporary_directory
 
 pytestmark = pytest.mark.integration
 
@@ -39,13 +37,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
-    """A state directory in the system temp dir, mode 0755: run as root, PostgreSQL runs as an
-    unprivileged account that must be able to enter it — pytest's own ``tmp_path`` lives under
-    ``/tmp/pytest-of-root`` (0700), which that account cannot."""
-    path = Path(tempfile.mkdtemp(prefix="gw-embedded-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
+    """A state directory PostgreSQL's account can enter when we are root (see ``temporary_directory``)."""
+    with temporary_directory("gw-embedded-") as path:
+        yield path
 
 
 def _processes_in(directory: Path) -> list[psutil.Process]:
@@ -157,50 +151,8 @@ def test_postgres_serves_sqlalchemy_keeps_data_and_is_gone_after_stop(state_dir:
 # llm-gateway up
 
 
-class _Up:
-    """``llm-gateway up`` on embedded servers in ``state_dir``, on free ports, output in a file."""
-
-    def __init__(self, state_dir: Path, auth: str = "off") -> None:
-        self.api_port, self.flower_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("REDIS_URL", "DATABASE_URL", "GATEWAY_CONFIG", "OPENAI_API_KEY")}
-        env.update(GATEWAY_STATE_DIR=str(state_dir), GATEWAY_PORT=str(self.api_port),
-                   GATEWAY_FLOWER_PORT=str(self.flower_port), GATEWAY_AUTH=auth, PYTHONUNBUFFERED="1")
-        self.log = state_dir / "up.log"
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "up"], cwd=ROOT, env=env,
-                                         stdout=out, stderr=subprocess.STDOUT)
-        self.tree: list[psutil.Process] = []
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while "\nready:" not in self.output():
-            assert self.proc.poll() is None, f"`up` exited early:\n{self.output()}"
-            assert time.monotonic() < deadline, f"`up` not ready in {timeout} s:\n{self.output()}"
-            time.sleep(0.1)
-        self.tree = psutil.Process(self.proc.pid).children(recursive=True)
-
-    def child(self, fragment: str) -> psutil.Process:
-        return next(p for p in psutil.Process(self.proc.pid).children() if fragment in " ".join(p.cmdline()))
-
-    def assert_all_gone(self) -> None:
-        alive = [p for p in self.tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert alive == [], f"left running: {alive}\n{self.output()}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for proc in self.tree:
-            if proc.is_running():
-                proc.kill()
-
-
 def test_up_serves_then_stops_everything_on_sigterm(state_dir: Path) -> None:
-    up = _Up(state_dir)
+    up = Up(state_dir)
     try:
         up.wait_ready()
         names = {p.name() for p in up.tree}
@@ -229,7 +181,7 @@ def test_up_serves_then_stops_everything_on_sigterm(state_dir: Path) -> None:
 
 
 def test_up_stops_everything_when_a_child_dies(state_dir: Path) -> None:
-    up = _Up(state_dir)
+    up = Up(state_dir)
     try:
         up.wait_ready()
         up.child("--queues llm.mock").kill()
@@ -242,14 +194,13 @@ def test_up_stops_everything_when_a_child_dies(state_dir: Path) -> None:
 
 def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``llm-gateway <args>`` as an operator types it next to a running ``up``: no store URLs set."""
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "GATEWAY_CONFIG")}
-    env["GATEWAY_STATE_DIR"] = str(state_dir)
+    env = {**fresh_environment(), "GATEWAY_STATE_DIR": str(state_dir)}
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_cli_commands_find_the_servers_of_a_running_up(state_dir: Path) -> None:
-    up = _Up(state_dir, auth="auto")  # the default: open until the first key exists
+    up = Up(state_dir, auth="auto")  # the default: open until the first key exists
     try:
         up.wait_ready()
         connection = state_dir / "postgres" / "connection.json"
