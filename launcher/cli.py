@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from common.settings import Settings, SettingsError, load_settings
 from launcher.discovery import StoresNotFound, resolve_stores, store_environment
@@ -133,10 +134,46 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_providers(settings: Settings, args: argparse.Namespace) -> int:
+    """Each provider: routable or why not, and — when Redis is reachable (its URL, or a running
+    ``up``) — how its upstream answered over the last minutes, as ``GET /health`` shows it."""
+    upstream = _recent_upstream(settings)
     for name, p in settings.registry.providers.items():
         status = "routable" if p.routable else f"NOT routable: {p.unroutable_reason}"
-        print(f"{name}\t{p.kind}\t{status}")
+        recent = f"\t{describe_upstream(upstream[name])}" if name in upstream else ""
+        print(f"{name}\t{p.kind}\t{status}{recent}")
     return 0
+
+
+def _recent_upstream(settings: Settings) -> dict[str, dict[str, Any]]:
+    import redis
+
+    from common.upstream_health import UpstreamHealth
+
+    try:
+        settings = resolve_stores(settings, ("redis",))
+    except StoresNotFound:
+        print("(recent upstream errors: shown while `llm-gateway up` runs here, or with REDIS_URL set)",
+              file=sys.stderr)
+        return {}
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return UpstreamHealth(client, settings.key_prefix).snapshot(settings.routable_providers())
+    except redis.RedisError as exc:
+        print(f"(recent upstream errors unavailable: Redis: {exc})", file=sys.stderr)
+        return {}
+    finally:
+        client.close()
+
+
+def describe_upstream(entry: dict[str, Any]) -> str:
+    """One provider's recent upstream record (``UpstreamHealth.snapshot``) in a few words."""
+    text = (f"upstream {entry['status']} ({entry['attempts']} calls, {entry['errors']} errors in "
+            f"{entry['window_s'] // 60} min")
+    last = entry.get("last_error")
+    if last:
+        text += f"; last error {last['seconds_ago']:g} s ago: {last['status_class']}: {last['message']}"
+    return text + ")"
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
@@ -201,7 +238,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoresNotFound as exc:
         print(f"llm-gateway {args.command}: {exc}", file=sys.stderr)
         return 2
-    return args.func(settings, args)
+    try:
+        return args.func(settings, args)
+    except _unreachable_store_errors() as exc:  # a URL that leads nowhere: one line, not a traceback
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        store = "Redis" if type(exc).__module__.startswith("redis") else "Postgres"
+        print(f"llm-gateway {args.command}: cannot reach {store}: {first_line}", file=sys.stderr)
+        return 1
+
+
+def _unreachable_store_errors() -> tuple[type[BaseException], ...]:
+    """What a command raises when a store's URL leads nowhere (their messages name host and port,
+    never the password)."""
+    import redis
+    from sqlalchemy.exc import OperationalError
+
+    return (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,8 @@ def test_cli_commands_find_the_servers_of_a_running_up(state_dir: Path) -> None:
             assert http.post(url, json=call, timeout=30).status_code == 401
         revoked = _cli(state_dir, "keys", "revoke", key_id)
         assert revoked.returncode == 0, revoked.stderr
+        providers = _cli(state_dir, "providers")  # with the upstream's record, from up's Redis
+        assert "mock\tmock\troutable\tupstream ok (1 calls, 0 errors in 5 min)" in providers.stdout, providers
         for out in (created.stdout + created.stderr, listed.stdout, migrated.stdout, up.output()):
             assert not any(s in out for s in secrets_), "a password was printed"
 
@@ -240,3 +242,9 @@ def test_cli_commands_find_the_servers_of_a_running_up(state_dir: Path) -> None:
         assert "\n" not in line and "Traceback" not in line, line
         assert f"llm-gateway {args[0]}: " in line and "`llm-gateway up` is not running" in line
         assert str(state_dir.resolve()) in line
+    nowhere = {**fresh_environment(), "DATABASE_URL": "postgresql://u:s3cr3t@127.0.0.1:1/x"}
+    unreachable = subprocess.run([sys.executable, "-m", "launcher.cli", "keys", "list"], cwd=ROOT, timeout=60,
+                                 env=nowhere, capture_output=True, text=True, check=False)
+    assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr, unreachable
+    assert unreachable.stderr.startswith("llm-gateway keys: cannot reach Postgres: ")
+    assert "s3cr3t" not in unreachable.stderr

@@ -9,6 +9,8 @@ right key)."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 import requests
 
 from tests.fakeprovider import FakeProvider
-from tests.integration.conftest import Api, Process, WorkerFactory, kill_all
+from tests.integration.conftest import ROOT, Api, Process, WorkerFactory, kill_all
 
 pytestmark = pytest.mark.integration
 
@@ -106,5 +108,11 @@ def test_failed_upstream_attempts_are_logged_and_shown_in_health(stack: tuple[Ap
     assert providers["good"]["status"] == "ok" and providers["good"]["attempts"] == 1
     assert providers["good"]["errors"] == 0 and providers["good"]["last_error"] is None
 
+    listed = subprocess.run([sys.executable, "-m", "launcher.cli", "providers"], cwd=ROOT, env=api.env,
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "badkey\topenai\troutable\tupstream credentials_rejected (1 calls, 1 errors in 5 min" in listed
+    assert "refused\topenai\troutable\tupstream failing (8 calls, 8 errors" in listed
+
     logs = [proc.output() for proc in procs] + [Path(api.log).read_text(errors="replace"), health.text]
+    logs.append(listed)
     assert not any(WRONG_KEY in text or RIGHT_KEY in text for text in logs)
