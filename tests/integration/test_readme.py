@@ -86,6 +86,40 @@ def readme_blocks(text: str) -> list[Block]:
 BLOCKS = [block for block in readme_blocks(README.read_text()) if block.language in RUNNABLE]
 
 
+SAMPLE = """# Title
+text
+```bash
+echo top
+```
+## Section one
+
+<!-- readme-test: skip — needs a real key -->
+```python
+print("skipped")
+```
+```yaml
+a: 1
+```
+### Sub
+<!-- readme-test: http-errors-ok -->
+
+```bash
+# a comment inside, not a heading
+curl -s http://127.0.0.1:8080/nope
+```
+"""
+
+
+def test_the_parser_finds_each_block_its_section_and_directive() -> None:
+    found = [(b.line, b.language, b.section, b.directive, b.code) for b in readme_blocks(SAMPLE)]
+    assert found == [
+        (3, "bash", "Title", None, "echo top\n"),
+        (9, "python", "Section one", "skip", 'print("skipped")\n'),
+        (12, "yaml", "Section one", None, "a: 1\n"),
+        (18, "bash", "Sub", "http-errors-ok", "# a comment inside, not a heading\ncurl -s http://127.0.0.1:8080/nope\n"),
+    ]
+
+
 def test_every_directive_is_known() -> None:
     unknown = [f"{block.name}: {block.directive}" for block in BLOCKS
                if block.directive is not None and block.directive not in DIRECTIVES]
