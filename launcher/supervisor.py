@@ -131,6 +131,10 @@ def _run(settings: Settings, api_host: str, api_port: int, console: _Console, si
             console.say(f"provider: {name} is NOT routable: {provider.unroutable_reason}")
     if not providers:
         console.say("warning: no provider is routable; every call will get 503 until one is configured")
+    finds = ("finds the embedded servers by itself" if len(embedded) == len(stores)
+             else "needs the same REDIS_URL/DATABASE_URL")
+    console.say(f"next:     in another terminal here, `llm-gateway keys create --name me` makes an API key "
+                f"(every llm-gateway command {finds})")
     console.say("Ctrl-C stops everything")
     return children.watch(embedded, f"{base}/health")
 

@@ -180,6 +180,33 @@ def test_up_serves_then_stops_everything_on_sigterm(state_dir: Path) -> None:
         up.kill()
 
 
+def test_up_shows_failed_upstream_calls_in_its_log_and_health(state_dir: Path) -> None:
+    """An upstream that refuses connections: the client gets a 502, ``up``'s output a warning line per
+    attempt (the worker runs at its default log level), ``/health`` the provider as failing."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refusing = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    bad_key = "sk-never-in-a-log-4711"
+    up = Up(state_dir, env={"OPENAI_API_KEY": bad_key, "OPENAI_BASE_URL": refusing})
+    try:
+        up.wait_ready()
+        with requests.Session() as http:
+            http.headers["Connection"] = "close"
+            base = f"http://127.0.0.1:{up.api_port}"
+            reply = http.post(f"{base}/v1/chat/completions", timeout=30,
+                              json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_unavailable"
+            openai = http.get(f"{base}/health", timeout=10).json()["providers"]["openai"]
+        assert openai["status"] == "failing" and openai["errors"] == openai["attempts"] == 3  # max_retries 2
+        failed = "upstream attempt failed: provider=openai"
+        lines = [line for line in up.output().splitlines() if failed in line]
+        assert len(lines) == 3 and all(line.startswith("worker-openai | ") and "WARNING" in line
+                                       and "status=unavailable" in line for line in lines), up.output()
+        assert bad_key not in up.output()
+    finally:
+        up.kill()
+
+
 def test_up_stops_everything_when_a_child_dies(state_dir: Path) -> None:
     up = Up(state_dir)
     try:

@@ -46,9 +46,10 @@ class Up:
     from ``cwd`` (this checkout's code either way), with none of the machine's store URLs, provider
     credentials or gateway settings: what a fresh install sees."""
 
-    def __init__(self, state_dir: Path, auth: str = "off", cwd: Path = ROOT) -> None:
+    def __init__(self, state_dir: Path, auth: str = "off", cwd: Path = ROOT,
+                 env: dict[str, str] | None = None) -> None:
         self.api_port, self.flower_port = free_port(), free_port()
-        env = fresh_environment()
+        env = {**fresh_environment(), **(env or {})}
         env.update(GATEWAY_STATE_DIR=str(state_dir), GATEWAY_PORT=str(self.api_port),
                    GATEWAY_FLOWER_PORT=str(self.flower_port), GATEWAY_AUTH=auth, PYTHONUNBUFFERED="1",
                    PYTHONPATH=str(ROOT))
