@@ -80,7 +80,8 @@ def embedded_url(state_dir: Path, store: Store) -> str | None:
     except (ValueError, KeyError, TypeError):
         return None  # torn or foreign: no server can be identified by it
     try:
-        alive = psutil.Process(pid).name() == process and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        server = psutil.Process(pid)
+        alive = server.name() == process and server.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         alive = False
     return url if alive else None
