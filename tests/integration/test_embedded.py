@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -226,6 +227,26 @@ def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+def _worker_joins(state_dir: Path) -> None:
+    """``llm-gateway worker`` next to a running ``up`` reaches its Redis and Postgres (the URLs found
+    by the CLI are passed on to the exec'd Celery worker) and gets ready."""
+    env = {**fresh_environment(), "GATEWAY_STATE_DIR": str(state_dir)}
+    log = state_dir / "extra-worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "launcher.cli", "worker", "--provider", "mock",
+                                   "--loglevel", "info"], cwd=ROOT, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "ready." not in log.read_text(errors="replace"):
+            assert worker.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.1)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
 def test_cli_commands_find_the_servers_of_a_running_up(state_dir: Path) -> None:
     up = Up(state_dir, auth="auto")  # the default: open until the first key exists
     try:
@@ -252,6 +273,7 @@ def test_cli_commands_find_the_servers_of_a_running_up(state_dir: Path) -> None:
             assert http.post(url, json=call, timeout=30).status_code == 401
         revoked = _cli(state_dir, "keys", "revoke", key_id)
         assert revoked.returncode == 0, revoked.stderr
+        _worker_joins(state_dir)
         providers = _cli(state_dir, "providers")  # with the upstream's record, from up's Redis
         assert "mock\tmock\troutable\tupstream ok (1 calls, 0 errors in 5 min)" in providers.stdout, providers
         for out in (created.stdout + created.stderr, listed.stdout, migrated.stdout, up.output()):
