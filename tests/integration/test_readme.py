@@ -1,8 +1,9 @@
 """Every example in README.md runs exactly as written on a fresh ``llm-gateway up``.
 
 The test starts ``up`` (embedded Redis and Postgres, default settings, no provider credentials) in a
-fresh project directory, then runs README.md's ```` ```bash ```` and ```` ```python ```` blocks in the
-order they appear, as a user would type them into one terminal in that directory:
+fresh project directory, then runs README.md's ```` ```bash ```` (or ``sh``, ``shell``) and
+```` ```python ```` blocks in the order they appear, as a user would type them into one terminal in
+that directory:
 
 * **bash** blocks run with ``set -euo pipefail``; variables a block sets are set for the blocks after
   it (``export GATEWAY_KEY=$(llm-gateway keys create …)``, then ``$GATEWAY_KEY``); ``curl`` fails
@@ -41,7 +42,8 @@ pytestmark = pytest.mark.integration
 
 README = ROOT / "README.md"
 BLOCK_TIMEOUT = 90.0
-RUNNABLE = ("bash", "python")
+#: fence language → how it runs; blocks in any other language (yaml, json, text) are documentation only
+RUNNABLE = {"bash": "bash", "sh": "bash", "shell": "bash", "python": "python", "py": "python"}
 DIRECTIVES = ("skip", "http-errors-ok")
 _FENCE = re.compile(r"^```(\S*)\s*$")
 _DIRECTIVE = re.compile(r"^<!--\s*readme-test:\s*([\w-]+)")
@@ -155,7 +157,7 @@ class Session:
 
     def run(self, block: Block) -> subprocess.CompletedProcess[str]:
         code = self.localise(block.code)
-        if block.language == "python":
+        if RUNNABLE[block.language] == "python":
             argv = [sys.executable, "-c", code]
         else:
             fail = "" if block.directive == "http-errors-ok" else "--fail-with-body "
@@ -169,7 +171,7 @@ class Session:
         except subprocess.TimeoutExpired as exc:
             output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
             return subprocess.CompletedProcess(argv, -1, output or "", f"timed out after {BLOCK_TIMEOUT:g} s")
-        if block.language == "bash" and result.returncode == 0:
+        if RUNNABLE[block.language] == "bash" and result.returncode == 0:
             self._carry_exports()
         return result
 
