@@ -10,6 +10,11 @@ read but never acked are claimed by the others after ``CLAIM_IDLE_MS``. Nothing 
 keeps its data (run it with AOF in production, as the broker needs anyway). A row Postgres refuses
 for what it holds (a poison row) is parked, with its error, in the stream ``<usage stream>:parked``
 and logged once; it never holds back the rows batched with it.
+
+The usage rollups (``usage_hourly``, ``usage_daily``: what ``/v1/usage`` and ``/admin/usage`` read) are
+kept by a statement-level trigger on ``usage`` (migration 0005) in the same transaction as each insert,
+here and in ``common/jobrows.py`` alike; it sees only the rows a statement really inserted, so a row
+skipped by ``ON CONFLICT DO NOTHING`` is never counted. Writers need do nothing for it.
 """
 
 from __future__ import annotations
