@@ -19,6 +19,7 @@ skipped by ``ON CONFLICT DO NOTHING`` is never counted. Writers need do nothing 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -30,7 +31,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import redis
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import BigInteger, DateTime, Integer, Numeric, TextClause, text
 from sqlalchemy.exc import (
     ArgumentError,
     CompileError,
@@ -111,13 +112,43 @@ class UsageLedger:
         # only the table's columns: a field this version does not know (a newer worker's, in a rolling
         # upgrade) is dropped rather than costing the row
         rows = [{k: v for k, v in row.items() if k in _COLUMNS} for row in rows]
+        # one statement per batch, the rows as arrays: the rollup trigger runs once per statement (an
+        # executemany would be one statement, and one trigger run, per row); rows of one version all
+        # have the same columns
+        shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            shapes.setdefault(tuple(sorted(row)), []).append(row)
         with self.sessions.begin() as session:
-            session.execute(insert(Usage).on_conflict_do_nothing(index_elements=["call_id"]), rows)
+            for columns, same in shapes.items():
+                arrays = {name: [None if row[name] is None else str(row[name]) for row in same]
+                          for name in columns}
+                session.execute(_insert_arrays(columns), arrays)
 
     def _settle(self, outcomes: list[RowOutcome]) -> None:
         with self.sessions.begin() as session:
             for outcome in outcomes:
                 settle_outcome(session, outcome)
+
+
+_ARRAY_TYPES = ((Numeric, "numeric"), (BigInteger, "bigint"), (Integer, "integer"),
+                (DateTime, "timestamptz"))
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_arrays(columns: tuple[str, ...]) -> TextClause:
+    """``INSERT INTO usage (columns) SELECT unnest(...) … ON CONFLICT (call_id) DO NOTHING``, each column
+    sent as a text array and cast to its type by Postgres: a value it cannot take (``"many"`` tokens, a
+    39-digit number, a job id too long for its column) fails the statement with the reason, as a
+    row-by-row insert would (and the batch is retried row by row: :func:`_write_refusing`)."""
+    arrays = []
+    for name in columns:
+        column_type = Usage.__table__.c[name].type
+        sql_type = next((pg for cls, pg in _ARRAY_TYPES if isinstance(column_type, cls)), None)
+        # strings stay text: the INSERT's own assignment cast refuses one too long for its column
+        as_text = f"CAST(:{name} AS text[])"
+        arrays.append(f"CAST({as_text} AS {sql_type}[])" if sql_type else as_text)
+    return text(f"INSERT INTO usage ({', '.join(columns)}) SELECT * FROM unnest({', '.join(arrays)}) "
+                "ON CONFLICT (call_id) DO NOTHING")
 
 
 def _write_refusing(items: list[T], write: Callable[[list[T]], None]) -> list[tuple[int, str]]:
