@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import io
 from datetime import datetime
+from decimal import Decimal, localcontext
 from typing import Any
 
 from common.usage.report import UsageGroup, UsageReport
 
+COST_PLACES = 10   # usage.cost_usd's scale: every sum of costs is exact at it
 #: a group's figures, in the order CSV columns come after the group's own columns
 FIGURES = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd", "mean_queue_wait_ms",
            "mean_upstream_latency_ms")
@@ -18,10 +20,18 @@ def rfc3339(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def money(amount: Decimal) -> str:
+    """USD as a decimal string with exactly :data:`COST_PLACES` places (a sum of nothing is ``0E-10`` or
+    ``0`` to Python; it is written ``0.0000000000`` like every other figure)."""
+    with localcontext() as exact:
+        exact.prec = 60  # numeric(38,10) has up to 38 digits; the default context (28) would round
+        return format(amount.quantize(Decimal(1).scaleb(-COST_PLACES)), "f")
+
+
 def figures(group: UsageGroup) -> dict[str, Any]:
     """A group's figures; ``cost_usd`` a decimal string at full precision (10 places)."""
     return {"requests": group.requests, "errors": group.errors, "input_tokens": group.input_tokens,
-            "output_tokens": group.output_tokens, "cost_usd": format(group.cost_usd, "f"),
+            "output_tokens": group.output_tokens, "cost_usd": money(group.cost_usd),
             "mean_queue_wait_ms": group.mean_queue_wait_ms,
             "mean_upstream_latency_ms": group.mean_upstream_latency_ms}
 

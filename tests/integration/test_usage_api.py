@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import io
 import secrets
+import subprocess
+import sys
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -24,7 +26,7 @@ from common.settings import normalise_database_url
 from common.usage import report, spent
 from common.usage.query import UsageQuery, ceil_hour, floor_hour
 from tests.conftest import TEST_REDIS_URL
-from tests.integration.conftest import Api, wait_until
+from tests.integration.conftest import ROOT, Api, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -219,3 +221,15 @@ def test_the_csv_export_sums_to_the_json(usage_api, keys):
     own = get(usage_api, "/v1/usage", keys["b"][1], format="csv", group_by="model", **window())
     assert own.status_code == 200
     assert {line["model"] for line in csv.DictReader(io.StringIO(own.text))} == {"fake-model"}
+
+
+def test_the_cli_reports_what_the_api_does(usage_api, gateway_env):
+    params = {"group_by": "key,model", **window()}
+    api_csv = get(usage_api, "/admin/usage.csv", ADMIN, **params).text
+    cli = subprocess.run([sys.executable, "-m", "launcher.cli", "usage", "--group-by", "key,model",
+                          "--from", params["from"], "--to", params["to"], "--csv"], cwd=ROOT, env=gateway_env,
+                         check=True, capture_output=True, text=True, timeout=60)
+    assert cli.stdout.splitlines() == api_csv.splitlines() and len(api_csv.splitlines()) == 3  # header, a, b
+    bad = subprocess.run([sys.executable, "-m", "launcher.cli", "usage", "--group-by", "week"], cwd=ROOT,
+                         env=gateway_env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "'group_by'" in bad.stderr

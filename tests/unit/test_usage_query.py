@@ -12,6 +12,7 @@ import pytest
 from common.errors import InvalidRequest
 from common.usage import UsageGroup, UsageQuery, UsageReport, as_csv, as_json, parse_query
 from common.usage.query import parse_time, plan
+from common.usage.render import money
 
 NOW = datetime(2026, 11, 30, 4, 34, 8, tzinfo=UTC)
 
@@ -122,6 +123,17 @@ def test_json_keeps_cost_exact_and_means():
                                "input_tokens": 30, "output_tokens": 60, "cost_usd": "0.0000000003",
                                "mean_queue_wait_ms": 10.0, "mean_upstream_latency_ms": 200.0}
     assert body["total"]["cost_usd"] == "1.5000000003" and body["total"]["requests"] == 4
+
+
+@pytest.mark.parametrize(("amount", "text"), [
+    (Decimal(0), "0.0000000000"),
+    (Decimal("0E-10"), "0.0000000000"),
+    (Decimal("1.5"), "1.5000000000"),
+    (Decimal("0.0000000001") * 1_000_000, "0.0001000000"),
+    (Decimal("1234567890123456789012345678.0000000001"), "1234567890123456789012345678.0000000001"),
+], ids=["zero", "zero-at-scale", "short", "a-million-tiny-calls", "numeric-38-10-at-its-widest"])
+def test_money_has_ten_places_and_never_rounds(amount, text):
+    assert money(amount) == text
 
 
 def test_csv_quotes_and_sums_to_the_total():
