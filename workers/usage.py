@@ -43,6 +43,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import sessionmaker
 
+from common.apikeys import ANONYMOUS
 from common.db import Usage
 from common.jobrows import insert_usage, settle_outcome
 from common.jobs import JobStore
@@ -116,7 +117,9 @@ class UsageLedger:
         # executemany would be one statement, and one trigger run, per row); rows of one version all
         # have the same columns
         shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-        for row in rows:
+        # in call_id order: two flushers writing some of the same rows (a claimed entry, an outbox
+        # outcome and its repair) take the unique index's locks in the same order, never a deadlock
+        for row in sorted(rows, key=lambda r: str(r.get("call_id"))):
             shapes.setdefault(tuple(sorted(row)), []).append(row)
         with self.sessions.begin() as session:
             for columns, same in shapes.items():
@@ -125,8 +128,10 @@ class UsageLedger:
                 session.execute(_insert_arrays(columns), arrays)
 
     def _settle(self, outcomes: list[RowOutcome]) -> None:
+        # one statement per outcome, each locking its rollup buckets: in the rollup trigger's order (key,
+        # model, provider; the hour is the transaction's), so a concurrent batch never waits in a cycle
         with self.sessions.begin() as session:
-            for outcome in outcomes:
+            for outcome in sorted(outcomes, key=_rollup_order):
                 settle_outcome(session, outcome)
 
 
@@ -149,6 +154,14 @@ def _insert_arrays(columns: tuple[str, ...]) -> TextClause:
         arrays.append(f"CAST({as_text} AS {sql_type}[])" if sql_type else as_text)
     return text(f"INSERT INTO usage ({', '.join(columns)}) SELECT * FROM unnest({', '.join(arrays)}) "
                 "ON CONFLICT (call_id) DO NOTHING")
+
+
+def _rollup_order(outcome: RowOutcome) -> tuple[str, ...]:
+    """Where an outcome's usage row falls in the rollup trigger's lock order (its ``ORDER BY``, byte
+    order: Python's for str); outcomes without one first."""
+    row = outcome.usage_row or {}
+    return tuple(str(row.get(name) or default) for name, default in (
+        ("api_key_id", ANONYMOUS), ("model", ""), ("provider", ""), ("call_id", "")))
 
 
 def _write_refusing(items: list[T], write: Callable[[list[T]], None]) -> list[tuple[int, str]]:

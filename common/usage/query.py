@@ -110,8 +110,8 @@ def parse_query(args: Mapping[str, str], now: datetime, *, filters: Collection[s
     since = parse_time(args["from"], "from") if args.get("from") else month_start(now)
     until = parse_time(args["to"], "to") if args.get("to") else now
     if until <= since:
-        raise InvalidRequest(f"'to' ({until.isoformat()}) must be after 'from' ({since.isoformat()})",
-                             param="to")
+        raise InvalidRequest(f"'to' ({until:%Y-%m-%dT%H:%M:%SZ}) must be after 'from' "
+                             f"({since:%Y-%m-%dT%H:%M:%SZ})", param="to")
     if until - since > MAX_RANGE:
         raise InvalidRequest(f"'from' to 'to' spans more than {MAX_RANGE.days} days; ask for less at once",
                              param="to")

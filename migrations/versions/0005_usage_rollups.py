@@ -32,14 +32,17 @@ KEYS = ("bucket", "api_key_id", "model", "provider")
 
 def _rollup_insert(table: str, grain: str, source: str) -> str:
     """Add ``source``'s rows (usage rows) to ``table``. Rows are upserted in key order so two statements
-    that touch the same buckets lock them in the same order (no deadlock between concurrent flushers)."""
+    that touch the same buckets lock them in the same order (no deadlock between concurrent flushers);
+    byte order (``COLLATE "C"``), which writers sorting in Python can match (``workers/usage.py``)."""
     columns = ", ".join((*KEYS, *SUMS))
     sums = ", ".join(SUMS.values())
     updates = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in SUMS)
     # rows written while auth was open before 0003 have no key: they are the anonymous caller's
     return (f"INSERT INTO {table} AS r ({columns}) "
             f"SELECT date_trunc('{grain}', created_at, 'UTC'), coalesce(api_key_id, 'anonymous'), model, "
-            f"provider, {sums} FROM {source} GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4 "
+            f"provider, {sums} FROM {source} GROUP BY 1, 2, 3, 4 "
+            f"""ORDER BY 1, coalesce(api_key_id, 'anonymous') COLLATE "C", model COLLATE "C", """
+            f"""provider COLLATE "C" """
             f"ON CONFLICT ({', '.join(KEYS)}) DO UPDATE SET {updates}")
 
 
