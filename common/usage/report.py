@@ -18,8 +18,10 @@ from sqlalchemy import ColumnElement, Select, and_, func, literal, or_, select, 
 from sqlalchemy.orm import sessionmaker
 
 from common.db import UsageDaily, UsageHourly
+from common.errors import InvalidRequest
 from common.usage.query import UsageQuery, ceil_hour, floor_hour, plan
 
+MAX_GROUPS = 100_000  # a report's rows held in memory and sent at once (a year by hour × key × model is more)
 METRICS = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd", "queue_wait_ms",
            "upstream_latency_ms")
 
@@ -81,9 +83,10 @@ def _part(table: Rollup, ranges: list[tuple[datetime, datetime]], query: UsageQu
                   *(getattr(table, name) for name in METRICS)).where(*conditions)
 
 
-def report(sessions: sessionmaker, query: UsageQuery) -> UsageReport:
+def report(sessions: sessionmaker, query: UsageQuery, *, max_groups: int = MAX_GROUPS) -> UsageReport:
     """The query's groups with their sums, ordered by time then key, model, provider. Reads at most one
-    daily row per day and one hourly row per edge hour for each key × model × provider."""
+    daily row per day and one hourly row per edge hour for each key × model × provider. More than
+    ``max_groups`` groups is an :class:`InvalidRequest` (naming ``group_by``), not a huge answer."""
     daily, hourly = plan(query.since, query.until, hourly_only="hour" in query.group_by)
     parts = ([_part(UsageDaily, daily, query)] if daily else []) + ([_part(UsageHourly, hourly, query)]
                                                                     if hourly else [])
@@ -94,9 +97,12 @@ def report(sessions: sessionmaker, query: UsageQuery) -> UsageReport:
     sums = [func.coalesce(func.sum(rows.c[name]), 0).label(name) for name in METRICS]
     statement = select(*keys, *sums)
     if keys:
-        statement = statement.group_by(*keys).order_by(*keys)
+        statement = statement.group_by(*keys).order_by(*keys).limit(max_groups + 1)
     with sessions() as session:
         result = session.execute(statement).all()
+    if len(result) > max_groups:
+        raise InvalidRequest(f"this report has more than {max_groups:,} groups; ask for a shorter window, "
+                             "filter it, or group by less", param="group_by")
     groups = [UsageGroup(group={name: _label(name, row[i]) for i, name in enumerate(query.group_by)},
                          **{name: _metric(name, row[len(keys) + j]) for j, name in enumerate(METRICS)})
               for row in result]

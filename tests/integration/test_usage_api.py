@@ -21,6 +21,7 @@ import requests
 
 from common.apikeys import create_key
 from common.db import make_session_factory
+from common.errors import InvalidRequest
 from common.jobs import JobStore
 from common.settings import normalise_database_url
 from common.usage import report, spent
@@ -156,6 +157,11 @@ def test_defaults_cover_this_month_and_budgets_read_spent(usage_api, keys, db, s
     hour_plan = report(sessions, UsageQuery(since=day_plan.query.since, until=day_plan.query.until,
                                             group_by=("hour",)))
     assert day_plan.total == hour_plan.total and day_plan.total.requests > 0
+    by_key = UsageQuery(since=day_plan.query.since, until=day_plan.query.until, group_by=("key",))
+    assert len(report(sessions, by_key, max_groups=2).groups) == 2
+    with pytest.raises(InvalidRequest) as too_many:
+        report(sessions, by_key, max_groups=1)
+    assert too_many.value.param == "group_by"
 
 
 def test_the_admin_report_needs_the_admin_key(usage_api, keys):
