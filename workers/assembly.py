@@ -40,7 +40,8 @@ def build_runner(settings: Settings) -> JobRunner:
     UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
     JobReconciler(settings, store, rows).start()
     lease_ttl = job_lease_ttl(settings)
-    limiter = Limiter(store, keyed=bool(settings.registry.key_limits))
+    # keyed: any key may be given limits of its own at any time (the admin API)
+    limiter = Limiter(store, keyed=True)
     admission = AdmissionControl(limiter, call_lease_s=lease_ttl)
     admission.start()  # the process heartbeat: the jobs this process holds (``holder``) are alive with it
     return JobRunner(settings, store, rows, ledger, adapters, admission)

@@ -102,6 +102,10 @@ class JobRunner:
         else:  # no limits apply: claim straight away (returning the spec unless we read it: one round trip)
             claim = self.store.claim(job_id, execution, self.lease_ttl, with_spec=job is None,
                                      holder=self.admission.proc_id)
+        if claim.outcome is Start.LIMITED:  # its key has limits of its own: wait in line for them
+            assert claim.spec is not None
+            job = self._job(job_id, execution, claim.spec)
+            claim = self._admit(job)
         if claim.outcome is Start.MISSING:
             return self._recover_missing(job_id)
         if claim.outcome is Start.EXPIRED:
@@ -135,7 +139,7 @@ class JobRunner:
         model = self.settings.registry.models[spec.model]
         provider = self.settings.registry.provider_of(model)
         key = spec.api_key_id or "-"
-        scopes = scopes_for(self.settings.registry, model, provider, key)
+        scopes = scopes_for(self.settings.registry, model, provider, key, spec.own_limits())
         request = spec.canonical_request()
         return _Run(job_id, execution, spec, model, provider, key, scopes, request,
                     reservation(request, model) if scopes else 0)
