@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 import redis
+import sqlalchemy.exc
 from werkzeug.datastructures import Headers
 
 from api.errors import OUTAGE_RETRY_AFTER_S, STORE_DOWN
@@ -200,7 +201,8 @@ class LastUsed:
             return
         try:
             self._touch(batch, datetime.now(UTC))
-        except STORE_DOWN as exc:
+        except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:   # wider than STORE_DOWN: any failure
+            # a hint, not worth a retry: the next use marks the key again
             log.warning("last_used_at of %d keys not recorded (%s)", len(batch), type(exc).__name__)
 
     def _loop(self) -> None:

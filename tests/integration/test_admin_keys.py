@@ -9,6 +9,9 @@ limits are the only ones a call meets there).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -17,7 +20,8 @@ from typing import Any
 import pytest
 import requests
 
-from tests.integration.conftest import Api, wait_until
+from tests.integration.conftest import ROOT, Api, wait_until
+from tests.integration.test_auth import cli
 
 pytestmark = pytest.mark.integration
 
@@ -232,3 +236,39 @@ def test_a_keys_own_limits_set_by_the_admin_api_are_held_by_the_workers(apis, fa
         calls = [pool.submit(chat, apis[i % 2].url, key, messages=said(f"sleep:0.5 b{i}")) for i in range(3)]
         assert [c.result().status_code for c in calls] == [200] * 3
     assert fake.stats()["concurrent_max"] > 1
+
+
+def test_the_cli_manages_the_same_keys(apis, admin_env):
+    url = apis[0].url
+    out = cli(admin_env, "keys", "create", "--name", "from-cli", "--role", "admin", "--models", "fake*,x-?",
+              "--expires", "30d", "--team", "infra", "--limits", "concurrency=2,rpm=60",
+              "--metadata", '{"ticket": 7}')
+    key_id, secret = out.split()[2], out.strip().splitlines()[-1]
+    seen = requests.get(f"{url}/admin/keys/{key_id}", headers=ADMIN).json()
+    assert {k: seen[k] for k in ("name", "role", "allowed_models", "team", "limits", "metadata")} == {
+        "name": "from-cli", "role": "admin", "allowed_models": ["fake*", "x-?"], "team": "infra",
+        "limits": {"concurrency": 2, "rpm": 60}, "metadata": {"ticket": 7}}
+    expires = datetime.fromisoformat(seen["expires_at"])
+    assert timedelta(days=29) < expires - datetime.now(UTC) <= timedelta(days=30)
+    # an admin-role key made by the CLI opens the admin API
+    assert requests.get(f"{url}/admin/keys", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+
+    updated = json.loads(cli(admin_env, "keys", "update", key_id, "--models", "all", "--limits", "default",
+                             "--team", "none", "--expires", "never", "--role", "client"))
+    assert [updated[k] for k in ("allowed_models", "limits", "team", "expires_at", "role")] == [None] * 4 + [
+        "client"]
+    assert json.loads(cli(admin_env, "keys", "get", key_id))["role"] == "client"
+    assert key_id in cli(admin_env, "keys", "list")
+    # the change reached the API: the key lost its admin role
+    wait_until(lambda: requests.get(f"{url}/admin/keys",
+                                    headers={"Authorization": f"Bearer {secret}"}).status_code == 403, 1.5)
+
+    bad = subprocess.run([sys.executable, "-m", "launcher.cli", "keys", "create", "--name", "x", "--limits",
+                          "rpm=-1"], cwd=ROOT, env=admin_env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "limits.rpm" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "launcher.cli", "keys", "get", "key_nope"], cwd=ROOT,
+                             env=admin_env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no API key" in missing.stderr
+
+    assert "revoked" in cli(admin_env, "keys", "revoke", key_id)
+    assert requests.get(f"{url}/admin/keys/{key_id}", headers=ADMIN).json()["revoked_at"] is not None
