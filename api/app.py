@@ -46,7 +46,7 @@ def create_app(settings: Settings) -> Flask:
     sessions = make_session_factory(settings.database_url, pool_size=5)
     gateway = Gateway(settings, store, sessions, ReplyDispatcher(store))
     keys = KeyService(sessions, store.redis, settings.key_prefix)
-    authenticator = Authenticator(settings.auth_mode, keys.active_records, version=keys.version,
+    authenticator = Authenticator(settings.auth_mode, keys.records, version=keys.version,
                                   stale_limit=settings.auth_stale_limit)
     last_used = LastUsed(keys.touch)
     app.extensions["gateway"] = gateway

@@ -11,7 +11,8 @@ Last use: a key's ``last_used_at`` is written in batches, at most every :data:`L
 per process, off the request's path — never one database write per request.
 
 ``GATEWAY_AUTH``: ``required`` — every call needs an active key; ``off`` — no checks;
-``auto`` (default) — required as soon as at least one key exists, open on a fresh install.
+``auto`` (default) — required as soon as at least one key exists (revoked ones count: revoking the
+last key does not reopen the gateway), open on a fresh install.
 
 Postgres outages: the last key set loaded keeps answering for up to ``GATEWAY_AUTH_STALE_LIMIT``
 seconds (300 by default; a key revoked during the outage works until it ends or the limit passes).
@@ -52,8 +53,10 @@ V = TypeVar("V")
 
 
 class Authenticator(Generic[V]):
-    """``load_hashes`` returns ``{sha256(secret): value}`` for every active key; ``version`` (optional)
-    returns the key-change counter, and may raise redis errors (then only the periodic reload runs)."""
+    """``load_hashes`` returns ``{sha256(secret): value}`` for every key it knows (whether a found key
+    may be used — not revoked, not expired — is the caller's check on the value); ``version``
+    (optional) returns the key-change counter, and may raise redis errors (then only the periodic
+    reload runs)."""
 
     def __init__(self, mode: str, load_hashes: Callable[[], dict[str, V]], *,
                  stale_limit: float = 300.0, clock: Callable[[], float] = time.monotonic,
@@ -74,7 +77,7 @@ class Authenticator(Generic[V]):
         self._lock = threading.Lock()
 
     def _active(self, max_age: float = CACHE_SECONDS, *, miss: bool = False) -> dict[str, V]:
-        """The active key set, reloaded when older than ``max_age`` or when the change counter moved.
+        """The key set, reloaded when older than ``max_age`` or when the change counter moved.
         During an outage: the last good set while it is younger than the stale limit, else
         :class:`StoreUnavailable`. ``miss``: an unknown secret — read the change counter now and wait
         for a reload in progress (a key created a moment ago must work at once)."""
@@ -172,7 +175,7 @@ class Authenticator(Generic[V]):
         return key_id
 
     def identify(self, secret: str) -> V | None:
-        """The active key whose secret this is, whatever the mode (the admin API's check)."""
+        """The key whose secret this is, whatever the mode (the admin API's check)."""
         digest = hash_secret(secret)
         return self._active().get(digest) or self._active(MISS_RELOAD_SECONDS, miss=True).get(digest)
 

@@ -138,15 +138,16 @@ class KeyService:
             rows = list(session.scalars(query))
         return Page(rows[:limit], len(rows) > limit)
 
-    def active_records(self) -> dict[str, KeyRecord]:
-        """``{key_hash: KeyRecord}`` of every key not revoked (expired ones too: they get their own 401)."""
+    def records(self) -> dict[str, KeyRecord]:
+        """``{key_hash: KeyRecord}`` of every key. Revoked and expired ones too: each gets its own 401,
+        and in ``GATEWAY_AUTH=auto`` revoking the last key must not reopen the gateway."""
         with self.sessions() as session:
             rows = session.execute(select(ApiKey.key_hash, ApiKey.id, ApiKey.role, ApiKey.allowed_models,
-                                          ApiKey.expires_at, ApiKey.limits, ApiKey.team)
-                                   .where(ApiKey.revoked_at.is_(None)))
+                                          ApiKey.expires_at, ApiKey.limits, ApiKey.team, ApiKey.revoked_at))
             return {r.key_hash: KeyRecord(
                 r.id, r.role, None if r.allowed_models is None else tuple(r.allowed_models), r.expires_at,
-                None if r.limits is None else Limits(**r.limits), r.team) for r in rows}
+                None if r.limits is None else Limits(**r.limits), r.team, r.revoked_at is not None)
+                for r in rows}
 
     def version(self) -> str | None:
         """The current change counter (None before the first change); raises redis errors."""

@@ -152,7 +152,7 @@ def parse_expiry(text: str, now: datetime) -> datetime:
 
 @dataclass(frozen=True)
 class KeyRecord:
-    """An active key as every API process caches it (by the SHA-256 of its secret)."""
+    """A key as every API process caches it (by the SHA-256 of its secret)."""
 
     id: str
     role: str = "client"
@@ -160,13 +160,16 @@ class KeyRecord:
     expires_at: datetime | None = None
     limits: Limits | None = None
     team: str | None = None
+    revoked: bool = False
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
 
     def check_usable(self, now: datetime) -> None:
-        """Raise 401 if the key has expired."""
+        """Raise 401 if the key was revoked or has expired."""
+        if self.revoked:
+            raise AuthenticationFailed("this API key was revoked", code="key_revoked")
         if self.expires_at is not None and self.expires_at <= now:
             raise AuthenticationFailed(f"this API key expired at {self.expires_at.isoformat()}",
                                        code="key_expired")

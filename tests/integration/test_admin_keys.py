@@ -216,6 +216,7 @@ def test_revoke_takes_effect_within_a_second_on_every_api_process(apis):
         wait_until(lambda url=api.url: chat(url, key).status_code == 401, 3, interval=0.02)
         refused_after.append(time.monotonic() - revoked_at)
     assert max(refused_after) < 1.0, refused_after
+    assert chat(apis[0].url, key).json()["error"]["code"] == "key_revoked"
 
 
 def test_a_keys_own_limits_set_by_the_admin_api_are_held_by_the_workers(apis, fake):
