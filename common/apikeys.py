@@ -149,6 +149,11 @@ class KeyService:
                 None if r.limits is None else Limits(**r.limits), r.team, r.revoked_at is not None)
                 for r in rows}
 
+    def revoked_ids(self) -> set[str]:
+        """The ids of every revoked key (workers refuse to start their queued jobs)."""
+        with self.sessions() as session:
+            return set(session.scalars(select(ApiKey.id).where(ApiKey.revoked_at.is_not(None))))
+
     def version(self) -> str | None:
         """The current change counter (None before the first change); raises redis errors."""
         if self.redis is None:

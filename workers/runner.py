@@ -41,6 +41,7 @@ from common.contract import (
     unrun_event,
 )
 from common.errors import (
+    AuthenticationFailed,
     ClientGone,
     ExceedsLimit,
     GatewayError,
@@ -74,13 +75,15 @@ BUSY_POLL_S = 1.0   # how often a delivery of a job whose lease is alive looks w
 
 class JobRunner:
     def __init__(self, settings: Settings, store: JobStore, rows: JobRows, ledger: UsageLedger,
-                 adapters: dict[str, Adapter], admission: AdmissionControl) -> None:
+                 adapters: dict[str, Adapter], admission: AdmissionControl,
+                 revoked: Callable[[str | None], bool] = lambda key_id: False) -> None:
         self.settings = settings
         self.store = store
         self.rows = rows
         self.ledger = ledger
         self.adapters = adapters
         self.admission = admission
+        self.revoked = revoked   # whether a job's API key was revoked since it was accepted
         self.settler = Settler(settings, store, rows, ledger)
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
@@ -163,6 +166,10 @@ class JobRunner:
 
     # ------------------------------------------------------------------------------------------
     def _execute(self, job: _Run, attempt: int, queue_wait_s: float) -> str:
+        if self.revoked(job.spec.api_key_id):  # accepted before its key was revoked: never call upstream
+            revoked = AuthenticationFailed("the API key that submitted this job was revoked before it ran",
+                                           code="key_revoked")
+            return self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(revoked))
         if job.spec.is_async:
             if attempt > 1:
                 done = self._replay_if_settled(job)

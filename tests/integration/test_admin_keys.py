@@ -273,3 +273,21 @@ def test_the_cli_manages_the_same_keys(apis, admin_env):
 
     assert "revoked" in cli(admin_env, "keys", "revoke", key_id)
     assert requests.get(f"{url}/admin/keys/{key_id}", headers=ADMIN).json()["revoked_at"] is not None
+
+
+def test_a_revoked_keys_queued_jobs_never_run(apis, start_worker, fake, db):
+    """Jobs accepted before the revoke, still queued (``stalled`` has no worker yet): when a worker
+    takes them they fail ``key_revoked`` without an upstream call."""
+    key = create(apis[0].url, name="leaked")
+    body = {**CHAT, "model": "stalled-model", "messages": said("queued before the revoke")}
+    jobs = [requests.post(f"{apis[i % 2].url}/v1/jobs", json=body, headers=bearer(key)).json()["id"]
+            for i in range(3)]
+    assert requests.delete(f"{apis[0].url}/admin/keys/{key['id']}", headers=ADMIN).status_code == 200
+    start_worker("stalled")
+
+    def settled() -> list[tuple[str, Any]]:
+        rows = db.execute("SELECT status, error FROM jobs WHERE id = ANY(%s)", (jobs,)).fetchall()
+        return [(status, error) for status, error in rows if status not in ("queued", "running")]
+    wait_until(lambda: len(settled()) == 3, 30)
+    assert {(status, (error or {}).get("code")) for status, error in settled()} == {("failed", "key_revoked")}
+    assert "queued before the revoke" not in fake.stats()["by_content"]
