@@ -187,6 +187,8 @@ def test_a_key_scoped_to_models_gets_403_on_others_in_each_protocols_shape(api_u
     assert [m["id"] for m in openai_list] == ["fake-model"]
     ollama_list = requests.get(f"{api_url}/api/tags", headers=h).json()["models"]
     assert [m["name"] for m in ollama_list] == ["fake-model"]
+    gemini_list = requests.get(f"{api_url}/v1beta/models", headers={"x-goog-api-key": key["secret"]}).json()
+    assert [m["name"] for m in gemini_list["models"]] == ["models/fake-model"]
     unscoped = create(api_url, name="unscoped")
     assert len(requests.get(f"{api_url}/v1/models", headers=bearer(unscoped)).json()["data"]) > 1
 
@@ -226,6 +228,8 @@ def test_a_keys_own_limits_set_by_the_admin_api_are_held_by_the_workers(apis, fa
         calls = [pool.submit(chat, apis[i % 2].url, key, messages=said(f"sleep:0.5 {i}")) for i in range(4)]
         assert [c.result().status_code for c in calls] == [200] * 4
     assert fake.stats()["concurrent_max"] == 1
+    limits = requests.get(f"{apis[1].url}/v1/limits", headers=bearer(key)).json()["api_key"]
+    assert limits["id"] == key["id"] and limits["limits"] == {"concurrency": 1}
 
     # raised to 3: the next calls run side by side, no restart
     r = requests.patch(f"{apis[0].url}/admin/keys/{key['id']}", json={"limits": {"concurrency": 3}},
