@@ -42,7 +42,7 @@ from common.errors import AuthenticationFailed, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-CACHE_SECONDS = 5.0        # a revoked key stops working within this long
+CACHE_SECONDS = 5.0        # the set is reloaded at least this often, whatever the change signal says
 MISS_RELOAD_SECONDS = 0.1  # an unknown key reloads at most this often (10/s), so new keys work at once
 OUTAGE_RETRY_SECONDS = 1.0  # while Postgres is down, try to reload the keys at most this often
 VERSION_CHECK_SECONDS = 0.25  # how often the key-change counter is read (one Redis GET per process)
@@ -167,12 +167,12 @@ class Authenticator(Generic[V]):
             raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>', 'x-api-key' "
                                        "or 'x-goog-api-key'")
         digest = hash_secret(secret)
-        key_id = active.get(digest)
-        if key_id is None:
-            key_id = self._active(MISS_RELOAD_SECONDS, miss=True).get(digest)
-        if key_id is None:
+        found = active.get(digest)
+        if found is None:
+            found = self._active(MISS_RELOAD_SECONDS, miss=True).get(digest)
+        if found is None:
             raise AuthenticationFailed("invalid or revoked API key")
-        return key_id
+        return found
 
     def identify(self, secret: str) -> V | None:
         """The key whose secret this is, whatever the mode (the admin API's check)."""

@@ -3,6 +3,7 @@ CLI's expiry and limits spellings, and the record's expiry and model checks."""
 
 from __future__ import annotations
 
+import argparse
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from common.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from common.keyschema import KeyCreate, KeyRecord, KeyUpdate, model_allowed, parse_body, parse_expiry
 from common.registry import Limits
-from launcher.keys import parse_limits
+from launcher.keys import body_of, parse_limits
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -138,3 +139,21 @@ def test_record_expiry_and_scope():
     with pytest.raises(PermissionDenied) as denied:
         record.check_model("real-model")
     assert denied.value.status == 403 and denied.value.param == "model"
+
+
+def _flags(**given: object) -> argparse.Namespace:
+    return argparse.Namespace(**{"name": None, "role": None, "models": None, "expires": None, "team": None,
+                                 "limits": None, "metadata": None, **given})
+
+
+@pytest.mark.parametrize(("creating", "flags", "body"), [
+    (True, {"name": "k"}, {"name": "k"}),
+    (True, {"name": "k", "models": "a, b*", "team": "t", "role": "admin"},
+     {"name": "k", "allowed_models": ["a", "b*"], "team": "t", "role": "admin"}),
+    (False, {"models": "all", "expires": "never", "team": "none", "limits": "default"},
+     {"allowed_models": None, "expires_at": None, "team": None, "limits": None}),
+    (True, {"name": "k", "team": "none"}, {"name": "k", "team": "none"}),   # only update clears
+    (False, {"limits": "rpm=5", "metadata": '{"a": 1}'}, {"limits": {"rpm": "5"}, "metadata": {"a": 1}}),
+], ids=["name-only", "create-fields", "update-clears", "create-keeps-words", "update-sets"])
+def test_cli_flags_become_the_admin_api_body(creating, flags, body):
+    assert body_of(_flags(**flags), creating=creating) == body
