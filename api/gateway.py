@@ -11,6 +11,7 @@ import logging
 import math
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,9 @@ from common.errors import (
 )
 from common.jobrows import DuplicateKey, JobRows
 from common.jobs import JobStore, StreamEvent, new_job_id
+from common.keyschema import KeyRecord
 from common.limits import Limiter, Scope
-from common.registry import Model, Provider
+from common.registry import Limits, Model, Provider
 from common.settings import Settings
 from common.taskwire import task_message
 from common.types import ChatRequest, EmbeddingsRequest
@@ -80,23 +82,34 @@ class Gateway:
                  dispatcher: ReplyDispatcher) -> None:
         self.settings = settings
         self.store = store
-        self.limiter = Limiter(store, keyed=bool(settings.registry.key_limits))
+        # keyed: any key may be given limits of its own at any time (the admin API)
+        self.limiter = Limiter(store, keyed=True)
+        #: the calling key's own limits (set by create_app from the authenticated key; None: the YAML's)
+        self.key_limits: Callable[[str | None], Limits | None] = lambda key_id: None
         self.sessions = sessions
         self.rows = JobRows(sessions)
         self.dispatcher = dispatcher
         self.idem = IdemStore(store.redis, store.prefix)
 
     # resolution ---------------------------------------------------------------------------------
-    def route(self, alias: str) -> Route:
+    def route(self, alias: str, key: KeyRecord | None = None) -> Route:
+        """The route of the model ``alias``: 404 if unknown, 403 if ``key`` may not use it, 503 if its
+        provider is not configured."""
         model = self.settings.registry.model(alias)
         if model is None:
             raise ModelNotFound(f"The model '{alias}' does not exist or you do not have access to it.",
                                 param="model")
+        if key is not None:
+            key.check_model(alias)
         provider = self.settings.registry.provider_of(model)
         if not provider.routable:
             raise ProviderUnavailable(f"model '{alias}' is served by provider '{provider.name}', which is "
                                       f"not configured: {provider.unroutable_reason}")
         return Route(model, provider)
+
+    def limits_of_key(self, key_id: str) -> Limits:
+        """The limits a key's calls count against: its own (admin API), else the YAML's key_limits."""
+        return self.key_limits(key_id) or self.settings.registry.limits_of_key(key_id)
 
     def max_wait(self, header: str | None, body_value: Any, default: float) -> float:
         return parse_max_wait(body_value if body_value is not None else header, default,
@@ -114,7 +127,7 @@ class Gateway:
                 return self._attach(first, route, max_wait, api_key_id)
         waiter = self.dispatcher.register(job_id)
         try:
-            self._enqueue(job_id, _spec(request, route, Mode.SYNC, api_key_id), route, max_wait=max_wait,
+            self._enqueue(job_id, self._spec(request, route, Mode.SYNC, api_key_id), route, max_wait=max_wait,
                           reply_to=self.dispatcher.channel,
                           ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S)
         except GatewayError:
@@ -253,7 +266,7 @@ class Gateway:
             first = self.idem.claim(idem, job_id)
             if first is not None:
                 return self._first_job(first.job_id), False
-        spec = _spec(request, route, Mode.ASYNC, api_key_id)
+        spec = self._spec(request, route, Mode.ASYNC, api_key_id)
         try:
             job = self.rows.add(job_id, spec, max_wait=max_wait, idempotency=idem.row() if idem else None)
         except DuplicateKey:
@@ -270,6 +283,12 @@ class Gateway:
             self.rows.settle(job_id, JobState.FAILED, error=exc.to_dict())
             raise
         return job, True
+
+    def _spec(self, request: ChatRequest | EmbeddingsRequest, route: Route, mode: Mode,
+              api_key_id: str | None) -> JobSpec:
+        """The job's spec, with its key's own limits: the workers admit it by them, no key lookup."""
+        return JobSpec.of(request, mode=mode, model=route.model.alias, provider=route.provider.name,
+                          api_key_id=api_key_id, key_limits=self.key_limits(api_key_id))
 
     def _first_job(self, job_id: str) -> Job:
         """The row of the first call's job. Its claim precedes its row by a moment (a concurrent repeat
@@ -326,8 +345,3 @@ def parse_max_wait(raw: Any, default: float, limit: float) -> float:
         raise InvalidRequest(f"max_wait may be at most {limit:g} seconds", param="max_wait")
     return value
 
-
-def _spec(request: ChatRequest | EmbeddingsRequest, route: Route, mode: Mode,
-          api_key_id: str | None) -> JobSpec:
-    return JobSpec.of(request, mode=mode, model=route.model.alias, provider=route.provider.name,
-                      api_key_id=api_key_id)

@@ -18,7 +18,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 
 from api.errors import install_error_handlers
-from api.requests import admit, gateway, idempotency, json_body, outcome_headers
+from api.requests import admit, gateway, idempotency, json_body, may_use, outcome_headers, resolve
 from api.streaming import stream_response
 from common.errors import GatewayError, NotFound
 from common.protocols import gemini
@@ -81,7 +81,7 @@ def count_tokens(model: str) -> Response:
     if isinstance(body, dict) and isinstance(body.get("generateContentRequest"), dict):
         body = body["generateContentRequest"]
     chat = gemini.parse_request(body, model)
-    route = gateway().route(chat.model)
+    route = resolve(chat.model)
     return jsonify({"totalTokens": estimate_prompt_tokens(chat, route.model)})
 
 
@@ -90,12 +90,12 @@ def list_models() -> Response:
     """Every routable model, on one page (no ``nextPageToken``)."""
     registry = gateway().settings.registry
     return jsonify({"models": [_model_resource(alias, m) for alias, m in registry.models.items()
-                               if registry.provider_of(m).routable]})
+                               if registry.provider_of(m).routable and may_use(alias)]})
 
 
 @bp.get("/v1beta/models/<path:model>")
 def get_model(model: str) -> Response:
-    route = gateway().route(model)
+    route = resolve(model)
     return jsonify(_model_resource(model, route.model))
 
 

@@ -73,7 +73,7 @@ def limits() -> Response:
     gw = gateway()
     body: dict[str, Any] = {"providers": gw.limits()}
     key_id = g.get("api_key_id") or "-"
-    key_limits = gw.settings.registry.limits_of_key(key_id)
+    key_limits = gw.limits_of_key(key_id)
     if key_limits.any:
         body["api_key"] = {"id": key_id, **gw.limiter.key_use(key_id, key_limits)}
     return jsonify(body)

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from api.errors import install_error_handlers, ollama_document
-from api.requests import admit, gateway, idempotency, json_body, outcome_headers
+from api.requests import admit, gateway, idempotency, json_body, may_use, outcome_headers, resolve
 from api.streaming import stream_response
 from common.errors import GatewayError, InvalidRequest, NotFound
 from common.protocols import ollama
@@ -136,7 +136,7 @@ def tags() -> Response:
     models = [{"name": alias, "model": alias, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
                "digest": "", "details": {"format": "", "family": m.provider, "families": [m.provider],
                                          "parameter_size": "", "quantization_level": ""}}
-              for alias, m in registry.models.items() if registry.provider_of(m).routable]
+              for alias, m in registry.models.items() if registry.provider_of(m).routable and may_use(alias)]
     return jsonify({"models": models})
 
 
@@ -146,7 +146,7 @@ def show() -> Response:
     name = body.get("model") or body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not name:
         raise InvalidRequest("'model' is required", param="model")
-    route = gateway().route(name)
+    route = resolve(name)
     m = route.model
     capabilities = ["completion"] + (["tools"] if "tools" in m.capabilities else []) + (
         ["vision"] if "vision" in m.capabilities else [])

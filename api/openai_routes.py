@@ -9,7 +9,7 @@ from flask import Blueprint, Response, g, jsonify
 
 from api.errors import install_error_handlers, openai_document
 from api.gateway import Outcome
-from api.requests import admit, gateway, idempotency, json_body, outcome_headers
+from api.requests import admit, gateway, idempotency, json_body, may_use, outcome_headers, resolve
 from api.streaming import stream_response
 from common.errors import GatewayError
 from common.protocols.openai import error_body, parse_chat_request, parse_embeddings_request
@@ -79,11 +79,11 @@ def list_models() -> Response:
     registry = gateway().settings.registry
     data = [{"id": alias, "object": "model", "created": 0, "owned_by": m.provider,
              "context_window": m.context_window, "capabilities": list(m.capabilities)}
-            for alias, m in registry.models.items() if registry.provider_of(m).routable]
+            for alias, m in registry.models.items() if registry.provider_of(m).routable and may_use(alias)]
     return jsonify({"object": "list", "data": data})
 
 
 @bp.get("/v1/models/<path:alias>")
 def get_model(alias: str) -> Response:
-    route = gateway().route(alias)
+    route = resolve(alias)
     return jsonify({"id": alias, "object": "model", "created": 0, "owned_by": route.provider.name})

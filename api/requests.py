@@ -17,6 +17,7 @@ from api.gateway import Gateway, Outcome, Route
 from api.gunicorn_worker import CLOSE_CONNECTION
 from api.idempotency import HEADER, IdemCall
 from common.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
+from common.keyschema import KeyRecord, model_allowed
 from common.protocols import safejson
 
 READ_CHUNK = 64 * 1024
@@ -44,10 +45,21 @@ def admit(model: str, body_max_wait: Any, default: float | None = None) -> Admit
     caller's max_wait: the body's ``max_wait``, else the ``x-gateway-max-wait`` header, else ``default``
     (the sync default)."""
     gw = gateway()
-    route = gw.route(model)
+    route = resolve(model)
     max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), body_max_wait,
                            gw.settings.default_max_wait if default is None else default)
     return Admitted(gw, route, max_wait)
+
+
+def resolve(model: str) -> Route:
+    """The route of ``model`` for the calling key: 404 unknown, 403 outside the key's allowed models."""
+    return gateway().route(model, g.get("api_key"))
+
+
+def may_use(alias: str) -> bool:
+    """Whether the calling key may use the model ``alias`` (what model listings show)."""
+    key: KeyRecord | None = g.get("api_key")
+    return key is None or model_allowed(key.allowed_models, alias)
 
 
 def idempotency(body: Any) -> IdemCall | None:

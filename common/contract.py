@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from common.errors import ClientGone, GatewayError
+from common.registry import Limits
 from common.types import ChatRequest, EmbeddingsRequest
 
 EVENT_TTL_S = 3600.0   # seconds a job's event stream (and a settled job's state) stays readable
@@ -70,6 +71,7 @@ class Start(StrEnum):
     GONE = "gone"            # it left the line: withdrawn, settled, or running elsewhere
     TOO_LARGE = "too_large"  # the call alone exceeds a limit: it could never start
     ORPHANED = "orphaned"    # moved to cancelled by the claim itself: nobody can use its answer (job.lua)
+    LIMITED = "limited"      # a plain claim refused it: its key has limits of its own, so it waits in line
 
 
 def start_or_state(text: str) -> Start | JobState:
@@ -91,7 +93,9 @@ WITHDRAWN = frozenset({JobState.EXPIRED, JobState.CANCELLED})   # what the API m
 @dataclass(frozen=True)
 class JobSpec:
     """What a job runs. ``deadline`` (epoch seconds, from the Redis clock when the job was created) is
-    kept beside the spec in the job's hash, not inside it: Redis sets it, the worker reads it back."""
+    kept beside the spec in the job's hash, not inside it: Redis sets it, the worker reads it back.
+    ``key_limits``: the calling key's own limits (``Limits`` fields) as they were when the job was
+    admitted, so workers need no key lookup; None: the registry's ``key_limits`` apply."""
 
     mode: Mode
     kind: Kind
@@ -100,12 +104,15 @@ class JobSpec:
     request: dict[str, Any]
     api_key_id: str | None = None
     deadline: float = 0.0
+    key_limits: dict[str, int] | None = None
 
     @classmethod
     def of(cls, request: ChatRequest | EmbeddingsRequest, *, mode: Mode, model: str, provider: str,
-           api_key_id: str | None) -> JobSpec:
+           api_key_id: str | None, key_limits: Limits | None = None) -> JobSpec:
         kind = Kind.EMBEDDINGS if isinstance(request, EmbeddingsRequest) else Kind.CHAT
-        return cls(mode, kind, model, provider, request.model_dump(exclude_none=True), api_key_id)
+        own = key_limits.model_dump(exclude_none=True) if key_limits is not None and key_limits.any else None
+        return cls(mode, kind, model, provider, request.model_dump(exclude_none=True), api_key_id,
+                   key_limits=own)
 
     @property
     def is_async(self) -> bool:
@@ -116,16 +123,22 @@ class JobSpec:
             return EmbeddingsRequest.model_validate(self.request)
         return ChatRequest.model_validate(self.request)
 
+    def own_limits(self) -> Limits | None:
+        return None if self.key_limits is None else Limits(**self.key_limits)
+
     def to_json(self) -> str:
-        return json.dumps({"mode": self.mode.value, "kind": self.kind.value, "model": self.model,
-                           "provider": self.provider, "request": self.request, "api_key_id": self.api_key_id},
-                          separators=(",", ":"))
+        data = {"mode": self.mode.value, "kind": self.kind.value, "model": self.model,
+                "provider": self.provider, "request": self.request, "api_key_id": self.api_key_id}
+        if self.key_limits is not None:
+            data["key_limits"] = self.key_limits
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def parse(cls, raw: str | bytes, deadline: float) -> JobSpec:
         data = json.loads(raw)
         return cls(Mode(data.get("mode", Mode.SYNC)), Kind(data.get("kind", Kind.CHAT)), data["model"],
-                   data["provider"], data["request"], data.get("api_key_id"), float(deadline))
+                   data["provider"], data["request"], data.get("api_key_id"), float(deadline),
+                   data.get("key_limits"))
 
 
 class EventType(StrEnum):

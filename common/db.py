@@ -35,6 +35,15 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the admin API's fields (migration 0004; common/apikeys.py validates and documents them)
+    role: Mapped[str] = mapped_column(String(16), server_default="client")
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSONB)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default="{}")
+    limits: Mapped[dict[str, int] | None] = mapped_column(JSONB)
+    team: Mapped[str | None] = mapped_column(String(100))
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):
@@ -59,6 +68,8 @@ class Job(Base):
     # the caller's Idempotency-Key and its body's fingerprint; unique per owner (migration 0003)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     idempotency_body: Mapped[str | None] = mapped_column(String(64))
+    # the calling key's own limits when the job was accepted (JobSpec.key_limits; migration 0004)
+    key_limits: Mapped[dict[str, int] | None] = mapped_column(JSONB)
 
 
 class Usage(Base):

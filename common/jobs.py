@@ -137,7 +137,8 @@ class JobStore:
         that exists is left as it is (None): whoever recreated it first wins."""
         created = self._create(keys=[self.job_key(job_id), queue or self.job_key(job_id)],
                                args=[spec.to_json(), max_wait, reply_to, int(ttl) + 1, message,
-                                     1 if only_if_missing else 0, int(CALLER_ALIVE_TTL_S * 1000)])
+                                     1 if only_if_missing else 0, int(CALLER_ALIVE_TTL_S * 1000),
+                                     1 if spec.key_limits else 0])
         return float(created) if created else None
 
     def exists(self, job_id: str) -> bool:
@@ -188,10 +189,13 @@ class JobStore:
         """Atomically take a delivered job for running (see the module's state machine), recording
         ``holder`` (the worker process) in the job. With ``with_spec`` a job that may run comes with
         its spec, read in the same step (a worker that already read it to learn the job's limits
-        passes False: the spec is read once per job)."""
+        passes False: the spec is read once per job) — and a job whose key has limits of its own is
+        not started but answered ``limited`` with its spec (it must wait in its provider's line)."""
         reply = self._claim(keys=[self.job_key(job_id), self.lease_key(job_id)],
                             args=[execution, int(lease_ttl * 1000), 1 if with_spec else 0, holder])
         outcome = start_or_state(_text(reply[0]))
+        if outcome is Start.LIMITED:  # its key has limits of its own: it waits in line (runner.py)
+            return Claim(outcome, spec=JobSpec.parse(reply[2], float(reply[3])))
         if outcome is not Start.RUN:
             return Claim(outcome, lost_attempt=int(reply[1]) if len(reply) > 1 else 0)
         spec = JobSpec.parse(reply[3], float(reply[4])) if with_spec else None

@@ -5,7 +5,7 @@
     llm-gateway worker    one Celery worker pool for one provider queue (llm.<provider>)
     llm-gateway flower    the queue dashboard
     llm-gateway migrate   alembic upgrade head
-    llm-gateway keys      create / list / revoke API keys
+    llm-gateway keys      create / list / get / update / revoke API keys
     llm-gateway usage     usage and cost from the rollups (what GET /admin/usage reports), JSON or CSV
     llm-gateway providers which providers are routable, and why not
 """
@@ -20,6 +20,7 @@ from typing import Any
 
 from common.settings import Settings, SettingsError, load_settings
 from launcher.discovery import StoresNotFound, resolve_stores, store_environment
+from launcher.keyargs import add_keys_commands
 
 #: The stores each command needs. A URL the environment leaves unset is taken from the running
 #: ``llm-gateway up`` of the state directory (launcher/discovery.py); a command not listed needs none.
@@ -116,23 +117,15 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
-    from common.apikeys import create_key, list_keys, revoke_key
-    from common.db import make_session_factory
+    """The admin API's key operations from a shell, through the same service (common/apikeys.py)."""
+    from launcher.keys import run_keys
 
-    if settings.database_url is None:
-        raise SystemExit("llm-gateway keys: set DATABASE_URL")
-    sessions = make_session_factory(settings.database_url)
-    if args.action == "create":
-        key_id, secret = create_key(sessions, args.name)
-        print(f"created key {key_id} ({args.name}). It is shown only once:\n{secret}")
-    elif args.action == "list":
-        for row in list_keys(sessions):
-            print(f"{row.id}\t{row.name}\t{row.prefix}…\t{'revoked' if row.revoked_at else 'active'}")
-    else:
-        if not revoke_key(sessions, args.key_id):
-            raise SystemExit(f"no active key {args.key_id}")
-        print(f"revoked {args.key_id}")
-    return 0
+    assert settings.database_url is not None  # resolved by main() (STORES_NEEDED)
+    try:  # Redis too, when at hand: a change then reaches every API process within a second
+        settings = resolve_stores(settings, ("redis",))
+    except StoresNotFound:
+        pass  # without it the API processes see the change at their next periodic reload (5 s)
+    return run_keys(settings, args)
 
 
 def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
@@ -238,13 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("providers", help="show which providers are routable").set_defaults(func=cmd_providers)
 
-    keys = sub.add_parser("keys", help="manage API keys")
-    keys_sub = keys.add_subparsers(dest="action", required=True)
-    create = keys_sub.add_parser("create")
-    create.add_argument("--name", required=True)
-    keys_sub.add_parser("list")
-    revoke = keys_sub.add_parser("revoke")
-    revoke.add_argument("key_id")
+    keys = sub.add_parser("keys", help="manage API keys (as the admin API does)")
+    add_keys_commands(keys)
     keys.set_defaults(func=cmd_keys)
 
     usage = sub.add_parser("usage", help="usage and cost per key/model/provider/day/hour (README: Usage)")

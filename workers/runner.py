@@ -41,6 +41,7 @@ from common.contract import (
     unrun_event,
 )
 from common.errors import (
+    AuthenticationFailed,
     ClientGone,
     ExceedsLimit,
     GatewayError,
@@ -75,13 +76,15 @@ BUSY_POLL_S = 1.0   # how often a delivery of a job whose lease is alive looks w
 
 class JobRunner:
     def __init__(self, settings: Settings, store: JobStore, rows: JobRows, ledger: UsageLedger,
-                 adapters: dict[str, Adapter], admission: AdmissionControl) -> None:
+                 adapters: dict[str, Adapter], admission: AdmissionControl,
+                 revoked: Callable[[str | None], bool] = lambda key_id: False) -> None:
         self.settings = settings
         self.store = store
         self.rows = rows
         self.ledger = ledger
         self.adapters = adapters
         self.admission = admission
+        self.revoked = revoked   # whether a job's API key was revoked since it was accepted
         self.settler = Settler(settings, store, rows, ledger)
         self.upstream = UpstreamHealth(store.redis, settings.key_prefix)
         self.lease_ttl = job_lease_ttl(settings)
@@ -104,6 +107,10 @@ class JobRunner:
         else:  # no limits apply: claim straight away (returning the spec unless we read it: one round trip)
             claim = self.store.claim(job_id, execution, self.lease_ttl, with_spec=job is None,
                                      holder=self.admission.proc_id)
+        if claim.outcome is Start.LIMITED:  # its key has limits of its own: wait in line for them
+            assert claim.spec is not None
+            job = self._job(job_id, execution, claim.spec)
+            claim = self._admit(job)
         if claim.outcome is Start.MISSING:
             return self._recover_missing(job_id)
         if claim.outcome is Start.EXPIRED:
@@ -137,7 +144,7 @@ class JobRunner:
         model = self.settings.registry.models[spec.model]
         provider = self.settings.registry.provider_of(model)
         key = spec.api_key_id or "-"
-        scopes = scopes_for(self.settings.registry, model, provider, key)
+        scopes = scopes_for(self.settings.registry, model, provider, key, spec.own_limits())
         request = spec.canonical_request()
         return _Run(job_id, execution, spec, model, provider, key, scopes, request,
                     reservation(request, model) if scopes else 0)
@@ -161,6 +168,10 @@ class JobRunner:
 
     # ------------------------------------------------------------------------------------------
     def _execute(self, job: _Run, attempt: int, queue_wait_s: float) -> str:
+        if self.revoked(job.spec.api_key_id):  # accepted before its key was revoked: never call upstream
+            revoked = AuthenticationFailed("the API key that submitted this job was revoked before it ran",
+                                           code="key_revoked")
+            return self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(revoked))
         if job.spec.is_async:
             if attempt > 1:
                 done = self._replay_if_settled(job)
