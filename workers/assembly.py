@@ -9,6 +9,7 @@ import socket
 
 import redis
 
+from common.budgetrows import BudgetRows
 from common.db import make_session_factory
 from common.jobrows import JobRows
 from common.jobs import JobStore
@@ -16,6 +17,7 @@ from common.limits import Limiter
 from common.settings import Settings
 from workers.adapters.base import build_adapter, make_http_session
 from workers.admission import AdmissionControl
+from workers.budget_alerts import AlertDispatcher
 from workers.reconciler import JobReconciler
 from workers.runner import JobRunner, job_lease_ttl
 from workers.usage import UsageFlusher, UsageLedger
@@ -39,6 +41,8 @@ def build_runner(settings: Settings) -> JobRunner:
     rows = JobRows(sessions)
     UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
     JobReconciler(settings, store, rows).start()
+    AlertDispatcher(settings, client, settings.key_prefix, BudgetRows(sessions),
+                    consumer=f"{socket.gethostname()}:{os.getpid()}").start()
     lease_ttl = job_lease_ttl(settings)
     limiter = Limiter(store, keyed=bool(settings.registry.key_limits))
     admission = AdmissionControl(limiter, call_lease_s=lease_ttl)

@@ -61,7 +61,7 @@ from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, scopes_for
 from workers.leases import LeaseHeartbeat
 from workers.policy import Action, Decision, decide, reached_upstream
-from workers.settle import Settlement, Settler
+from workers.settle import Settlement, Settler, billed_charge
 from workers.usage import ATTEMPT_LOST, UsageLedger, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ class JobRunner:
             return None
         event = (Result(row.result or {}, {"provider": job.provider.name}) if row.status == JobState.SUCCEEDED
                  else Failed(row.error or {}))
-        settlement = Settlement(JobState(row.status), event)
+        settlement = Settlement(JobState(row.status), event, charge=billed_charge(row.usage))
         return self.settler.settle(job.job_id, job.execution, job.spec, settlement, recorded=True)
 
     def _recover_missing(self, job_id: str) -> str:

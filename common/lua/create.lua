@@ -1,10 +1,30 @@
 -- KEYS: job, queue   ARGV: spec (JSON), max_wait_s, reply_to, ttl_s, message, only_if_missing (1/0),
---                           alive_ms (the waiting API process's heartbeat TTL)
--- -> creation time (epoch s, Redis clock), or '' if only_if_missing and the job exists.
+--                           alive_ms (the waiting API process's heartbeat TTL),
+--                           budgets: count n, the call's worst case (units of 1e-10 USD, tokens), how
+--                           long its reservation may live (ms), then n budget hash keys (budget.lua)
+-- -> creation time (epoch s, Redis clock), or '' if only_if_missing and the job exists, or a budget's
+--    refusal: {'cold', i} (budget i's hash is missing: rebuild it and try again) or {'over', i, its
+--    spent, reserved, limit, tspent, treserved, tlimit} — then nothing was recorded or queued.
 -- Records the job and pushes its queue message in one step: a job is never queued without its
 -- state, nor recorded without being queued.
 if ARGV[6] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return '' end
 local now = now_ms()
+-- The budget check and the reservation happen in this same step as the job's creation and queueing:
+-- concurrent calls can never both take the last of a budget (common/budgetstate.py).
+local nbudgets = tonumber(ARGV[8] or '0')
+for i = 1, nbudgets do
+  local why, numbers = budget_check(ARGV[11 + i], ARGV[9], ARGV[10], now)
+  if why == 'cold' then return {'cold', i} end
+  if why == 'over' then return {'over', i, unpack(numbers)} end
+end
+if nbudgets > 0 then
+  local keys = {}
+  for i = 1, nbudgets do
+    budget_reserve(ARGV[11 + i], KEYS[1], ARGV[9], ARGV[10], now + tonumber(ARGV[11]))
+    keys[i] = ARGV[11 + i]
+  end
+  redis.call('HSET', KEYS[1], 'budgets', table.concat(keys, ' '), 'bres', ARGV[9] .. ' ' .. ARGV[10])
+end
 redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'state', 'queued', 'created_at', stamp(now),
            'deadline', stamp(now + tonumber(ARGV[2]) * 1000), 'reply_to', ARGV[3], 'attempts', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
