@@ -335,3 +335,23 @@ def test_thresholds_fire_one_signed_webhook_each_per_period(api, gateway_env, re
                       "ORDER BY threshold", (b["id"],)).fetchall()
     assert sorted(rows) in ([(1, "delivered", 2), (2, "delivered", 1)],
                             [(1, "delivered", 1), (2, "delivered", 2)])   # the first POST got a 500
+
+
+def test_a_stream_cut_off_midway_is_charged_for_what_it_produced(api, gateway_env, db):
+    key_id, secret = new_key(gateway_env, "cut")
+    b = budget(api, key_id, limit_usd="1")
+    body = {**HI, "stream": True, "max_tokens": 50,
+            "messages": [{"role": "user", "content": "drop: one two three four five six"}]}
+    with requests.post(f"{api.url}/v1/chat/completions", json=body, stream=True, timeout=30,
+                       headers={"Authorization": f"Bearer {secret}"}) as response:
+        assert response.status_code == 200
+        text = b"".join(response.iter_content(None)).decode()
+    assert '"content"' in text and "error" in text   # a chunk went out, then the break
+    def rows() -> int:
+        return db.execute("SELECT count(*) FROM usage WHERE api_key_id = %s", (key_id,)).fetchone()[0]
+    wait_until(rows, timeout=20)
+    outcome, completion, cost = db.execute("SELECT outcome, completion_tokens, cost_usd FROM usage "
+                                           "WHERE api_key_id = %s", (key_id,)).fetchone()
+    assert outcome == "upstream_stream_broken" and completion > 0 and cost > 0
+    figures = mine(api, secret)[b["id"]]
+    assert (to_units(Decimal(figures["spent_usd"])), figures["reserved_usd"]) == (to_units(cost), "0")
