@@ -97,21 +97,6 @@ class BudgetGate:
                 raise exceeded(budget, period, Figures.of(refusal.numbers), plan.reservation.worst) from None
         raise ServiceUnavailable("budget state could not be rebuilt; retry shortly", retry_after=1)
 
-    def headers(self, api_key_id: str | None) -> dict[str, str]:
-        """What is left of the caller's tightest budget (USD and tokens), where a budget applies."""
-        budgets = self.book.applicable(api_key_id)
-        if not budgets:
-            return {}
-        figures = self.state.figures(budgets)
-        usd = [f.remaining for f in figures if f.remaining is not None]
-        tokens = [f.tremaining for f in figures if f.tremaining is not None]
-        out = {}
-        if usd:
-            out["x-gateway-budget-remaining-usd"] = usd_text(min(usd))
-        if tokens:
-            out["x-gateway-budget-remaining-tokens"] = str(min(tokens))
-        return out
-
     def describe_all(self, budgets: list[Budget]) -> list[dict[str, Any]]:
         now = datetime.now(UTC)
         return [describe(b, window(b.period, now), f)

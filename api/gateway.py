@@ -23,6 +23,7 @@ from api.dispatcher import ReplyDispatcher
 from api.idempotency import FirstCall, IdemCall, IdemStore
 from api.watch import REPEAT_POLL_S, JobWatch
 from common.apikeys import ANONYMOUS
+from common.budgets import Reservation
 from common.contract import (
     EVENT_TTL_S,
     TERMINAL,
@@ -76,6 +77,7 @@ class Outcome:
     job_id: str
     result: dict[str, Any]
     meta: dict[str, Any]
+    budget: Reservation | None = None   # what its budgets reserved (and had left) when it was queued
 
 
 class Gateway:
@@ -129,7 +131,9 @@ class Gateway:
             if idem is not None:
                 self.idem.release(idem, job_id)
             raise
-        return JobWatch(self, job_id, route, waiter, max_wait, api_key_id, idem=idem)
+        watch = JobWatch(self, job_id, route, waiter, max_wait, api_key_id, idem=idem)
+        watch.reservation = plan.reservation
+        return watch
 
     def _attach(self, first: FirstCall, route: Route, max_wait: float, api_key_id: str | None) -> JobWatch:
         """A watch on the job of an earlier call under the same Idempotency-Key: its recorded outcome,
@@ -172,7 +176,7 @@ class Gateway:
         """The outcome a final event carries (an error event raises it); None for a chunk."""
         event = entry.event
         if isinstance(event, Result):
-            return Outcome(watch.job_id, event.result, event.meta)
+            return Outcome(watch.job_id, event.result, event.meta, watch.reservation)
         if isinstance(event, Failed):
             raise event.exception()
         if isinstance(event, Expired):

@@ -17,7 +17,7 @@ from gunicorn.http.errors import ParseException
 from api.gateway import Gateway, Outcome, Route
 from api.gunicorn_worker import CLOSE_CONNECTION
 from api.idempotency import HEADER, IdemCall
-from common.budgets import parse_max_cost
+from common.budgets import parse_max_cost, remaining_headers
 from common.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from common.protocols import safejson
 
@@ -70,7 +70,8 @@ def outcome_headers(outcome: Outcome) -> dict[str, str]:
             "x-gateway-job-id": outcome.job_id,
             "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
             "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", "")),
-            **gateway().budgets.headers(g.get("api_key_id"))}
+            **remaining_headers(outcome.budget, outcome.meta.get("cost_usd"),
+                                (outcome.result.get("usage") or {}).get("total_tokens"))}
 
 
 def json_body() -> Any:

@@ -11,7 +11,7 @@ Money in Redis is an integer count of :data:`UNIT` (1e-10 USD, the scale of the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Literal
@@ -204,6 +204,33 @@ class Reservation:
     keys: tuple[str, ...]
     worst: WorstCase
     lapse_ms: int
+    #: filled in by the creation that reserved it: each budget's numbers after the reservation
+    after: list[tuple[int, ...]] = field(default_factory=list, compare=False)
 
     def args(self) -> list[object]:
         return [len(self.keys), self.worst.units, self.worst.tokens, self.lapse_ms, *self.keys]
+
+
+def remaining_headers(reservation: Reservation | None, cost_usd: object, tokens: object) -> dict[str, str]:
+    """The answer's ``x-gateway-budget-remaining-usd`` / ``-tokens``: what is left of the tightest budget
+    once this call settled — the numbers its creation saw after reserving, with its worst case given
+    back and its real cost (``cost_usd``, ``tokens``) taken. Other calls in flight may move it since;
+    ``GET /v1/budget`` reads the live figures."""
+    if reservation is None or not reservation.after:
+        return {}
+    try:
+        units = to_units(Decimal(str(cost_usd or 0)))
+        used = int(str(tokens or 0))
+    except (ArithmeticError, ValueError, TypeError):
+        return {}
+    worst = reservation.worst
+    usd = [limit - spent - reserved + worst.units - units
+           for spent, reserved, limit, *_ in reservation.after if limit >= 0]
+    toks = [tlimit - tspent - treserved + worst.tokens - used
+            for *_, tspent, treserved, tlimit in reservation.after if tlimit >= 0]
+    out = {}
+    if usd:
+        out["x-gateway-budget-remaining-usd"] = usd_text(max(min(usd), 0))
+    if toks:
+        out["x-gateway-budget-remaining-tokens"] = str(max(min(toks), 0))
+    return out

@@ -144,7 +144,13 @@ class JobStore:
                                      1 if only_if_missing else 0, int(CALLER_ALIVE_TTL_S * 1000),
                                      *(budget.args() if budget is not None else [0])])
         if isinstance(created, list):
-            raise BudgetRefusal(_text(created[0]), int(created[1]) - 1, tuple(int(n) for n in created[2:]))
+            if _text(created[0]) != "ok":
+                raise BudgetRefusal(_text(created[0]), int(created[1]) - 1,
+                                    tuple(int(n) for n in created[2:]))
+            assert budget is not None
+            numbers = [int(n) for n in created[2:]]
+            budget.after[:] = [tuple(numbers[i:i + 6]) for i in range(0, len(numbers), 6)]
+            return float(created[1])
         return float(created) if created else None
 
     def exists(self, job_id: str) -> bool:

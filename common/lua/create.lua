@@ -2,9 +2,10 @@
 --                           alive_ms (the waiting API process's heartbeat TTL),
 --                           budgets: count n, the call's worst case (units of 1e-10 USD, tokens), how
 --                           long its reservation may live (ms), then n budget hash keys (budget.lua)
--- -> creation time (epoch s, Redis clock), or '' if only_if_missing and the job exists, or a budget's
---    refusal: {'cold', i} (budget i's hash is missing: rebuild it and try again) or {'over', i, its
---    spent, reserved, limit, tspent, treserved, tlimit} — then nothing was recorded or queued.
+-- -> creation time (epoch s, Redis clock), or '' if only_if_missing and the job exists; with budgets
+--    {'ok', creation time, then each budget's spent, reserved, limit, tspent, treserved, tlimit after
+--    the reservation}, or a budget's refusal: {'cold', i} (budget i's hash is missing: rebuild it and
+--    try again) or {'over', i, its six numbers} — then nothing was recorded or queued.
 -- Records the job and pushes its queue message in one step: a job is never queued without its
 -- state, nor recorded without being queued.
 if ARGV[6] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return '' end
@@ -32,4 +33,11 @@ if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[2], ARGV[5]) end
 -- the caller is alive now: its heartbeat is renewed with the job, so a Redis that lost the heartbeat
 -- (a restart or wipe) never makes a worker cancel a fresh sync job as orphaned (job.lua)
 if ARGV[3] ~= '' then redis.call('SET', ARGV[3] .. ':alive', 1, 'PX', ARGV[7]) end
-return stamp(now)
+if nbudgets == 0 then return stamp(now) end
+-- what is left of each budget (the answer's headers say it without another round trip)
+local out = {'ok', stamp(now)}
+for i = 1, nbudgets do
+  local b = redis.call('HMGET', ARGV[11 + i], 'spent', 'reserved', 'limit', 'tspent', 'treserved', 'tlimit')
+  for j = 1, 6 do out[#out + 1] = b[j] or '0' end
+end
+return out

@@ -15,6 +15,7 @@ from common.budgets import (
     WorstCase,
     cap_completion,
     parse_max_cost,
+    remaining_headers,
     to_units,
     usd_text,
     validate_budget,
@@ -201,3 +202,21 @@ def test_webhook_headers_sign_what_they_say():
     headers = webhooks.headers(secret, msg_id, timestamp, body)
     assert headers["webhook-signature"] == signature
     assert (headers["webhook-id"], headers["webhook-timestamp"]) == (msg_id, str(timestamp))
+
+
+RESERVED = Reservation(("a", "b"), WorstCase(1000, 50), 1, after=[(100, 1000, 10_000, 0, 50, -1),
+                                                                   (0, 1000, 5_000, 20, 50, 500)])
+REMAINING = [
+    ("no budget", None, "0.0000000400", 30, {}),
+    ("the tightest budget, its worst case given back, its cost taken", RESERVED, "0.0000000400", 30,
+     {"x-gateway-budget-remaining-usd": "0.00000046", "x-gateway-budget-remaining-tokens": "450"}),
+    ("never below zero", Reservation(("a",), WorstCase(10, 1), 1, after=[(0, 10, 10, 0, 0, -1)]),
+     "0.000001", 0, {"x-gateway-budget-remaining-usd": "0"}),
+    ("a cost it cannot read: no headers", RESERVED, "n/a", 30, {}),
+]
+
+
+@pytest.mark.parametrize(("reservation", "cost", "tokens", "headers"), [c[1:] for c in REMAINING],
+                         ids=[c[0] for c in REMAINING])
+def test_remaining_budget_headers(reservation, cost, tokens, headers):
+    assert remaining_headers(reservation, cost, tokens) == headers
