@@ -53,8 +53,8 @@ class BudgetGate:
     def __init__(self, store: JobStore, sessions: sessionmaker, task_time_limit: float) -> None:
         self.rows = BudgetRows(sessions)
         self.book = BudgetBook(self.rows)
-        self.state = BudgetState(store, self.rows)
         self.lapse_after_s = task_time_limit + LAPSE_MARGIN_S
+        self.state = BudgetState(store, self.rows, lapse_after_s=self.lapse_after_s)
 
     def plan(self, request: ChatRequest | EmbeddingsRequest, model: Model, api_key_id: str | None, *,
              max_cost: Decimal | None, max_wait: float) -> Plan:
@@ -91,7 +91,7 @@ class BudgetGate:
             except BudgetRefusal as refusal:
                 budget, period = plan.budgets[refusal.index], plan.windows[refusal.index]
                 if refusal.kind == "cold":
-                    self.state.rebuild(budget, period, lapse_after_s=self.lapse_after_s)
+                    self.state.rebuild(budget, period)
                     continue
                 assert plan.reservation is not None
                 raise exceeded(budget, period, Figures.of(refusal.numbers), plan.reservation.worst) from None

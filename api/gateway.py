@@ -284,6 +284,7 @@ class Gateway:
                           ttl=max_wait + EVENT_TTL_S * 24)
         except (QueueUnavailable, BudgetExceeded) as exc:  # its row says why it never ran
             self.rows.settle(job_id, JobState.FAILED, error=exc.to_dict())
+            exc.job_id = job_id
             raise
         return job, True
 

@@ -62,7 +62,10 @@ class Figures:
 class BudgetState:
     """Every Redis operation on budgets. Thread/greenlet-safe (it holds only a client)."""
 
-    def __init__(self, store: JobStore, rows: BudgetRows) -> None:
+    def __init__(self, store: JobStore, rows: BudgetRows, *, lapse_after_s: float = 3600.0) -> None:
+        """``lapse_after_s``: how long past its deadline a job may still be running (the task time
+        limit and a margin): a rebuilt reservation lapses then."""
+        self.lapse_after_s = lapse_after_s
         self.store = store
         self.redis = store.redis
         self.rows = rows
@@ -103,7 +106,7 @@ class BudgetState:
         key = self.key(budget, window(budget.period, now or datetime.now(UTC)))
         self.redis.delete(key, key + ":exp")
 
-    def rebuild(self, budget: Budget, period: Window, *, lapse_after_s: float = 3600.0) -> bool:
+    def rebuild(self, budget: Budget, period: Window) -> bool:
         """Seed the budget's missing hash for ``period`` from Postgres, the usage stream and the live
         jobs (see the module's docstring); True if this call seeded it."""
         key = self.key(budget, period)
@@ -118,7 +121,7 @@ class BudgetState:
         for job_id, (units, tokens, deadline) in live:
             counted = per_job.get(job_id, Spent(0, 0))
             transit = [(u, t) for j, u, t in in_transit.values() if j == job_id]
-            args += [self.store.job_key(job_id), units, tokens, int((deadline + lapse_after_s) * 1000),
+            args += [self.store.job_key(job_id), units, tokens, int((deadline + self.lapse_after_s) * 1000),
                      counted.units + sum(u for u, _ in transit), counted.tokens + sum(t for _, t in transit)]
         return bool(self._seed(keys=[key], args=args))
 

@@ -362,3 +362,37 @@ def test_a_stream_cut_off_midway_is_charged_for_what_it_produced(api, gateway_en
     assert outcome == "upstream_stream_broken" and completion > 0 and cost > 0
     figures = mine(api, secret)[b["id"]]
     assert (to_units(Decimal(figures["spent_usd"])), figures["reserved_usd"]) == (to_units(cost), "0")
+
+
+def test_an_async_job_over_budget_is_a_402_and_its_row_says_so(api, gateway_env, db):
+    key_id, secret = new_key(gateway_env, "async-broke")
+    budget(api, key_id, limit_tokens=5)
+    response = requests.post(f"{api.url}/v1/jobs", json=HI, timeout=10,
+                             headers={"Authorization": f"Bearer {secret}"})
+    assert response.status_code == 402 and response.json()["error"]["code"] == "budget_exceeded"
+    job_id = response.headers["x-gateway-job-id"]
+    status, error = db.execute("SELECT status, error FROM jobs WHERE id = %s", (job_id,)).fetchone()
+    assert status == "failed" and error["code"] == "budget_exceeded"
+
+
+def test_a_stream_its_caller_leaves_is_charged_for_what_it_produced(api, gateway_env, db):
+    key_id, secret = new_key(gateway_env, "left")
+    b = budget(api, key_id, limit_usd="1")
+    words = " ".join(f"word{i}" for i in range(60))
+    body = {**HI, "stream": True, "max_tokens": 100,
+            "messages": [{"role": "user", "content": f"drip:0.002 {words}"}]}
+    with requests.post(f"{api.url}/v1/chat/completions", json=body, stream=True, timeout=30,
+                       headers={"Authorization": f"Bearer {secret}"}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert any(b'"content"' in line for line in lines)   # the first content chunk came
+    # the caller left: the worker aborts at its next chunk, and bills what was produced by then
+
+    def row() -> tuple[str, int, Decimal] | None:
+        return db.execute("SELECT outcome, completion_tokens, cost_usd FROM usage WHERE api_key_id = %s",
+                          (key_id,)).fetchone()
+    wait_until(row, timeout=30)
+    outcome, completion, cost = row()
+    assert outcome == "client_closed" and 0 < completion < 62 and cost > 0
+    wait_until(lambda: mine(api, secret)[b["id"]]["reserved_usd"] == "0", timeout=10)
+    assert to_units(Decimal(mine(api, secret)[b["id"]]["spent_usd"])) == to_units(cost)
