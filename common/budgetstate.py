@@ -20,6 +20,7 @@ is rebuilt by :meth:`BudgetState.rebuild` before any call is admitted against it
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -31,6 +32,8 @@ from common.budgetrows import Budget, BudgetRows, Spent
 from common.budgets import Window, to_units, window
 from common.jobs import JobStore
 
+REBUILD_LOCK_S = 10.0   # a rebuilding process holds the hash's lock at most this long
+REBUILD_WAIT_S = 2.0    # a call that finds a rebuild under way waits this long for it, then tries again
 KEY_GRACE_S = 86_400   # a period's hash outlives its end by this long (late settles still find it)
 TERMINAL_STATES = (b"succeeded", b"failed", b"cancelled", b"expired")
 
@@ -108,8 +111,22 @@ class BudgetState:
 
     def rebuild(self, budget: Budget, period: Window) -> bool:
         """Seed the budget's missing hash for ``period`` from Postgres, the usage stream and the live
-        jobs (see the module's docstring); True if this call seeded it."""
+        jobs (see the module's docstring); True if this call seeded it. One process rebuilds a hash at
+        a time (a Redis lock): the calls that find it missing meanwhile — at midnight, all of them —
+        wait up to ``REBUILD_WAIT_S`` for it instead of each scanning and summing again."""
         key = self.key(budget, period)
+        lock = key + ":rebuilding"
+        if not self.redis.set(lock, 1, nx=True, px=int(REBUILD_LOCK_S * 1000)):
+            give_up = time.monotonic() + REBUILD_WAIT_S
+            while time.monotonic() < give_up and not self.redis.exists(key):
+                time.sleep(0.02)
+            return False   # the caller tries again: seeded by the holder, or (it died) the lock lapses
+        try:
+            return self._rebuild(budget, period, key)
+        finally:
+            self.redis.delete(lock)
+
+    def _rebuild(self, budget: Budget, period: Window, key: str) -> bool:
         live = self._live_reservations(key)
         in_transit = self._in_transit(budget)
         total, per_job = self.rows.spent(budget, period, excluding=in_transit.keys(),

@@ -396,3 +396,19 @@ def test_a_stream_its_caller_leaves_is_charged_for_what_it_produced(api, gateway
     assert outcome == "client_closed" and 0 < completion < 62 and cost > 0
     wait_until(lambda: mine(api, secret)[b["id"]]["reserved_usd"] == "0", timeout=10)
     assert to_units(Decimal(mine(api, secret)[b["id"]]["spent_usd"])) == to_units(cost)
+
+
+def test_calls_that_all_find_the_state_gone_rebuild_it_once(api, gateway_env, db, prefix):
+    key_id, secret = new_key(gateway_env, "herd")
+    b = budget(api, key_id, limit_usd="1")
+    known(api, secret)
+    assert chat(api, secret).status_code == 200
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    client.delete(*client.scan_iter(f"{prefix}:budget:{b['id']}:*"))
+    with ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(lambda _: chat(api, secret).status_code, range(20)))
+    assert codes == [200] * 20
+    wait_until(lambda: usage_units(db, key_id)[0] == 21, timeout=20)
+    figures = mine(api, secret)[b["id"]]
+    assert to_units(Decimal(figures["spent_usd"])) == usage_units(db, key_id)[1]
+    assert figures["reserved_usd"] == "0"
