@@ -203,15 +203,18 @@ class BudgetBook:
         self.ttl = ttl
         self._budgets: list[Budget] = []
         self._loaded = -1e9
+        self._never_loaded = True
         self._lock = threading.Lock()
 
     def applicable(self, api_key_id: str | None) -> list[Budget]:
-        if time.monotonic() - self._loaded > self.ttl and self._lock.acquire(blocking=not self._budgets):
+        # the first load is waited for; later ones are made by one caller while the rest use the last set
+        if time.monotonic() - self._loaded > self.ttl and self._lock.acquire(blocking=self._never_loaded):
             try:
                 self._budgets = self.rows.all()
                 self._loaded = time.monotonic()
+                self._never_loaded = False
             except SQLAlchemyError:
-                if self._loaded < 0:
+                if self._never_loaded:
                     raise
                 self._loaded = time.monotonic()  # try again after one ttl
             finally:

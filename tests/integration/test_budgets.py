@@ -412,3 +412,25 @@ def test_calls_that_all_find_the_state_gone_rebuild_it_once(api, gateway_env, db
     figures = mine(api, secret)[b["id"]]
     assert to_units(Decimal(figures["spent_usd"])) == usage_units(db, key_id)[1]
     assert figures["reserved_usd"] == "0"
+
+
+def test_a_wipe_mid_run_neither_double_spends_nor_leaks(api, gateway_env, db, prefix):
+    """30 slow calls are running when the budget's Redis state is wiped; 30 more arrive meanwhile (the
+    first of them rebuilds it, with the running calls' reservations). When all are done the spent figure
+    is exactly the usage rows' sum and nothing is left reserved."""
+    key_id, secret = new_key(gateway_env, "midrun")
+    b = budget(api, key_id, limit_usd="1")
+    known(api, secret)
+    slow = {**HI, "messages": [{"role": "user", "content": "sleep:1.5 hi"}]}
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    with ThreadPoolExecutor(60) as pool:
+        first = [pool.submit(chat, api, secret, slow) for _ in range(30)]
+        wait_until(lambda: mine(api, secret)[b["id"]]["reserved_usd"] != "0", timeout=10)
+        client.delete(*client.scan_iter(f"{prefix}:budget:{b['id']}:*"))
+        second = [pool.submit(chat, api, secret) for _ in range(30)]
+        codes = [f.result().status_code for f in first + second]
+    assert codes == [200] * 60
+    wait_until(lambda: usage_units(db, key_id)[0] == 60, timeout=20)
+    figures = mine(api, secret)[b["id"]]
+    assert to_units(Decimal(figures["spent_usd"])) == usage_units(db, key_id)[1]
+    assert figures["reserved_usd"] == "0"
