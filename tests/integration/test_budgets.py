@@ -352,6 +352,10 @@ def test_a_stream_cut_off_midway_is_charged_for_what_it_produced(api, gateway_en
     with requests.post(f"{api.url}/v1/chat/completions", json=body, stream=True, timeout=30,
                        headers={"Authorization": f"Bearer {secret}"}) as response:
         assert response.status_code == 200
+        registry = load_registry(Path(gateway_env["GATEWAY_CONFIG"]), gateway_env)
+        worst = worst_case(ChatRequest.model_validate(body), registry.models["fake-model"])
+        # a stream's headers go out before its cost is known: what remains with its worst case reserved
+        assert response.headers["x-gateway-budget-remaining-usd"] == usd_text(10**10 - worst.units)
         text = b"".join(response.iter_content(None)).decode()
     assert '"content"' in text and "error" in text   # a chunk went out, then the break
     def rows() -> int:
