@@ -199,6 +199,11 @@ def test_max_cost_over_the_worst_case_is_a_400_before_it_runs(api, gateway_env, 
     fine = chat(api, secret, {**HI, "max_cost_usd": str(Decimal(worst) / 10**10)})
     assert fine.status_code == 200, fine.text
     assert "max_cost_usd" not in fake.requests()[-1]["body"]  # ours: never sent upstream
+    anthropic = requests.post(f"{api.url}/v1/messages", timeout=10, headers={"x-api-key": secret}, json={
+        "model": "fake-model", "max_tokens": 10, "max_cost_usd": "0",
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert anthropic.status_code == 400 and anthropic.json()["type"] == "error"
+    assert "max_cost_usd" in anthropic.json()["error"]["message"]
 
 
 def test_failed_and_cancelled_calls_refund_their_reservation(api, gateway_env, worst):
