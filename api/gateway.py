@@ -13,15 +13,18 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import redis
 from sqlalchemy.orm import sessionmaker
 
+from api.budget_gate import BudgetGate, Plan
 from api.dispatcher import ReplyDispatcher
 from api.idempotency import FirstCall, IdemCall, IdemStore
 from api.watch import REPEAT_POLL_S, JobWatch
 from common.apikeys import ANONYMOUS
+from common.budgets import Reservation
 from common.contract import (
     EVENT_TTL_S,
     TERMINAL,
@@ -37,6 +40,7 @@ from common.contract import (
 )
 from common.db import Job
 from common.errors import (
+    BudgetExceeded,
     GatewayError,
     InvalidRequest,
     JobCancelled,
@@ -75,6 +79,7 @@ class Outcome:
     job_id: str
     result: dict[str, Any]
     meta: dict[str, Any]
+    budget: Reservation | None = None   # what its budgets reserved (and had left) when it was queued
 
 
 class Gateway:
@@ -90,6 +95,7 @@ class Gateway:
         self.rows = JobRows(sessions)
         self.dispatcher = dispatcher
         self.idem = IdemStore(store.redis, store.prefix)
+        self.budgets = BudgetGate(store, sessions, settings.task_time_limit)
 
     # resolution ---------------------------------------------------------------------------------
     def route(self, alias: str, key: KeyRecord | None = None) -> Route:
@@ -117,9 +123,12 @@ class Gateway:
 
     # synchronous calls --------------------------------------------------------------------------
     def start(self, request: ChatRequest | EmbeddingsRequest, route: Route, *, max_wait: float,
-              api_key_id: str | None, idem: IdemCall | None = None) -> JobWatch:
+              api_key_id: str | None, idem: IdemCall | None = None,
+              max_cost: Decimal | None = None) -> JobWatch:
         """Queue a call whose caller waits for it; the returned watch yields the job's events. With
-        ``idem``, a repeat of a call already made under that key watches the first call's job."""
+        ``idem``, a repeat of a call already made under that key watches the first call's job. Its
+        budgets reserve its worst case as it is queued (402 if one cannot; 400 above ``max_cost``)."""
+        plan = self.budgets.plan(request, route.model, api_key_id, max_cost=max_cost, max_wait=max_wait)
         job_id = new_job_id()
         if idem is not None:
             first = self.idem.claim(idem, job_id)
@@ -127,15 +136,17 @@ class Gateway:
                 return self._attach(first, route, max_wait, api_key_id)
         waiter = self.dispatcher.register(job_id)
         try:
-            self._enqueue(job_id, self._spec(request, route, Mode.SYNC, api_key_id), route, max_wait=max_wait,
-                          reply_to=self.dispatcher.channel,
+            self._enqueue(job_id, self._spec(plan.request, route, Mode.SYNC, api_key_id), route, plan,
+                          max_wait=max_wait, reply_to=self.dispatcher.channel,
                           ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S)
         except GatewayError:
             self.dispatcher.unregister(job_id)
             if idem is not None:
                 self.idem.release(idem, job_id)
             raise
-        return JobWatch(self, job_id, route, waiter, max_wait, api_key_id, idem=idem)
+        watch = JobWatch(self, job_id, route, waiter, max_wait, api_key_id, idem=idem)
+        watch.reservation = plan.reservation
+        return watch
 
     def _attach(self, first: FirstCall, route: Route, max_wait: float, api_key_id: str | None) -> JobWatch:
         """A watch on the job of an earlier call under the same Idempotency-Key: its recorded outcome,
@@ -152,10 +163,12 @@ class Gateway:
         return watch
 
     def call(self, request: ChatRequest | EmbeddingsRequest, route: Route, *, max_wait: float,
-             api_key_id: str | None, idem: IdemCall | None = None) -> Outcome:
+             api_key_id: str | None, idem: IdemCall | None = None,
+             max_cost: Decimal | None = None) -> Outcome:
         """Queue the call and hold until it settles; past ``max_wait`` in line raise QueueTimeout.
         Every error raised about the job carries its id."""
-        watch = self.start(request, route, max_wait=max_wait, api_key_id=api_key_id, idem=idem)
+        watch = self.start(request, route, max_wait=max_wait, api_key_id=api_key_id, idem=idem,
+                           max_cost=max_cost)
         try:
             while True:
                 event = watch.next()
@@ -176,7 +189,7 @@ class Gateway:
         """The outcome a final event carries (an error event raises it); None for a chunk."""
         event = entry.event
         if isinstance(event, Result):
-            return Outcome(watch.job_id, event.result, event.meta)
+            return Outcome(watch.job_id, event.result, event.meta, watch.reservation)
         if isinstance(event, Failed):
             raise event.exception()
         if isinstance(event, Expired):
@@ -242,12 +255,14 @@ class Gateway:
     def queue_depth(self, provider: Provider) -> int:
         return int(self.store.redis.llen(self.settings.queue_key(provider.name)))
 
-    def _enqueue(self, job_id: str, spec: JobSpec, route: Route, **job: Any) -> None:
-        """Record the job and push its Celery message onto ``llm.<provider>`` in one Redis step."""
+    def _enqueue(self, job_id: str, spec: JobSpec, route: Route, plan: Plan, **job: Any) -> None:
+        """Record the job, reserve its budgets (``plan``) and push its Celery message onto
+        ``llm.<provider>`` in one Redis step."""
         queue_name = self.settings.queue_for(route.provider.name)
         try:
-            self.store.create(job_id, spec, queue=self.settings.queue_key(route.provider.name),
-                              message=task_message(job_id, queue_name), **job)
+            self.budgets.create(plan, lambda budget: self.store.create(
+                job_id, spec, queue=self.settings.queue_key(route.provider.name),
+                message=task_message(job_id, queue_name), budget=budget, **job))
         except redis.RedisError as exc:
             log.error("job %s: broker unavailable: %s", job_id, exc)
             raise QueueUnavailable("the job queue is unavailable; nothing was queued, retry shortly",
@@ -255,18 +270,19 @@ class Gateway:
 
     # async jobs ---------------------------------------------------------------------------------
     def submit(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None,
-               idem: IdemCall | None = None) -> tuple[Job, bool]:
+               idem: IdemCall | None = None, max_cost: Decimal | None = None) -> tuple[Job, bool]:
         """Accept an async job: durable row first, then live state, then the queue. Returns the job and
         whether it is new — False for a repeat under an Idempotency-Key (the first call's job; found in
         Redis, else by the key kept in its Postgres row)."""
         if request.stream:
             raise InvalidRequest("async jobs return a whole completion; do not set 'stream'", param="stream")
+        plan = self.budgets.plan(request, route.model, api_key_id, max_cost=max_cost, max_wait=max_wait)
         job_id = new_job_id()
         if idem is not None:
             first = self.idem.claim(idem, job_id)
             if first is not None:
                 return self._first_job(first.job_id), False
-        spec = self._spec(request, route, Mode.ASYNC, api_key_id)
+        spec = self._spec(plan.request, route, Mode.ASYNC, api_key_id)
         try:
             job = self.rows.add(job_id, spec, max_wait=max_wait, idempotency=idem.row() if idem else None)
         except DuplicateKey:
@@ -277,10 +293,11 @@ class Gateway:
                 self.idem.release(idem, job_id)
             raise
         try:
-            self._enqueue(job_id, spec, route, max_wait=max_wait, reply_to="",
+            self._enqueue(job_id, spec, route, plan, max_wait=max_wait, reply_to="",
                           ttl=max_wait + EVENT_TTL_S * 24)
-        except QueueUnavailable as exc:
+        except (QueueUnavailable, BudgetExceeded) as exc:  # its row says why it never ran
             self.rows.settle(job_id, JobState.FAILED, error=exc.to_dict())
+            exc.job_id = job_id
             raise
         return job, True
 

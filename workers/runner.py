@@ -27,6 +27,7 @@ from typing import Any
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.budgets import to_units
 from common.contract import (
     EVENT_TTL_S,
     Chunk,
@@ -62,8 +63,9 @@ from common.upstream_health import UpstreamHealth, scrub
 from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, scopes_for
 from workers.leases import LeaseHeartbeat
+from workers.partial import chunk_text, partial_bill, with_partial
 from workers.policy import Action, Decision, decide, reached_upstream
-from workers.settle import Settlement, Settler
+from workers.settle import Settlement, Settler, billed_charge
 from workers.usage import ATTEMPT_LOST, UsageLedger, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -185,7 +187,11 @@ class JobRunner:
             invoke = self._invoker(job)
             response, latency_ms, call_id = self._call_with_retries(job, attempt, invoke, queue_wait_ms)
         except GatewayError as exc:
-            return self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(exc))
+            # a stream cut off mid-way: its budgets are charged what it produced (its try's usage row)
+            partial = partial_bill(exc, job.model)
+            charge = (to_units(partial["cost"]), partial["response"].usage.total_tokens) if partial else None
+            return self.settler.settle(job.job_id, job.execution, job.spec,
+                                       replace(Settlement.failed(exc), charge=charge))
         return self.settler.settle(job.job_id, job.execution, job.spec,
                             self._succeeded(job, response, attempt, call_id, queue_wait_ms, latency_ms))
 
@@ -224,21 +230,25 @@ class JobRunner:
         chunks: Iterator[dict[str, Any]] = adapter.stream(request, model)
         sent = 0
         usage: dict[str, Any] = {}
+        produced: list[str] = []
         checked = time.monotonic()
         try:
             for chunk in chunks:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                produced.extend(chunk_text(chunk))
                 self.store.emit(job_id, Chunk(chunk))
                 sent += 1
                 if time.monotonic() - checked > ABORT_CHECK_S:
                     checked = time.monotonic()
                     if self.store.aborted(job_id):
-                        raise ClientGone("the client disconnected; the upstream call was aborted")
+                        gone = ClientGone("the client disconnected; the upstream call was aborted")
+                        raise with_partial(gone, request, model, usage, produced) from None
         except UpstreamError as exc:
             if not sent:
                 raise
-            raise UpstreamStreamBroken(f"the upstream stream broke off: {exc.message}") from None
+            broken = UpstreamStreamBroken(f"the upstream stream broke off: {exc.message}")
+            raise with_partial(broken, request, model, usage, produced) from None
         finally:
             chunks.close()  # type: ignore[attr-defined]
         return ChatResponse(body={"usage": usage} if usage else {},
@@ -258,14 +268,21 @@ class JobRunner:
             started = time.perf_counter()
             try:
                 response = invoke()
+            except ClientGone as exc:   # a stream cut off by its caller: the try's row bills what it produced
+                self.settler.record_try(_usage_row(job, call_id, queue_wait_ms,
+                                                   int((time.perf_counter() - started) * 1000), error=exc,
+                                                   **partial_bill(exc, job.model)))
+                raise
             except UpstreamError as exc:
                 latency_ms = int((time.perf_counter() - started) * 1000)
                 rate_limited = isinstance(exc, UpstreamRateLimited)
                 self._release(job, None, refund=rate_limited)
                 if rate_limited and job.scopes:
                     self.admission.limiter.cool_down(job.provider.name, exc.retry_after or 1.0)
-                if reached_upstream(exc):
-                    self.settler.record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc))
+                partial = partial_bill(exc, job.model)   # a stream that broke off mid-way produced this
+                if reached_upstream(exc) or partial:
+                    self.settler.record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc,
+                                                       **partial))
                 now = time.time()
                 decision = decide(exc, tries=tries, max_retries=job.provider.max_retries,
                                   until_deadline_s=job.spec.deadline - now, until_give_up_s=give_up_at - now)
@@ -364,7 +381,7 @@ class JobRunner:
             return None
         event = (Result(row.result or {}, {"provider": job.provider.name}) if row.status == JobState.SUCCEEDED
                  else Failed(row.error or {}))
-        settlement = Settlement(JobState(row.status), event)
+        settlement = Settlement(JobState(row.status), event, charge=billed_charge(row.usage))
         return self.settler.settle(job.job_id, job.execution, job.spec, settlement, recorded=True)
 
     def _recover_missing(self, job_id: str) -> str:
