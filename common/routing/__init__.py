@@ -81,15 +81,17 @@ class Trail:
     decision: str = ""
     tried: list[str] = field(default_factory=list)
     fallback_used: bool = False
+    calls: int = 0            # upstream calls made for the job before its current deployment
 
     def to_dict(self) -> dict[str, Any]:
         return {"requested": self.requested, "decision": self.decision, "tried": list(self.tried),
-                "fallback_used": self.fallback_used}
+                "fallback_used": self.fallback_used, "calls": self.calls}
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> Trail:
         return cls(str(data.get("requested", "")), str(data.get("decision", "")),
-                   [str(t) for t in data.get("tried") or []], bool(data.get("fallback_used")))
+                   [str(t) for t in data.get("tried") or []], bool(data.get("fallback_used")),
+                   int(data.get("calls") or 0))
 
 
 Fits = Callable[[Model, Deployment], bool]
@@ -132,3 +134,13 @@ def soonest_reopening(options: list[tuple[Candidate, Load]]) -> tuple[Candidate,
     """When nothing is usable: the option whose breaker lets a probe through first (a job waits in
     its line for that probe rather than failing)."""
     return min(options, key=lambda o: o[1].reopens_in_s, default=None)
+
+
+def fitting(prompt_tokens: Callable[[Model], int], completion_tokens: int) -> Fits:
+    """A :data:`Fits` that keeps deployments whose context window holds the prompt (counted for the
+    deployment's own model: ``prompt_tokens(model served there)``) plus the completion the caller
+    asked for (``max_tokens``; 0 if it set none)."""
+    def fits(model: Model, deployment: Deployment) -> bool:
+        served = model.on(deployment)
+        return prompt_tokens(served) + completion_tokens <= served.context_window
+    return fits
