@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -159,6 +160,25 @@ def test_an_open_breaker_half_opens_and_a_good_probe_closes_it(api, pb_worker, f
     assert answer.status_code == 200 and answer.headers["x-gateway-deployment"] == "fake/fake-model"
     assert breaker(prefix, "fake/fake-model")["state"] == "closed"
     assert chat(api, "firstcheap", "after").headers["x-gateway-deployment"] == "fake/fake-model"
+
+
+def test_a_429_moves_to_a_deployment_that_starts_sooner(api, pb_worker, fakes):
+    fakes["a"].configure(fail_next={"count": 1, "status": 429, "retry_after": 15})
+    started = time.monotonic()
+    answer = chat(api, "firstcheap", "rate limited on a")
+    assert answer.status_code == 200 and answer.headers["x-gateway-deployment"] == "pb/fake-model"
+    assert "after upstream_rate_limited" in answer.headers["x-gateway-routing-decision"]
+    assert time.monotonic() - started < 10   # it did not wait out a's Retry-After
+
+
+def test_a_rejected_credential_marks_the_deployment_and_moves_on(api, pb_worker, fakes, prefix):
+    fakes["a"].configure(fail_next={"count": 1, "status": 401})
+    answer = chat(api, "firstcheap", "wrong key on a")
+    assert answer.status_code == 200 and answer.headers["x-gateway-deployment"] == "pb/fake-model"
+    assert answer.headers["x-gateway-attempts"] == "2"
+    state = breaker(prefix, "fake/fake-model")
+    assert (state["state"], state["reason"]) == ("open", "misconfigured")
+    assert fakes["a"].stats()["calls"] == 1   # never retried there
 
 
 def test_a_request_goes_to_the_deployment_whose_context_fits(api, pb_worker, fakes):
