@@ -21,6 +21,7 @@ from api import (
 from api.admin import PREFIX as ADMIN_PREFIX
 from api.admin import budgets as admin_budgets
 from api.admin import keys as admin_keys
+from api.admin import routing as admin_routing
 from api.admin.usage import bp as admin_usage_bp
 from api.auth import Authenticator, LastUsed
 from api.dispatcher import ReplyDispatcher
@@ -115,4 +116,5 @@ def create_app(settings: Settings) -> Flask:
     app.register_blueprint(admin_keys.bp)
     app.register_blueprint(budget_routes.bp)
     app.register_blueprint(admin_budgets.bp)
+    app.register_blueprint(admin_routing.bp)
     return app

@@ -50,7 +50,9 @@ class Plan:
 class BudgetGate:
     """One per API process."""
 
-    def __init__(self, store: JobStore, sessions: sessionmaker, task_time_limit: float) -> None:
+    def __init__(self, store: JobStore, sessions: sessionmaker, task_time_limit: float,
+                 served_by: Callable[[Model], list[Model]] = lambda model: [model]) -> None:
+        self.served_by = served_by  # every deployment (and fallback) the call may end up on
         self.rows = BudgetRows(sessions)
         self.book = BudgetBook(self.rows)
         self.lapse_after_s = task_time_limit + LAPSE_MARGIN_S
@@ -65,13 +67,16 @@ class BudgetGate:
         budgets = self.book.applicable(api_key_id)
         if not budgets and max_cost is None:
             return Plan(request, None)
-        worst = worst_case(request, model)
+        capped = cap_completion(request, model)
+        # routing may place or move the job on any deployment of the alias or of its fallbacks, each
+        # with its own price: the worst case is the dearest of them, so no move can overshoot
+        each = [worst_case(capped, served) for served in self.served_by(model)]
+        worst = WorstCase(max(w.units for w in each), max(w.tokens for w in each))
         if max_cost is not None and worst.usd > max_cost:
             raise InvalidRequest(f"this call may cost up to ${usd_text(worst.units)} (its prompt and "
                                  f"max_tokens at the model's prices), above its max_cost_usd of ${max_cost}; "
                                  "lower max_tokens or raise the cap", param="max_cost_usd",
                                  code="max_cost_exceeded")
-        capped = cap_completion(request, model)
         if not budgets:
             return Plan(capped, None)
         now = datetime.now(UTC)

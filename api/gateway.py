@@ -12,7 +12,7 @@ import math
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -57,6 +57,8 @@ from common.jobs import JobStore, StreamEvent, new_job_id
 from common.keyschema import KeyRecord
 from common.limits import Limiter, Scope
 from common.registry import Limits, Model, Provider
+from common.routing import Trail, candidates
+from common.routing.observe import Router, place
 from common.settings import Settings
 from common.taskwire import task_message
 from common.types import ChatRequest, EmbeddingsRequest
@@ -95,7 +97,8 @@ class Gateway:
         self.rows = JobRows(sessions)
         self.dispatcher = dispatcher
         self.idem = IdemStore(store.redis, store.prefix)
-        self.budgets = BudgetGate(store, sessions, settings.task_time_limit)
+        self.budgets = BudgetGate(store, sessions, settings.task_time_limit, served_by=self._served_by)
+        self.router = Router(settings, store)
 
     # resolution ---------------------------------------------------------------------------------
     def route(self, alias: str, key: KeyRecord | None = None) -> Route:
@@ -108,7 +111,10 @@ class Gateway:
         if key is not None:
             key.check_model(alias)
         provider = self.settings.registry.provider_of(model)
-        if not provider.routable:
+        chain = [] if provider.routable else candidates(self.settings.registry, alias)
+        if chain:  # its first deployment is not configured, another (or a fallback) is
+            provider = self.settings.registry.providers[chain[0].provider]
+        elif not provider.routable:
             raise ProviderUnavailable(f"model '{alias}' is served by provider '{provider.name}', which is "
                                       f"not configured: {provider.unroutable_reason}")
         return Route(model, provider)
@@ -116,6 +122,26 @@ class Gateway:
     def limits_of_key(self, key_id: str) -> Limits:
         """The limits a key's calls count against: its own (admin API), else the YAML's key_limits."""
         return self.key_limits(key_id) or self.settings.registry.limits_of_key(key_id)
+    def _served_by(self, model: Model) -> list[Model]:
+        """``model`` as each deployment that may serve it would (its own and its fallbacks')."""
+        registry = self.settings.registry
+        served = [registry.models[c.alias].on(c.deployment) for c in candidates(registry, model.alias)]
+        return served or [model]
+
+    def placed(self, spec: JobSpec, request: ChatRequest | EmbeddingsRequest,
+               route: Route) -> tuple[JobSpec, Route]:
+        """The job's spec and route on the deployment routing picks (``common/routing``); an alias with
+        one deployment and no fallbacks is left as it was (no Redis read)."""
+        placement = place(self.router, route.model.alias, request)
+        if placement is None:
+            return spec, route
+        candidate, decision = placement
+        registry = self.settings.registry
+        trail = Trail(route.model.alias, decision, fallback_used=candidate.fallback)
+        return (replace(spec, model=candidate.alias, provider=candidate.provider, deployment=candidate.name,
+                        trail=trail),
+                Route(registry.models[candidate.alias].on(candidate.deployment),
+                      registry.providers[candidate.provider]))
 
     def max_wait(self, header: str | None, body_value: Any, default: float) -> float:
         return parse_max_wait(body_value if body_value is not None else header, default,
@@ -136,8 +162,9 @@ class Gateway:
                 return self._attach(first, route, max_wait, api_key_id)
         waiter = self.dispatcher.register(job_id)
         try:
-            self._enqueue(job_id, self._spec(plan.request, route, Mode.SYNC, api_key_id), route, plan,
-                          max_wait=max_wait, reply_to=self.dispatcher.channel,
+            spec, route = self.placed(self._spec(plan.request, route, Mode.SYNC, api_key_id), plan.request,
+                                      route)
+            self._enqueue(job_id, spec, route, plan, max_wait=max_wait, reply_to=self.dispatcher.channel,
                           ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S)
         except GatewayError:
             self.dispatcher.unregister(job_id)
@@ -282,7 +309,8 @@ class Gateway:
             first = self.idem.claim(idem, job_id)
             if first is not None:
                 return self._first_job(first.job_id), False
-        spec = self._spec(plan.request, route, Mode.ASYNC, api_key_id)
+        spec, route = self.placed(self._spec(plan.request, route, Mode.ASYNC, api_key_id), plan.request,
+                                  route)
         try:
             job = self.rows.add(job_id, spec, max_wait=max_wait, idempotency=idem.row() if idem else None)
         except DuplicateKey:

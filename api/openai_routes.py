@@ -80,7 +80,7 @@ def list_models() -> Response:
     registry = gateway().settings.registry
     data = [{"id": alias, "object": "model", "created": 0, "owned_by": m.provider,
              "context_window": m.context_window, "capabilities": list(m.capabilities)}
-            for alias, m in registry.models.items() if registry.provider_of(m).routable and may_use(alias)]
+            for alias, m in registry.models.items() if registry.serves(m) and may_use(alias)]
     return jsonify({"object": "list", "data": data})
 
 

@@ -83,7 +83,12 @@ def outcome_headers(outcome: Outcome) -> dict[str, str]:
             "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
             "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", "")),
             **remaining_headers(outcome.budget, outcome.meta.get("cost_usd"),
-                                (outcome.result.get("usage") or {}).get("total_tokens"))}
+                                (outcome.result.get("usage") or {}).get("total_tokens")),
+            # routing (common/routing): what was decided, where it ran, how many upstream calls, fallback?
+            "x-gateway-deployment": str(outcome.meta.get("deployment", "")),
+            "x-gateway-routing-decision": str(outcome.meta.get("routing_decision", "")),
+            "x-gateway-attempts": str(outcome.meta.get("attempts", "")),
+            "x-gateway-fallback-used": "true" if outcome.meta.get("fallback_used") else "false"}
 
 
 def json_body() -> Any:

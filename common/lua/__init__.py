@@ -9,7 +9,8 @@ Libraries (functions only, no side effects) are prepended to the scripts that us
     permits.lua   the limit kinds (KINDS: check / take / settle per kind) and the loops over scopes
 
 Scripts: create, claim, withdraw, abandon, emit, renew_lease (common/jobs.py); acquire, release, leave,
-renew_permits (common/limits.py); budget_seed (common/budgetstate.py).
+renew_permits (common/limits.py); budget_seed (common/budgetstate.py); move (common/jobs.py: a job
+that moves to another deployment's queue); breaker (common/routing/breaker.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _LIBRARIES: dict[str, tuple[str, ...]] = {
     "emit": ("budget", "job"), "renew_lease": (), "abandon": ("budget", "job"),
     "acquire": ("budget", "job", "line", "permits"), "release": ("budget", "job", "line", "permits"),
     "leave": ("budget", "job", "line"), "renew_permits": ("budget", "job"), "budget_seed": ("budget",),
+    "breaker": (), "move": ("budget", "job"),
 }
 
 
