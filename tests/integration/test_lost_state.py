@@ -24,6 +24,12 @@ from workers.reconciler import GRACE_S
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def gateway_env(gateway_env: dict[str, str]) -> dict[str, str]:
+    # the module's own workers reconcile only as they start: what a test sees is its own worker's doing
+    return {**gateway_env, "GATEWAY_RECONCILE_INTERVAL": "3600"}
+
+
 def forget(prefix: str, job_id: str) -> None:
     """What a Redis restart does to a queued job: its live state and its queue message are gone."""
     client = redis.Redis.from_url(TEST_REDIS_URL)
@@ -82,3 +88,22 @@ def test_a_sync_caller_waiting_on_a_forgotten_job_is_told_at_its_max_wait(api, p
     assert job_id in r.json()["error"]["message"] and "retry it" not in r.json()["error"]["message"]
     assert "Retry-After" not in r.headers  # it may have run: no blind retry is suggested
     assert time.monotonic() - started < 6  # at its max_wait, not after the whole task time limit
+
+
+def test_a_starting_worker_requeues_lost_jobs_at_once_and_says_so(api, fake, gateway_env, prefix,
+                                                                  tmp_path_factory):
+    """After a restart the jobs Redis lost run as the first worker starts, not one reconcile
+    interval (here an hour) later; the worker says in one warning what it recovered."""
+    job_id = requests.post(f"{api.url}/v1/jobs", headers={"x-gateway-max-wait": "60"},
+                           json={"model": "stalled-model",
+                                 "messages": [{"role": "user", "content": "found at start-up"}]}).json()["id"]
+    forget(prefix, job_id)
+    time.sleep(GRACE_S)   # older than the reconciler's grace, as any job accepted before a restart is
+    worker = WorkerFactory({**gateway_env, "GATEWAY_RECONCILE_INTERVAL": "3600"},
+                           tmp_path_factory.mktemp("startup")).start("stalled", "starting")
+    try:
+        wait_until(lambda: job(api, job_id)["status"] == "succeeded", 15)
+    finally:
+        stop_all([worker])
+    assert fake.stats()["by_content"].get("found at start-up") == 1
+    assert "start-up check: 1 accepted async job(s) had lost their place" in worker.output()
