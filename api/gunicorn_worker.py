@@ -5,8 +5,11 @@ gunicorn's gevent worker with the two things it lacks in front of a public API.
   gevent worker waits up to ``--keep-alive`` for every request's headers, the first one included, so
   idle or slowloris sockets hold the worker's ``--connections`` slots and new callers (``/health``
   included) wait in the listen backlog. Here a new connection must deliver its first request's
-  headers within the client timeout (408, then closed); a kept-alive connection still idles up to
-  ``--keep-alive`` between requests.
+  headers within the client timeout (408, then closed). A kept-alive connection may idle up to
+  ``--keep-alive`` between requests (then it is closed silently) — but once the next request's first
+  byte arrives, its headers too must be in within the client timeout (:class:`_NextRequestDeadline`),
+  so a client that drip-feeds the headers of its second request holds its slot no longer than one
+  that drip-feeds its first.
 * **Errors in JSON**: a request gunicorn cannot parse (bad request line, header, chunk framing,
   limits) is answered in OpenAI's error shape, not gunicorn's HTML page.
 
@@ -65,15 +68,19 @@ class GatewayWorker(GeventWorker):
         self.client_timeout = float(config.get("GATEWAY_CLIENT_TIMEOUT", DEFAULT_CLIENT_TIMEOUT))
         self.wsgi = _closing(app)
 
-    def timeout_ctx(self) -> gevent.Timeout:
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        self._connection.fileno = client.fileno()
+        super().handle(listener, client, addr)
+
+    def timeout_ctx(self) -> gevent.Timeout | _NextRequestDeadline:
         """The deadline for reading the next request's headers on this connection: the client
-        timeout (raising, so the caller gets a 408) for the first, the keep-alive idle time (silent
-        close) after that."""
+        timeout (raising, so the caller gets a 408) for the first; for a kept-alive connection's next,
+        the keep-alive idle time until its first byte (silent close), then the client timeout."""
         served = getattr(self._connection, "requests", 0)
         self._connection.requests = served + 1
         if served == 0:
             return gevent.Timeout(self.client_timeout)
-        return gevent.Timeout(self.cfg.keepalive, False)
+        return _NextRequestDeadline(self._connection.fileno, self.cfg.keepalive, self.client_timeout)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         status, reason, code = _classify(exc)
@@ -91,6 +98,48 @@ class GatewayWorker(GeventWorker):
             client.sendall(head + body)
         except OSError as send_error:  # the client is gone: nothing left to tell it
             self.log.debug("could not send the error answer: %s", send_error)
+
+
+class _IdleClose(Exception):
+    """A kept-alive connection idled past keep-alive: close it without an answer."""
+
+
+class _NextRequestDeadline:
+    """The wait for a kept-alive connection's next request: up to ``idle`` s for its first byte
+    (then :class:`_IdleClose`, swallowed here: the connection closes silently, as gunicorn's own
+    keep-alive does), then up to ``headers`` s for the rest of its headers (then a ``gevent.Timeout``
+    the worker answers with a 408). Two libev watchers on the socket, no greenlet: the socket being
+    readable moves the timer from the idle bound to the headers bound. Bytes the parser buffered
+    already (a pipelined request) need no wait: the ``with`` block ends before either fires."""
+
+    def __init__(self, fileno: int, idle: float, headers: float) -> None:
+        self._fileno = fileno
+        self._idle = idle
+        self._headers = headers
+        self._idle_close = _IdleClose()
+
+    def __enter__(self) -> _NextRequestDeadline:
+        loop = gevent.get_hub().loop
+        self._target = gevent.getcurrent()
+        self._timer = loop.timer(self._idle)
+        self._timer.start(self._target.throw, self._idle_close)
+        self._readable = loop.io(self._fileno, 1)  # 1: READ
+        self._readable.start(self._first_byte)
+        return self
+
+    def _first_byte(self) -> None:
+        self._readable.stop()
+        self._timer.stop()
+        self._timer.close()
+        self._timer = gevent.get_hub().loop.timer(self._headers)
+        self._timer.start(self._target.throw, gevent.Timeout(self._headers))
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        self._readable.stop()
+        self._timer.stop()
+        self._readable.close()
+        self._timer.close()
+        return exc is self._idle_close
 
 
 def _classify(exc: BaseException) -> tuple[int, str, str]:
