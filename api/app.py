@@ -44,6 +44,8 @@ def create_app(settings: Settings) -> Flask:
     authenticator = Authenticator(settings.auth_mode, lambda: active_key_hashes(sessions),
                                   stale_limit=settings.auth_stale_limit)
     app.extensions["gateway"] = gateway
+    # called by api.gunicorn_worker on SIGTERM / Ctrl-C: held callers get the drain time, then a 503
+    app.extensions["begin_stop"] = lambda: gateway.begin_stop(settings.drain_timeout)
     app.config["GATEWAY_ADMIN_KEY"] = settings.admin_key
     # no key has the admin role yet: the admin API answers to GATEWAY_ADMIN_KEY only
     app.extensions["admin_identify"] = lambda secret: (

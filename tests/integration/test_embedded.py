@@ -163,12 +163,13 @@ def test_postgres_serves_sqlalchemy_keeps_data_and_is_gone_after_stop(state_dir:
 class _Up:
     """``llm-gateway up`` on embedded servers in ``state_dir``, on free ports, output in a file."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, **extra_env: str) -> None:
         self.api_port, self.flower_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items()
                if k not in ("REDIS_URL", "DATABASE_URL", "GATEWAY_CONFIG", "OPENAI_API_KEY")}
         env.update(GATEWAY_STATE_DIR=str(state_dir), GATEWAY_PORT=str(self.api_port),
-                   GATEWAY_FLOWER_PORT=str(self.flower_port), GATEWAY_AUTH="off", PYTHONUNBUFFERED="1")
+                   GATEWAY_FLOWER_PORT=str(self.flower_port), GATEWAY_AUTH="off", PYTHONUNBUFFERED="1",
+                   **extra_env)
         self.log = state_dir / "up.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "up"], cwd=ROOT, env=env,
