@@ -12,8 +12,11 @@ its own. :class:`GracefulStop` begins when Celery does (``worker_shutting_down``
    ``GATEWAY_DRAIN_TIMEOUT`` seconds (8 by default);
 3. past that bound, **lets go** of the calls still running: their leases and this process's
    heartbeat are dropped, so any live worker's lease sweeper (``workers/leases.py``) puts their
-   messages back within a sweep, and the process exits. Each such job runs again as its next attempt
-   (the lost one is recorded, ``attempt_lost``) — or is cancelled if its caller has already gone.
+   messages back within a sweep, and the process exits — as it does ``EXIT_GRACE_S`` after the drain
+   time if Celery's own shutdown has not ended by then (whatever it had not acked, the sweepers put
+   back: a settled job's message is dropped, an unstarted one served). Each job let go runs again as
+   its next attempt (the lost one is recorded, ``attempt_lost``) — or is cancelled if its caller has
+   already gone.
 
 A cold shutdown (SIGQUIT, a second Ctrl-C) skips all this: kombu puts back the unacked messages
 and the lease rules apply as after a crash.
@@ -32,6 +35,9 @@ from redis.exceptions import RedisError
 from workers.runner import JobRunner
 
 log = logging.getLogger(__name__)
+
+
+EXIT_GRACE_S = 2.0   # past the drain time, a worker with nothing left to run exits within this
 
 
 def wait_until_not_consuming(consumer: Any, timeout: float) -> None:
@@ -67,12 +73,15 @@ class GracefulStop:
         while self.runner.running and time.monotonic() < deadline:
             time.sleep(0.1)
         running = dict(self.runner.running)
-        if not running:
-            return   # Celery's warm shutdown ends by itself now
+        if running:
+            log.warning("stopped after the %gs drain time with %d call(s) still running: they will run "
+                        "again on another worker (or at the next start) as their next attempt",
+                        self.drain_s, len(running))
+        else:
+            # nothing runs: Celery's warm shutdown ends by itself — but not later than this
+            time.sleep(max(0.0, deadline - time.monotonic()) + EXIT_GRACE_S)
+            log.warning("still stopping %gs after the drain time; exiting", EXIT_GRACE_S)
         self.let_go(running)
-        log.warning("stopped after the %gs drain time with %d call(s) still running: they will run again "
-                    "on another worker (or at the next start) as their next attempt", self.drain_s,
-                    len(running))
         logging.shutdown()
         os._exit(0)
 
