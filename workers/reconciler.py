@@ -16,6 +16,11 @@ The first pass runs as the worker starts (after a restart, lost jobs run at once
 later); each pass that found something says so in one warning with its counts (:func:`summary`), the
 start-up pass says "nothing to recover" at info.
 
+It also queues a message again for a row still ``queued`` whose live job waits for its first claim
+(no holder, no attempt) but whose message is in neither its queue nor kombu's ``unacked``: a worker
+SIGKILLed while Redis's BRPOP reply was on its way took it along
+(:meth:`JobReconciler.redeliver_messageless`).
+
 It also repairs the opposite: a row still ``queued`` or ``running`` whose live state has settled (a
 worker died between a Lua step that settled the job and its row's write, or the API between
 withdrawing a job and cancelling its row). The row takes the live state and what the job's final
@@ -85,9 +90,12 @@ class JobReconciler(Periodic):
         rows = self.rows.lost_candidates(grace_s=GRACE_S, stuck_s=stuck_s, limit=BATCH)
         pipe = self.store.redis.pipeline(transaction=False)
         for job in rows:
-            pipe.exists(self.store.job_key(job.id))
-        lost = [job for job, alive in zip(rows, pipe.execute() if rows else [], strict=True) if not alive]
-        done = {"requeued": 0, "expired": 0, "repaired": self.repair_settled()}
+            pipe.hmget(self.store.job_key(job.id), "state", "holder", "attempts")
+        live = dict(zip((job.id for job in rows), pipe.execute() if rows else [], strict=True))
+        lost = [job for job in rows if live[job.id][0] is None]
+        unclaimed = [job for job in rows if waits_for_first_claim(live[job.id])]
+        done = {"requeued": 0, "expired": 0, "repaired": self.repair_settled(),
+                "redelivered": self.redeliver_messageless(unclaimed)}
         for job in lost:
             if job.provider not in self.settings.registry.providers:
                 continue  # a provider this deployment no longer has: left for an operator
@@ -106,6 +114,34 @@ class JobReconciler(Periodic):
                          job.id, queue)
                 done["requeued"] += 1
         return done
+
+    def redeliver_messageless(self, unclaimed: list[Job]) -> int:
+        """Queue a message again for each of ``unclaimed`` (rows older than the grace whose live job is
+        ``queued`` and was never claimed nor stood in a line) that has no message in its queue nor in
+        kombu's ``unacked``: a worker SIGKILLed while Redis's BRPOP reply was on its way took the
+        message with it (BRPOP removes it when Redis replies; kombu records it in ``unacked`` only
+        after reading the reply). A duplicate — a message in flight between the two reads below — is
+        harmless: the claim lets one delivery run the job. Returns how many were queued again."""
+        unclaimed = [job for job in unclaimed if job.provider in self.settings.registry.providers]
+        if not unclaimed:
+            return 0
+        redis = self.store.redis
+        queues = {job.provider: self.settings.queue_key(job.provider) for job in unclaimed}
+        pipe = redis.pipeline(transaction=False)
+        for key in queues.values():
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(f"{self.store.prefix}:unacked")   # kombu's, under our global_keyprefix
+        *listed, unacked = pipe.execute()
+        held = b"\n".join([*(entry for entries in listed for entry in entries), *unacked])
+        redelivered = 0
+        for job in unclaimed:
+            if job.id.encode() in held:
+                continue
+            redis.rpush(queues[job.provider], task_message(job.id, self.settings.queue_for(job.provider)))
+            log.info("job %s: queued but its message was gone (a worker died as it took it); queued again",
+                     job.id)
+            redelivered += 1
+        return redelivered
 
     def repair_settled(self) -> int:
         """Settle the open rows whose live state settled without them; returns how many."""
@@ -143,10 +179,19 @@ def summary(done: dict[str, int], *, at_start: bool) -> str | None:
     if done["expired"]:
         parts.append(f"{done['expired']} lost job(s) had passed their max_wait and were marked expired "
                      "(their callers see queue_timeout)")
+    if done.get("redelivered"):
+        parts.append(f"{done['redelivered']} accepted async job(s) had lost their queue message (a worker "
+                     "died as it took them) and were queued again")
     if done["repaired"]:
         parts.append(f"{done['repaired']} job record(s) in Postgres lagged behind their finished job "
                      "and were brought up to date")
     return f"{when}: " + "; ".join(parts)
+
+
+def waits_for_first_claim(live: list[bytes | None]) -> bool:
+    """A live job (``state``, ``holder``, ``attempts``) that waits for its first claim outside any line."""
+    state, holder, attempts = live
+    return state == b"queued" and not holder and attempts in (None, b"0")
 
 
 def live_outcome(job_id: str, state: JobState, finished: bytes | None,

@@ -107,3 +107,23 @@ def test_a_starting_worker_requeues_lost_jobs_at_once_and_says_so(api, fake, gat
         stop_all([worker])
     assert fake.stats()["by_content"].get("found at start-up") == 1
     assert "start-up check: 1 accepted async job(s) had lost their place" in worker.output()
+
+
+def test_an_async_job_whose_message_a_dying_worker_took_is_queued_again(api, fake, gateway_env, prefix,
+                                                                        tmp_path_factory):
+    """A worker SIGKILLed while Redis's BRPOP reply is on its way takes the message with it: the job's
+    live state says ``queued`` (no holder, no attempt) but its message is in neither the queue nor
+    kombu's ``unacked`` (bench/faults.py worker-kill found one). The reconciler queues it again."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    body = {"model": "stalled-model", "messages": [{"role": "user", "content": "taken by a dying worker"}]}
+    job_id = requests.post(f"{api.url}/v1/jobs", headers={"x-gateway-max-wait": "60"}, json=body).json()["id"]
+    assert client.delete(f"{prefix}:llm.stalled") == 1   # the message gone, the live state kept
+    time.sleep(GRACE_S)   # older than the reconciler's grace
+    logs = tmp_path_factory.mktemp("messageless")
+    worker = WorkerFactory(gateway_env, logs).start("stalled", "redeliverer")   # its start-up pass
+    try:
+        wait_until(lambda: job(api, job_id)["status"] == "succeeded", 15)
+    finally:
+        stop_all([worker])
+    assert fake.stats()["by_content"].get("taken by a dying worker") == 1
+    assert "1 accepted async job(s) had lost their queue message" in worker.output()
