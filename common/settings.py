@@ -58,6 +58,37 @@ def normalise_database_url(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class ObservabilitySettings:
+    """Metrics, logs and traces (``common/observability``); see README "Operating it"."""
+
+    metrics_dir: Path | None = None      # PROMETHEUS_MULTIPROC_DIR: every process on a host writes there
+    metrics_key_labels: bool = False     # GATEWAY_METRICS_KEY_LABELS: per-API-key series (opt in)
+    log_level: str = "INFO"              # GATEWAY_LOG_LEVEL
+    log_format: str = "json"             # GATEWAY_LOG_FORMAT: json | text
+    log_content: bool = False            # GATEWAY_LOG_CONTENT: prompts and answers in the logs (opt in)
+    otlp_endpoint: str | None = None     # OTEL_EXPORTER_OTLP_ENDPOINT: traces on when set
+    service_name: str = "llm-gateway"    # OTEL_SERVICE_NAME
+    worker_metrics_port: int | None = None  # GATEWAY_WORKER_METRICS_PORT: a worker serves /metrics there
+
+
+def _observability(env: Mapping[str, str]) -> ObservabilitySettings:
+    level = env.get("GATEWAY_LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingsError(f"GATEWAY_LOG_LEVEL={level!r} must be one of DEBUG, INFO, WARNING, ERROR")
+    log_format = env.get("GATEWAY_LOG_FORMAT", "json").lower()
+    if log_format not in ("json", "text"):
+        raise SettingsError(f"GATEWAY_LOG_FORMAT={log_format!r} must be json or text")
+    metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR") or None
+    return ObservabilitySettings(
+        metrics_dir=Path(metrics_dir) if metrics_dir else None,
+        metrics_key_labels=_flag(env, "GATEWAY_METRICS_KEY_LABELS", False),
+        log_level=level, log_format=log_format, log_content=_flag(env, "GATEWAY_LOG_CONTENT", False),
+        otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        service_name=env.get("OTEL_SERVICE_NAME") or "llm-gateway",
+        worker_metrics_port=_int(env, "GATEWAY_WORKER_METRICS_PORT", 0, minimum=0) or None)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the gateway's processes need to know, resolved and validated."""
 
@@ -83,6 +114,7 @@ class Settings:
     api_port: int = 8080
     flower_port: int = 5555
     visibility_timeout_override: float | None = None
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
 
     @property
     def visibility_timeout(self) -> float:
@@ -137,6 +169,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_port=_int(env, "GATEWAY_PORT", 8080, minimum=1),
         flower_port=_int(env, "GATEWAY_FLOWER_PORT", 5555, minimum=1),
         visibility_timeout_override=float(visibility) if visibility else None,
+        observability=_observability(env),
     )
     if settings.default_max_wait > settings.max_wait_limit:
         raise SettingsError("GATEWAY_MAX_WAIT must not exceed GATEWAY_MAX_WAIT_LIMIT")
