@@ -8,7 +8,16 @@ import secrets
 import redis
 from flask import Flask, Response, g, request
 
-from api import anthropic_routes, gemini_routes, health, jobs_routes, ollama_routes, openai_routes
+from api import (
+    anthropic_routes,
+    gemini_routes,
+    health,
+    jobs_routes,
+    metrics_route,
+    observe,
+    ollama_routes,
+    openai_routes,
+)
 from api.admin import PREFIX as ADMIN_PREFIX
 from api.auth import Authenticator
 from api.dispatcher import ReplyDispatcher
@@ -44,6 +53,7 @@ def create_app(settings: Settings) -> Flask:
     authenticator = Authenticator(settings.auth_mode, lambda: active_key_hashes(sessions),
                                   stale_limit=settings.auth_stale_limit)
     app.extensions["gateway"] = gateway
+    observe.install(app, settings)
     app.config["GATEWAY_ADMIN_KEY"] = settings.admin_key
     # no key has the admin role yet: the admin API answers to GATEWAY_ADMIN_KEY only
     app.extensions["admin_identify"] = lambda secret: (
@@ -51,6 +61,7 @@ def create_app(settings: Settings) -> Flask:
 
     @app.before_request
     def _identify() -> None:
+        observe.begin()
         if _BAD_PATH.search(request.path):
             raise NotFound("no such path (it contains control characters or invalid UTF-8)")
         incoming = request.headers.get("x-request-id", "")
@@ -63,7 +74,7 @@ def create_app(settings: Settings) -> Flask:
     @app.after_request
     def _tag(response: Response) -> Response:
         response.headers["x-request-id"] = g.get("request_id", "")
-        return response
+        return observe.finish(response)
 
     # paths of no protocol blueprint (unknown paths, /health, /v1/jobs) answer in OpenAI's shape;
     # each protocol blueprint installs its own handlers with its own shape
@@ -71,6 +82,7 @@ def create_app(settings: Settings) -> Flask:
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(jobs_routes.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics_route.bp)
     app.register_blueprint(anthropic_routes.bp)
     app.register_blueprint(ollama_routes.bp)
     app.register_blueprint(gemini_routes.bp)

@@ -17,6 +17,7 @@ from typing import Any
 import redis
 from sqlalchemy.orm import sessionmaker
 
+from api import observe
 from api.dispatcher import ReplyDispatcher
 from api.idempotency import FirstCall, IdemCall, IdemStore
 from api.watch import REPEAT_POLL_S, JobWatch
@@ -163,6 +164,7 @@ class Gateway:
         """The outcome a final event carries (an error event raises it); None for a chunk."""
         event = entry.event
         if isinstance(event, Result):
+            observe.note_outcome(event.meta)
             return Outcome(watch.job_id, event.result, event.meta)
         if isinstance(event, Failed):
             raise event.exception()
@@ -232,6 +234,7 @@ class Gateway:
     def _enqueue(self, job_id: str, spec: JobSpec, route: Route, **job: Any) -> None:
         """Record the job and push its Celery message onto ``llm.<provider>`` in one Redis step."""
         queue_name = self.settings.queue_for(route.provider.name)
+        spec = observe.note_job(job_id, spec)
         try:
             self.store.create(job_id, spec, queue=self.settings.queue_key(route.provider.name),
                               message=task_message(job_id, queue_name), **job)

@@ -100,6 +100,7 @@ class JobSpec:
     request: dict[str, Any]
     api_key_id: str | None = None
     deadline: float = 0.0
+    trace: str | None = None   # the API's W3C traceparent (tracing on): the worker's spans join its trace
 
     @classmethod
     def of(cls, request: ChatRequest | EmbeddingsRequest, *, mode: Mode, model: str, provider: str,
@@ -117,15 +118,18 @@ class JobSpec:
         return ChatRequest.model_validate(self.request)
 
     def to_json(self) -> str:
-        return json.dumps({"mode": self.mode.value, "kind": self.kind.value, "model": self.model,
-                           "provider": self.provider, "request": self.request, "api_key_id": self.api_key_id},
-                          separators=(",", ":"))
+        data = {"mode": self.mode.value, "kind": self.kind.value, "model": self.model,
+                "provider": self.provider, "request": self.request, "api_key_id": self.api_key_id}
+        if self.trace:
+            data["trace"] = self.trace
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def parse(cls, raw: str | bytes, deadline: float) -> JobSpec:
         data = json.loads(raw)
         return cls(Mode(data.get("mode", Mode.SYNC)), Kind(data.get("kind", Kind.CHAT)), data["model"],
-                   data["provider"], data["request"], data.get("api_key_id"), float(deadline))
+                   data["provider"], data["request"], data.get("api_key_id"), float(deadline),
+                   data.get("trace"))
 
 
 class EventType(StrEnum):

@@ -60,6 +60,7 @@ from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, scopes_for
 from workers.leases import LeaseHeartbeat
+from workers.observe import observer
 from workers.policy import Action, Decision, decide, reached_upstream
 from workers.settle import Settlement, Settler
 from workers.usage import ATTEMPT_LOST, UsageLedger, UsageRecord
@@ -82,6 +83,7 @@ class JobRunner:
         self.adapters = adapters
         self.admission = admission
         self.settler = Settler(settings, store, rows, ledger)
+        self.observe = observer(settings)
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
@@ -91,6 +93,7 @@ class JobRunner:
     def run(self, job_id: str) -> str:
         """Run a delivered job; returns what happened (for logs and tests)."""
         execution = f"{os.getpid()}:{secrets.token_hex(4)}"
+        self.observe.delivered(job_id)
         job: _Run | None = None
         if self.limits_configured:  # learn which limits this job counts against before it may start
             spec = self.store.spec(job_id)
@@ -168,8 +171,9 @@ class JobRunner:
         if attempt > 1:  # the previous attempt's worker died mid-run: its call may have cost money
             self._record_lost_attempt(job, attempt - 1)
         queue_wait_ms = int(queue_wait_s * 1000)
+        self.observe.started(job, queue_wait_s)
         try:
-            invoke = self._invoker(job)
+            invoke = self.observe.timed(job, self._invoker(job))
             response, latency_ms, call_id = self._call_with_retries(job, attempt, invoke, queue_wait_ms)
         except GatewayError as exc:
             return self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(exc))
@@ -218,6 +222,7 @@ class JobRunner:
                     usage = chunk["usage"]
                 self.store.emit(job_id, Chunk(chunk))
                 sent += 1
+                self.observe.first_token(job_id, model)
                 if time.monotonic() - checked > ABORT_CHECK_S:
                     checked = time.monotonic()
                     if self.store.aborted(job_id):
@@ -256,13 +261,13 @@ class JobRunner:
                 now = time.time()
                 decision = decide(exc, tries=tries, max_retries=job.provider.max_retries,
                                   until_deadline_s=job.spec.deadline - now, until_give_up_s=give_up_at - now)
+                self.observe.attempt(job, tries, error=exc, then=decision)
                 if decision.action is Action.FAIL:
                     raise
-                log.info("job %s: %s; %s in %.2fs", job.job_id, exc.code, decision.action.value,
-                         decision.delay_s)
                 self._wait_to_retry(job, exc, decision, give_up_at)
                 continue
             latency_ms = int((time.perf_counter() - started) * 1000)
+            self.observe.attempt(job, tries, response=response)
             self._release(job, response.usage.total_tokens)
             if response.quota_reset_s and job.scopes:
                 # the provider's headers say its quota is spent: hold everyone back before the 429s come

@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready
 
+from common.observability.metrics import serve as serve_metrics
 from common.settings import Settings, load_settings
 from workers import kombu_tuning
 from workers.assembly import build_runner
@@ -33,6 +34,8 @@ def create_worker_app(settings: Settings) -> Celery:
         runner = app.gateway_runner
         RedeliverySweeper(app, restore_interval(settings)).start()
         LeaseSweeper(app, runner.store, runner.admission.limiter.proc_key("")).start()
+        if settings.observability.worker_metrics_port:  # a worker host without an API: its own /metrics
+            serve_metrics(settings.observability.worker_metrics_port, settings.observability.metrics_dir)
 
     return app
 

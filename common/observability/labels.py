@@ -57,9 +57,10 @@ def error_label(error: GatewayError | None) -> str:
     if error is None:
         return NONE
     known = error_codes()
-    if error.code in known:
-        return str(error.code)
-    return bounded(type(error).code, known)
+    for code in (error.code, type(error).code):
+        if code in known:
+            return str(code)
+    return OTHER
 
 
 def key_label(key_id: str | None, opted_in: bool) -> str | None:

@@ -119,13 +119,7 @@ def metrics() -> Metrics:
 def exposition(metrics_dir: Path | None, state: Iterable[Any] = ()) -> bytes:
     """The text ``GET /metrics`` answers: every process's samples on this host (``metrics_dir``), or
     this process's, plus the collectors in ``state`` (read at scrape time)."""
-    registry = CollectorRegistry(auto_describe=False)
-    if metrics_dir is not None:
-        MultiProcessCollector(registry, path=str(metrics_dir))
-    else:
-        metrics()
-        assert _registry is not None
-        registry.register(_Forward(_registry))
+    registry = _samples(metrics_dir)
     for collector in state:
         registry.register(collector)
     return generate_latest(registry)
@@ -164,10 +158,39 @@ class StateCollector:
             line.add_metric([provider], float(entry.get("waiting_in_line", 0)))
             cooldown.add_metric([provider], float(entry.get("cooldown_ms", 0)) / 1000)
             for scope, use in entry.get("scopes", {}).items():
-                for name, now in (("concurrency", use.get("in_flight")), ("rpm", use.get("requests_last_60s")),
-                                  ("tpm", use.get("tokens_last_60s"))):
+                for name, now in (("concurrency", use.get("in_flight")),
+                                  ("rpm", use.get("requests_last_60s")), ("tpm", use.get("tokens_last_60s"))):
                     configured = use.get("limits", {}).get(name)
                     if configured:
                         in_use.add_metric([scope, name], float(now or 0))
                         limit.add_metric([scope, name], float(configured))
         yield from (queue, line, cooldown, in_use, limit)
+
+
+def prepare_metrics_dir(path: Path) -> Path:
+    """``path`` created and emptied: a run's samples must not add to a previous run's (multiprocess
+    mode keeps one file per process and metric type; a dead process's counters still count)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    return path
+
+
+def serve(port: int, metrics_dir: Path | None) -> None:
+    """Serve ``/metrics`` on ``port`` from a background thread (a worker host without an API): every
+    process's samples in ``metrics_dir`` on this host, or this process's."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, registry=_samples(metrics_dir))
+
+
+def _samples(metrics_dir: Path | None) -> CollectorRegistry:
+    """A registry that collects every process's samples in ``metrics_dir``, or this process's."""
+    registry = CollectorRegistry(auto_describe=False)
+    if metrics_dir is not None:
+        MultiProcessCollector(registry, path=str(metrics_dir))
+    else:
+        metrics()
+        assert _registry is not None
+        registry.register(_Forward(_registry))
+    return registry

@@ -163,6 +163,10 @@ def gateway_env(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, da
         "GATEWAY_MAX_BODY_BYTES": "65536",
         "FAKE_API_KEY": "sk-fake-upstream",
         "PYTHONUNBUFFERED": "1",
+        # the module's API and workers share one metrics directory: /metrics shows both sides
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("metrics")),
+        # Celery's own line format kept (finished_tasks reads it); test_observability checks JSON
+        "GATEWAY_LOG_FORMAT": "text",
     }
 
 

@@ -1,0 +1,105 @@
+"""Metric label values are bounded: whatever a caller sends, a label takes one of a known set of
+values (common/observability/labels.py); log lines render as JSON or text with their fields."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from common.errors import ExceedsLimit, GatewayError, QueueTimeout, UpstreamRejected, UpstreamTimeout
+from common.observability.labels import (
+    NONE,
+    OTHER,
+    bounded,
+    error_codes,
+    error_label,
+    key_label,
+    status_class,
+)
+from common.observability.logs import JsonFormatter, TextFormatter
+
+MODELS = frozenset({"gpt-4o-mini", "claude-haiku", "fake-model"})
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("gpt-4o-mini", "gpt-4o-mini"),
+    ("fake-model", "fake-model"),
+    ("GPT-4O-MINI", OTHER),                       # aliases are exact
+    ("no-such-model", OTHER),
+    ("x" * 10_000, OTHER),
+    ("gpt-4o-mini\n{evil=\"1\"}", OTHER),
+    ("\u2603", OTHER),
+    ("", NONE),
+    (None, NONE),
+], ids=["known", "known-2", "case-differs", "unknown", "huge", "injection", "unicode", "empty", "absent"])
+def test_model_names_outside_the_registry_collapse_to_one_value(value, expected):
+    assert bounded(value, MODELS) == expected
+
+
+def test_any_number_of_junk_names_makes_one_label_value():
+    assert {bounded(f"junk-{i}", MODELS) for i in range(1000)} == {OTHER}
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    (200, "2xx"), (202, "2xx"), (301, "3xx"), (404, "4xx"), (429, "4xx"), (499, "4xx"), (500, "5xx"),
+    (504, "5xx"), (100, "1xx"), (99, OTHER), (600, OTHER), (-1, OTHER), (0, OTHER),
+], ids=lambda v: str(v))
+def test_status_classes(status, expected):
+    assert status_class(status) == expected
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (None, NONE),
+    (QueueTimeout("waited"), "queue_timeout"),
+    (UpstreamTimeout("slow"), "upstream_timeout"),
+    (ExceedsLimit("big", code="request_exceeds_tpm"), "request_exceeds_limit"),   # its class's code
+    (UpstreamRejected("no", code="context_length_exceeded"), "upstream_rejected"),  # an upstream's own code
+    (GatewayError("bare"), OTHER),
+], ids=["none", "ours", "upstream", "instance-code", "upstream-code", "no-code"])
+def test_error_labels_are_our_codes(error, expected):
+    assert error_label(error) == expected
+
+
+def test_error_codes_come_from_the_hierarchy():
+    assert {"queue_timeout", "upstream_timeout", "invalid_api_key", "internal_error"} <= error_codes()
+    assert all(code.isidentifier() for code in error_codes())
+
+
+@pytest.mark.parametrize(("key_id", "opted_in", "expected"), [
+    ("key_abc123", False, None),
+    ("key_abc123", True, "key_abc123"),
+    ("anonymous", True, "anonymous"),
+    (None, True, NONE),
+    ("key with spaces", True, OTHER),
+    ("k" * 65, True, OTHER),
+], ids=["off", "on", "anonymous", "no-key", "odd", "too-long"])
+def test_api_keys_are_labels_only_when_the_operator_opts_in(key_id, opted_in, expected):
+    assert key_label(key_id, opted_in) == expected
+
+
+def _record(fields: dict | None) -> logging.LogRecord:
+    record = logging.LogRecord("gateway.access", logging.INFO, __file__, 1, "request %s", ("done",), None)
+    if fields is not None:
+        record.fields = fields
+    return record
+
+
+@pytest.mark.parametrize("fields", [None, {"request_id": "req_1", "status": 200, "duration_ms": 1.5},
+                                    {"msg": "not overwritten", "text": "a \"quoted\"\nline"}],
+                         ids=["plain", "fields", "awkward"])
+def test_json_lines_parse_and_carry_their_fields(fields):
+    line = JsonFormatter().format(_record(fields))
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert (parsed["msg"], parsed["level"], parsed["logger"]) == ("request done", "info", "gateway.access")
+    for key, value in (fields or {}).items():
+        if key != "msg":
+            assert parsed[key] == value
+
+
+def test_text_lines_append_fields_to_the_base_format():
+    base = logging.Formatter("[%(levelname)s] %(message)s")
+    line = TextFormatter(base).format(_record({"job_id": "job_1", "model": "fake model", "skip": None}))
+    assert line == '[INFO] request done job_id=job_1 model="fake model"'
