@@ -39,6 +39,8 @@ class ApiObserver:
         self.protocols = app.blueprints  # bounded by the code: one label value per blueprint
         self.metrics = metrics()
         self.tracing = tracing or Tracing(self.obs)
+        # nothing to record (metrics off, access lines below the level, no traces): no per-request work
+        self.active = self.obs.metrics or access.isEnabledFor(logging.INFO) or self.tracing.enabled
 
     def record(self, response: Response, seen: dict[str, Any]) -> None:
         """The request is done (its body sent): count it, time it, log it, end its span. ``seen``:
@@ -50,32 +52,42 @@ class ApiObserver:
             protocol = OTHER
         model = bounded(seen["model"], self.models)
         klass = status_class(status)
+        code = _error_code(response) if status >= 400 else None
+        outcome = seen["outcome"]
+        if self.obs.metrics:
+            self._count(protocol, model, klass, code, elapsed, outcome if status < 400 else None,
+                        key_label(seen["key_id"], self.obs.metrics_key_labels))
+        if access.isEnabledFor(logging.INFO):
+            _log(response, seen, protocol, elapsed, code)
+        self.tracing.end(seen["span"], attributes={"http.response.status_code": status},
+                         error=str(status) if status >= 500 else None)
+
+    def _count(self, protocol: str, model: str, klass: str, code: str | None, elapsed: float,
+               outcome: dict[str, Any] | None, key: str | None) -> None:
         m = self.metrics
         m.requests.labels(protocol, model, klass).inc()
         m.request_seconds.labels(protocol, model, klass).observe(elapsed)
-        code = None
-        if status >= 400:
-            code = _error_code(response)
+        if code is not None:
             m.request_errors.labels(protocol, model, code).inc()
-        outcome = seen["outcome"]
-        if outcome is not None and status < 400:
+        if outcome is not None:
             inside = float(outcome.get("queue_wait_ms") or 0) + float(outcome.get("upstream_latency_ms") or 0)
             m.overhead_seconds.labels(protocol).observe(max(0.0, elapsed - inside / 1000))
-        key = key_label(seen["key_id"], self.obs.metrics_key_labels)
         if key is not None:
             m.key_requests.labels(key, klass).inc()
-        headers = response.headers
-        fields = {"request_id": seen["request_id"], "method": seen["method"], "path": seen["path"],
-                  "status": status, "duration_ms": round(elapsed * 1000, 1), "protocol": protocol,
-                  "model": seen["model"], "provider": headers.get("x-gateway-provider"),
-                  "provider_model": headers.get("x-gateway-model"),
-                  "job_id": seen["job_id"] or headers.get("x-gateway-job-id"), "key_id": seen["key_id"],
-                  "queue_wait_ms": headers.get("x-gateway-queue-wait-ms"),
-                  "upstream_ms": (outcome or {}).get("upstream_latency_ms"),
-                  "cost_usd": headers.get("x-gateway-cost-usd"), "error": code}
-        access.info("request", extra={"fields": {k: v for k, v in fields.items() if v not in (None, "")}})
-        self.tracing.end(seen["span"], attributes={"http.response.status_code": status},
-                         error=str(status) if status >= 500 else None)
+
+
+def _log(response: Response, seen: dict[str, Any], protocol: str, elapsed: float, code: str | None) -> None:
+    """The request's ``gateway.access`` line: ids, names, status, timings — no content, no secret."""
+    headers = response.headers
+    fields = {"request_id": seen["request_id"], "method": seen["method"], "path": seen["path"],
+              "status": response.status_code, "duration_ms": round(elapsed * 1000, 1), "protocol": protocol,
+              "model": seen["model"], "provider": headers.get("x-gateway-provider"),
+              "provider_model": headers.get("x-gateway-model"),
+              "job_id": seen["job_id"] or headers.get("x-gateway-job-id"), "key_id": seen["key_id"],
+              "queue_wait_ms": headers.get("x-gateway-queue-wait-ms"),
+              "upstream_ms": (seen["outcome"] or {}).get("upstream_latency_ms"),
+              "cost_usd": headers.get("x-gateway-cost-usd"), "error": code}
+    access.info("request", extra={"fields": {k: v for k, v in fields.items() if v not in (None, "")}})
 
 
 def _error_code(response: Response) -> str:
@@ -94,7 +106,8 @@ def install(app: Flask, settings: Settings) -> ApiObserver:
     """Logging configured (level, format) and the observer kept on the app."""
     configure_logging(settings.observability)
     observer = ApiObserver(settings, app)
-    app.extensions[EXTENSION] = observer
+    if observer.active:
+        app.extensions[EXTENSION] = observer
     return observer
 
 

@@ -61,6 +61,7 @@ def normalise_database_url(url: str) -> str:
 class ObservabilitySettings:
     """Metrics, logs and traces (``common/observability``); see README "Operating it"."""
 
+    metrics: bool = True                 # GATEWAY_METRICS: off records nothing (GET /metrics still answers)
     metrics_dir: Path | None = None      # PROMETHEUS_MULTIPROC_DIR: every process on a host writes there
     metrics_key_labels: bool = False     # GATEWAY_METRICS_KEY_LABELS: per-API-key series (opt in)
     log_level: str = "INFO"              # GATEWAY_LOG_LEVEL
@@ -80,7 +81,7 @@ def _observability(env: Mapping[str, str]) -> ObservabilitySettings:
         raise SettingsError(f"GATEWAY_LOG_FORMAT={log_format!r} must be json or text")
     metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR") or None
     return ObservabilitySettings(
-        metrics_dir=Path(metrics_dir) if metrics_dir else None,
+        metrics=_flag(env, "GATEWAY_METRICS", True), metrics_dir=Path(metrics_dir) if metrics_dir else None,
         metrics_key_labels=_flag(env, "GATEWAY_METRICS_KEY_LABELS", False),
         log_level=level, log_format=log_format, log_content=_flag(env, "GATEWAY_LOG_CONTENT", False),
         otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,

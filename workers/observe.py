@@ -74,8 +74,9 @@ class WorkerObserver:
 
     def started(self, job: Any, queue_wait_s: float) -> None:
         """``job`` (a runner's ``_Run``) was claimed after waiting ``queue_wait_s`` since its creation."""
-        provider, model = self._labels(job.spec.model, job.provider.name)
-        self.metrics.queue_wait_seconds.labels(provider, model).observe(max(0.0, queue_wait_s))
+        if self.obs.metrics:
+            provider, model = self._labels(job.spec.model, job.provider.name)
+            self.metrics.queue_wait_seconds.labels(provider, model).observe(max(0.0, queue_wait_s))
         seen = self._seen(job.job_id)
         seen.claimed = now = time.time()
         if not self.tracing.enabled:
@@ -102,7 +103,7 @@ class WorkerObserver:
     def first_token(self, job_id: str, model: Any) -> None:
         """A stream's first chunk went out: time to first token since the attempt started."""
         seen = self._seen(job_id)
-        if seen.first_token or not seen.attempt_start:
+        if seen.first_token or not seen.attempt_start or not self.obs.metrics:
             return
         seen.first_token = True
         provider, alias = self._labels(model.alias, model.provider)
@@ -114,14 +115,25 @@ class WorkerObserver:
         after a failure). Counted, timed, logged (a failure at WARNING), and traced."""
         seen = self._seen(job.job_id)
         elapsed = time.perf_counter() - seen.attempt_start if seen.attempt_start else 0.0
-        provider, model = self._labels(job.spec.model, job.provider.name)
         outcome = "success" if error is None else error_label(error)
-        m = self.metrics
-        m.upstream_attempts.labels(provider, model, outcome).inc()
-        m.upstream_seconds.labels(provider, model, outcome).observe(elapsed)
         retrying = error is not None and then is not None and then.action.value != "fail"
-        if retrying:
-            m.retries.labels(provider, model, outcome).inc()
+        if self.obs.metrics:
+            provider, model = self._labels(job.spec.model, job.provider.name)
+            m = self.metrics
+            m.upstream_attempts.labels(provider, model, outcome).inc()
+            m.upstream_seconds.labels(provider, model, outcome).observe(elapsed)
+            if retrying:
+                m.retries.labels(provider, model, outcome).inc()
+        if seen.span is not None:
+            self.tracing.span(f"upstream {job.provider.name}", kind="CLIENT", start=seen.attempt_wall,
+                              end=seen.attempt_wall + elapsed, parent=seen.span,
+                              attributes={"gateway.try": tries}, error=None if error is None else outcome)
+        if error is not None or log.isEnabledFor(logging.INFO):
+            self._log_attempt(job, tries, elapsed, outcome, response, error, then if retrying else None)
+
+    def _log_attempt(self, job: Any, tries: int, elapsed: float, outcome: str, response: ChatResponse | None,
+                     error: GatewayError | None, then: Any) -> None:
+        """The attempt's ``gateway.upstream`` line; a failure's at WARNING, worded as firsthour's line."""
         fields: dict[str, Any] = {
             "job_id": job.job_id, "key_id": job.spec.api_key_id, "model": job.spec.model,
             "provider": job.provider.name, "provider_model": job.model.model, "try": tries,
@@ -137,23 +149,26 @@ class WorkerObserver:
             log.info("upstream attempt ok: provider=%s model=%s job=%s try=%d", job.provider.name,
                      job.spec.model, job.job_id, tries, extra={"fields": fields})
         else:
-            then_text = ("giving up" if not retrying
+            then_text = ("giving up" if then is None
                          else f"{then.action.value.replace('_', ' ')} in {then.delay_s:.2f}s")
             message = _scrub(error.message, job.provider.api_key)
             fields.update(status=error.status, error=message, then=then_text)
             log.warning("upstream attempt failed: provider=%s model=%s (%s) status=%s job=%s try=%d: %s; %s",
                         job.provider.name, job.spec.model, job.model.model, outcome, job.job_id, tries,
                         message, then_text, extra={"fields": fields})
-        if seen.span is not None:
-            self.tracing.span(f"upstream {job.provider.name}", kind="CLIENT", start=seen.attempt_wall,
-                              end=seen.attempt_wall + elapsed, parent=seen.span,
-                              attributes={"gateway.try": tries}, error=None if error is None else outcome)
 
     def settled(self, job_id: str, spec: JobSpec | None, settlement: Any) -> None:
         """Every settle (``Settler.settle``): the job's final state, its tokens and cost; its span ends."""
         seen = self.jobs.pop(job_id, None)
         if spec is None:
             return
+        if self.obs.metrics:
+            self._count_settled(spec, settlement)
+        if seen is None or seen.span is None:
+            return
+        self._end_span(seen, settlement)
+
+    def _count_settled(self, spec: JobSpec, settlement: Any) -> None:
         provider, model = self._labels(spec.model, spec.provider)
         m = self.metrics
         m.jobs_finished.labels(provider, model, str(settlement.state)).inc()
@@ -167,8 +182,9 @@ class WorkerObserver:
                 m.key_tokens.labels(key, "input").inc(usage.prompt_tokens)
                 m.key_tokens.labels(key, "output").inc(usage.completion_tokens)
                 m.key_cost_usd.labels(key).inc(float(usage.cost_usd))
-        if seen is None or seen.span is None:
-            return
+
+    def _end_span(self, seen: _Seen, settlement: Any) -> None:
+        usage = settlement.usage
         attributes: dict[str, Any] = {"gateway.state": str(settlement.state)}
         if usage is not None:
             attributes.update({"gen_ai.usage.input_tokens": usage.prompt_tokens,

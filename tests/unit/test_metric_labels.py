@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from common.contract import JobSpec, Kind, Mode
 from common.errors import ExceedsLimit, GatewayError, QueueTimeout, UpstreamRejected, UpstreamTimeout
 from common.observability.labels import (
     NONE,
@@ -19,6 +20,7 @@ from common.observability.labels import (
     status_class,
 )
 from common.observability.logs import JsonFormatter, TextFormatter
+from common.settings import SettingsError, load_settings
 
 MODELS = frozenset({"gpt-4o-mini", "claude-haiku", "fake-model"})
 
@@ -103,3 +105,34 @@ def test_text_lines_append_fields_to_the_base_format():
     base = logging.Formatter("[%(levelname)s] %(message)s")
     line = TextFormatter(base).format(_record({"job_id": "job_1", "model": "fake model", "skip": None}))
     assert line == '[INFO] request done job_id=job_1 model="fake model"'
+
+
+@pytest.mark.parametrize(("env", "problem"), [
+    ({"GATEWAY_LOG_FORMAT": "xml"}, "GATEWAY_LOG_FORMAT"),
+    ({"GATEWAY_LOG_LEVEL": "loud"}, "GATEWAY_LOG_LEVEL"),
+    ({"GATEWAY_METRICS_KEY_LABELS": "maybe"}, "GATEWAY_METRICS_KEY_LABELS"),
+    ({"GATEWAY_WORKER_METRICS_PORT": "-1"}, "GATEWAY_WORKER_METRICS_PORT"),
+], ids=["format", "level", "key-labels", "port"])
+def test_bad_observability_settings_name_their_variable(env, problem):
+    with pytest.raises(SettingsError, match=problem):
+        load_settings(env)
+
+
+def test_observability_settings_defaults_and_overrides():
+    default = load_settings({}).observability
+    assert (default.log_format, default.log_level, default.metrics, default.metrics_dir) == ("json", "INFO",
+                                                                                           True, None)
+    assert not default.log_content and not default.metrics_key_labels and default.otlp_endpoint is None
+    given = load_settings({"GATEWAY_LOG_FORMAT": "TEXT", "GATEWAY_LOG_LEVEL": "debug",
+                           "PROMETHEUS_MULTIPROC_DIR": "/tmp/m", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                           "GATEWAY_METRICS": "off"}).observability
+    seen = (given.log_format, given.log_level, str(given.metrics_dir), given.otlp_endpoint, given.metrics)
+    assert seen == ("text", "DEBUG", "/tmp/m", "http://c:4318", False)
+
+
+@pytest.mark.parametrize("trace", [None, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"],
+                         ids=["untraced", "traced"])
+def test_the_trace_context_rides_in_the_job_spec(trace):
+    spec = JobSpec(Mode.SYNC, Kind.CHAT, "m", "p", {"messages": []}, "key_1", trace=trace)
+    assert JobSpec.parse(spec.to_json(), 1.0).trace == trace
+    assert ("trace" in spec.to_json()) is (trace is not None)   # untraced specs are as before

@@ -1,0 +1,97 @@
+"""What metrics and logging cost: added latency at c=1 and throughput at c=32, instrumented vs not,
+side by side in one run.
+
+    .venv/bin/python bench/observability.py                     # 3 rounds x 8 s per cell
+    .venv/bin/python bench/observability.py --rounds 5 --duration 10
+
+Two gateways (``bench/_stack.py``: fake upstream, fresh database, ``llm-gateway api`` + ``worker``),
+started together and measured in alternation (ON, OFF, ON, OFF, ... so that the shared machine's
+noise falls on both):
+
+* **ON** — what ``up`` runs: metrics in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``), JSON logs at
+  INFO (one ``gateway.access`` line per request, one ``gateway.upstream`` line per attempt, to a file);
+* **OFF** — ``GATEWAY_METRICS=off``, ``GATEWAY_LOG_LEVEL=WARNING``: nothing recorded per call.
+
+Prints a markdown table: per concurrency, the median over rounds of p50 / p99 and req/s each way, and
+the cost (ON minus OFF latency; OFF/ON - 1 for throughput). Target: <= 5 % each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _stack import CHAT_BODY, Stack
+from load import have_wrk, run_load
+
+TARGET_PCT = 5.0
+
+
+def _stacks() -> dict[str, Stack]:
+    metrics_dir = tempfile.mkdtemp(prefix="bench-metrics-")
+    on = {"PROMETHEUS_MULTIPROC_DIR": metrics_dir, "GATEWAY_LOG_FORMAT": "json", "GATEWAY_LOG_LEVEL": "INFO"}
+    off = {"GATEWAY_METRICS": "off", "GATEWAY_LOG_LEVEL": "WARNING"}
+    return {"on": Stack(db_name="bench_obs_on", extra_env=on), "off": Stack(db_name="bench_obs_off",
+                                                                           extra_env=off)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--concurrency", default="1,32")
+    args = p.parse_args(argv)
+    driver = "wrk" if have_wrk() else "gevent"
+    stacks = _stacks()
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    try:
+        for stack in stacks.values():
+            stack.start()
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            for stack in stacks.values():   # warm-up, unrecorded
+                run_load(stack.url, concurrency=c, duration=2, body=CHAT_BODY, headers=stack.auth,
+                         driver=driver)
+            for r in range(args.rounds):
+                for name, stack in (stacks.items() if r % 2 == 0 else reversed(list(stacks.items()))):
+                    print(f"c={c} round {r + 1}: {name} ...", file=sys.stderr, flush=True)
+                    results.setdefault((name, c), []).append(
+                        run_load(stack.url, concurrency=c, duration=args.duration, body=CHAT_BODY,
+                                 headers=stack.auth, driver=driver, timeout=60))
+                    time.sleep(1.0)
+    finally:
+        for stack in stacks.values():
+            stack.stop()
+    print(table(results, driver, args))
+    return 0
+
+
+def table(results: dict[tuple[str, int], list[dict[str, Any]]], driver: str, args: argparse.Namespace) -> str:
+    def med(name: str, c: int, key: str) -> float:
+        return statistics.median(r[key] for r in results[(name, c)])
+
+    out = [f"driver {driver}, {args.rounds} rounds x {args.duration:g} s, medians; fake upstream 0 ms",
+           "", "| concurrency | OFF p50 / p99 ms | ON p50 / p99 ms | OFF req/s | ON req/s | cost | errors |",
+           "|---:|---:|---:|---:|---:|---|---:|"]
+    for c in sorted({c for _, c in results}):
+        off = (med("off", c, "p50_ms"), med("off", c, "p99_ms"), med("off", c, "rps"))
+        on = (med("on", c, "p50_ms"), med("on", c, "p99_ms"), med("on", c, "rps"))
+        errors = sum(r["errors"] for name in ("on", "off") for r in results[(name, c)])
+        if c == 1:
+            cost = (f"p50 +{on[0] - off[0]:.2f} ms ({100 * (on[0] / off[0] - 1):+.1f} %), "
+                    f"p99 +{on[1] - off[1]:.2f} ms")
+        else:
+            cost = f"throughput {100 * (on[2] / off[2] - 1):+.1f} %"
+        out.append(f"| {c} | {off[0]:.2f} / {off[1]:.2f} | {on[0]:.2f} / {on[1]:.2f} | {off[2]:.0f} | "
+                   f"{on[2]:.0f} | {cost} | {errors} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
