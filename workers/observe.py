@@ -110,9 +110,10 @@ class WorkerObserver:
         self.metrics.ttft_seconds.labels(provider, alias).observe(time.perf_counter() - seen.attempt_start)
 
     def attempt(self, job: Any, tries: int, *, response: ChatResponse | None = None,
-                error: GatewayError | None = None, then: Any = None) -> None:
+                error: GatewayError | None = None, then: Any = None, status: str | None = None) -> None:
         """One upstream attempt ended with ``response`` or ``error`` (``then``: the policy's decision
-        after a failure). Counted, timed, logged (a failure at WARNING), and traced."""
+        after a failure; ``status``: the failure's status class for the log line, default its error
+        code). Counted, timed, logged (a failure at WARNING), and traced."""
         seen = self._seen(job.job_id)
         elapsed = time.perf_counter() - seen.attempt_start if seen.attempt_start else 0.0
         outcome = "success" if error is None else error_label(error)
@@ -129,10 +130,11 @@ class WorkerObserver:
                               end=seen.attempt_wall + elapsed, parent=seen.span,
                               attributes={"gateway.try": tries}, error=None if error is None else outcome)
         if error is not None or log.isEnabledFor(logging.INFO):
-            self._log_attempt(job, tries, elapsed, outcome, response, error, then if retrying else None)
+            self._log_attempt(job, tries, elapsed, outcome, response, error, then if retrying else None,
+                              status or outcome)
 
     def _log_attempt(self, job: Any, tries: int, elapsed: float, outcome: str, response: ChatResponse | None,
-                     error: GatewayError | None, then: Any) -> None:
+                     error: GatewayError | None, then: Any, status: str) -> None:
         """The attempt's ``gateway.upstream`` line; a failure's at WARNING, worded as firsthour's line."""
         fields: dict[str, Any] = {
             "job_id": job.job_id, "key_id": job.spec.api_key_id, "model": job.spec.model,
@@ -152,9 +154,9 @@ class WorkerObserver:
             then_text = ("giving up" if then is None
                          else f"{then.action.value.replace('_', ' ')} in {then.delay_s:.2f}s")
             message = _scrub(error.message, job.provider.api_key)
-            fields.update(status=error.status, error=message, then=then_text)
+            fields.update(status=error.status, status_class=status, error=message, then=then_text)
             log.warning("upstream attempt failed: provider=%s model=%s (%s) status=%s job=%s try=%d: %s; %s",
-                        job.provider.name, job.spec.model, job.model.model, outcome, job.job_id, tries,
+                        job.provider.name, job.spec.model, job.model.model, status, job.job_id, tries,
                         message, then_text, extra={"fields": fields})
 
     def settled(self, job_id: str, spec: JobSpec | None, settlement: Any) -> None:
