@@ -65,15 +65,15 @@ class ApiObserver:
     def _count(self, protocol: str, model: str, klass: str, code: str | None, elapsed: float,
                outcome: dict[str, Any] | None, key: str | None) -> None:
         m = self.metrics
-        m.requests.labels(protocol, model, klass).inc()
-        m.request_seconds.labels(protocol, model, klass).observe(elapsed)
+        m.of(m.requests, protocol, model, klass).inc()
+        m.of(m.request_seconds, protocol, model, klass).observe(elapsed)
         if code is not None:
-            m.request_errors.labels(protocol, model, code).inc()
+            m.of(m.request_errors, protocol, model, code).inc()
         if outcome is not None:
             inside = float(outcome.get("queue_wait_ms") or 0) + float(outcome.get("upstream_latency_ms") or 0)
-            m.overhead_seconds.labels(protocol).observe(max(0.0, elapsed - inside / 1000))
+            m.of(m.overhead_seconds, protocol).observe(max(0.0, elapsed - inside / 1000))
         if key is not None:
-            m.key_requests.labels(key, klass).inc()
+            m.of(m.key_requests, key, klass).inc()
 
 
 def _log(response: Response, seen: dict[str, Any], protocol: str, elapsed: float, code: str | None) -> None:

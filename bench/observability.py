@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _stack import CHAT_BODY, Stack
+from _stack import CHAT_BODY, Stack, cpu_seconds
 from load import have_wrk, run_load
 
 TARGET_PCT = 5.0
@@ -61,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 for name, stack in (stacks.items() if r % 2 == 0 else reversed(list(stacks.items()))):
                     print(f"c={c} round {r + 1}: {name} ...", file=sys.stderr, flush=True)
-                    results.setdefault((name, c), []).append(
-                        run_load(stack.url, concurrency=c, duration=args.duration, body=CHAT_BODY,
-                                 headers=stack.auth, driver=driver, timeout=60))
+                    procs = stack.api_processes() + stack.worker_processes()
+                    cpu = cpu_seconds(procs)
+                    result = run_load(stack.url, concurrency=c, duration=args.duration, body=CHAT_BODY,
+                                      headers=stack.auth, driver=driver, timeout=60)
+                    # the gateway's CPU per call (API + worker): what instrumentation adds shows here
+                    # even when the shared machine's load blurs latency and throughput
+                    result["cpu_ms"] = 1000 * (cpu_seconds(procs) - cpu) / max(1, result["requests"])
+                    results.setdefault((name, c), []).append(result)
                     time.sleep(1.0)
     finally:
         for stack in stacks.values():
@@ -77,19 +82,21 @@ def table(results: dict[tuple[str, int], list[dict[str, Any]]], driver: str, arg
         return statistics.median(r[key] for r in results[(name, c)])
 
     out = [f"driver {driver}, {args.rounds} rounds x {args.duration:g} s, medians; fake upstream 0 ms",
-           "", "| concurrency | OFF p50 / p99 ms | ON p50 / p99 ms | OFF req/s | ON req/s | cost | errors |",
-           "|---:|---:|---:|---:|---:|---|---:|"]
+           "", "| concurrency | OFF p50 / p99 ms | ON p50 / p99 ms | OFF req/s | ON req/s "
+           "| gateway CPU ms/call OFF / ON | cost | errors |",
+           "|---:|---:|---:|---:|---:|---:|---|---:|"]
     for c in sorted({c for _, c in results}):
-        off = (med("off", c, "p50_ms"), med("off", c, "p99_ms"), med("off", c, "rps"))
-        on = (med("on", c, "p50_ms"), med("on", c, "p99_ms"), med("on", c, "rps"))
+        keys = ("p50_ms", "p99_ms", "rps", "cpu_ms")
+        off, on = ([med(name, c, key) for key in keys] for name in ("off", "on"))
         errors = sum(r["errors"] for name in ("on", "off") for r in results[(name, c)])
         if c == 1:
             cost = (f"p50 +{on[0] - off[0]:.2f} ms ({100 * (on[0] / off[0] - 1):+.1f} %), "
                     f"p99 +{on[1] - off[1]:.2f} ms")
         else:
             cost = f"throughput {100 * (on[2] / off[2] - 1):+.1f} %"
+        cost += f"; CPU/call {100 * (on[3] / off[3] - 1):+.1f} %"
         out.append(f"| {c} | {off[0]:.2f} / {off[1]:.2f} | {on[0]:.2f} / {on[1]:.2f} | {off[2]:.0f} | "
-                   f"{on[2]:.0f} | {cost} | {errors} |")
+                   f"{on[2]:.0f} | {off[3]:.2f} / {on[3]:.2f} | {cost} | {errors} |")
     return "\n".join(out)
 
 

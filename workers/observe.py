@@ -76,7 +76,8 @@ class WorkerObserver:
         """``job`` (a runner's ``_Run``) was claimed after waiting ``queue_wait_s`` since its creation."""
         if self.obs.metrics:
             provider, model = self._labels(job.spec.model, job.provider.name)
-            self.metrics.queue_wait_seconds.labels(provider, model).observe(max(0.0, queue_wait_s))
+            m = self.metrics
+            m.of(m.queue_wait_seconds, provider, model).observe(max(0.0, queue_wait_s))
         seen = self._seen(job.job_id)
         seen.claimed = now = time.time()
         if not self.tracing.enabled:
@@ -107,7 +108,8 @@ class WorkerObserver:
             return
         seen.first_token = True
         provider, alias = self._labels(model.alias, model.provider)
-        self.metrics.ttft_seconds.labels(provider, alias).observe(time.perf_counter() - seen.attempt_start)
+        m = self.metrics
+        m.of(m.ttft_seconds, provider, alias).observe(time.perf_counter() - seen.attempt_start)
 
     def attempt(self, job: Any, tries: int, *, response: ChatResponse | None = None,
                 error: GatewayError | None = None, then: Any = None, status: str | None = None) -> None:
@@ -121,10 +123,10 @@ class WorkerObserver:
         if self.obs.metrics:
             provider, model = self._labels(job.spec.model, job.provider.name)
             m = self.metrics
-            m.upstream_attempts.labels(provider, model, outcome).inc()
-            m.upstream_seconds.labels(provider, model, outcome).observe(elapsed)
+            m.of(m.upstream_attempts, provider, model, outcome).inc()
+            m.of(m.upstream_seconds, provider, model, outcome).observe(elapsed)
             if retrying:
-                m.retries.labels(provider, model, outcome).inc()
+                m.of(m.retries, provider, model, outcome).inc()
         if seen.span is not None:
             self.tracing.span(f"upstream {job.provider.name}", kind="CLIENT", start=seen.attempt_wall,
                               end=seen.attempt_wall + elapsed, parent=seen.span,
@@ -173,17 +175,17 @@ class WorkerObserver:
     def _count_settled(self, spec: JobSpec, settlement: Any) -> None:
         provider, model = self._labels(spec.model, spec.provider)
         m = self.metrics
-        m.jobs_finished.labels(provider, model, str(settlement.state)).inc()
+        m.of(m.jobs_finished, provider, model, str(settlement.state)).inc()
         usage = settlement.usage
         key = key_label(spec.api_key_id, self.obs.metrics_key_labels)
         if usage is not None:
-            m.tokens.labels(provider, model, "input").inc(usage.prompt_tokens)
-            m.tokens.labels(provider, model, "output").inc(usage.completion_tokens)
-            m.cost_usd.labels(provider, model).inc(float(usage.cost_usd))
+            m.of(m.tokens, provider, model, "input").inc(usage.prompt_tokens)
+            m.of(m.tokens, provider, model, "output").inc(usage.completion_tokens)
+            m.of(m.cost_usd, provider, model).inc(float(usage.cost_usd))
             if key is not None:
-                m.key_tokens.labels(key, "input").inc(usage.prompt_tokens)
-                m.key_tokens.labels(key, "output").inc(usage.completion_tokens)
-                m.key_cost_usd.labels(key).inc(float(usage.cost_usd))
+                m.of(m.key_tokens, key, "input").inc(usage.prompt_tokens)
+                m.of(m.key_tokens, key, "output").inc(usage.completion_tokens)
+                m.of(m.key_cost_usd, key).inc(float(usage.cost_usd))
 
     def _end_span(self, seen: _Seen, settlement: Any) -> None:
         usage = settlement.usage

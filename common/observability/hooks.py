@@ -16,22 +16,25 @@ FALLBACK_REASONS = frozenset({"breaker_open", "unavailable", "rate_limited", "ti
 
 def breaker_state(provider: str, state: str, providers: Collection[str]) -> None:
     """Provider's circuit breaker is now ``state`` (closed | half_open | open)."""
-    metrics().breaker_state.labels(bounded(provider, providers)).set(BREAKER_STATES.get(state, -1))
+    m = metrics()
+    m.of(m.breaker_state, bounded(provider, providers)).set(BREAKER_STATES.get(state, -1))
 
 
 def fallback(model: str, from_provider: str, to_provider: str, reason: str, *, models: Collection[str],
              providers: Collection[str]) -> None:
     """A job moved from one deployment of its route to the next (reason: see FALLBACK_REASONS)."""
-    metrics().fallbacks.labels(bounded(model, models), bounded(from_provider, providers),
-                               bounded(to_provider, providers),
-                               reason if reason in FALLBACK_REASONS else OTHER).inc()
+    m = metrics()
+    m.of(m.fallbacks, bounded(model, models), bounded(from_provider, providers),
+         bounded(to_provider, providers), reason if reason in FALLBACK_REASONS else OTHER).inc()
 
 
 def budget_remaining(budget: str, remaining_usd: float, budgets: Collection[str]) -> None:
     """What is left of a budget (named by the operator: bounded by the configured budgets)."""
-    metrics().budget_remaining_usd.labels(bounded(budget, budgets)).set(remaining_usd)
+    m = metrics()
+    m.of(m.budget_remaining_usd, bounded(budget, budgets)).set(remaining_usd)
 
 
 def cache_lookup(model: str, hit: bool, models: Collection[str]) -> None:
     """One response-cache lookup, hit or miss."""
-    metrics().cache.labels(bounded(model, models), "hit" if hit else "miss").inc()
+    m = metrics()
+    m.of(m.cache, bounded(model, models), "hit" if hit else "miss").inc()

@@ -49,6 +49,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
         r = registry
+        # labelled children by (metric, label values): prometheus-client validates labels on every
+        # .labels() call (~5 µs); label values are bounded, so this stays small
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # API (one per HTTP request)
         self.requests = Counter("gateway_requests", "HTTP requests answered by the API",
                                 ["protocol", "model", "status_class"], registry=r)
@@ -97,6 +100,15 @@ class Metrics:
                                    registry=r)
         self.budget_remaining_usd = Gauge("gateway_budget_remaining_usd", "what is left of a budget, USD",
                                           ["budget"], multiprocess_mode="mostrecent", registry=r)
+
+
+    def of(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
 
 _lock = threading.Lock()

@@ -20,7 +20,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import Api, Process, WorkerFactory, kill_all, wait_until
+from tests.integration.conftest import Api, Process, WorkerFactory, free_port, kill_all, wait_until
 from tests.integration.test_auth import cli
 
 pytestmark = pytest.mark.integration
@@ -105,8 +105,12 @@ def secret(env: dict[str, str], stack: tuple[Api, Process]) -> str:
 def scrape(api: Api) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     r = requests.get(f"{api.url}/metrics", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return parse(r.text)
+
+
+def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(r.text) for s in family.samples}
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def get(samples: dict[Any, float], name: str, **labels: str) -> float:
@@ -258,3 +262,22 @@ def test_a_call_is_one_trace_with_genai_spans(stack, secret, receiver):
                >= {"queue", "admission", "upstream fake"}, 10)
     children = [s for s in receiver.spans if s["parent"] == chat["id"]]
     assert all(chat["start"] <= s["start"] <= s["end"] <= chat["end"] for s in children)
+
+
+def test_a_worker_host_without_an_api_serves_its_own_metrics(env, stack, secret, tmp_path):
+    api, _ = stack
+    assert call(api, secret, "counted").status_code == 200
+    port = free_port()
+    worker = WorkerFactory({**env, "GATEWAY_WORKER_METRICS_PORT": str(port)}, tmp_path).start("fake", "own")
+    try:
+        def served() -> str:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except requests.ConnectionError:
+                return ""
+        wait_until(served, 15)
+        # the host's directory: the other processes' samples too (this one has run nothing yet)
+        served_now = parse(served())
+        assert get(served_now, "gateway_upstream_attempts_total", provider="fake", outcome="success") >= 1
+    finally:
+        kill_all([worker])

@@ -136,3 +136,31 @@ def test_the_trace_context_rides_in_the_job_spec(trace):
     spec = JobSpec(Mode.SYNC, Kind.CHAT, "m", "p", {"messages": []}, "key_1", trace=trace)
     assert JobSpec.parse(spec.to_json(), 1.0).trace == trace
     assert ("trace" in spec.to_json()) is (trace is not None)   # untraced specs are as before
+
+
+def _exposed(name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from common.observability.metrics import exposition
+
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(exposition(None).decode())
+            for s in family.samples if s.name == name}
+
+
+def test_the_hooks_for_other_branches_bound_their_labels_too():
+    from common.observability import hooks
+
+    providers, models = {"openai", "anthropic"}, {"gpt-4o-mini"}
+    hooks.breaker_state("openai", "open", providers)
+    hooks.breaker_state("made-up", "open", providers)
+    for reason in ("breaker_open", "whatever\n"):
+        hooks.fallback("gpt-4o-mini", "openai", "anthropic", reason, models=models, providers=providers)
+    hooks.cache_lookup("junk-model", True, models)
+    hooks.budget_remaining("team-a", 12.5, {"team-a"})
+    assert _exposed("gateway_breaker_state")[(("provider", "openai"),)] == 2
+    assert _exposed("gateway_breaker_state")[(("provider", OTHER),)] == 2
+    reasons = {dict(labels)["reason"] for labels in _exposed("gateway_fallbacks_total")}
+    assert reasons == {"breaker_open", OTHER}
+    assert _exposed("gateway_cache_lookups_total")[(("model", OTHER), ("result", "hit"))] >= 1
+    assert _exposed("gateway_budget_remaining_usd")[(("budget", "team-a"),)] == 12.5
