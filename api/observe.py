@@ -21,7 +21,7 @@ from flask import Flask, Response, current_app, g, has_request_context, request
 from common.contract import JobSpec
 from common.observability.labels import NONE, OTHER, bounded, error_codes, key_label, status_class
 from common.observability.logs import ACCESS, configure_logging
-from common.observability.metrics import metrics
+from common.observability.metrics import ensure_metrics_dir, metrics
 from common.observability.tracing import Tracing
 from common.settings import Settings
 
@@ -105,6 +105,7 @@ def _error_code(response: Response) -> str:
 def install(app: Flask, settings: Settings) -> ApiObserver:
     """Logging configured (level, format) and the observer kept on the app."""
     configure_logging(settings.observability)
+    ensure_metrics_dir(settings.observability.metrics_dir)
     observer = ApiObserver(settings, app)
     if observer.active:
         app.extensions[EXTENSION] = observer

@@ -3,6 +3,8 @@ side by side in one run.
 
     .venv/bin/python bench/observability.py                     # 3 rounds x 8 s per cell
     .venv/bin/python bench/observability.py --rounds 5 --duration 10
+    .venv/bin/python bench/observability.py --control    # both instrumented: the noise floor
+    .venv/bin/python bench/observability.py --swap       # OFF started and measured first
 
 Two gateways (``bench/_stack.py``: fake upstream, fresh database, ``llm-gateway api`` + ``worker``),
 started together and measured in alternation (ON, OFF, ON, OFF, ... so that the shared machine's
@@ -34,12 +36,16 @@ from load import have_wrk, run_load
 TARGET_PCT = 5.0
 
 
-def _stacks() -> dict[str, Stack]:
-    metrics_dir = tempfile.mkdtemp(prefix="bench-metrics-")
-    on = {"PROMETHEUS_MULTIPROC_DIR": metrics_dir, "GATEWAY_LOG_FORMAT": "json", "GATEWAY_LOG_LEVEL": "INFO"}
-    off = {"GATEWAY_METRICS": "off", "GATEWAY_LOG_LEVEL": "WARNING"}
-    return {"on": Stack(db_name="bench_obs_on", extra_env=on), "off": Stack(db_name="bench_obs_off",
-                                                                           extra_env=off)}
+def _stacks(control: bool, swap: bool) -> dict[str, Stack]:
+    def on() -> dict[str, str]:
+        return {"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="bench-metrics-"),
+                "GATEWAY_LOG_FORMAT": "json", "GATEWAY_LOG_LEVEL": "INFO"}
+    # --control: both stacks instrumented, so the table shows what differs between two equal stacks
+    off = on() if control else {"GATEWAY_METRICS": "off", "GATEWAY_LOG_LEVEL": "WARNING"}
+    stacks = {"on": Stack(db_name="bench_obs_on", extra_env=on()),
+              "off": Stack(db_name="bench_obs_off", extra_env=off)}
+    # --swap: OFF is started (and measured) first; a run each way cancels the stacks' positions
+    return dict(reversed(list(stacks.items()))) if swap else stacks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", default="1,32")
+    p.add_argument("--control", action="store_true", help="instrument both stacks (the noise floor)")
+    p.add_argument("--swap", action="store_true", help="start and measure OFF first")
     args = p.parse_args(argv)
     driver = "wrk" if have_wrk() else "gevent"
-    stacks = _stacks()
+    stacks = _stacks(args.control, args.swap)
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     try:
         for stack in stacks.values():

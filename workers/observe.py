@@ -21,7 +21,7 @@ from common.contract import JobSpec, Result
 from common.errors import GatewayError
 from common.observability.labels import bounded, error_label, key_label
 from common.observability.logs import UPSTREAM, configure_logging
-from common.observability.metrics import metrics
+from common.observability.metrics import ensure_metrics_dir, metrics
 from common.observability.tracing import GENAI_PROVIDERS, Tracing
 from common.settings import Settings
 from common.types import ChatResponse
@@ -222,5 +222,6 @@ def observer(settings: Settings) -> WorkerObserver:
     found = _observers.get(id(settings))
     if found is None:
         configure_logging(settings.observability)
+        ensure_metrics_dir(settings.observability.metrics_dir)
         found = _observers[id(settings)] = WorkerObserver(settings)
     return found

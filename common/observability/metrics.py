@@ -116,6 +116,13 @@ _metrics: Metrics | None = None
 _registry: CollectorRegistry | None = None
 
 
+def ensure_metrics_dir(metrics_dir: Path | None) -> None:
+    """A process about to record makes sure the shared directory exists (prometheus-client would fail
+    every write otherwise); it never empties it — other processes' samples are in it."""
+    if metrics_dir is not None:
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+
+
 def metrics() -> Metrics:
     """This process's metrics, created on first use (never at import). In multiprocess mode the
     values go to the shared directory (``PROMETHEUS_MULTIPROC_DIR``, read by prometheus-client
