@@ -129,6 +129,7 @@ def note_job(job_id: str, spec: JobSpec) -> JobSpec:
         return spec
     span = observer.tracing.start(f"{request.method} {request.url_rule or request.path}", kind="SERVER",
                                   start=g.get("obs_wall", time.time()),
+                                  traceparent=request.headers.get("traceparent"),  # the caller's trace
                                   attributes={"http.request.method": request.method,
                                               "url.path": request.path, "gateway.job_id": job_id,
                                               "gateway.request_id": g.get("request_id", ""),

@@ -10,7 +10,8 @@ A call's trace (GenAI semantic conventions, https://opentelemetry.io/docs/specs/
         ├── admission                  delivered → claimed (waiting in the provider's line for permits)
         └── upstream {provider}        one per upstream attempt
 
-The API's span context crosses to the worker inside the job's spec (``JobSpec.trace``, a W3C
+The API's span joins the caller's trace when the request carries a ``traceparent`` header. Its
+context crosses to the worker inside the job's spec (``JobSpec.trace``, a W3C
 ``traceparent``), so the Celery message carries it with the job. Spans are made with explicit start
 and end times (the worker learns when its job was created from its queue wait), so no span is held
 open across processes.

@@ -120,13 +120,15 @@ def get(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 
 def call(api: Api, secret: str, content: str, *, model: str = "fake-model", stream: bool = False,
-         request_id: str | None = None) -> requests.Response:
+         request_id: str | None = None, traceparent: str | None = None) -> requests.Response:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}]}
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
     headers = {"authorization": f"Bearer {secret}"}
     if request_id:
         headers["x-request-id"] = request_id
+    if traceparent:
+        headers["traceparent"] = traceparent
     return requests.post(f"{api.url}/v1/chat/completions", json=body, headers=headers, timeout=30,
                          stream=stream)
 
@@ -235,7 +237,8 @@ def test_logs_are_json_one_line_per_request_and_attempt_and_hold_no_secret(stack
 
 def test_a_call_is_one_trace_with_genai_spans(stack, secret, receiver):
     api, _ = stack
-    r = call(api, secret, f"{PROMPT} traced")
+    caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    r = call(api, secret, f"{PROMPT} traced", traceparent=f"00-{caller_trace}-00f067aa0ba902b7-01")
     assert r.status_code == 200
     job_id = r.headers["x-gateway-job-id"]
 
@@ -257,6 +260,7 @@ def test_a_call_is_one_trace_with_genai_spans(stack, secret, receiver):
     [server] = [s for s in receiver.spans
                 if s["kind"] == 2 and s["attributes"].get("gateway.job_id") == job_id]
     assert server["name"] == "POST /v1/chat/completions" and server["trace"] == chat["trace"]
+    assert server["trace"] == caller_trace and server["parent"] == "00f067aa0ba902b7"   # the caller's trace
     assert chat["parent"] == server["id"]   # the context crossed to the worker in the job's spec
     wait_until(lambda: {s["name"] for s in receiver.spans if s["parent"] == chat["id"]}
                >= {"queue", "admission", "upstream fake"}, 10)
