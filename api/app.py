@@ -15,6 +15,8 @@ from api import (
     gemini_routes,
     health,
     jobs_routes,
+    metrics_route,
+    observe,
     ollama_routes,
     openai_routes,
 )
@@ -65,6 +67,7 @@ def create_app(settings: Settings) -> Flask:
     app.extensions["keys"] = keys
     # called by api.gunicorn_worker on SIGTERM / Ctrl-C: held callers get the drain time, then a 503
     app.extensions["begin_stop"] = lambda: gateway.begin_stop(settings.drain_timeout)
+    observe.install(app, settings)
     app.config["GATEWAY_ADMIN_KEY"] = settings.admin_key
 
     def admin_identify(secret: str) -> tuple[str, bool] | None:
@@ -85,6 +88,7 @@ def create_app(settings: Settings) -> Flask:
 
     @app.before_request
     def _identify() -> None:
+        observe.begin()
         if _BAD_PATH.search(request.path):
             raise NotFound("no such path (it contains control characters or invalid UTF-8)")
         incoming = request.headers.get("x-request-id", "")
@@ -102,7 +106,7 @@ def create_app(settings: Settings) -> Flask:
     @app.after_request
     def _tag(response: Response) -> Response:
         response.headers["x-request-id"] = g.get("request_id", "")
-        return response
+        return observe.finish(response)
 
     # paths of no protocol blueprint (unknown paths, /health, /v1/jobs) answer in OpenAI's shape;
     # each protocol blueprint installs its own handlers with its own shape
@@ -110,6 +114,7 @@ def create_app(settings: Settings) -> Flask:
     app.register_blueprint(openai_routes.bp)
     app.register_blueprint(jobs_routes.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics_route.bp)
     app.register_blueprint(anthropic_routes.bp)
     app.register_blueprint(ollama_routes.bp)
     app.register_blueprint(gemini_routes.bp)

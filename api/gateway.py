@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from sqlalchemy.orm import sessionmaker
 
+from api import observe
 from api.budget_gate import BudgetGate, Plan
 from api.dispatcher import ReplyDispatcher
 from api.idempotency import FirstCall, IdemCall, IdemStore
@@ -226,6 +227,7 @@ class Gateway:
         """The outcome a final event carries (an error event raises it); None for a chunk."""
         event = entry.event
         if isinstance(event, Result):
+            observe.note_outcome(event.meta)
             return Outcome(watch.job_id, event.result, event.meta, watch.reservation)
         if isinstance(event, Failed):
             raise event.exception()
@@ -296,6 +298,7 @@ class Gateway:
         """Record the job, reserve its budgets (``plan``) and push its Celery message onto
         ``llm.<provider>`` in one Redis step."""
         queue_name = self.settings.queue_for(route.provider.name)
+        spec = observe.note_job(job_id, spec)
         try:
             self.budgets.create(plan, lambda budget: self.store.create(
                 job_id, spec, queue=self.settings.queue_key(route.provider.name),

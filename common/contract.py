@@ -108,6 +108,7 @@ class JobSpec:
     key_limits: dict[str, int] | None = None
     deployment: str = ""        # the deployment (``provider/model``) routing chose; "" = the alias's first
     trail: Trail | None = None  # routing's decision and the deployments tried (common/routing)
+    trace: str | None = None   # the API's W3C traceparent (tracing on): the worker's spans join its trace
 
     @classmethod
     def of(cls, request: ChatRequest | EmbeddingsRequest, *, mode: Mode, model: str, provider: str,
@@ -138,6 +139,8 @@ class JobSpec:
             data["deployment"] = self.deployment
         if self.trail is not None:
             data["trail"] = self.trail.to_dict()
+        if self.trace:
+            data["trace"] = self.trace
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
@@ -147,7 +150,8 @@ class JobSpec:
         return cls(Mode(data.get("mode", Mode.SYNC)), Kind(data.get("kind", Kind.CHAT)), data["model"],
                    data["provider"], data["request"], data.get("api_key_id"), float(deadline),
                    data.get("key_limits"), str(data.get("deployment") or ""),
-                   Trail.parse(trail) if isinstance(trail, dict) else None)
+                   Trail.parse(trail) if isinstance(trail, dict) else None,
+                   data.get("trace"))
 
 
 class EventType(StrEnum):

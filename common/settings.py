@@ -58,6 +58,38 @@ def normalise_database_url(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class ObservabilitySettings:
+    """Metrics, logs and traces (``common/observability``); see README "Operating it"."""
+
+    metrics: bool = True                 # GATEWAY_METRICS: off records nothing (GET /metrics still answers)
+    metrics_dir: Path | None = None      # PROMETHEUS_MULTIPROC_DIR: every process on a host writes there
+    metrics_key_labels: bool = False     # GATEWAY_METRICS_KEY_LABELS: per-API-key series (opt in)
+    log_level: str = "INFO"              # GATEWAY_LOG_LEVEL
+    log_format: str = "json"             # GATEWAY_LOG_FORMAT: json | text
+    log_content: bool = False            # GATEWAY_LOG_CONTENT: prompts and answers in the logs (opt in)
+    otlp_endpoint: str | None = None     # OTEL_EXPORTER_OTLP_ENDPOINT: traces on when set
+    service_name: str = "llm-gateway"    # OTEL_SERVICE_NAME
+    worker_metrics_port: int | None = None  # GATEWAY_WORKER_METRICS_PORT: a worker serves /metrics there
+
+
+def _observability(env: Mapping[str, str]) -> ObservabilitySettings:
+    level = env.get("GATEWAY_LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingsError(f"GATEWAY_LOG_LEVEL={level!r} must be one of DEBUG, INFO, WARNING, ERROR")
+    log_format = env.get("GATEWAY_LOG_FORMAT", "json").lower()
+    if log_format not in ("json", "text"):
+        raise SettingsError(f"GATEWAY_LOG_FORMAT={log_format!r} must be json or text")
+    metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR") or None
+    return ObservabilitySettings(
+        metrics=_flag(env, "GATEWAY_METRICS", True), metrics_dir=Path(metrics_dir) if metrics_dir else None,
+        metrics_key_labels=_flag(env, "GATEWAY_METRICS_KEY_LABELS", False),
+        log_level=level, log_format=log_format, log_content=_flag(env, "GATEWAY_LOG_CONTENT", False),
+        otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        service_name=env.get("OTEL_SERVICE_NAME") or "llm-gateway",
+        worker_metrics_port=_int(env, "GATEWAY_WORKER_METRICS_PORT", 0, minimum=0) or None)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the gateway's processes need to know, resolved and validated."""
 
@@ -89,6 +121,7 @@ class Settings:
     budget_webhook_url: str | None = None
     budget_webhook_secret: str | None = field(default=None, repr=False)
     budget_webhook_attempts: int = 5                 # tries per alert, backing off 0.5 s, 1 s, 2 s, ...
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
 
     @property
     def visibility_timeout(self) -> float:
@@ -148,6 +181,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         budget_webhook_url=env.get("GATEWAY_BUDGET_WEBHOOK_URL") or None,
         budget_webhook_secret=env.get("GATEWAY_BUDGET_WEBHOOK_SECRET") or None,
         budget_webhook_attempts=_int(env, "GATEWAY_BUDGET_WEBHOOK_ATTEMPTS", 5, minimum=1),
+        observability=_observability(env),
     )
     if settings.budget_webhook_url and not settings.budget_webhook_secret:
         raise SettingsError("GATEWAY_BUDGET_WEBHOOK_URL needs GATEWAY_BUDGET_WEBHOOK_SECRET (its key)")

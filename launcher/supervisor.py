@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Self, TextIO
 
+from common.observability.metrics import prepare_metrics_dir
 from common.settings import Settings
 from launcher.discovery import store_environment
 from launcher.embedded import (
@@ -102,7 +103,8 @@ def _run(settings: Settings, api_host: str, api_port: int, console: _Console, si
     redis_url, database_url = urls
 
     providers = settings.routable_providers()
-    children = _Children(console, signals, _child_environment(redis_url, database_url),
+    children = _Children(console, signals, _metrics_environment(settings, _child_environment(redis_url,
+                                                                                          database_url)),
                          names=["migrate", "api", "flower", *(f"worker-{name}" for name in providers)],
                          stop_grace=settings.drain_timeout + STOP_MARGIN_S)
     cleanup.callback(children.stop_all)  # LIFO: runs before the embedded servers are stopped
@@ -139,6 +141,15 @@ def _run(settings: Settings, api_host: str, api_port: int, console: _Console, si
                 f"(every llm-gateway command {finds})")
     console.say("Ctrl-C stops everything")
     return children.watch(embedded, f"{base}/health")
+
+
+def _metrics_environment(settings: Settings, env: dict[str, str]) -> dict[str, str]:
+    """Every child writes its metrics to one directory (PROMETHEUS_MULTIPROC_DIR, default
+    ``<state dir>/metrics``), emptied now: the API's /metrics shows the API's and the workers' samples
+    of this run."""
+    path = settings.observability.metrics_dir or settings.state_dir / "metrics"
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(prepare_metrics_dir(path).resolve())
+    return env
 
 
 def _child_environment(redis_url: str, database_url: str) -> dict[str, str]:

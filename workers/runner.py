@@ -66,6 +66,7 @@ from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, StopAdmitting, scopes_for
 from workers.failover import Failover, Moved, WaitedOut
 from workers.leases import LeaseHeartbeat
+from workers.observe import observer
 from workers.partial import chunk_text, partial_bill, with_partial
 from workers.policy import Action, Decision, decide, may_move, reached_upstream
 from workers.settle import Settlement, Settler, billed_charge
@@ -93,6 +94,7 @@ class JobRunner:
         self.settler = Settler(settings, store, rows, ledger)
         self.upstream = UpstreamHealth(store.redis, settings.key_prefix)
         self.failover = Failover(settings, store)
+        self.observe = observer(settings)
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
@@ -106,6 +108,7 @@ class JobRunner:
         if self.admission.stopping:
             raise StopAdmitting(f"job {job_id} not started: this worker is stopping")
         execution = f"{os.getpid()}:{secrets.token_hex(4)}"
+        self.observe.delivered(job_id)
         job: _Run | None = None
         if self.limits_configured:  # learn which limits this job counts against before it may start
             spec = self.store.spec(job_id)
@@ -195,8 +198,9 @@ class JobRunner:
         if attempt > 1 and attempt - 1 != self.failover.trail(job.spec).moved_at:
             self._record_lost_attempt(job, attempt - 1)
         queue_wait_ms = int(queue_wait_s * 1000)
+        self.observe.started(job, queue_wait_s)
         try:
-            invoke = self._invoker(job)
+            invoke = self.observe.timed(job, self._invoker(job))
             response, latency_ms, call_id = self._call_with_retries(job, attempt, invoke, queue_wait_ms)
         except GatewayError as exc:
             # a stream cut off mid-way: its budgets are charged what it produced (its try's usage row)
@@ -260,6 +264,7 @@ class JobRunner:
                 produced.extend(chunk_text(chunk))
                 self.store.emit(job_id, Chunk(chunk))
                 sent += 1
+                self.observe.first_token(job_id, model)
                 if time.monotonic() - checked > ABORT_CHECK_S:
                     checked = time.monotonic()
                     if self.store.aborted(job_id):
@@ -327,6 +332,7 @@ class JobRunner:
             latency_ms = int((time.perf_counter() - started) * 1000)
             self.upstream.record_success(job.provider.name)
             self.failover.report(job.deployment, None, probe=probe, latency_ms=latency_ms)
+            self.observe.attempt(job, tries, response=response)
             self._release(job, response.usage.total_tokens)
             if response.quota_reset_s and job.scopes:
                 # the provider's headers say its quota is spent: hold everyone back before the 429s come
@@ -339,12 +345,7 @@ class JobRunner:
         provider's shared counts that ``/health`` shows."""
         message = scrub(exc.message, job.provider.api_key)
         label = self.upstream.record_failure(job.provider.name, exc, message)
-        then = ("giving up" if decision.action is Action.FAIL
-                else "moving to another deployment" if decision.action is Action.MOVE
-                else f"{decision.action.value.replace('_', ' ')} in {decision.delay_s:.2f}s")
-        log.warning("upstream attempt failed: provider=%s model=%s (%s) status=%s job=%s try=%d: %s; %s",
-                    job.provider.name, job.model.alias, job.model.model, label, job.job_id, tries, message,
-                    then)
+        self.observe.attempt(job, tries, error=exc, then=decision, status=label)  # the warning line
 
     def _wait_to_retry(self, job: _Run, exc: UpstreamError, decision: Decision, give_up_at: float) -> None:
         """Wait out ``decision`` before the next try. A limited job goes back to the head of its line

@@ -25,6 +25,7 @@ from common.jobs import JobStore
 from common.outage import OutageLog
 from common.outbox import RowOutcome
 from common.settings import Settings
+from workers.observe import observer
 from workers.usage import UsageLedger, UsageRecord, row_at_fault
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class Settler:
         Redis unreachable: the Redis step is retried with backoff for :meth:`_patience` seconds, the
         outcome kept in memory, so a caller whose upstream answered still hears it. Past that, see
         :meth:`_unsettled`."""
+        observer(self.settings).settled(job_id, spec, settlement)
         usage = settlement.usage.as_row() if settlement.usage is not None else None
         is_async = spec is not None and spec.is_async
         pending = RowOutcome(job_id, settlement.state, datetime.now(UTC), settlement.result, settlement.error,

@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
+from common.observability.metrics import serve as serve_metrics
 from common.settings import Settings, load_settings
 from workers import kombu_tuning
 from workers.assembly import build_runner
@@ -35,6 +36,8 @@ def create_worker_app(settings: Settings) -> Celery:
         app.gateway_consumer = sender   # worker_ready's sender: the consumer (its stop: workers/shutdown.py)
         RedeliverySweeper(app, restore_interval(settings)).start()
         LeaseSweeper(app, runner.store, runner.admission.limiter.proc_key("")).start()
+        if settings.observability.worker_metrics_port:  # a worker host without an API: its own /metrics
+            serve_metrics(settings.observability.worker_metrics_port, settings.observability.metrics_dir)
 
     @worker_shutting_down.connect(weak=False)
     def _stop_gracefully(sender: Any = None, how: str = "", **_: Any) -> None:

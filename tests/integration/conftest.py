@@ -166,6 +166,10 @@ def gateway_env(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, da
         # these modules fail calls on purpose, per request: a breaker would hold the next ones back
         # (tests/integration/test_routing.py tests the breakers, with its own environment)
         "GATEWAY_BREAKERS": "off",
+        # the module's API and workers share one metrics directory: /metrics shows both sides
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("metrics")),
+        # Celery's own line format kept (finished_tasks reads it); test_observability checks JSON
+        "GATEWAY_LOG_FORMAT": "text",
     }
 
 
