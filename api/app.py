@@ -12,10 +12,12 @@ from flask import Flask, Response, g, request
 from api import anthropic_routes, gemini_routes, health, jobs_routes, ollama_routes, openai_routes
 from api.admin import PREFIX as ADMIN_PREFIX
 from api.admin import keys as admin_keys
+from api.admin.usage import bp as admin_usage_bp
 from api.auth import Authenticator, LastUsed
 from api.dispatcher import ReplyDispatcher
 from api.errors import install_error_handlers, openai_document
 from api.gateway import Gateway
+from api.usage_routes import bp as usage_bp
 from common.apikeys import ANONYMOUS, KeyService
 from common.db import make_session_factory
 from common.errors import NotFound
@@ -100,4 +102,6 @@ def create_app(settings: Settings) -> Flask:
     app.register_blueprint(ollama_routes.bp)
     app.register_blueprint(gemini_routes.bp)
     app.register_blueprint(admin_keys.bp)
+    app.register_blueprint(usage_bp)
+    app.register_blueprint(admin_usage_bp)
     return app

@@ -94,6 +94,32 @@ class Usage(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class _UsageRollup:
+    """Counters of the usage rows of one bucket × key × model × provider (migration 0005). Written only by
+    the ``usage_rollup`` trigger on ``usage`` (each row really inserted, counted once); read by
+    ``common/usage/``. ``api_key_id`` is ``anonymous`` for calls made while auth was open."""
+
+    bucket: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(100), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)   # rows whose outcome is not 'success'
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(38, 10))
+    queue_wait_ms: Mapped[int] = mapped_column(BigInteger)        # sums: divided by requests for means
+    upstream_latency_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageHourly(_UsageRollup, Base):
+    __tablename__ = "usage_hourly"
+
+
+class UsageDaily(_UsageRollup, Base):
+    __tablename__ = "usage_daily"
+
+
 def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
     return create_engine(database_url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
                          pool_recycle=1800)

@@ -25,7 +25,8 @@ _FINAL = tuple(state.value for state in TERMINAL)
 
 
 def insert_usage(session: Session, row: dict[str, Any]) -> None:
-    """A usage row, at most once per ``call_id`` (a redelivered task never doubles a bill)."""
+    """A usage row, at most once per ``call_id`` (a redelivered task never doubles a bill); the rollups
+    follow in the same transaction (the ``usage_rollup`` trigger counts only rows really inserted)."""
     session.execute(insert(Usage).values(**row).on_conflict_do_nothing(index_elements=["call_id"]))
 
 

@@ -6,6 +6,7 @@
     llm-gateway flower    the queue dashboard
     llm-gateway migrate   alembic upgrade head
     llm-gateway keys      create / list / get / update / revoke API keys
+    llm-gateway usage     usage and cost from the rollups (what GET /admin/usage reports), JSON or CSV
     llm-gateway providers which providers are routable, and why not
 """
 
@@ -118,6 +119,28 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     return run_keys(settings, args)
 
 
+def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
+    """``GET /admin/usage`` without the API: the same parameters, the same service code."""
+    import json
+    from datetime import UTC, datetime
+
+    from common.db import make_session_factory
+    from common.errors import InvalidRequest
+    from common.usage import as_csv, as_json, parse_query, report
+
+    if settings.database_url is None:
+        raise SystemExit("llm-gateway usage: set DATABASE_URL")
+    params = {"from": args.since, "to": args.until, "group_by": args.group_by, "key": args.key,
+              "model": args.model, "provider": args.provider, "format": "csv" if args.csv else "json"}
+    try:
+        query = parse_query({k: v for k, v in params.items() if v}, datetime.now(UTC))
+    except InvalidRequest as exc:
+        raise SystemExit(f"llm-gateway usage: {exc.message}") from None
+    result = report(make_session_factory(settings.database_url, pool_size=1), query)
+    print(as_csv(result) if args.csv else json.dumps(as_json(result), indent=2), end="" if args.csv else "\n")
+    return 0
+
+
 def cmd_providers(settings: Settings, args: argparse.Namespace) -> int:
     for name, p in settings.registry.providers.items():
         status = "routable" if p.routable else f"NOT routable: {p.unroutable_reason}"
@@ -167,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage API keys (as the admin API does)")
     add_keys_commands(keys)
     keys.set_defaults(func=cmd_keys)
+
+    usage = sub.add_parser("usage", help="usage and cost per key/model/provider/day/hour (README: Usage)")
+    usage.add_argument("--from", dest="since", help="RFC 3339 (default: the start of this UTC month)")
+    usage.add_argument("--to", dest="until", help="RFC 3339 (default: now)")
+    usage.add_argument("--group-by", help="comma-separated: day, hour, key, model, provider")
+    usage.add_argument("--key", help="only these key ids (comma-separated)")
+    usage.add_argument("--model", help="only these model aliases")
+    usage.add_argument("--provider", help="only these providers")
+    usage.add_argument("--csv", action="store_true", help="CSV instead of JSON")
+    usage.set_defaults(func=cmd_usage)
     return parser
 
 
