@@ -83,6 +83,9 @@ class Settings:
     api_port: int = 8080
     flower_port: int = 5555
     visibility_timeout_override: float | None = None
+    # GATEWAY_DASHBOARD_SECRET signs /dashboard session cookies (None: one generated in state_dir)
+    dashboard_secret: str | None = field(default=None, repr=False)
+    flower_url: str | None = None           # GATEWAY_FLOWER_URL: the dashboard's link to Flower
 
     @property
     def visibility_timeout(self) -> float:
@@ -137,6 +140,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_port=_int(env, "GATEWAY_PORT", 8080, minimum=1),
         flower_port=_int(env, "GATEWAY_FLOWER_PORT", 5555, minimum=1),
         visibility_timeout_override=float(visibility) if visibility else None,
+        dashboard_secret=env.get("GATEWAY_DASHBOARD_SECRET") or None,
+        flower_url=env.get("GATEWAY_FLOWER_URL") or None,
     )
     if settings.default_max_wait > settings.max_wait_limit:
         raise SettingsError("GATEWAY_MAX_WAIT must not exceed GATEWAY_MAX_WAIT_LIMIT")
