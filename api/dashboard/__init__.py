@@ -142,4 +142,6 @@ def fmt_usd(value: Decimal | float) -> str:
     amount = float(value)
     if amount == 0:
         return "$0.00"
-    return f"${amount:,.2f}" if abs(amount) >= 0.01 else f"${amount:.4g}"
+    if abs(amount) >= 0.01:
+        return f"${amount:,.2f}"
+    return f"${amount:.10f}".rstrip("0") if abs(amount) >= 1e-10 else "<$0.0000000001"

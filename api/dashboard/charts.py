@@ -25,21 +25,28 @@ class Series:
     values: Sequence[float | None]   # None: no data at that point (a gap in the line)
 
 
-def nice_max(value: float) -> float:
-    """The smallest 1, 2, 2.5 or 5 × 10^n at or above ``value`` (1 for nothing): the y axis's top."""
+def nice_max(value: float, *, minimum: float = 0.0) -> float:
+    """The y axis's top: the smallest 1, 2, 4, 6 or 8 × 10^n at or above ``value`` (and ``minimum``), so
+    that its quarters (the grid lines) are round numbers too; 1 for nothing."""
+    value = max(value, minimum)
     if value <= 0 or math.isnan(value):
         return 1.0
     power = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
-        if value <= step * power:
+    for step in (1, 2, 4, 6, 8, 10):
+        if value <= step * power * (1 + 1e-9):
             return step * power
     return 10 * power
 
 
-def fmt(value: float, unit: str = "") -> str:
-    """A short label: 1234 → 1.2k, 0.0042 → 0.0042; ``$`` goes in front, other units after."""
+def fmt(value: float, unit: str = "", *, top: float = 0.0) -> str:
+    """A short label: 1234 → 1.2k, 0.25 → 0.25; ``$`` goes in front with as many places as an axis up to
+    ``top`` needs to tell its quarters apart; other units go after."""
     if unit == "$":
-        return f"${value:,.4f}" if abs(value) < 1 else f"${value:,.2f}"
+        if value == 0:
+            return "$0"
+        quarter = (top or abs(value) or 1) / 4
+        places = 2 if quarter >= 0.01 else min(10, math.ceil(-math.log10(quarter)) + 1)
+        return f"${value:,.{places}f}"
     if abs(value) >= 1000:
         text = f"{value / 1000:.1f}k"
     elif value == int(value):
@@ -49,21 +56,28 @@ def fmt(value: float, unit: str = "") -> str:
     return f"{text}{' ' + unit if unit else ''}"
 
 
-def _frame(top: float, labels: Sequence[str], unit: str) -> list[str]:
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+def _ticks(top: float, unit: str) -> tuple[list[str], int]:
+    """The y axis's five labels (top first) and the left margin they need (about 6 px a character)."""
+    ticks = [fmt(top * (4 - i) / 4, unit, top=top) for i in range(5)]
+    return ticks, max(LEFT, 6 * max(len(t) for t in ticks) + 10)
+
+
+def _frame(top: float, labels: Sequence[str], unit: str) -> tuple[list[str], int]:
+    """Grid, y ticks and x labels; returns them and the plot's left edge."""
+    ticks, left = _ticks(top, unit)
+    plot_w, plot_h = WIDTH - left - RIGHT, HEIGHT - TOP - BOTTOM
     parts = []
-    for i in range(5):
+    for i, tick in enumerate(ticks):
         y = TOP + plot_h * i / 4
-        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        tick = escape(fmt(top * (4 - i) / 4, unit))
-        parts.append(f'<text x="{LEFT - 4}" y="{y + 4:.1f}" class="ytick">{tick}</text>')
+        parts.append(f'<line x1="{left}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" class="ytick">{escape(tick)}</text>')
     n = len(labels)
     every = max(1, math.ceil(n / 8))
     for i, label in enumerate(labels):
-        if label and (i % every == 0 or i == n - 1):
-            x = LEFT + (plot_w * (i + 0.5) / n if n else 0)
+        if label and i % every == 0:
+            x = left + (plot_w * (i + 0.5) / n if n else 0)
             parts.append(f'<text x="{x:.1f}" y="{HEIGHT - 8}" class="xtick">{escape(label)}</text>')
-    return parts
+    return parts, left
 
 
 def _legend(names: Sequence[str]) -> str:
@@ -73,12 +87,13 @@ def _legend(names: Sequence[str]) -> str:
 
 
 def line_chart(series: Sequence[Series], labels: Sequence[str], *, unit: str = "", title: str = "") -> Markup:
-    """One line per series over the points ``labels`` names (equal lengths); gaps where a value is None."""
+    """One line per series over the points ``labels`` names (equal lengths); gaps where a value is None
+    (a point between two gaps is a dot)."""
     values = [v for s in series for v in s.values if v is not None]
     top = nice_max(max(values, default=0.0))
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    parts, left = _frame(top, labels, unit)
+    plot_w, plot_h = WIDTH - left - RIGHT, HEIGHT - TOP - BOTTOM
     n = max(len(labels), 1)
-    parts = _frame(top, labels, unit)
     for index, s in enumerate(series):
         color = PALETTE[index % len(PALETTE)]
         runs: list[list[str]] = [[]]
@@ -86,25 +101,27 @@ def line_chart(series: Sequence[Series], labels: Sequence[str], *, unit: str = "
             if v is None:
                 runs.append([])
                 continue
-            x, y = LEFT + plot_w * (i + 0.5) / n, TOP + plot_h * (1 - v / top)
+            x, y = left + plot_w * (i + 0.5) / n, TOP + plot_h * (1 - v / top)
             runs[-1].append(f"{x:.1f},{y:.1f}")
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="{color}"><title>'
                          f'{escape(s.name)} {escape(labels[i] if i < len(labels) else "")}: '
-                         f'{escape(fmt(v, unit))}</title></circle>')
+                         f'{escape(fmt(v, unit, top=top))}</title></circle>')
         parts.extend(f'<polyline points="{" ".join(run)}" stroke="{color}" class="line"/>'
                      for run in runs if len(run) > 1)
     return _wrap(parts, title, [s.name for s in series])
 
 
-def bar_chart(series: Sequence[Series], labels: Sequence[str], *, unit: str = "", title: str = "") -> Markup:
-    """Stacked bars, one per label, a segment per series (None counts as 0)."""
+def bar_chart(series: Sequence[Series], labels: Sequence[str], *, unit: str = "", title: str = "",
+              whole: bool = False) -> Markup:
+    """Stacked bars, one per label, a segment per series (None counts as 0); ``whole``: counts, so the
+    axis goes to at least 4 (its quarters stay whole numbers)."""
     totals = [sum(s.values[i] or 0 for s in series) for i in range(len(labels))]
-    top = nice_max(max(totals, default=0.0))
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    top = nice_max(max(totals, default=0.0), minimum=4.0 if whole else 0.0)
+    parts, left = _frame(top, labels, unit)
+    plot_w, plot_h = WIDTH - left - RIGHT, HEIGHT - TOP - BOTTOM
     n = max(len(labels), 1)
     slot = plot_w / n
     bar = max(1.0, min(slot * 0.7, 48.0))
-    parts = _frame(top, labels, unit)
     for i, label in enumerate(labels):
         base = 0.0
         for index, s in enumerate(series):
@@ -112,10 +129,10 @@ def bar_chart(series: Sequence[Series], labels: Sequence[str], *, unit: str = ""
             if v <= 0:
                 continue
             y, h = TOP + plot_h * (1 - (base + v) / top), plot_h * v / top
-            x = LEFT + slot * (i + 0.5) - bar / 2
+            x = left + slot * (i + 0.5) - bar / 2
             parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{max(h, 0.5):.1f}" '
                          f'fill="{PALETTE[index % len(PALETTE)]}"><title>{escape(s.name)} {escape(label)}: '
-                         f'{escape(fmt(v, unit))}</title></rect>')
+                         f'{escape(fmt(v, unit, top=top))}</title></rect>')
             base += v
     return _wrap(parts, title, [s.name for s in series])
 

@@ -11,11 +11,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from flask import Response, render_template, request
+from flask import Response, current_app, render_template, request
 
 from api.dashboard import bp
 from api.dashboard.charts import Series, bar_chart, line_chart
 from api.requests import gateway
+from common.apikeys import PAGE_MAX, KeyService
 from common.errors import InvalidRequest
 from common.jobrows import JobRows
 from common.limits import LIMIT_KINDS
@@ -57,7 +58,8 @@ def _minute_charts(minutes: list[Minute]) -> list[Any]:
     labels = [f"{m.start:%H:%M}" for m in minutes]
     return [
         bar_chart([Series("ok", [m.requests - m.errors for m in minutes]),
-                   Series("errors", [m.errors for m in minutes])], labels, title="Calls per minute"),
+                   Series("errors", [m.errors for m in minutes])], labels, title="Calls per minute",
+                  whole=True),
         line_chart([Series("p50", [m.p50_ms for m in minutes]), Series("p95", [m.p95_ms for m in minutes])],
                    labels, unit="ms", title="Latency, end to end (queue wait + upstream)"),
         line_chart([Series("p50", [m.wait_p50_ms for m in minutes]),
@@ -76,7 +78,8 @@ def _hour_charts(now: datetime) -> list[Any]:
     labels = [f"{h:%H}h" for h in hours]
     return [
         bar_chart([Series("ok", [g.requests - g.errors if g else 0 for g in rows]),
-                   Series("errors", [g.errors if g else 0 for g in rows])], labels, title="Calls per hour"),
+                   Series("errors", [g.errors if g else 0 for g in rows])], labels, title="Calls per hour",
+                  whole=True),
         line_chart([Series("mean upstream", [g.mean_upstream_latency_ms if g else None for g in rows]),
                     Series("mean queue wait", [g.mean_queue_wait_ms if g else None for g in rows])],
                    labels, unit="ms", title="Latency and queue wait (hourly means)"),
@@ -157,7 +160,8 @@ def _usage_charts(groups: list[Any], query: UsageQuery) -> list[Any]:
         return [bar_chart([Series("spend", [float(g.cost_usd) for g in groups])], labels, unit="$",
                           title="Spend"),
                 bar_chart([Series("input", [g.input_tokens for g in groups]),
-                           Series("output", [g.output_tokens for g in groups])], labels, title="Tokens")]
+                           Series("output", [g.output_tokens for g in groups])], labels, title="Tokens",
+                          whole=True)]
     days = sorted({g.group["day"] for g in groups})
     totals: dict[str, Decimal] = {}
     for g in groups:
@@ -176,7 +180,7 @@ def _usage_charts(groups: list[Any], query: UsageQuery) -> list[Any]:
     return [bar_chart([Series(n, [cost[(d, n)] for d in days]) for n in names], labels, unit="$",
                       title="Spend per day"),
             bar_chart([Series(n, [tokens[(d, n)] for d in days]) for n in names], labels,
-                      title="Tokens per day (input + output)")]
+                      title="Tokens per day (input + output)", whole=True)]
 
 
 @bp.get("/usage.csv")
@@ -200,7 +204,7 @@ def requests_page() -> str:
                      model=args["model"] or None, status=status, limit=100)
     gw = gateway()
     return render_template("requests.html", calls=recent_calls(gw.sessions, flt), args=args,
-                           models=sorted(gw.settings.registry.models), statuses=STATUSES)
+                           models=sorted(gw.settings.registry.models), statuses=STATUSES, names=_key_names())
 
 
 @bp.get("/jobs/<job_id>")
@@ -211,22 +215,45 @@ def job(job_id: str) -> tuple[str, int] | str:
     row = JobRows(gw.sessions).get(job_id) if len(job_id) <= 40 else None
     calls = recent_calls(gw.sessions, replace(CallFilter(since=datetime.now(UTC) - timedelta(days=1)),
                                               job=job_id))
-    if not live and row is None and not calls:
-        return render_template("job.html", job_id=job_id, live={}, row=None, calls=[], missing=True), 404
-    return render_template("job.html", job_id=job_id, live=_stamps(live), row=row, calls=calls, missing=False)
+    missing = not live and row is None and not calls
+    return render_template("job.html", job_id=job_id, live=live, steps=_steps(live), row=row, calls=calls,
+                           missing=missing, names=_key_names()), 404 if missing else 200
 
 
-def _stamps(live: dict[str, str]) -> dict[str, str]:
-    """The live hash with its epoch-second stamps written as UTC times."""
-    out = {}
-    for name, value in live.items():
-        if name.endswith("_at") or name == "deadline":
-            try:
-                value = f"{datetime.fromtimestamp(float(value), UTC):%Y-%m-%d %H:%M:%S.%f}"[:-3] + " UTC"
-            except ValueError:
-                pass
-        out[name] = value
+STEPS = (("queued", "created_at", "wait"), ("started", "started_at", "run"), ("done", "finished_at", "done"))
+
+
+def _steps(live: dict[str, str]) -> list[dict[str, str]]:
+    """The live hash's stamps (epoch seconds) as a timeline: each step's UTC time and how long after the
+    previous step it came; and the deadline it had to start by."""
+    def at(name: str) -> datetime | None:
+        try:
+            return datetime.fromtimestamp(float(live[name]), UTC)
+        except (KeyError, ValueError):
+            return None
+
+    out, previous = [], None
+    for label, name, css in STEPS:
+        moment = at(name)
+        if moment is None:
+            continue
+        after = "" if previous is None else f"+{(moment - previous).total_seconds() * 1000:,.0f} ms"
+        state = live.get("state", "")
+        if label == "done" and state not in ("succeeded", ""):
+            label, css = state, "bad"
+        out.append({"label": label, "time": f"{moment:%H:%M:%S.%f}"[:-3], "after": after, "css": css})
+        previous = moment
+    deadline = at("deadline")
+    if deadline is not None:
+        out.append({"label": "deadline", "time": f"{deadline:%H:%M:%S.%f}"[:-3],
+                    "after": "to start by", "css": ""})
     return out
+
+
+def _key_names() -> dict[str, str]:
+    """Key id → name, to show names where rows hold ids (the first page of keys: ``PAGE_MAX``)."""
+    keys: KeyService = current_app.extensions["keys"]
+    return {row.id: row.name for row in keys.list(limit=PAGE_MAX).keys}
 
 
 @bp.get("/playground")

@@ -89,11 +89,15 @@ def browser(server: Api, downloads: Path) -> Iterator[Any]:
 
 
 def shoot(driver: Any, shots: Path, name: str) -> None:
-    """A screenshot of the whole page (the window grown to the page's height)."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(height + 20, 700), 4000))
-    driver.save_screenshot(str(shots / f"{name}.png"))
-    driver.set_window_size(1400, 1000)
+    """A screenshot of the whole page, below the fold too (Chromium's DevTools capture)."""
+    import base64
+
+    width, height = driver.execute_script(
+        "return [document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": width, "height": min(height, 5000), "scale": 1}})
+    (shots / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
 
 def chat(url: str, secret: str, content: str = "hello there", model: str = "limited-model") -> int:
