@@ -68,6 +68,8 @@ class Job(Base):
     # the caller's Idempotency-Key and its body's fingerprint; unique per owner (migration 0003)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     idempotency_body: Mapped[str | None] = mapped_column(String(64))
+    # the calling key's own limits when the job was accepted (JobSpec.key_limits; migration 0004)
+    key_limits: Mapped[dict[str, int] | None] = mapped_column(JSONB)
 
 
 class Usage(Base):

@@ -60,7 +60,7 @@ class JobRows:
         job = Job(id=job_id, api_key_id=spec.api_key_id, model=spec.model, provider=spec.provider,
                   request=spec.request, status=JobState.QUEUED.value, attempts=0, created_at=created,
                   deadline_at=created + timedelta(seconds=max_wait),
-                  idempotency_key=key, idempotency_body=body)
+                  idempotency_key=key, idempotency_body=body, key_limits=spec.key_limits)
         try:
             with self.sessions.begin() as session:
                 session.add(job)
@@ -138,7 +138,8 @@ class JobRows:
 
 def spec_of(job: Job) -> JobSpec:
     """The live spec of an async job, rebuilt from its durable row (the deadline is set anew)."""
-    return JobSpec(Mode.ASYNC, Kind.CHAT, job.model, job.provider, job.request, job.api_key_id)
+    return JobSpec(Mode.ASYNC, Kind.CHAT, job.model, job.provider, job.request, job.api_key_id,
+                   key_limits=job.key_limits)
 
 
 def _outcome_columns(result: dict[str, Any] | None, error: dict[str, Any] | None,

@@ -1,5 +1,6 @@
 """api_keys gain what the admin API manages: a role, allowed models, an expiry, the last use,
-free metadata, the key's own limits and its team
+free metadata, the key's own limits and its team; an async job's row keeps the key limits it was
+accepted with (a job recreated from its row after Redis lost it is admitted by them too)
 
 Revision ID: 0004_keys_admin
 Revises: 0003_idempotency
@@ -28,9 +29,11 @@ def upgrade() -> None:
     # the admin API pages through keys in creation order
     op.create_index("ix_api_keys_created", "api_keys", ["created_at", "id"])
     op.create_index("ix_api_keys_team", "api_keys", ["team"])
+    op.add_column("jobs", sa.Column("key_limits", JSONB, nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("jobs", "key_limits")
     op.drop_index("ix_api_keys_team", table_name="api_keys")
     op.drop_index("ix_api_keys_created", table_name="api_keys")
     for column in ("updated_at", "team", "limits", "metadata", "last_used_at", "expires_at",

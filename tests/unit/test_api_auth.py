@@ -4,6 +4,7 @@ one log line when the outage starts and one when it ends; no reload storm."""
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -12,6 +13,7 @@ import sqlalchemy.exc
 from api.auth import CACHE_SECONDS, OUTAGE_RETRY_SECONDS, VERSION_CHECK_SECONDS, Authenticator, LastUsed
 from common.apikeys import hash_secret
 from common.errors import AuthenticationFailed, StoreUnavailable
+from common.keyschema import KeyRecord
 
 KEY = "sk-gw-good"
 KEYS = {hash_secret(KEY): "key_1"}
@@ -197,3 +199,16 @@ def test_a_failed_last_used_write_is_logged_not_raised(caplog):
     caplog.set_level(logging.WARNING, logger="api.auth")
     last_used.flush()
     assert "not recorded" in caplog.records[-1].getMessage()
+
+
+def test_in_auto_mode_a_revoked_last_key_keeps_the_gateway_closed():
+    """The key set holds revoked keys too: revoking the only key must not make it 'a fresh install'."""
+    revoked = KeyRecord("key_1", revoked=True)
+    auth = Authenticator("auto", Store({hash_secret(KEY): revoked}))
+    with pytest.raises(AuthenticationFailed):
+        auth.authenticate({})
+    found = auth.authenticate(bearer(KEY))
+    assert found is revoked
+    with pytest.raises(AuthenticationFailed) as err:
+        found.check_usable(datetime.now(UTC))
+    assert err.value.code == "key_revoked"

@@ -27,7 +27,9 @@ from common.contract import (
     state_or_start,
     unrun_event,
 )
+from common.db import Job
 from common.errors import ClientGone, JobTimeout, QueueTimeout, UpstreamRateLimited
+from common.jobrows import spec_of
 from common.registry import Limits
 from common.types import ChatRequest, EmbeddingsRequest
 
@@ -126,3 +128,11 @@ ANSWERS = [
 def test_claim_answers_and_states_parse(text, claim, state):
     assert start_or_state(text) is claim
     assert state_or_start(text) is state
+
+
+@pytest.mark.parametrize("key_limits", [None, {"concurrency": 1}], ids=["registry-default", "own"])
+def test_a_job_rebuilt_from_its_row_keeps_its_key_limits(key_limits):
+    row = Job(id="job_1", api_key_id="key_1", model="m", provider="p", request={"model": "m"},
+              key_limits=key_limits)
+    spec = spec_of(row)
+    assert spec.key_limits == key_limits and spec.api_key_id == "key_1"
