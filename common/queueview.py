@@ -25,9 +25,10 @@ SAMPLE = 500
 
 @dataclass
 class Waiting:
-    """The jobs waiting in one place: how many were read (``sampled``) and of those, how many per API
-    key; the oldest one's id, model, key and age in seconds."""
+    """The jobs waiting in one place: how many there are (``total``), how many were read (``sampled``)
+    and of those, how many per API key; the oldest one's id, model, key and age in seconds."""
 
+    total: int = 0
     sampled: int = 0
     by_key: dict[str, int] = field(default_factory=dict)
     oldest_job: str | None = None
@@ -42,7 +43,9 @@ def waiting(store: JobStore, limiter: Limiter, provider: str, broker_key: str,
     pipe = store.redis.pipeline()
     pipe.zrange(limiter.key(provider, "line"), 0, sample - 1)
     pipe.lrange(broker_key, -sample, -1)   # LPUSHed, consumed from the right: the oldest last
-    line_ids, messages = pipe.execute()
+    pipe.zcard(limiter.key(provider, "line"))
+    pipe.llen(broker_key)
+    line_ids, messages, line_total, broker_total = pipe.execute()
     places = {"line": [_text(job) for job in line_ids],
               "broker": [job for job in (_job_of(m) for m in reversed(messages)) if job is not None]}
     pipe = store.redis.pipeline()
@@ -51,7 +54,9 @@ def waiting(store: JobStore, limiter: Limiter, provider: str, broker_key: str,
             pipe.hmget(store.job_key(job_id), "spec", "created_at", "state")
     fields = iter(pipe.execute())
     now = time.time()
-    return {place: _summary(ids, [next(fields) for _ in ids], now) for place, ids in places.items()}
+    out = {place: _summary(ids, [next(fields) for _ in ids], now) for place, ids in places.items()}
+    out["line"].total, out["broker"].total = int(line_total), int(broker_total)
+    return out
 
 
 def _summary(ids: list[str], rows: list[list[Any]], now: float) -> Waiting:

@@ -85,6 +85,9 @@ def _hour_charts(now: datetime) -> list[Any]:
                    labels, unit="ms", title="Latency and queue wait (hourly means)"),
         bar_chart([Series("spend", [float(g.cost_usd) if g else 0 for g in rows])], labels, unit="$",
                   title="Spend per hour"),
+        bar_chart([Series("input", [g.input_tokens if g else 0 for g in rows]),
+                   Series("output", [g.output_tokens if g else 0 for g in rows])], labels,
+                  title="Tokens per hour", whole=True),
     ]
 
 
@@ -114,8 +117,8 @@ def _queue_state() -> dict[str, Any]:
         providers.append({"name": name, **entry, "line": detail["line"], "broker": detail["broker"],
                           "gauges": gauges})
     # the busiest first: where something waits is what an operator opens this page for
-    providers.sort(key=lambda p: (-(p["waiting_in_line"] + p["queue_depth"]), p["name"]))
-    return {"providers": providers, "idle": idle, "now": datetime.now(UTC)}
+    providers.sort(key=lambda p: (-(p["line"].total + p["broker"].total), p["name"]))
+    return {"providers": providers, "idle": idle, "now": datetime.now(UTC), "names": _key_names()}
 
 
 # usage ---------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def test_login_and_overview(browser: Any, server: Api, client_key: dict[str, Any
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart")) == 4
     shoot(browser, shots, "01-overview")
     browser.get(f"{server.url}/dashboard/?window=day")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart")) == 3
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart")) == 4
     shoot(browser, shots, "01-overview-day")
 
 
@@ -182,7 +182,8 @@ def test_queue_fills_and_drains_while_load_runs(browser: Any, server: Api, fake:
         thread.start()
     wait_until(lambda: waiting() >= 4, 15)  # 16 calls, 2 at a time, 0.4 s each: ~3 s of queue
     box = browser.find_element(By.CSS_SELECTOR, card)
-    assert client_key["id"] in box.text, box.text   # who is waiting, by key
+    who = box.find_element(By.CSS_SELECTOR, f"table a[title={client_key['id']}]")  # who is waiting, by key
+    assert who.text == "load"
     assert "concurrency" in box.text                  # the limit that holds them, as a gauge
     shoot(browser, shots, "02-queues-busy")
     for thread in threads:
