@@ -12,10 +12,13 @@ Pages: ``pages.py`` (overview, queues, usage, requests, jobs, playground), ``key
 
 from __future__ import annotations
 
+import logging
 from decimal import Decimal
 from urllib.parse import urlsplit
 
+import redis
 from flask import Blueprint, Flask, Response, current_app, g, redirect, render_template, request, url_for
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.wrappers import Response as BaseResponse
 
 from api.admin import admin_of
@@ -24,6 +27,7 @@ from common.apikeys import KeyService
 from common.errors import AuthenticationFailed, NotFound, PermissionDenied
 from common.settings import Settings
 
+log = logging.getLogger(__name__)
 PREFIX = "/dashboard"
 bp = Blueprint("dashboard", __name__, url_prefix=PREFIX, template_folder="templates",
                static_folder="static", static_url_path="/static")
@@ -110,6 +114,15 @@ def logout() -> BaseResponse:
     response = redirect(url_for("dashboard.login"))
     response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="Strict")
     return response
+
+
+@bp.errorhandler(redis.RedisError)
+@bp.errorhandler(SQLAlchemyError)
+def store_unavailable(exc: Exception) -> tuple[str, int]:
+    """Redis or Postgres down: a page that says so (the gateway's own outage rules are elsewhere)."""
+    store = "Redis" if isinstance(exc, redis.RedisError) else "PostgreSQL"
+    log.warning("dashboard: %s unavailable: %s", store, type(exc).__name__)
+    return render_template("unavailable.html", store=store), 503
 
 
 @bp.context_processor

@@ -137,6 +137,37 @@ def test_pages_need_a_session_and_the_cookie_is_strict(server: Api, client_key: 
     assert forged.status_code == 302
 
 
+def login(url: str, secret: str) -> requests.Session:
+    session = requests.Session()
+    r = session.post(f"{url}/dashboard/login", data={"key": secret}, allow_redirects=False, timeout=10)
+    assert r.status_code == 302, r.text
+    return session
+
+
+def test_an_admin_role_key_session_ends_when_the_key_is_revoked(server: Api) -> None:
+    key = requests.post(f"{server.url}/admin/keys", json={"name": "ops", "role": "admin"}, headers=ADMIN,
+                        timeout=10).json()
+    session = login(server.url, key["secret"])
+    page = session.get(f"{server.url}/dashboard/keys", timeout=10)
+    assert page.status_code == 200 and key["id"] in page.text   # the header names who is logged in
+    requests.delete(f"{server.url}/admin/keys/{key['id']}", headers=ADMIN, timeout=10).raise_for_status()
+    after = session.get(f"{server.url}/dashboard/keys", allow_redirects=False, timeout=10)
+    assert after.status_code == 302 and "/dashboard/login" in after.headers["Location"]
+
+
+@pytest.mark.parametrize(("query", "shown"), [
+    ("from=2026-13-01", "'from' is not a valid time (month must be in 1..12)"),
+    ("from=2026-11-02&to=2026-11-01", "'to' (2026-11-01T00:00:00Z) must be after 'from'"),
+    ("group_by=week", "group by one of"),
+], ids=["bad-date", "backwards", "unknown-grouping"])
+def test_bad_usage_parameters_are_explained_not_500(server: Api, query: str, shown: str) -> None:
+    session = login(server.url, ADMIN_SECRET)
+    page = session.get(f"{server.url}/dashboard/usage?{query}", timeout=10)
+    assert page.status_code == 200 and shown in page.text.replace("&#39;", "'"), page.text[:2000]
+    csv = session.get(f"{server.url}/dashboard/usage.csv?{query}", timeout=10)
+    assert csv.status_code == 400 and shown in csv.text
+
+
 # in Chromium -----------------------------------------------------------------------------------------
 def test_login_and_overview(browser: Any, server: Api, client_key: dict[str, Any], shots: Path) -> None:
     from selenium.webdriver.common.by import By
