@@ -51,7 +51,17 @@ def overview() -> str:
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     return render_template("overview.html", window=window, total=total, rps=last5.requests / 300,
                            spend_today=_spent(day_start, now), spend_month=_spent(month_start(now), now),
-                           charts=charts, now=now)
+                           charts=charts, now=now, budgets=_budgets(), names=_key_names())
+
+
+def _budgets() -> list[dict[str, Any]] | None:
+    """Every budget with its figures this period, as ``/admin/budgets`` shows them — when the gateway
+    has budgets (``Gateway.budgets``, the budget gate); None otherwise, and the page leaves them out."""
+    gate = getattr(gateway(), "budgets", None)
+    if gate is None:
+        return None
+    described: list[dict[str, Any]] = gate.describe_all(gate.rows.all())
+    return described
 
 
 def _minute_charts(minutes: list[Minute]) -> list[Any]:

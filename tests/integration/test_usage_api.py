@@ -19,10 +19,11 @@ import pytest
 import redis
 import requests
 
-from common.apikeys import create_key
+from common.apikeys import KeyService
 from common.db import make_session_factory
 from common.errors import InvalidRequest
 from common.jobs import JobStore
+from common.keyschema import KeyCreate
 from common.settings import normalise_database_url
 from common.usage import report, spent
 from common.usage.query import UsageQuery, ceil_hour, floor_hour
@@ -43,7 +44,8 @@ def sessions(database_url):
 @pytest.fixture(scope="module")
 def keys(sessions) -> dict[str, tuple[str, str]]:
     """Two client keys: ``{"a": (key_id, secret), "b": ...}``."""
-    return {name: create_key(sessions, f"usage-{name}") for name in ("a", "b")}
+    made = {name: KeyService(sessions).create(KeyCreate(name=f"usage-{name}")) for name in ("a", "b")}
+    return {name: (row.id, secret) for name, (row, secret) in made.items()}
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,11 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from flask import Flask, render_template
 from werkzeug.datastructures import MultiDict
 
-from api.dashboard import fmt_ms, fmt_secs, fmt_usd
+import api.dashboard.pages  # noqa: F401  (the pages' routes join the blueprint before any app has it)
+from api.dashboard import bp, fmt_ms, fmt_secs, fmt_usd
 from api.dashboard.charts import Series, bar_chart, fmt, line_chart, nice_max
 from api.dashboard.keys import body_of
 from api.dashboard.session import Sessions
@@ -89,3 +91,35 @@ def test_session_tokens_are_signed() -> None:
     assert Sessions("secret-b").read(token) is None          # another secret
     assert sessions.read(token[:-2] + "xx") is None           # tampered
     assert sessions.read(None) is None and sessions.read("") is None
+
+
+def _render(template: str, **context: object) -> str:
+    """A dashboard template rendered in a bare Flask app (no gateway, no stores)."""
+    app = Flask(__name__)
+    app.extensions.update(dashboard_flower=None, dashboard_flower_port=5555)
+    app.register_blueprint(bp)
+    with app.test_request_context("/dashboard/"):
+        return render_template(template, **context)
+
+
+OVERVIEW = {"window": "hour", "rps": 0.5, "spend_today": Decimal("0.5"), "spend_month": Decimal("2"),
+            "charts": [], "names": {"key_1": "team-a"},
+            "total": type("T", (), {"requests": 10, "errors": 1, "p50_ms": 120.0, "p95_ms": 900.0,
+                                     "wait_p50_ms": None, "wait_p95_ms": None})()}
+
+
+def test_overview_shows_budgets_when_the_gateway_has_them() -> None:
+    budgets = [{"name": "monthly", "scope": "key", "key_id": "key_1", "period": "monthly", "limit_usd": "10",
+                "spent_usd": "8.5", "limit_tokens": None, "spent_tokens": 0,
+                "resets_at": "2026-12-01T00:00:00Z"},
+               {"name": "tokens", "scope": "global", "key_id": None, "period": "daily", "limit_usd": None,
+                "spent_usd": "0", "limit_tokens": 1000, "spent_tokens": 1200, "resets_at": None}]
+    page = _render("overview.html", budgets=budgets, **OVERVIEW)
+    assert "monthly · team-a · monthly" in page and "$8.50 / $10.00" in page
+    assert 'style="width: 85.0%" class="high"' in page
+    assert "gateway · daily" in page and "1200 / 1000 tokens" in page and 'class="full"' in page
+
+
+def test_overview_leaves_budgets_out_without_them() -> None:
+    page = _render("overview.html", budgets=None, **OVERVIEW)
+    assert "Budgets" not in page and "10.0%" in page   # the error rate of 1 in 10
