@@ -22,6 +22,7 @@ from sqlalchemy.orm import sessionmaker
 from common.db import Job, Usage
 
 RECENT_MAX = 200
+SCAN_PER_CALL = 10   # rows read per call asked for: a call has one row per try (retries, fallbacks)
 WINDOW_MAX = timedelta(days=1)
 SUCCESS = "success"
 STATUSES = ("ok", "error")  # the Requests page's status filter: the last attempt's outcome
@@ -78,23 +79,33 @@ def recent_calls(sessions: sessionmaker, flt: CallFilter) -> list[Call]:
     """The latest ``flt.limit`` (at most :data:`RECENT_MAX`) calls matching ``flt``, newest first; each
     call's attempts summed (tokens, cost) and its last attempt's outcome, status code and error."""
     since = max(flt.since, datetime.now(UTC) - WINDOW_MAX)
+    limit = min(max(flt.limit, 1), RECENT_MAX)
+
     def last(column: Any) -> Any:
         """The value of the call's latest attempt."""
         return func.array_agg(aggregate_order_by(column, Usage.created_at.desc()))[1]
 
+    # the newest matching rows first (the created_at index, read backwards, stops after SCAN_PER_CALL
+    # rows per call asked for), then only their jobs are grouped: grouping a whole day's rows to keep
+    # 100 took 9 s over a million rows (docs/benchmarks.md)
+    newest = select(Usage.job_id).where(Usage.created_at >= since)
+    if flt.key:
+        newest = newest.where(Usage.api_key_id == flt.key)
+    if flt.model:
+        newest = newest.where(Usage.model == flt.model)
+    if flt.job:
+        newest = newest.where(Usage.job_id == flt.job)
+    if flt.status in STATUSES:   # a call whose last try failed has a failed row, one that succeeded a success
+        succeeded = Usage.outcome == SUCCESS
+        newest = newest.where(succeeded if flt.status == "ok" else ~succeeded)
+    candidates = newest.order_by(Usage.created_at.desc()).limit(limit * SCAN_PER_CALL).subquery()
     query = (select(Usage.job_id, func.min(Usage.api_key_id), func.min(Usage.model), last(Usage.provider),
                     last(Usage.provider_model), func.count(), func.sum(Usage.prompt_tokens),
                     func.sum(Usage.completion_tokens), func.sum(Usage.cost_usd), last(Usage.queue_wait_ms),
                     last(Usage.upstream_latency_ms), last(Usage.outcome), last(Usage.status_code),
                     last(Usage.error), func.max(Usage.created_at))
-             .where(Usage.created_at >= since).group_by(Usage.job_id)
-             .order_by(func.max(Usage.created_at).desc()).limit(min(max(flt.limit, 1), RECENT_MAX)))
-    if flt.key:
-        query = query.where(Usage.api_key_id == flt.key)
-    if flt.model:
-        query = query.where(Usage.model == flt.model)
-    if flt.job:
-        query = query.where(Usage.job_id == flt.job)
+             .where(Usage.job_id.in_(select(candidates.c.job_id)), Usage.created_at >= since)
+             .group_by(Usage.job_id).order_by(func.max(Usage.created_at).desc()).limit(limit))
     if flt.status in STATUSES:
         ok = last(Usage.outcome) == SUCCESS
         query = query.having(ok if flt.status == "ok" else ~ok)

@@ -41,12 +41,13 @@ def overview() -> str:
     window = window if window in WINDOWS else "hour"
     now = datetime.now(UTC)
     sessions = gateway().sessions
-    total = summary(sessions, now - WINDOWS[window], now)
     last5 = summary(sessions, now - timedelta(minutes=5), now)
-    if window == "hour":
-        minutes = per_minute(sessions, now - timedelta(minutes=59), now)
-        charts = _minute_charts(minutes)
-    else:
+    if window == "hour":   # percentiles from the last hour's usage rows
+        total: Any = summary(sessions, now - WINDOWS[window], now)
+        charts = _minute_charts(per_minute(sessions, now - timedelta(minutes=59), now))
+    else:                  # a day of raw rows is too many to rank at every page view: the rollups' means
+        day = UsageQuery(since=floor_hour(now) - timedelta(hours=23), until=ceil_hour(now))
+        total = report(sessions, day).total
         charts = _hour_charts(now)
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     return render_template("overview.html", window=window, total=total, rps=last5.requests / 300,
