@@ -93,8 +93,10 @@ def _safe_next(raw: str | None) -> str:
 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> BaseResponse | str | tuple[str, int]:
+    no_admin_key = not current_app.config.get("GATEWAY_ADMIN_KEY")
     if request.method == "GET":
-        return render_template("login.html", error=None, next=request.args.get("next", ""))
+        return render_template("login.html", error=None, next=request.args.get("next", ""),
+                               no_admin_key=no_admin_key)
     secret = request.form.get("key", "").strip()
     try:
         if not secret:
@@ -102,7 +104,8 @@ def login() -> BaseResponse | str | tuple[str, int]:
         admin = admin_of(secret)
     except (AuthenticationFailed, PermissionDenied) as exc:
         status = 403 if isinstance(exc, PermissionDenied) else 401
-        return render_template("login.html", error=exc.message, next=request.form.get("next", "")), status
+        return render_template("login.html", error=exc.message, next=request.form.get("next", ""),
+                               no_admin_key=no_admin_key), status
     response = redirect(_safe_next(request.form.get("next")))
     response.set_cookie(COOKIE, _sessions().issue(admin), max_age=MAX_AGE_S, httponly=True,
                         samesite="Strict", secure=request.is_secure, path=PREFIX)

@@ -123,3 +123,11 @@ def test_overview_shows_budgets_when_the_gateway_has_them() -> None:
 def test_overview_leaves_budgets_out_without_them() -> None:
     page = _render("overview.html", budgets=None, **OVERVIEW)
     assert "Budgets" not in page and "10.0%" in page   # the error rate of 1 in 10
+
+
+@pytest.mark.parametrize(("no_admin_key", "hinted"), [(True, True), (False, False)],
+                         ids=["without-GATEWAY_ADMIN_KEY", "with-it"])
+def test_login_says_how_to_get_in_without_an_admin_key(no_admin_key: bool, hinted: bool) -> None:
+    page = _render("login.html", error=None, next="", no_admin_key=no_admin_key)
+    assert ("llm-gateway keys create --name ops --role admin" in page) is hinted
+    assert 'type="password" name="key"' in page
