@@ -9,9 +9,19 @@ from datetime import UTC, datetime
 import redis
 from flask import Flask, Response, g, request
 
-from api import anthropic_routes, gemini_routes, health, jobs_routes, ollama_routes, openai_routes
+from api import (
+    anthropic_routes,
+    budget_routes,
+    gemini_routes,
+    health,
+    jobs_routes,
+    ollama_routes,
+    openai_routes,
+)
 from api.admin import PREFIX as ADMIN_PREFIX
+from api.admin import budgets as admin_budgets
 from api.admin import keys as admin_keys
+from api.admin import routing as admin_routing
 from api.admin.usage import bp as admin_usage_bp
 from api.auth import Authenticator, LastUsed
 from api.dashboard import PREFIX as DASHBOARD_PREFIX
@@ -105,8 +115,11 @@ def create_app(settings: Settings) -> Flask:
     app.register_blueprint(anthropic_routes.bp)
     app.register_blueprint(ollama_routes.bp)
     app.register_blueprint(gemini_routes.bp)
-    app.register_blueprint(admin_keys.bp)
     app.register_blueprint(usage_bp)
     app.register_blueprint(admin_usage_bp)
+    app.register_blueprint(admin_keys.bp)
+    app.register_blueprint(budget_routes.bp)
+    app.register_blueprint(admin_budgets.bp)
+    app.register_blueprint(admin_routing.bp)
     install_dashboard(app, settings)
     return app

@@ -160,9 +160,13 @@ class Authenticator(Generic[V]):
         if self.mode == "off":
             return None
         active = self._active()
+        secret = presented_key(headers) or query_key
+        if self.mode == "auto" and not active and secret:
+            # the set we hold says "no keys yet" but the caller shows one: the first key may have been
+            # created since (up to CACHE_SECONDS ago) — its calls must not be taken as anonymous
+            active = self._active(MISS_RELOAD_SECONDS)
         if self.mode == "auto" and not active:
             return None
-        secret = presented_key(headers) or query_key
         if not secret:
             raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>', 'x-api-key' "
                                        "or 'x-goog-api-key'")

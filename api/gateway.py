@@ -12,16 +12,19 @@ import math
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Any
 
 import redis
 from sqlalchemy.orm import sessionmaker
 
+from api.budget_gate import BudgetGate, Plan
 from api.dispatcher import ReplyDispatcher
 from api.idempotency import FirstCall, IdemCall, IdemStore
 from api.watch import REPEAT_POLL_S, JobWatch
 from common.apikeys import ANONYMOUS
+from common.budgets import Reservation
 from common.contract import (
     EVENT_TTL_S,
     TERMINAL,
@@ -37,6 +40,7 @@ from common.contract import (
 )
 from common.db import Job
 from common.errors import (
+    BudgetExceeded,
     GatewayError,
     InvalidRequest,
     JobCancelled,
@@ -53,6 +57,8 @@ from common.jobs import JobStore, StreamEvent, new_job_id
 from common.keyschema import KeyRecord
 from common.limits import Limiter, Scope
 from common.registry import Limits, Model, Provider
+from common.routing import Trail, candidates
+from common.routing.observe import Router, place
 from common.settings import Settings
 from common.taskwire import task_message
 from common.types import ChatRequest, EmbeddingsRequest
@@ -75,6 +81,7 @@ class Outcome:
     job_id: str
     result: dict[str, Any]
     meta: dict[str, Any]
+    budget: Reservation | None = None   # what its budgets reserved (and had left) when it was queued
 
 
 class Gateway:
@@ -90,6 +97,8 @@ class Gateway:
         self.rows = JobRows(sessions)
         self.dispatcher = dispatcher
         self.idem = IdemStore(store.redis, store.prefix)
+        self.budgets = BudgetGate(store, sessions, settings.task_time_limit, served_by=self._served_by)
+        self.router = Router(settings, store)
 
     # resolution ---------------------------------------------------------------------------------
     def route(self, alias: str, key: KeyRecord | None = None) -> Route:
@@ -102,7 +111,10 @@ class Gateway:
         if key is not None:
             key.check_model(alias)
         provider = self.settings.registry.provider_of(model)
-        if not provider.routable:
+        chain = [] if provider.routable else candidates(self.settings.registry, alias)
+        if chain:  # its first deployment is not configured, another (or a fallback) is
+            provider = self.settings.registry.providers[chain[0].provider]
+        elif not provider.routable:
             raise ProviderUnavailable(f"model '{alias}' is served by provider '{provider.name}', which is "
                                       f"not configured: {provider.unroutable_reason}")
         return Route(model, provider)
@@ -110,6 +122,26 @@ class Gateway:
     def limits_of_key(self, key_id: str) -> Limits:
         """The limits a key's calls count against: its own (admin API), else the YAML's key_limits."""
         return self.key_limits(key_id) or self.settings.registry.limits_of_key(key_id)
+    def _served_by(self, model: Model) -> list[Model]:
+        """``model`` as each deployment that may serve it would (its own and its fallbacks')."""
+        registry = self.settings.registry
+        served = [registry.models[c.alias].on(c.deployment) for c in candidates(registry, model.alias)]
+        return served or [model]
+
+    def placed(self, spec: JobSpec, request: ChatRequest | EmbeddingsRequest,
+               route: Route) -> tuple[JobSpec, Route]:
+        """The job's spec and route on the deployment routing picks (``common/routing``); an alias with
+        one deployment and no fallbacks is left as it was (no Redis read)."""
+        placement = place(self.router, route.model.alias, request)
+        if placement is None:
+            return spec, route
+        candidate, decision = placement
+        registry = self.settings.registry
+        trail = Trail(route.model.alias, decision, fallback_used=candidate.fallback)
+        return (replace(spec, model=candidate.alias, provider=candidate.provider, deployment=candidate.name,
+                        trail=trail),
+                Route(registry.models[candidate.alias].on(candidate.deployment),
+                      registry.providers[candidate.provider]))
 
     def max_wait(self, header: str | None, body_value: Any, default: float) -> float:
         return parse_max_wait(body_value if body_value is not None else header, default,
@@ -117,9 +149,12 @@ class Gateway:
 
     # synchronous calls --------------------------------------------------------------------------
     def start(self, request: ChatRequest | EmbeddingsRequest, route: Route, *, max_wait: float,
-              api_key_id: str | None, idem: IdemCall | None = None) -> JobWatch:
+              api_key_id: str | None, idem: IdemCall | None = None,
+              max_cost: Decimal | None = None) -> JobWatch:
         """Queue a call whose caller waits for it; the returned watch yields the job's events. With
-        ``idem``, a repeat of a call already made under that key watches the first call's job."""
+        ``idem``, a repeat of a call already made under that key watches the first call's job. Its
+        budgets reserve its worst case as it is queued (402 if one cannot; 400 above ``max_cost``)."""
+        plan = self.budgets.plan(request, route.model, api_key_id, max_cost=max_cost, max_wait=max_wait)
         job_id = new_job_id()
         if idem is not None:
             first = self.idem.claim(idem, job_id)
@@ -127,15 +162,18 @@ class Gateway:
                 return self._attach(first, route, max_wait, api_key_id)
         waiter = self.dispatcher.register(job_id)
         try:
-            self._enqueue(job_id, self._spec(request, route, Mode.SYNC, api_key_id), route, max_wait=max_wait,
-                          reply_to=self.dispatcher.channel,
+            spec, route = self.placed(self._spec(plan.request, route, Mode.SYNC, api_key_id), plan.request,
+                                      route)
+            self._enqueue(job_id, spec, route, plan, max_wait=max_wait, reply_to=self.dispatcher.channel,
                           ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S)
         except GatewayError:
             self.dispatcher.unregister(job_id)
             if idem is not None:
                 self.idem.release(idem, job_id)
             raise
-        return JobWatch(self, job_id, route, waiter, max_wait, api_key_id, idem=idem)
+        watch = JobWatch(self, job_id, route, waiter, max_wait, api_key_id, idem=idem)
+        watch.reservation = plan.reservation
+        return watch
 
     def _attach(self, first: FirstCall, route: Route, max_wait: float, api_key_id: str | None) -> JobWatch:
         """A watch on the job of an earlier call under the same Idempotency-Key: its recorded outcome,
@@ -152,10 +190,12 @@ class Gateway:
         return watch
 
     def call(self, request: ChatRequest | EmbeddingsRequest, route: Route, *, max_wait: float,
-             api_key_id: str | None, idem: IdemCall | None = None) -> Outcome:
+             api_key_id: str | None, idem: IdemCall | None = None,
+             max_cost: Decimal | None = None) -> Outcome:
         """Queue the call and hold until it settles; past ``max_wait`` in line raise QueueTimeout.
         Every error raised about the job carries its id."""
-        watch = self.start(request, route, max_wait=max_wait, api_key_id=api_key_id, idem=idem)
+        watch = self.start(request, route, max_wait=max_wait, api_key_id=api_key_id, idem=idem,
+                           max_cost=max_cost)
         try:
             while True:
                 event = watch.next()
@@ -176,7 +216,7 @@ class Gateway:
         """The outcome a final event carries (an error event raises it); None for a chunk."""
         event = entry.event
         if isinstance(event, Result):
-            return Outcome(watch.job_id, event.result, event.meta)
+            return Outcome(watch.job_id, event.result, event.meta, watch.reservation)
         if isinstance(event, Failed):
             raise event.exception()
         if isinstance(event, Expired):
@@ -242,12 +282,14 @@ class Gateway:
     def queue_depth(self, provider: Provider) -> int:
         return int(self.store.redis.llen(self.settings.queue_key(provider.name)))
 
-    def _enqueue(self, job_id: str, spec: JobSpec, route: Route, **job: Any) -> None:
-        """Record the job and push its Celery message onto ``llm.<provider>`` in one Redis step."""
+    def _enqueue(self, job_id: str, spec: JobSpec, route: Route, plan: Plan, **job: Any) -> None:
+        """Record the job, reserve its budgets (``plan``) and push its Celery message onto
+        ``llm.<provider>`` in one Redis step."""
         queue_name = self.settings.queue_for(route.provider.name)
         try:
-            self.store.create(job_id, spec, queue=self.settings.queue_key(route.provider.name),
-                              message=task_message(job_id, queue_name), **job)
+            self.budgets.create(plan, lambda budget: self.store.create(
+                job_id, spec, queue=self.settings.queue_key(route.provider.name),
+                message=task_message(job_id, queue_name), budget=budget, **job))
         except redis.RedisError as exc:
             log.error("job %s: broker unavailable: %s", job_id, exc)
             raise QueueUnavailable("the job queue is unavailable; nothing was queued, retry shortly",
@@ -255,18 +297,20 @@ class Gateway:
 
     # async jobs ---------------------------------------------------------------------------------
     def submit(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None,
-               idem: IdemCall | None = None) -> tuple[Job, bool]:
+               idem: IdemCall | None = None, max_cost: Decimal | None = None) -> tuple[Job, bool]:
         """Accept an async job: durable row first, then live state, then the queue. Returns the job and
         whether it is new — False for a repeat under an Idempotency-Key (the first call's job; found in
         Redis, else by the key kept in its Postgres row)."""
         if request.stream:
             raise InvalidRequest("async jobs return a whole completion; do not set 'stream'", param="stream")
+        plan = self.budgets.plan(request, route.model, api_key_id, max_cost=max_cost, max_wait=max_wait)
         job_id = new_job_id()
         if idem is not None:
             first = self.idem.claim(idem, job_id)
             if first is not None:
                 return self._first_job(first.job_id), False
-        spec = self._spec(request, route, Mode.ASYNC, api_key_id)
+        spec, route = self.placed(self._spec(plan.request, route, Mode.ASYNC, api_key_id), plan.request,
+                                  route)
         try:
             job = self.rows.add(job_id, spec, max_wait=max_wait, idempotency=idem.row() if idem else None)
         except DuplicateKey:
@@ -277,10 +321,11 @@ class Gateway:
                 self.idem.release(idem, job_id)
             raise
         try:
-            self._enqueue(job_id, spec, route, max_wait=max_wait, reply_to="",
+            self._enqueue(job_id, spec, route, plan, max_wait=max_wait, reply_to="",
                           ttl=max_wait + EVENT_TTL_S * 24)
-        except QueueUnavailable as exc:
+        except (QueueUnavailable, BudgetExceeded) as exc:  # its row says why it never ran
             self.rows.settle(job_id, JobState.FAILED, error=exc.to_dict())
+            exc.job_id = job_id
             raise
         return job, True
 

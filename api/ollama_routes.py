@@ -71,10 +71,12 @@ def _serve(body: Any, chat_request: ChatRequest, shape: Shape) -> Response:
     call = admit(chat_request.model, body.get("max_wait") if isinstance(body, dict) else None)
     started = time.monotonic_ns()
     if chat_request.stream:
-        watch = call.gw.start(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id,
+        watch = call.gw.start(chat_request, call.route, max_wait=call.max_wait,
+                              max_cost=call.max_cost, api_key_id=g.api_key_id,
                               idem=idem)
         return stream_response(call.gw, watch, OllamaStream(chat_request.model, shape, started), call.headers)
-    outcome = call.gw.call(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id,
+    outcome = call.gw.call(chat_request, call.route, max_wait=call.max_wait,
+                           max_cost=call.max_cost, api_key_id=g.api_key_id,
                            idem=idem)
     document = ollama.render_response(outcome.result, chat_request.model,
                                       elapsed_ns=time.monotonic_ns() - started)
@@ -121,7 +123,8 @@ def embed() -> Response:
     embed_request, _ = parse_embeddings_request(request_body)
     call = admit(embed_request.model, body.get("max_wait"))
     started = time.monotonic_ns()
-    outcome = call.gw.call(embed_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+    outcome = call.gw.call(embed_request, call.route, max_wait=call.max_wait,
+                           max_cost=call.max_cost, api_key_id=g.api_key_id)
     data = sorted(outcome.result.get("data") or [], key=lambda d: d.get("index", 0))
     usage = outcome.result.get("usage") or {}
     elapsed = time.monotonic_ns() - started
@@ -136,7 +139,7 @@ def tags() -> Response:
     models = [{"name": alias, "model": alias, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
                "digest": "", "details": {"format": "", "family": m.provider, "families": [m.provider],
                                          "parameter_size": "", "quantization_level": ""}}
-              for alias, m in registry.models.items() if registry.provider_of(m).routable and may_use(alias)]
+              for alias, m in registry.models.items() if registry.serves(m) and may_use(alias)]
     return jsonify({"models": models})
 
 

@@ -26,9 +26,10 @@ def chat_completions() -> Response:
     call = admit(chat.model, extensions.get("max_wait"))
     if chat.stream:
         include_usage = bool((chat.model_extra or {}).get("stream_options", {}).get("include_usage"))
-        watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
+        watch = call.gw.start(chat, call.route, max_wait=call.max_wait,
+                              max_cost=call.max_cost, api_key_id=g.api_key_id, idem=idem)
         return stream_response(call.gw, watch, OpenAIStream(include_usage), call.headers)
-    return completion_response(call.gw.call(chat, call.route, max_wait=call.max_wait,
+    return completion_response(call.gw.call(chat, call.route, max_wait=call.max_wait, max_cost=call.max_cost,
                                             api_key_id=g.api_key_id, idem=idem))
 
 
@@ -70,7 +71,7 @@ def completion_response(outcome: Outcome) -> Response:
 def embeddings() -> Response:
     embed, extensions = parse_embeddings_request(json_body())
     call = admit(embed.model, extensions.get("max_wait"))
-    return completion_response(call.gw.call(embed, call.route, max_wait=call.max_wait,
+    return completion_response(call.gw.call(embed, call.route, max_wait=call.max_wait, max_cost=call.max_cost,
                                             api_key_id=g.api_key_id))
 
 
@@ -79,7 +80,7 @@ def list_models() -> Response:
     registry = gateway().settings.registry
     data = [{"id": alias, "object": "model", "created": 0, "owned_by": m.provider,
              "context_window": m.context_window, "capabilities": list(m.capabilities)}
-            for alias, m in registry.models.items() if registry.provider_of(m).routable and may_use(alias)]
+            for alias, m in registry.models.items() if registry.serves(m) and may_use(alias)]
     return jsonify({"object": "list", "data": data})
 
 

@@ -7,6 +7,7 @@ handler renders them in its own shape.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import gevent
@@ -16,6 +17,7 @@ from gunicorn.http.errors import ParseException
 from api.gateway import Gateway, Outcome, Route
 from api.gunicorn_worker import CLOSE_CONNECTION
 from api.idempotency import HEADER, IdemCall
+from common.budgets import parse_max_cost, remaining_headers
 from common.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from common.keyschema import KeyRecord, model_allowed
 from common.protocols import safejson
@@ -29,11 +31,13 @@ def gateway() -> Gateway:
 
 @dataclass(frozen=True)
 class Admitted:
-    """A call resolved for queueing, whatever protocol it came in: its route and its max_wait."""
+    """A call resolved for queueing, whatever protocol it came in: its route, its max_wait and its
+    per-request cost cap."""
 
     gw: Gateway
     route: Route
     max_wait: float
+    max_cost: Decimal | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -43,12 +47,15 @@ class Admitted:
 def admit(model: str, body_max_wait: Any, default: float | None = None) -> Admitted:
     """Resolve ``model`` to its route (404/503 in the caller's shape if it cannot be served) and the
     caller's max_wait: the body's ``max_wait``, else the ``x-gateway-max-wait`` header, else ``default``
-    (the sync default)."""
+    (the sync default). The cost cap: the body's ``max_cost_usd``, else the ``x-gateway-max-cost`` header."""
     gw = gateway()
     route = resolve(model)
     max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), body_max_wait,
                            gw.settings.default_max_wait if default is None else default)
-    return Admitted(gw, route, max_wait)
+    body = g.get("request_body")
+    body_cap = body.get("max_cost_usd") if isinstance(body, dict) else None
+    max_cost = parse_max_cost(body_cap if body_cap is not None else request.headers.get("x-gateway-max-cost"))
+    return Admitted(gw, route, max_wait, max_cost)
 
 
 def resolve(model: str) -> Route:
@@ -74,7 +81,14 @@ def outcome_headers(outcome: Outcome) -> dict[str, str]:
             "x-gateway-model": str(outcome.meta.get("provider_model", "")),
             "x-gateway-job-id": outcome.job_id,
             "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
-            "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", ""))}
+            "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", "")),
+            **remaining_headers(outcome.budget, outcome.meta.get("cost_usd"),
+                                (outcome.result.get("usage") or {}).get("total_tokens")),
+            # routing (common/routing): what was decided, where it ran, how many upstream calls, fallback?
+            "x-gateway-deployment": str(outcome.meta.get("deployment", "")),
+            "x-gateway-routing-decision": str(outcome.meta.get("routing_decision", "")),
+            "x-gateway-attempts": str(outcome.meta.get("attempts", "")),
+            "x-gateway-fallback-used": "true" if outcome.meta.get("fallback_used") else "false"}
 
 
 def json_body() -> Any:
@@ -85,7 +99,8 @@ def json_body() -> Any:
     raw = read_body(settings.max_body_bytes, settings.client_timeout)
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
-    return safejson.loads(raw, max_depth=settings.max_json_depth)
+    g.request_body = safejson.loads(raw, max_depth=settings.max_json_depth)
+    return g.request_body
 
 
 def read_body(limit: int, timeout: float) -> bytes:

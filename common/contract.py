@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from common.errors import ClientGone, GatewayError
 from common.registry import Limits
+from common.routing import Trail
 from common.types import ChatRequest, EmbeddingsRequest
 
 EVENT_TTL_S = 3600.0   # seconds a job's event stream (and a settled job's state) stays readable
@@ -105,6 +106,8 @@ class JobSpec:
     api_key_id: str | None = None
     deadline: float = 0.0
     key_limits: dict[str, int] | None = None
+    deployment: str = ""        # the deployment (``provider/model``) routing chose; "" = the alias's first
+    trail: Trail | None = None  # routing's decision and the deployments tried (common/routing)
 
     @classmethod
     def of(cls, request: ChatRequest | EmbeddingsRequest, *, mode: Mode, model: str, provider: str,
@@ -131,14 +134,20 @@ class JobSpec:
                 "provider": self.provider, "request": self.request, "api_key_id": self.api_key_id}
         if self.key_limits is not None:
             data["key_limits"] = self.key_limits
+        if self.deployment:
+            data["deployment"] = self.deployment
+        if self.trail is not None:
+            data["trail"] = self.trail.to_dict()
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def parse(cls, raw: str | bytes, deadline: float) -> JobSpec:
         data = json.loads(raw)
+        trail = data.get("trail")
         return cls(Mode(data.get("mode", Mode.SYNC)), Kind(data.get("kind", Kind.CHAT)), data["model"],
                    data["provider"], data["request"], data.get("api_key_id"), float(deadline),
-                   data.get("key_limits"))
+                   data.get("key_limits"), str(data.get("deployment") or ""),
+                   Trail.parse(trail) if isinstance(trail, dict) else None)
 
 
 class EventType(StrEnum):

@@ -19,6 +19,7 @@ one atomic script, timed with Redis ``TIME``::
     queued ──claim──► running ──settle (emit)──► succeeded | failed | cancelled
        │                 ▲ └──(lease lapsed: worker died) claim again on redelivery
        ├──claim after deadline──► expired        (the worker never calls upstream)
+       │  running ──move──► queued               (another deployment's queue: common/routing)
        └──withdraw──► expired | cancelled        (the API gave up waiting / the client cancelled)
 
 Whoever moves a job out of ``queued`` first wins: a job the API withdrew can never start, and a
@@ -36,6 +37,7 @@ from typing import Any, cast
 import redis
 
 from common import lua
+from common.budgets import BudgetRefusal, Reservation
 from common.contract import (
     EVENT_TTL_S,
     WITHDRAWN,
@@ -92,6 +94,7 @@ class JobStore:
         self._abandon = lua.register(client, "abandon")
         self._emit = lua.register(client, "emit")
         self._renew = lua.register(client, "renew_lease")
+        self._move = lua.register(client, "move")
 
     # keys -----------------------------------------------------------------------------------
     @property
@@ -131,14 +134,26 @@ class JobStore:
 
     # the API's side -------------------------------------------------------------------------
     def create(self, job_id: str, spec: JobSpec, *, max_wait: float, reply_to: str, ttl: float,
-               queue: str = "", message: str = "", only_if_missing: bool = False) -> float | None:
+               queue: str = "", message: str = "", only_if_missing: bool = False,
+               budget: Reservation | None = None) -> float | None:
         """Record a new queued job and (with ``queue``) push its broker ``message`` in the same atomic
         step; returns its creation time (Redis clock, epoch seconds). With ``only_if_missing`` a job
-        that exists is left as it is (None): whoever recreated it first wins."""
+        that exists is left as it is (None): whoever recreated it first wins. With ``budget`` its worst
+        case is reserved in the same step, or — a budget refuses it — :class:`BudgetRefusal` is raised
+        and nothing was recorded or queued."""
         created = self._create(keys=[self.job_key(job_id), queue or self.job_key(job_id)],
                                args=[spec.to_json(), max_wait, reply_to, int(ttl) + 1, message,
                                      1 if only_if_missing else 0, int(CALLER_ALIVE_TTL_S * 1000),
-                                     1 if spec.key_limits else 0])
+                                     1 if spec.key_limits else 0,
+                                     *(budget.args() if budget is not None else [0])])
+        if isinstance(created, list):
+            if _text(created[0]) != "ok":
+                raise BudgetRefusal(_text(created[0]), int(created[1]) - 1,
+                                    tuple(int(n) for n in created[2:]))
+            assert budget is not None
+            numbers = [int(n) for n in created[2:]]
+            budget.after[:] = [tuple(numbers[i:i + 6]) for i in range(0, len(numbers), 6)]
+            return float(created[1])
         return float(created) if created else None
 
     def exists(self, job_id: str) -> bool:
@@ -201,6 +216,13 @@ class JobStore:
         spec = JobSpec.parse(reply[3], float(reply[4])) if with_spec else None
         return Claim(Start.RUN, int(reply[1]), float(reply[2]), spec)
 
+    def move(self, job_id: str, execution: str, spec: JobSpec, *, queue: str, message: str) -> bool:
+        """Put a job this execution runs back to ``queued`` with ``spec`` (another deployment) and its
+        broker ``message`` onto ``queue``, in one step (``job.lua`` job_requeue). It keeps its id, its
+        waiting caller and its deadline. False if the job is no longer ours to move."""
+        return bool(self._move(keys=[self.job_key(job_id), self.lease_key(job_id), queue],
+                               args=[execution, spec.to_json(), message]))
+
     def append_usage(self, row: dict[str, Any]) -> None:
         """A usage row onto the usage stream, which the ledger moves to Postgres (workers/usage.py)."""
         self.redis.xadd(self.usage_key(), {"u": json.dumps(row, separators=(",", ":"), default=str)})
@@ -210,32 +232,38 @@ class JobStore:
 
     def completion_rate(self, provider: str, window_s: int = 60) -> float:
         """Jobs per second the provider's workers settled over the last ``window_s`` seconds."""
-        raw = {_text(k): int(v) for k, v in self.redis.hgetall(self.stats_key(provider)).items()}
-        now_bucket = int(self.redis.time()[0]) // 10
-        oldest = now_bucket - window_s // 10
-        done = sum(raw.get(f"c{slot}", 0) for slot in range(12) if raw.get(f"t{slot}", -1) >= oldest)
-        return done / float(window_s)
+        return rate_of(self.redis.hgetall(self.stats_key(provider)), int(self.redis.time()[0]), window_s)
 
     def emit(self, job_id: str, event: JobEvent, *, final_state: JobState | None = None, execution: str = "",
              provider: str = "", usage: dict[str, Any] | None = None,
-             outcome: RowOutcome | None = None) -> bool:
+             outcome: RowOutcome | None = None, charge: tuple[int, int] = (0, 0)) -> bool:
         """Append ``event`` to the job's stream and publish it to the waiting API process.
 
         With ``final_state`` it also settles the job (and drops the lease of ``execution``) in the same
         atomic step; returns False if the job was already settled, in which case nothing is emitted.
         ``outcome``: an async job's row outcome that Postgres did not take; it joins the usage stream
-        (the outbox, ``common/outbox.py``) in the same step."""
+        (the outbox, ``common/outbox.py``) in the same step, as does ``charge`` — what the job cost its
+        budgets (units of 1e-10 USD, tokens): its reservation is released and that charged, once."""
         done = self._emit(keys=[self.events_key(job_id), self.job_key(job_id), self.lease_key(job_id),
                                 self.stats_key(provider), self.usage_key()],
                           args=[job_id, event.to_json(), int(EVENT_TTL_S * 1000),
                                 final_state.value if final_state else "", execution,
                                 json.dumps(usage, separators=(",", ":"), default=str) if usage else "",
-                                outcome.to_json() if outcome is not None else ""])
+                                outcome.to_json() if outcome is not None else "", charge[0], charge[1]])
         return bool(done)
 
     def queue_usage(self, usage: dict[str, Any]) -> None:
         """Put a usage row on the usage stream (a failed try's: no job settles with it)."""
         self.redis.xadd(self.usage_key(), {"u": json.dumps(usage, separators=(",", ":"), default=str)})
+
+
+def rate_of(ring: dict[Any, Any], now_s: int, window_s: int = 60) -> float:
+    """Completions per second over the last ``window_s`` seconds, from a provider's ring of ten-second
+    buckets (``P:stats:<provider>``, counted by ``emit.lua``) read at Redis time ``now_s``."""
+    raw = {_text(k): int(v) for k, v in ring.items()}
+    oldest = now_s // 10 - window_s // 10
+    done = sum(raw.get(f"c{slot}", 0) for slot in range(12) if raw.get(f"t{slot}", -1) >= oldest)
+    return done / float(window_s)
 
 
 def parse_reply(message: bytes) -> tuple[str, StreamEvent]:

@@ -71,6 +71,7 @@ class Settings:
     task_time_limit: float = 600.0          # hard limit on one job's run (upstream call + retries)
     reconcile_interval: float = 30.0        # how often workers look for async jobs Redis lost
     task_events: bool = True                # Celery task events: Flower's task views need them
+    breakers: bool = True                   # per-deployment circuit breakers (common/routing/breaker.py)
     max_body_bytes: int = 4 * 1024 * 1024
     max_json_depth: int = 64                # arrays/objects nested deeper than this: 400
     client_timeout: float = 10.0            # a new connection's headers, and any body, arrive within this
@@ -86,6 +87,10 @@ class Settings:
     # GATEWAY_DASHBOARD_SECRET signs /dashboard session cookies (None: one generated in state_dir)
     dashboard_secret: str | None = field(default=None, repr=False)
     flower_url: str | None = None           # GATEWAY_FLOWER_URL: the dashboard's link to Flower
+    # budget alerts: a signed POST (Standard Webhooks) to this URL when a soft threshold is crossed
+    budget_webhook_url: str | None = None
+    budget_webhook_secret: str | None = field(default=None, repr=False)
+    budget_webhook_attempts: int = 5                 # tries per alert, backing off 0.5 s, 1 s, 2 s, ...
 
     @property
     def visibility_timeout(self) -> float:
@@ -129,6 +134,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         task_time_limit=_float(env, "GATEWAY_TASK_TIME_LIMIT", 600.0, minimum=1.0),
         reconcile_interval=_float(env, "GATEWAY_RECONCILE_INTERVAL", 30.0, minimum=0.5),
         task_events=_flag(env, "GATEWAY_TASK_EVENTS", True),
+        breakers=_flag(env, "GATEWAY_BREAKERS", True),
         max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
         max_json_depth=_int(env, "GATEWAY_MAX_JSON_DEPTH", 64, minimum=8),
         client_timeout=_float(env, "GATEWAY_CLIENT_TIMEOUT", 10.0, minimum=0.1),
@@ -142,7 +148,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         visibility_timeout_override=float(visibility) if visibility else None,
         dashboard_secret=env.get("GATEWAY_DASHBOARD_SECRET") or None,
         flower_url=env.get("GATEWAY_FLOWER_URL") or None,
+        budget_webhook_url=env.get("GATEWAY_BUDGET_WEBHOOK_URL") or None,
+        budget_webhook_secret=env.get("GATEWAY_BUDGET_WEBHOOK_SECRET") or None,
+        budget_webhook_attempts=_int(env, "GATEWAY_BUDGET_WEBHOOK_ATTEMPTS", 5, minimum=1),
     )
+    if settings.budget_webhook_url and not settings.budget_webhook_secret:
+        raise SettingsError("GATEWAY_BUDGET_WEBHOOK_URL needs GATEWAY_BUDGET_WEBHOOK_SECRET (its key)")
     if settings.default_max_wait > settings.max_wait_limit:
         raise SettingsError("GATEWAY_MAX_WAIT must not exceed GATEWAY_MAX_WAIT_LIMIT")
     return settings

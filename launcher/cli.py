@@ -16,17 +16,27 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from common.settings import Settings, SettingsError, load_settings
+from launcher.discovery import StoresNotFound, resolve_stores, store_environment
 from launcher.keyargs import add_keys_commands
 
+#: The stores each command needs. A URL the environment leaves unset is taken from the running
+#: ``llm-gateway up`` of the state directory (launcher/discovery.py); a command not listed needs none.
+STORES_NEEDED: dict[str, tuple[str, ...]] = {
+    "api": ("redis", "postgres"),
+    "worker": ("redis", "postgres"),
+    "flower": ("redis",),
+    "migrate": ("postgres",),
+    "keys": ("postgres",),
+    "usage": ("postgres",),
+}
 
-def _require(settings: Settings, what: str) -> None:
-    urls = (("REDIS_URL", settings.redis_url), ("DATABASE_URL", settings.database_url))
-    missing = [name for name, value in urls if value is None]
-    if missing:
-        raise SystemExit(f"llm-gateway {what}: set {' and '.join(missing)} (or use `llm-gateway up`, "
-                         "which starts embedded servers when they are unset)")
+
+def _exec(argv: list[str], settings: Settings) -> None:
+    """Replace this process by ``argv``, passing on the store URLs it was resolved with."""
+    os.execve(argv[0], argv, store_environment(os.environ, settings.redis_url, settings.database_url))
 
 
 def raise_fd_limit() -> int:
@@ -43,7 +53,6 @@ def raise_fd_limit() -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    _require(settings, "api")
     raise_fd_limit()
     argv = [
         sys.executable, "-m", "gunicorn",
@@ -61,14 +70,13 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
         *(["--access-logfile", "-"] if args.access_log else []),  # formatting lines for /dev/null costs ~5%
         "api.wsgi:app",
     ]
-    os.execv(sys.executable, argv)
+    _exec(argv, settings)
     return 0  # pragma: no cover - execv does not return
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    _require(settings, "worker")
     raise_fd_limit()
-    os.execv(sys.executable, worker_argv(settings, args))
+    _exec(worker_argv(settings, args), settings)
     return 0  # pragma: no cover
 
 
@@ -92,19 +100,17 @@ def worker_argv(settings: Settings, args: argparse.Namespace) -> list[str]:
 
 
 def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
-    _require(settings, "flower")
     address = "0.0.0.0" if args.public else "127.0.0.1"
     argv = [sys.executable, "-m", "celery", "-A", "workers.worker:app", "flower",
             f"--port={args.port or settings.flower_port}", f"--address={address}"]
-    os.execv(sys.executable, argv)
+    _exec(argv, settings)
     return 0  # pragma: no cover
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from common.db import migrate
 
-    if settings.database_url is None:
-        raise SystemExit("llm-gateway migrate: set DATABASE_URL")
+    assert settings.database_url is not None  # resolved by main() (STORES_NEEDED)
     migrate(settings.database_url)
     print("database schema is at head")
     return 0
@@ -114,8 +120,11 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     """The admin API's key operations from a shell, through the same service (common/apikeys.py)."""
     from launcher.keys import run_keys
 
-    if settings.database_url is None:
-        raise SystemExit("llm-gateway keys: set DATABASE_URL")
+    assert settings.database_url is not None  # resolved by main() (STORES_NEEDED)
+    try:  # Redis too, when at hand: a change then reaches every API process within a second
+        settings = resolve_stores(settings, ("redis",))
+    except StoresNotFound:
+        pass  # without it the API processes see the change at their next periodic reload (5 s)
     return run_keys(settings, args)
 
 
@@ -128,8 +137,7 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
     from common.errors import InvalidRequest
     from common.usage import as_csv, as_json, parse_query, report
 
-    if settings.database_url is None:
-        raise SystemExit("llm-gateway usage: set DATABASE_URL")
+    assert settings.database_url is not None  # resolved by main() (STORES_NEEDED)
     params = {"from": args.since, "to": args.until, "group_by": args.group_by, "key": args.key,
               "model": args.model, "provider": args.provider, "format": "csv" if args.csv else "json"}
     try:
@@ -142,10 +150,46 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_providers(settings: Settings, args: argparse.Namespace) -> int:
+    """Each provider: routable or why not, and — when Redis is reachable (its URL, or a running
+    ``up``) — how its upstream answered over the last minutes, as ``GET /health`` shows it."""
+    upstream = _recent_upstream(settings)
     for name, p in settings.registry.providers.items():
         status = "routable" if p.routable else f"NOT routable: {p.unroutable_reason}"
-        print(f"{name}\t{p.kind}\t{status}")
+        recent = f"\t{describe_upstream(upstream[name])}" if name in upstream else ""
+        print(f"{name}\t{p.kind}\t{status}{recent}")
     return 0
+
+
+def _recent_upstream(settings: Settings) -> dict[str, dict[str, Any]]:
+    import redis
+
+    from common.upstream_health import UpstreamHealth
+
+    try:
+        settings = resolve_stores(settings, ("redis",))
+    except StoresNotFound:
+        print("(recent upstream errors: shown while `llm-gateway up` runs here, or with REDIS_URL set)",
+              file=sys.stderr)
+        return {}
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return UpstreamHealth(client, settings.key_prefix).snapshot(settings.routable_providers())
+    except redis.RedisError as exc:
+        print(f"(recent upstream errors unavailable: Redis: {exc})", file=sys.stderr)
+        return {}
+    finally:
+        client.close()
+
+
+def describe_upstream(entry: dict[str, Any]) -> str:
+    """One provider's recent upstream record (``UpstreamHealth.snapshot``) in a few words."""
+    text = (f"upstream {entry['status']} ({entry['attempts']} calls, {entry['errors']} errors in "
+            f"{entry['window_s'] // 60} min")
+    last = entry.get("last_error")
+    if last:
+        text += f"; last error {last['seconds_ago']:g} s ago: {last['status_class']}: {last['message']}"
+    return text + ")"
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
@@ -210,7 +254,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, ValueError) as exc:
         print(f"llm-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    return args.func(settings, args)
+    try:
+        settings = resolve_stores(settings, STORES_NEEDED.get(args.command, ()))
+    except StoresNotFound as exc:
+        print(f"llm-gateway {args.command}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(settings, args)
+    except _unreachable_store_errors() as exc:  # a URL that leads nowhere: one line, not a traceback
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        store = "Redis" if type(exc).__module__.startswith("redis") else "Postgres"
+        print(f"llm-gateway {args.command}: cannot reach {store}: {first_line}", file=sys.stderr)
+        return 1
+
+
+def _unreachable_store_errors() -> tuple[type[BaseException], ...]:
+    """What a command raises when a store's URL leads nowhere (their messages name host and port,
+    never the password)."""
+    import redis
+    from sqlalchemy.exc import OperationalError
+
+    return (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import socket
 import redis
 
 from common.apikeys import KeyService
+from common.budgetrows import BudgetRows
 from common.db import make_session_factory
 from common.jobrows import JobRows
 from common.jobs import JobStore
@@ -18,6 +19,7 @@ from common.revoked import RevokedKeys
 from common.settings import Settings
 from workers.adapters.base import build_adapter, make_http_session
 from workers.admission import AdmissionControl
+from workers.budget_alerts import AlertDispatcher
 from workers.reconciler import JobReconciler
 from workers.runner import JobRunner, job_lease_ttl
 from workers.usage import UsageFlusher, UsageLedger
@@ -41,6 +43,8 @@ def build_runner(settings: Settings) -> JobRunner:
     rows = JobRows(sessions)
     UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
     JobReconciler(settings, store, rows).start()
+    AlertDispatcher(settings, client, settings.key_prefix, BudgetRows(sessions),
+                    consumer=f"{socket.gethostname()}:{os.getpid()}").start()
     lease_ttl = job_lease_ttl(settings)
     # keyed: any key may be given limits of its own at any time (the admin API)
     limiter = Limiter(store, keyed=True)

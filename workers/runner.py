@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +28,12 @@ from typing import Any
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.budgets import to_units
 from common.contract import (
     EVENT_TTL_S,
     Chunk,
     Done,
+    Expired,
     Failed,
     JobEvent,
     JobSpec,
@@ -58,11 +61,14 @@ from common.registry import Model, Provider
 from common.settings import Settings
 from common.tokens import reservation
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
+from common.upstream_health import UpstreamHealth, scrub
 from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, scopes_for
+from workers.failover import Failover, Moved, WaitedOut
 from workers.leases import LeaseHeartbeat
-from workers.policy import Action, Decision, decide, reached_upstream
-from workers.settle import Settlement, Settler
+from workers.partial import chunk_text, partial_bill, with_partial
+from workers.policy import Action, Decision, decide, may_move, reached_upstream
+from workers.settle import Settlement, Settler, billed_charge
 from workers.usage import ATTEMPT_LOST, UsageLedger, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -85,6 +91,8 @@ class JobRunner:
         self.admission = admission
         self.revoked = revoked   # whether a job's API key was revoked since it was accepted
         self.settler = Settler(settings, store, rows, ledger)
+        self.upstream = UpstreamHealth(store.redis, settings.key_prefix)
+        self.failover = Failover(settings, store)
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
@@ -139,13 +147,13 @@ class JobRunner:
             self._release(job, None)
 
     def _job(self, job_id: str, execution: str, spec: JobSpec) -> _Run:
-        model = self.settings.registry.models[spec.model]
-        provider = self.settings.registry.provider_of(model)
+        model, deployment = self.failover.home(spec)
+        provider = self.settings.registry.providers[deployment.provider]
         key = spec.api_key_id or "-"
         scopes = scopes_for(self.settings.registry, model, provider, key, spec.own_limits())
         request = spec.canonical_request()
         return _Run(job_id, execution, spec, model, provider, key, scopes, request,
-                    reservation(request, model) if scopes else 0)
+                    reservation(request, model) if scopes else 0, deployment=deployment.name)
 
     def _admit(self, job: _Run, *, rewait: bool = False, until: float | None = None) -> Claim:
         """Wait in the provider's line until the job may start (its permits taken, and — unless
@@ -176,14 +184,26 @@ class JobRunner:
                 if done:
                     return done
             self.settler.mark_started(job.job_id, attempt)
-        if attempt > 1:  # the previous attempt's worker died mid-run: its call may have cost money
+        # the previous attempt's worker died mid-run (its call may have cost money) — unless that
+        # attempt ended by moving the job here (workers/failover.py)
+        if attempt > 1 and attempt - 1 != self.failover.trail(job.spec).moved_at:
             self._record_lost_attempt(job, attempt - 1)
         queue_wait_ms = int(queue_wait_s * 1000)
         try:
             invoke = self._invoker(job)
             response, latency_ms, call_id = self._call_with_retries(job, attempt, invoke, queue_wait_ms)
         except GatewayError as exc:
-            return self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(exc))
+            # a stream cut off mid-way: its budgets are charged what it produced (its try's usage row)
+            partial = partial_bill(exc, job.model)
+            charge = (to_units(partial["cost"]), partial["response"].usage.total_tokens) if partial else None
+            return self.settler.settle(job.job_id, job.execution, job.spec,
+                                       replace(Settlement.failed(exc), charge=charge))
+        except Moved:
+            return "moved"
+        except WaitedOut:  # every deployment's breaker stayed open: the caller gets its 429, Retry-After
+            expired = Expired("every deployment of this model was unavailable (circuit open) until max_wait")
+            return self.settler.settle(job.job_id, job.execution, job.spec,
+                                       Settlement(JobState.EXPIRED, expired))
         return self.settler.settle(job.job_id, job.execution, job.spec,
                             self._succeeded(job, response, attempt, call_id, queue_wait_ms, latency_ms))
 
@@ -203,8 +223,11 @@ class JobRunner:
                    latency_ms: int) -> Settlement:
         model, provider = job.model, job.provider
         cost = model.price.cost(response.usage.prompt_tokens, response.usage.completion_tokens)
+        trail = self.failover.trail(job.spec)
         meta = {"provider": provider.name, "provider_model": model.model, "queue_wait_ms": queue_wait_ms,
-                "upstream_latency_ms": latency_ms, "cost_usd": _money(cost), "attempt": attempt}
+                "upstream_latency_ms": latency_ms, "cost_usd": _money(cost), "attempt": attempt,
+                "routing_decision": trail.decision, "deployment": job.deployment,
+                "attempts": trail.calls + job.tries, "fallback_used": trail.fallback_used}
         streamed = isinstance(job.request, ChatRequest) and job.request.stream
         event: JobEvent = (Done(meta, response.body.get("usage")) if streamed
                            else Result(response.body, meta))
@@ -222,21 +245,25 @@ class JobRunner:
         chunks: Iterator[dict[str, Any]] = adapter.stream(request, model)
         sent = 0
         usage: dict[str, Any] = {}
+        produced: list[str] = []
         checked = time.monotonic()
         try:
             for chunk in chunks:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                produced.extend(chunk_text(chunk))
                 self.store.emit(job_id, Chunk(chunk))
                 sent += 1
                 if time.monotonic() - checked > ABORT_CHECK_S:
                     checked = time.monotonic()
                     if self.store.aborted(job_id):
-                        raise ClientGone("the client disconnected; the upstream call was aborted")
+                        gone = ClientGone("the client disconnected; the upstream call was aborted")
+                        raise with_partial(gone, request, model, usage, produced) from None
         except UpstreamError as exc:
             if not sent:
                 raise
-            raise UpstreamStreamBroken(f"the upstream stream broke off: {exc.message}") from None
+            broken = UpstreamStreamBroken(f"the upstream stream broke off: {exc.message}")
+            raise with_partial(broken, request, model, usage, produced) from None
         finally:
             chunks.close()  # type: ignore[attr-defined]
         return ChatResponse(body={"usage": usage} if usage else {},
@@ -251,34 +278,67 @@ class JobRunner:
         give_up_at = time.time() + self.settings.task_time_limit
         tries = 0
         while True:
+            probe = self.failover.gate(job.job_id, job.execution, job.spec, job.deployment, tries,
+                                       attempt=attempt)
             tries += 1
+            job.tries = tries
             call_id = f"{job.job_id}:{attempt}:{tries}"
             started = time.perf_counter()
             try:
                 response = invoke()
+            except ClientGone as exc:   # a stream cut off by its caller: the try's row bills what it produced
+                self.settler.record_try(_usage_row(job, call_id, queue_wait_ms,
+                                                   int((time.perf_counter() - started) * 1000), error=exc,
+                                                   **partial_bill(exc, job.model)))
+                raise
             except UpstreamError as exc:
                 latency_ms = int((time.perf_counter() - started) * 1000)
+                self.failover.report(job.deployment, exc, probe=probe, latency_ms=latency_ms)
                 rate_limited = isinstance(exc, UpstreamRateLimited)
                 self._release(job, None, refund=rate_limited)
                 if rate_limited and job.scopes:
                     self.admission.limiter.cool_down(job.provider.name, exc.retry_after or 1.0)
-                if reached_upstream(exc):
-                    self.settler.record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc))
+                partial = partial_bill(exc, job.model)   # a stream that broke off mid-way produced this
+                if reached_upstream(exc) or partial:
+                    self.settler.record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc,
+                                                       **partial))
+                elsewhere = (self.failover.alternative(job.spec, job.deployment)
+                             if may_move(exc, tries=tries, max_retries=job.provider.max_retries) else None)
                 now = time.time()
                 decision = decide(exc, tries=tries, max_retries=job.provider.max_retries,
-                                  until_deadline_s=job.spec.deadline - now, until_give_up_s=give_up_at - now)
-                if decision.action is Action.FAIL:
+                                  until_deadline_s=job.spec.deadline - now, until_give_up_s=give_up_at - now,
+                                  elsewhere_s=(None if elsewhere is None
+                                               else _start_in(elsewhere[1].start_in_s)),
+                                  jitter=random.random())
+                self._report_failure(job, exc, tries, decision)
+                if decision.action is Action.MOVE and elsewhere is not None:
+                    self.failover.move(job.job_id, job.execution, job.spec, job.deployment, tries, elsewhere,
+                                       exc.code or type(exc).__name__, attempt=attempt)
+                if decision.action in (Action.FAIL, Action.MOVE):
                     raise
-                log.info("job %s: %s; %s in %.2fs", job.job_id, exc.code, decision.action.value,
-                         decision.delay_s)
                 self._wait_to_retry(job, exc, decision, give_up_at)
                 continue
             latency_ms = int((time.perf_counter() - started) * 1000)
+            self.upstream.record_success(job.provider.name)
+            self.failover.report(job.deployment, None, probe=probe, latency_ms=latency_ms)
             self._release(job, response.usage.total_tokens)
             if response.quota_reset_s and job.scopes:
                 # the provider's headers say its quota is spent: hold everyone back before the 429s come
                 self.admission.limiter.cool_down(job.provider.name, response.quota_reset_s)
             return response, latency_ms, call_id
+
+    def _report_failure(self, job: _Run, exc: UpstreamError, tries: int, decision: Decision) -> None:
+        """Make a failed upstream attempt visible to the operator: one warning line (provider, model,
+        status class, the message with the provider's key scrubbed, what happens next) and the
+        provider's shared counts that ``/health`` shows."""
+        message = scrub(exc.message, job.provider.api_key)
+        label = self.upstream.record_failure(job.provider.name, exc, message)
+        then = ("giving up" if decision.action is Action.FAIL
+                else "moving to another deployment" if decision.action is Action.MOVE
+                else f"{decision.action.value.replace('_', ' ')} in {decision.delay_s:.2f}s")
+        log.warning("upstream attempt failed: provider=%s model=%s (%s) status=%s job=%s try=%d: %s; %s",
+                    job.provider.name, job.model.alias, job.model.model, label, job.job_id, tries, message,
+                    then)
 
     def _wait_to_retry(self, job: _Run, exc: UpstreamError, decision: Decision, give_up_at: float) -> None:
         """Wait out ``decision`` before the next try. A limited job goes back to the head of its line
@@ -350,7 +410,7 @@ class JobRunner:
             return None
         event = (Result(row.result or {}, {"provider": job.provider.name}) if row.status == JobState.SUCCEEDED
                  else Failed(row.error or {}))
-        settlement = Settlement(JobState(row.status), event)
+        settlement = Settlement(JobState(row.status), event, charge=billed_charge(row.usage))
         return self.settler.settle(job.job_id, job.execution, job.spec, settlement, recorded=True)
 
     def _recover_missing(self, job_id: str) -> str:
@@ -381,6 +441,8 @@ class _Run:
     request: ChatRequest | EmbeddingsRequest
     tokens: int
     permit: Permit | None = None
+    deployment: str = ""   # provider/model serving it (common/routing)
+    tries: int = 0         # upstream calls made for it in this run
 
 
 def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
@@ -396,6 +458,11 @@ def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
                        outcome="success" if error is None else (error.code or "error"),
                        status_code=200 if error is None else error.status,
                        error=None if error is None else error.message[:500])
+
+
+def _start_in(estimate: float | None) -> float:
+    """An alternative's start estimate for the policy: unknown (nothing completed lately) is 'later'."""
+    return float("inf") if estimate is None else estimate
 
 
 def job_lease_ttl(settings: Settings) -> float:

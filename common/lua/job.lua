@@ -8,6 +8,7 @@
 --     +--withdraw--> expired | cancelled               (the API gave up waiting / the caller left)
 --     +--job_check, its API process dead--> cancelled  (a sync caller nobody can answer)
 --   running (lease lapsed) --job_check, abandoned or API process dead--> cancelled  (never run again)
+--   running --job_requeue (its own execution)--> queued on another deployment's queue (move.lua)
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -26,6 +27,7 @@ end
 
 local function settle_unrun(job, now)
   redis.call('HSET', job, 'state', 'cancelled', 'finished_at', stamp(now))
+  budget_settle(job, '0', '0')
   return 'orphaned'
 end
 
@@ -40,6 +42,7 @@ local function job_check(job, lease, now)
   if state == 'queued' then
     if now > tonumber(redis.call('HGET', job, 'deadline')) * 1000 then
       redis.call('HSET', job, 'state', 'expired', 'finished_at', stamp(now))
+      budget_settle(job, '0', '0')
       return 'expired', 0
     end
     if caller_gone(job) then return settle_unrun(job, now), 0 end
@@ -78,5 +81,17 @@ local function job_settle(job, lease, state, execution, now)
   if current and current ~= 'running' and current ~= 'queued' then return false end
   redis.call('HSET', job, 'state', state, 'finished_at', stamp(now))
   if redis.call('GET', lease) == execution then redis.call('DEL', lease) end
+  return true
+end
+
+-- Send a running job back to 'queued' with a new spec (another deployment: common/routing), only by
+-- the execution whose lease it holds. It keeps its id, reply_to (its waiting caller), deadline and
+-- attempts; false if it is not ours to move (settled, abandoned, or another execution's).
+local function job_requeue(job, lease, execution, spec)
+  if redis.call('HGET', job, 'state') ~= 'running' then return false end
+  if redis.call('GET', lease) ~= execution then return false end
+  if redis.call('HEXISTS', job, 'abandoned') == 1 then return false end
+  redis.call('HSET', job, 'state', 'queued', 'spec', spec)
+  redis.call('DEL', lease)
   return true
 end

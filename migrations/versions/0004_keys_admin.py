@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0004_keys_admin"
-down_revision = "0003_idempotency"
+down_revision = "0005_usage_rollups"
 branch_labels = None
 depends_on = None
 

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005_usage_rollups"
-down_revision = "0004_keys_admin"
+down_revision = "0003_idempotency"
 branch_labels = None
 depends_on = None
 

@@ -44,8 +44,9 @@ def sessions(database_url):
 @pytest.fixture(scope="module")
 def keys(sessions) -> dict[str, tuple[str, str]]:
     """Two client keys: ``{"a": (key_id, secret), "b": ...}``."""
-    made = {name: KeyService(sessions).create(KeyCreate(name=f"usage-{name}")) for name in ("a", "b")}
-    return {name: (row.id, secret) for name, (row, secret) in made.items()}
+    service = KeyService(sessions)
+    created = {name: service.create(KeyCreate(name=f"usage-{name}")) for name in ("a", "b")}
+    return {name: (row.id, secret) for name, (row, secret) in created.items()}
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,19 @@ def test_auth_off_never_reads_the_store():
     assert Authenticator("off", store).authenticate({}) is None and store.loads == 0
 
 
+def test_the_first_key_is_honoured_at_once_in_auto_mode():
+    """Open (no key yet) was cached; the first key is created: a call that shows it is that key's
+    (its jobs are its own), not anonymous — found by the README test (create a key, then a job)."""
+    store, clock = Store({}), Clock()
+    auth = Authenticator("auto", store, clock=clock)
+    assert auth.authenticate({}) is None  # open: the cached set is empty
+    store.keys = dict(KEYS)
+    clock.now += 1  # within CACHE_SECONDS of the load that found no keys
+    assert auth.authenticate(bearer(KEY)) == "key_1"
+    with pytest.raises(AuthenticationFailed):
+        auth.authenticate({})  # and from now on auth is required
+
+
 OTHER = "sk-gw-other"
 
 
