@@ -22,6 +22,7 @@ from common.jobrows import JobRows
 from common.limits import LIMIT_KINDS
 from common.queueview import waiting
 from common.requestlog import STATUSES, CallFilter, Minute, per_minute, recent_calls, summary
+from common.routing import Candidate, Load, candidates
 from common.usage import FILTERS, UsageQuery, as_csv, csv_filename, parse_query, report
 from common.usage.query import ceil_hour, floor_hour, month_start
 
@@ -114,8 +115,25 @@ def queues_live() -> str:
     return render_template("queues_live.html", **_queue_state())
 
 
+def _breakers() -> dict[str, list[tuple[str, Load]]]:
+    """Each provider's deployments with their breaker as routing sees it now (``Router.observe``, what
+    ``/admin/routing`` shows)."""
+    gw = gateway()
+    registry = gw.settings.registry
+    own: dict[str, Candidate] = {}
+    for alias in registry.models:
+        for candidate in candidates(registry, alias):
+            if candidate.alias == alias:
+                own.setdefault(candidate.name, candidate)
+    out: dict[str, list[tuple[str, Load]]] = {}
+    for candidate, load in gw.router.observe(list(own.values())):
+        out.setdefault(candidate.provider, []).append((candidate.name, load))
+    return out
+
+
 def _queue_state() -> dict[str, Any]:
     gw = gateway()
+    breakers = _breakers()
     providers, idle = [], []
     for name, entry in gw.limits().items():
         if not entry["routable"]:
@@ -126,7 +144,7 @@ def _queue_state() -> dict[str, Any]:
                   for scope, use in entry["scopes"].items() for kind in LIMIT_KINDS
                   if use["limits"].get(kind.name)]
         providers.append({"name": name, **entry, "line": detail["line"], "broker": detail["broker"],
-                          "gauges": gauges})
+                          "gauges": gauges, "breakers": breakers.get(name, [])})
     # the busiest first: where something waits is what an operator opens this page for
     providers.sort(key=lambda p: (-(p["line"].total + p["broker"].total), p["name"]))
     return {"providers": providers, "idle": idle, "now": datetime.now(UTC), "names": _key_names()}

@@ -172,6 +172,10 @@ def test_bad_usage_parameters_are_explained_not_500(server: Api, query: str, sho
 def test_login_and_overview(browser: Any, server: Api, client_key: dict[str, Any], shots: Path) -> None:
     from selenium.webdriver.common.by import By
 
+    budget = requests.post(f"{server.url}/admin/budgets", headers=ADMIN, timeout=10, json={
+        "name": "load-monthly", "scope": "key", "key_id": client_key["id"], "period": "monthly",
+        "limit_usd": "5"})
+    assert budget.status_code == 201, budget.text
     for n in range(3):
         assert chat(server.url, client_key["secret"], f"warm up {n}", model="fake-model") == 200
     browser.get(f"{server.url}/dashboard/")
@@ -183,6 +187,8 @@ def test_login_and_overview(browser: Any, server: Api, client_key: dict[str, Any
     tiles = browser.find_element(By.CSS_SELECTOR, ".tiles").text
     assert "requests/s" in tiles and "spent today" in tiles
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart")) == 4
+    budgets = browser.find_element(By.ID, "budgets").text   # the key's budget, spent of its limit
+    assert "load-monthly · load · monthly" in budgets and "/ $5.00" in budgets
     shoot(browser, shots, "01-overview")
     browser.get(f"{server.url}/dashboard/?window=day")
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart")) == 4
@@ -216,6 +222,7 @@ def test_queue_fills_and_drains_while_load_runs(browser: Any, server: Api, fake:
     who = box.find_element(By.CSS_SELECTOR, f"table a[title={client_key['id']}]")  # who is waiting, by key
     assert who.text == "load"
     assert "concurrency" in box.text                  # the limit that holds them, as a gauge
+    assert "breaker closed" in box.text                # routing's breaker for its deployment
     shoot(browser, shots, "02-queues-busy")
     for thread in threads:
         thread.join(60)

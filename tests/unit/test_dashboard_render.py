@@ -3,6 +3,7 @@ admin API's body, and the session token (signed, expiring, tamper-evident)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -131,3 +132,19 @@ def test_login_says_how_to_get_in_without_an_admin_key(no_admin_key: bool, hinte
     page = _render("login.html", error=None, next="", no_admin_key=no_admin_key)
     assert ("llm-gateway keys create --name ops --role admin" in page) is hinted
     assert 'type="password" name="key"' in page
+
+
+def test_queues_show_tripped_breakers_and_otherwise_one_closed_pill() -> None:
+    from common.queueview import Waiting
+    from common.routing import BreakerState, Load
+
+    def provider(name: str, breakers: list[tuple[str, Load]]) -> dict[str, object]:
+        return {"name": name, "queue": f"llm.{name}", "cooldown_ms": 0, "completions_per_s": 0.0,
+                "line": Waiting(), "broker": Waiting(), "gauges": [], "breakers": breakers}
+
+    page = _render("queues_live.html", now=datetime.now(UTC), idle=[], names={}, providers=[
+        provider("a", [("a-1", Load(breaker=BreakerState.OPEN, reopens_in_s=12.0, reason="failures")),
+                       ("a-2", Load())]),
+        provider("b", [("b-1", Load()), ("b-2", Load())])])
+    assert "a-1: breaker open, probes in 12.0 s" in page and "a-2" not in page.split("a-1")[1][:200]
+    assert "breakers closed" in page
