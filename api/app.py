@@ -26,6 +26,8 @@ from api.admin import keys as admin_keys
 from api.admin import routing as admin_routing
 from api.admin.usage import bp as admin_usage_bp
 from api.auth import Authenticator, LastUsed
+from api.dashboard import PREFIX as DASHBOARD_PREFIX
+from api.dashboard import install as install_dashboard
 from api.dispatcher import ReplyDispatcher
 from api.errors import install_error_handlers, openai_document
 from api.gateway import Gateway
@@ -94,7 +96,9 @@ def create_app(settings: Settings) -> Flask:
         incoming = request.headers.get("x-request-id", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(12)
         g.api_key_id, g.api_key = None, None
-        if request.path not in PUBLIC_PATHS and not request.path.startswith(ADMIN_PREFIX + "/"):
+        # /admin and /dashboard check their own callers (an admin key; the dashboard's session)
+        if request.path not in PUBLIC_PATHS and not request.path.startswith(
+                (ADMIN_PREFIX + "/", DASHBOARD_PREFIX + "/")):
             record = authenticator.authenticate(request.headers, gemini_routes.key_in_query())
             if record is not None:
                 record.check_usable(datetime.now(UTC))
@@ -124,4 +128,5 @@ def create_app(settings: Settings) -> Flask:
     app.register_blueprint(budget_routes.bp)
     app.register_blueprint(admin_budgets.bp)
     app.register_blueprint(admin_routing.bp)
+    install_dashboard(app, settings)
     return app

@@ -117,6 +117,9 @@ class Settings:
     api_port: int = 8080
     flower_port: int = 5555
     visibility_timeout_override: float | None = None
+    # GATEWAY_DASHBOARD_SECRET signs /dashboard session cookies (None: one generated in state_dir)
+    dashboard_secret: str | None = field(default=None, repr=False)
+    flower_url: str | None = None           # GATEWAY_FLOWER_URL: the dashboard's link to Flower
     # budget alerts: a signed POST (Standard Webhooks) to this URL when a soft threshold is crossed
     budget_webhook_url: str | None = None
     budget_webhook_secret: str | None = field(default=None, repr=False)
@@ -178,6 +181,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_port=_int(env, "GATEWAY_PORT", 8080, minimum=1),
         flower_port=_int(env, "GATEWAY_FLOWER_PORT", 5555, minimum=1),
         visibility_timeout_override=float(visibility) if visibility else None,
+        dashboard_secret=env.get("GATEWAY_DASHBOARD_SECRET") or None,
+        flower_url=env.get("GATEWAY_FLOWER_URL") or None,
         budget_webhook_url=env.get("GATEWAY_BUDGET_WEBHOOK_URL") or None,
         budget_webhook_secret=env.get("GATEWAY_BUDGET_WEBHOOK_SECRET") or None,
         budget_webhook_attempts=_int(env, "GATEWAY_BUDGET_WEBHOOK_ATTEMPTS", 5, minimum=1),

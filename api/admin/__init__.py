@@ -38,10 +38,16 @@ def require_admin() -> None:
     secret = presented_key(request.headers)
     if not secret:
         raise AuthenticationFailed("the admin API needs 'Authorization: Bearer <admin key>'")
+    g.admin_id = admin_of(secret)
+
+
+def admin_of(secret: str) -> str:
+    """Who ``secret`` is as an admin: ``"admin"`` for ``GATEWAY_ADMIN_KEY``, else the id of an active
+    admin-role key. Raises :class:`AuthenticationFailed` (unknown or revoked) or
+    :class:`PermissionDenied` (a client key). The dashboard's login calls it too."""
     admin_key: str | None = current_app.config.get("GATEWAY_ADMIN_KEY")
     if admin_key and hmac.compare_digest(secret.encode(), admin_key.encode()):
-        g.admin_id = "admin"
-        return
+        return "admin"
     identify: Identify = current_app.extensions["admin_identify"]
     found = identify(secret)
     if found is None:
@@ -50,4 +56,4 @@ def require_admin() -> None:
     if not is_admin:
         raise PermissionDenied("this API key has no admin role; the admin API needs GATEWAY_ADMIN_KEY "
                                "or a key created with the admin role")
-    g.admin_id = key_id
+    return key_id
