@@ -27,7 +27,7 @@ def messages() -> Response:
     body = json_body()
     idem = idempotency(body)
     chat = anthropic.parse_request(body)
-    call = admit(chat.model, body.get("max_wait") if isinstance(body, dict) else None)
+    call = admit(chat, body.get("max_wait") if isinstance(body, dict) else None)
     if chat.stream:
         watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
         stream = AnthropicStream(chat.model, estimate_prompt_tokens(chat, call.route.model))

@@ -51,6 +51,8 @@ from common.jobrows import DuplicateKey, JobRows
 from common.jobs import JobStore, StreamEvent, new_job_id
 from common.limits import Limiter, Scope
 from common.registry import Model, Provider
+from common.routing.ttft import RedisLatencyStats
+from common.routing.virtual import VirtualRouter
 from common.settings import Settings
 from common.taskwire import task_message
 from common.types import ChatRequest, EmbeddingsRequest
@@ -85,6 +87,7 @@ class Gateway:
         self.rows = JobRows(sessions)
         self.dispatcher = dispatcher
         self.idem = IdemStore(store.redis, store.prefix)
+        self.virtual = VirtualRouter(settings.registry, RedisLatencyStats(store.redis, store.prefix))
 
     # resolution ---------------------------------------------------------------------------------
     def route(self, alias: str) -> Route:

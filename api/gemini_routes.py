@@ -56,7 +56,7 @@ def generate_content(model: str) -> Response:
     body = json_body()
     idem = idempotency(body)
     chat = gemini.parse_request(body, model)
-    call = admit(chat.model, _max_wait(body))
+    call = admit(chat, _max_wait(body))
     outcome = call.gw.call(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
     response = jsonify(gemini.render_response(outcome.result, chat.model))
     response.headers.update(outcome_headers(outcome))
@@ -67,7 +67,7 @@ def generate_content(model: str) -> Response:
 def stream_generate_content(model: str) -> Response:
     body = json_body()
     chat = gemini.parse_request(body, model, stream=True)
-    call = admit(chat.model, _max_wait(body))
+    call = admit(chat, _max_wait(body))
     watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
     stream = GeminiSse(chat.model) if request.args.get("alt") == "sse" else GeminiJsonArray(chat.model)
     return stream_response(call.gw, watch, stream, call.headers)

@@ -6,11 +6,12 @@ handler renders them in its own shape.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import gevent
-from flask import current_app, g, request
+from flask import Response, after_this_request, current_app, g, request
 from gunicorn.http.errors import ParseException
 
 from api.gateway import Gateway, Outcome, Route
@@ -18,6 +19,10 @@ from api.gunicorn_worker import CLOSE_CONNECTION
 from api.idempotency import HEADER, IdemCall
 from common.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from common.protocols import safejson
+from common.routing.virtual import OVERRIDE_FIELDS, Decision, parse_overrides, pop_overrides
+from common.types import ChatRequest, EmbeddingsRequest
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 
@@ -28,26 +33,63 @@ def gateway() -> Gateway:
 
 @dataclass(frozen=True)
 class Admitted:
-    """A call resolved for queueing, whatever protocol it came in: its route and its max_wait."""
+    """A call resolved for queueing, whatever protocol it came in: its route and its max_wait (and,
+    for a virtual model, the decision that chose the route)."""
 
     gw: Gateway
     route: Route
     max_wait: float
+    decision: Decision | None = None
 
     @property
     def headers(self) -> dict[str, str]:
         return {"x-gateway-provider": self.route.provider.name, "x-gateway-model": self.route.model.model}
 
 
-def admit(model: str, body_max_wait: Any, default: float | None = None) -> Admitted:
-    """Resolve ``model`` to its route (404/503 in the caller's shape if it cannot be served) and the
-    caller's max_wait: the body's ``max_wait``, else the ``x-gateway-max-wait`` header, else ``default``
-    (the sync default)."""
+def admit(call: ChatRequest | EmbeddingsRequest, body_max_wait: Any,
+          default: float | None = None) -> Admitted:
+    """Resolve the call's model to its route (404/503 in the caller's shape if it cannot be served) and
+    the caller's max_wait: the body's ``max_wait``, else the ``x-gateway-max-wait`` header, else
+    ``default`` (the sync default). A virtual model is first resolved to an alias
+    (:func:`resolve_virtual`)."""
     gw = gateway()
-    route = gw.route(model)
+    decision = resolve_virtual(gw, call)
+    route = gw.route(call.model if decision is None else decision.alias)
     max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), body_max_wait,
                            gw.settings.default_max_wait if default is None else default)
-    return Admitted(gw, route, max_wait)
+    return Admitted(gw, route, max_wait, decision)
+
+
+def resolve_virtual(gw: Gateway, call: ChatRequest | EmbeddingsRequest) -> Decision | None:
+    """For a virtual model (``auto``, ``fast``, ``cheap``…): the alias it means for this call, with the
+    caller's overrides (``x-routing-strategy``, ``x-prefer-provider``: body fields taken out by
+    :func:`json_body`, else headers). Every answer to the call — success, stream or error — then carries
+    ``x-gateway-routing-decision``. None for a concrete alias."""
+    if gw.virtual.virtual(call.model) is None:
+        return None
+    if not isinstance(call, ChatRequest):
+        raise InvalidRequest(f"'{call.model}' is a virtual model and chooses among chat models; name an "
+                             "embeddings model", param="model", code="virtual_model_chat_only")
+    headers = {name: value for name in OVERRIDE_FIELDS if (value := request.headers.get(name)) is not None}
+    overrides = parse_overrides(g.get("routing_fields") or {}, headers, gw.settings.registry)
+    decision = gw.virtual.resolve(call.model, call, overrides)
+    g.routing_decision = decision
+    log.info("routing: %s", decision.header())
+
+    @after_this_request
+    def _tag(response: Response) -> Response:
+        response.headers["x-gateway-routing-decision"] = decision.header()
+        return response
+
+    return decision
+
+
+def gateway_object(outcome: Outcome) -> dict[str, Any]:
+    """The ``x-gateway`` object of a body format that has room for one: the job's metadata, and the
+    routing decision of a virtual model."""
+    decision: Decision | None = g.get("routing_decision")
+    return {"job_id": outcome.job_id, **outcome.meta,
+            **({"routing_decision": decision.as_dict()} if decision is not None else {})}
 
 
 def idempotency(body: Any) -> IdemCall | None:
@@ -73,7 +115,9 @@ def json_body() -> Any:
     raw = read_body(settings.max_body_bytes, settings.client_timeout)
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
-    return safejson.loads(raw, max_depth=settings.max_json_depth)
+    body = safejson.loads(raw, max_depth=settings.max_json_depth)
+    g.routing_fields = pop_overrides(body)  # routing overrides are ours: never sent upstream
+    return body
 
 
 def read_body(limit: int, timeout: float) -> bytes:

@@ -54,6 +54,7 @@ from common.jobrows import JobRows, spec_of
 from common.jobs import Claim, JobStore
 from common.limits import Scope
 from common.registry import Model, Provider
+from common.routing.ttft import RedisLatencyStats
 from common.settings import Settings
 from common.tokens import reservation
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
@@ -82,6 +83,7 @@ class JobRunner:
         self.adapters = adapters
         self.admission = admission
         self.settler = Settler(settings, store, rows, ledger)
+        self.ttft = RedisLatencyStats(store.redis, store.prefix)
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
@@ -173,8 +175,12 @@ class JobRunner:
             response, latency_ms, call_id = self._call_with_retries(job, attempt, invoke, queue_wait_ms)
         except GatewayError as exc:
             return self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(exc))
-        return self.settler.settle(job.job_id, job.execution, job.spec,
-                            self._succeeded(job, response, attempt, call_id, queue_wait_ms, latency_ms))
+        succeeded = self._succeeded(job, response, attempt, call_id, queue_wait_ms, latency_ms)
+        state = self.settler.settle(job.job_id, job.execution, job.spec, succeeded)
+        if isinstance(job.request, ChatRequest):  # after the caller's answer: `fast` and `auto` read it
+            first = response.first_token_ms
+            self.ttft.observe(job.model.alias, latency_ms if first is None else first)
+        return state
 
     def _invoker(self, job: _Run) -> Callable[[], ChatResponse]:
         adapter, request, model = self.adapters[job.provider.name], job.request, job.model
@@ -208,14 +214,18 @@ class JobRunner:
         usage. Once a chunk went out the call cannot be retried: a later failure ends the stream with
         an error. Checks every ``ABORT_CHECK_S`` whether the client went away, and if so closes the
         upstream call."""
+        began = time.perf_counter()
         chunks: Iterator[dict[str, Any]] = adapter.stream(request, model)
         sent = 0
+        first_ms: float | None = None
         usage: dict[str, Any] = {}
         checked = time.monotonic()
         try:
             for chunk in chunks:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                if first_ms is None:
+                    first_ms = (time.perf_counter() - began) * 1000
                 self.store.emit(job_id, Chunk(chunk))
                 sent += 1
                 if time.monotonic() - checked > ABORT_CHECK_S:
@@ -230,7 +240,8 @@ class JobRunner:
             chunks.close()  # type: ignore[attr-defined]
         return ChatResponse(body={"usage": usage} if usage else {},
                             usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                        completion_tokens=int(usage.get("completion_tokens") or 0)))
+                                        completion_tokens=int(usage.get("completion_tokens") or 0)),
+                            first_token_ms=first_ms)
 
     def _call_with_retries(self, job: _Run, attempt: int, invoke: Callable[[], ChatResponse],
                            queue_wait_ms: int) -> tuple[ChatResponse, int, str]:
