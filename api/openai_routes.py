@@ -80,14 +80,22 @@ def list_models() -> Response:
     data = [{"id": alias, "object": "model", "created": 0, "owned_by": m.provider,
              "context_window": m.context_window, "capabilities": list(m.capabilities)}
             for alias, m in registry.models.items() if registry.provider_of(m).routable]
-    data += [{"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway", "virtual": True,
-              "strategy": v.strategy, "candidates": [m.alias for m in gateway().virtual.candidates(v)
-                                                      if registry.provider_of(m).routable]}
-             for name, v in registry.virtual_models.items()]
+    data += [_virtual_model(name) for name in registry.virtual_models]
     return jsonify({"object": "list", "data": data})
+
+
+def _virtual_model(name: str) -> dict[str, Any]:
+    """A virtual model as a model object, with its strategy and its routable candidates."""
+    router = gateway().virtual
+    virtual = router.registry.virtual_models[name]
+    candidates = [m.alias for m in router.candidates(virtual) if router.registry.provider_of(m).routable]
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway", "virtual": True,
+            "strategy": virtual.strategy, "candidates": candidates}
 
 
 @bp.get("/v1/models/<path:alias>")
 def get_model(alias: str) -> Response:
+    if alias in gateway().settings.registry.virtual_models:
+        return jsonify(_virtual_model(alias))
     route = gateway().route(alias)
     return jsonify({"id": alias, "object": "model", "created": 0, "owned_by": route.provider.name})

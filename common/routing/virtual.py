@@ -27,7 +27,7 @@ Resolving one (:meth:`VirtualRouter.resolve`):
    ========  ====  ====  =======  =======
    strategy  fit   cost  latency  quality
    ========  ====  ====  =======  =======
-   balanced  0.5   0.3   0.2      0
+   balanced  0.6   0.3   0.1      0
    cost      0.4   0.6   0        0
    quality   0.25  0     0        0.75
    latency   0.25  0     0.75     0
@@ -71,7 +71,9 @@ class Weights:
 #: each strategy's weights (the table in the module docstring); a new strategy is a new row here and in
 #: common/registry.py's ``RoutingStrategy``
 STRATEGIES: dict[str, Weights] = {
-    "balanced": Weights(fit=0.5, cost=0.3, latency=0.2),
+    # fit first: with one model per tier priced in tier order, a wrong tier loses by 0.15 or more, which
+    # latency (0.1 at most) cannot make up; latency decides between models that fit alike
+    "balanced": Weights(fit=0.6, cost=0.3, latency=0.1),
     "cost": Weights(fit=0.4, cost=0.6),
     "quality": Weights(fit=0.25, quality=0.75),
     "latency": Weights(fit=0.25, latency=0.75),

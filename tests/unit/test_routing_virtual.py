@@ -68,6 +68,8 @@ CHOICES = [
     ("auto-latency-fast-mid", "auto", "latency", chat(SIMPLE), {"small": 900, "mid": 100, "big": 800}, "mid"),
     ("auto-latency-unmeasured-loses", "auto", "latency", chat(SIMPLE), {"mid": 400}, "mid"),
     ("auto-balanced-slow-small-still-wins", "auto", None, chat(SIMPLE), {"small": 300, "mid": 200}, "small"),
+    ("auto-hard-big-though-slowest", "auto", None, chat(HARD), {"small": 5, "mid": 5, "big": 300}, "big"),
+    ("auto-medium-mid-though-unmeasured", "auto", None, chat(MEDIUM), {"small": 5, "big": 5}, "mid"),
     ("cheap-free-small", "cheap", None, chat(HARD), {}, "small"),
     ("cheap-tools-mid", "cheap", None, chat(SIMPLE, tools=[TOOL]), {}, "mid"),
     ("cheap-context-needs-mid", "cheap", None, chat(SIMPLE, max_tokens=5000), {}, "mid"),
