@@ -25,6 +25,7 @@ from common.types import ChatRequest, EmbeddingsRequest
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
+DECISION_HEADER = "x-gateway-routing-decision"
 
 
 def gateway() -> Gateway:
@@ -78,7 +79,9 @@ def resolve_virtual(gw: Gateway, call: ChatRequest | EmbeddingsRequest) -> Decis
 
     @after_this_request
     def _tag(response: Response) -> Response:
-        response.headers["x-gateway-routing-decision"] = decision.header()
+        # a decision taken after this one (which deployment of the alias) keeps its place, after ours
+        later = response.headers.get(DECISION_HEADER)
+        response.headers[DECISION_HEADER] = decision.header() + (f"; then={later}" if later else "")
         return response
 
     return decision
@@ -88,8 +91,11 @@ def gateway_object(outcome: Outcome) -> dict[str, Any]:
     """The ``x-gateway`` object of a body format that has room for one: the job's metadata, and the
     routing decision of a virtual model."""
     decision: Decision | None = g.get("routing_decision")
-    return {"job_id": outcome.job_id, **outcome.meta,
-            **({"routing_decision": decision.as_dict()} if decision is not None else {})}
+    out = {"job_id": outcome.job_id, **outcome.meta}
+    if decision is not None:
+        later = out.get("routing_decision")  # what was decided after it, if anything: kept inside it
+        out["routing_decision"] = {**decision.as_dict(), **({"then": later} if later else {})}
+    return out
 
 
 def idempotency(body: Any) -> IdemCall | None:

@@ -172,8 +172,9 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """One eligible model, measured for this request."""
+class Contender:
+    """One eligible alias, priced and timed for this request (an alias, not one of its deployments:
+    which deployment serves it is decided after, by ``common/routing``)."""
 
     model: Model
     provider: str
@@ -199,8 +200,8 @@ def _wants_json(request: ChatRequest) -> bool:
     return (request.response_format or {}).get("type") in ("json_object", "json_schema")
 
 
-def rank(candidates: Sequence[Candidate], weights: Weights, tier: Tier,
-         prefer: str | None = None) -> list[Candidate]:
+def rank(candidates: Sequence[Contender], weights: Weights, tier: Tier,
+         prefer: str | None = None) -> list[Contender]:
     """``candidates`` best first by ``weights`` (the module docstring's terms); a preferred provider's
     candidates before all others. Deterministic: ties go to the cheaper, then the more capable, then the
     alias first in alphabetical order."""
@@ -209,7 +210,7 @@ def rank(candidates: Sequence[Candidate], weights: Weights, tier: Tier,
     fastest = min(measured) if measured else None
     need = TIER_ORDER.index(tier)
 
-    def penalty(c: Candidate) -> float:
+    def penalty(c: Contender) -> float:
         level = TIER_ORDER.index(c.model.tier)
         misfit = (need - level) / 2 if level < need else (level - need) / 4
         cost = prices.index(c.est_cost) / (len(prices) - 1) if len(prices) > 1 else 0.0
@@ -273,7 +274,7 @@ class VirtualRouter:
         stats = (self.latency.snapshot([m.alias for m in eligible]) if weights.latency
                  else MeasuredLatency())
         out_tokens = request.max_completion_tokens or request.max_tokens or EXPECTED_OUTPUT_TOKENS
-        candidates = [Candidate(m, m.provider, m.price.cost(inputs[m.alias], out_tokens),
+        candidates = [Contender(m, m.provider, m.price.cost(inputs[m.alias], out_tokens),
                                 _sane(stats.ttft_ms(m.alias))) for m in eligible]
         ranked = rank(candidates, weights, complexity.tier, overrides.prefer_provider)
         chosen = ranked[0]
@@ -285,7 +286,7 @@ def _sane(ms: float | None) -> float | None:
     return ms if ms is not None and math.isfinite(ms) and ms >= 0 else None
 
 
-def _decision(name: str, chosen: Candidate, strategy: str, complexity: Complexity, ranked: list[Candidate],
+def _decision(name: str, chosen: Contender, strategy: str, complexity: Complexity, ranked: list[Contender],
               skipped: dict[str, str], preferred: str | None, met: bool | None) -> Decision:
     return Decision(name, chosen.model.alias, strategy, complexity.tier, complexity.score,
                     tuple(c.model.alias for c in ranked), skipped, preferred, met)

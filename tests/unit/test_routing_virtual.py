@@ -1,6 +1,7 @@
 """Virtual models (common/routing/virtual.py): eligibility, each strategy's ranking, overrides, the
 decision record. Tables of candidates → choice; latency comes from an in-memory table."""
 
+from decimal import Decimal
 from typing import get_args
 
 import pytest
@@ -9,11 +10,13 @@ from common.errors import InvalidRequest
 from common.registry import RegistryError, RoutingStrategy, parse_registry
 from common.routing.virtual import (
     STRATEGIES,
+    Contender,
     MeasuredLatency,
     Overrides,
     VirtualRouter,
     parse_overrides,
     pop_overrides,
+    rank,
 )
 from common.types import ChatRequest
 
@@ -212,3 +215,39 @@ def test_bad_tier_is_refused():
     models = {**DOC["models"], "small": {**DOC["models"]["small"], "tier": "huge"}}
     with pytest.raises(RegistryError, match="tier"):
         parse_registry({**DOC, "models": models}, {})
+
+
+def contender(alias, tier="medium", cost="1", ttft=None, provider="p"):
+    model = REGISTRY.models["mid"].model_copy(update={"alias": alias, "tier": tier})
+    return Contender(model, provider, Decimal(cost), ttft)
+
+
+# id, contenders, strategy, classifier tier, preferred provider, expected order
+RANKINGS = [
+    ("cheapest-by-price", [contender("a", cost="3"), contender("b", cost="1"), contender("c", cost="2")],
+     "cheapest", "small", None, ["b", "c", "a"]),
+    ("cheapest-tie-more-capable", [contender("a", "small"), contender("b", "large")], "cheapest", "small",
+     None, ["b", "a"]),
+    ("cheapest-tie-then-name", [contender("b"), contender("a")], "cheapest", "small", None, ["a", "b"]),
+    ("fastest-measured-first", [contender("a", ttft=90), contender("b"), contender("c", ttft=30)],
+     "fastest", "small", None, ["c", "a", "b"]),
+    ("fastest-none-measured-cheapest", [contender("a", cost="2"), contender("b", cost="1")], "fastest",
+     "small", None, ["b", "a"]),
+    ("quality-large-first", [contender("s", "small", "0"), contender("l", "large", "9"),
+                             contender("m", "medium", "3")], "quality", "small", None, ["l", "m", "s"]),
+    ("balanced-fit-over-price", [contender("s", "small", "0"), contender("l", "large", "9"),
+                                 contender("m", "medium", "3")], "balanced", "medium", None, ["m", "s", "l"]),
+    ("cost-cheap-even-when-hard", [contender("s", "small", "0"), contender("l", "large", "9")], "cost",
+     "large", None, ["s", "l"]),
+    ("latency-fit-breaks-even", [contender("s", "small", ttft=100), contender("l", "large", ttft=100)],
+     "latency", "large", None, ["l", "s"]),
+    ("preferred-first-whatever-the-rank", [contender("a", cost="1"), contender("b", cost="5", provider="q")],
+     "cheapest", "small", "q", ["b", "a"]),
+]
+
+
+@pytest.mark.parametrize("contenders,strategy,tier,prefer,order", [r[1:] for r in RANKINGS],
+                         ids=[r[0] for r in RANKINGS])
+def test_rankings(contenders, strategy, tier, prefer, order):
+    ranked = rank(contenders, STRATEGIES[strategy], tier, prefer)
+    assert [c.model.alias for c in ranked] == order
