@@ -10,6 +10,7 @@ from flask import Flask, Response, g, request
 
 from api import anthropic_routes, gemini_routes, health, jobs_routes, ollama_routes, openai_routes
 from api.admin import PREFIX as ADMIN_PREFIX
+from api.admin import routing as admin_routing
 from api.auth import Authenticator
 from api.dispatcher import ReplyDispatcher
 from api.errors import install_error_handlers, openai_document
@@ -74,4 +75,5 @@ def create_app(settings: Settings) -> Flask:
     app.register_blueprint(anthropic_routes.bp)
     app.register_blueprint(ollama_routes.bp)
     app.register_blueprint(gemini_routes.bp)
+    app.register_blueprint(admin_routing.bp)
     return app

@@ -11,7 +11,7 @@ import logging
 import math
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -51,6 +51,8 @@ from common.jobrows import DuplicateKey, JobRows
 from common.jobs import JobStore, StreamEvent, new_job_id
 from common.limits import Limiter, Scope
 from common.registry import Model, Provider
+from common.routing import Trail, candidates
+from common.routing.observe import Router, place
 from common.routing.ttft import RedisLatencyStats
 from common.routing.virtual import VirtualRouter
 from common.settings import Settings
@@ -88,6 +90,7 @@ class Gateway:
         self.dispatcher = dispatcher
         self.idem = IdemStore(store.redis, store.prefix)
         self.virtual = VirtualRouter(settings.registry, RedisLatencyStats(store.redis, store.prefix))
+        self.router = Router(settings, store)
 
     # resolution ---------------------------------------------------------------------------------
     def route(self, alias: str) -> Route:
@@ -96,10 +99,28 @@ class Gateway:
             raise ModelNotFound(f"The model '{alias}' does not exist or you do not have access to it.",
                                 param="model")
         provider = self.settings.registry.provider_of(model)
-        if not provider.routable:
+        chain = [] if provider.routable else candidates(self.settings.registry, alias)
+        if chain:  # its first deployment is not configured, another (or a fallback) is
+            provider = self.settings.registry.providers[chain[0].provider]
+        elif not provider.routable:
             raise ProviderUnavailable(f"model '{alias}' is served by provider '{provider.name}', which is "
                                       f"not configured: {provider.unroutable_reason}")
         return Route(model, provider)
+
+    def placed(self, spec: JobSpec, request: ChatRequest | EmbeddingsRequest,
+               route: Route) -> tuple[JobSpec, Route]:
+        """The job's spec and route on the deployment routing picks (``common/routing``); an alias with
+        one deployment and no fallbacks is left as it was (no Redis read)."""
+        placement = place(self.router, route.model.alias, request)
+        if placement is None:
+            return spec, route
+        candidate, decision = placement
+        registry = self.settings.registry
+        trail = Trail(route.model.alias, decision, fallback_used=candidate.fallback)
+        return (replace(spec, model=candidate.alias, provider=candidate.provider, deployment=candidate.name,
+                        trail=trail),
+                Route(registry.models[candidate.alias].on(candidate.deployment),
+                      registry.providers[candidate.provider]))
 
     def max_wait(self, header: str | None, body_value: Any, default: float) -> float:
         return parse_max_wait(body_value if body_value is not None else header, default,
@@ -117,8 +138,8 @@ class Gateway:
                 return self._attach(first, route, max_wait, api_key_id)
         waiter = self.dispatcher.register(job_id)
         try:
-            self._enqueue(job_id, _spec(request, route, Mode.SYNC, api_key_id), route, max_wait=max_wait,
-                          reply_to=self.dispatcher.channel,
+            spec, route = self.placed(_spec(request, route, Mode.SYNC, api_key_id), request, route)
+            self._enqueue(job_id, spec, route, max_wait=max_wait, reply_to=self.dispatcher.channel,
                           ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S)
         except GatewayError:
             self.dispatcher.unregister(job_id)
@@ -256,7 +277,7 @@ class Gateway:
             first = self.idem.claim(idem, job_id)
             if first is not None:
                 return self._first_job(first.job_id), False
-        spec = _spec(request, route, Mode.ASYNC, api_key_id)
+        spec, route = self.placed(_spec(request, route, Mode.ASYNC, api_key_id), request, route)
         try:
             job = self.rows.add(job_id, spec, max_wait=max_wait, idempotency=idem.row() if idem else None)
         except DuplicateKey:

@@ -110,7 +110,12 @@ def outcome_headers(outcome: Outcome) -> dict[str, str]:
             "x-gateway-model": str(outcome.meta.get("provider_model", "")),
             "x-gateway-job-id": outcome.job_id,
             "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
-            "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", ""))}
+            "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", "")),
+            # routing (common/routing): what was decided, where it ran, how many upstream calls, fallback?
+            "x-gateway-deployment": str(outcome.meta.get("deployment", "")),
+            "x-gateway-routing-decision": str(outcome.meta.get("routing_decision", "")),
+            "x-gateway-attempts": str(outcome.meta.get("attempts", "")),
+            "x-gateway-fallback-used": "true" if outcome.meta.get("fallback_used") else "false"}
 
 
 def json_body() -> Any:

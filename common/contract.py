@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from common.errors import ClientGone, GatewayError
+from common.routing import Trail
 from common.types import ChatRequest, EmbeddingsRequest
 
 EVENT_TTL_S = 3600.0   # seconds a job's event stream (and a settled job's state) stays readable
@@ -100,6 +101,8 @@ class JobSpec:
     request: dict[str, Any]
     api_key_id: str | None = None
     deadline: float = 0.0
+    deployment: str = ""        # the deployment (``provider/model``) routing chose; "" = the alias's first
+    trail: Trail | None = None  # routing's decision and the deployments tried (common/routing)
 
     @classmethod
     def of(cls, request: ChatRequest | EmbeddingsRequest, *, mode: Mode, model: str, provider: str,
@@ -117,15 +120,21 @@ class JobSpec:
         return ChatRequest.model_validate(self.request)
 
     def to_json(self) -> str:
-        return json.dumps({"mode": self.mode.value, "kind": self.kind.value, "model": self.model,
-                           "provider": self.provider, "request": self.request, "api_key_id": self.api_key_id},
-                          separators=(",", ":"))
+        data = {"mode": self.mode.value, "kind": self.kind.value, "model": self.model,
+                "provider": self.provider, "request": self.request, "api_key_id": self.api_key_id}
+        if self.deployment:
+            data["deployment"] = self.deployment
+        if self.trail is not None:
+            data["trail"] = self.trail.to_dict()
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def parse(cls, raw: str | bytes, deadline: float) -> JobSpec:
         data = json.loads(raw)
+        trail = data.get("trail")
         return cls(Mode(data.get("mode", Mode.SYNC)), Kind(data.get("kind", Kind.CHAT)), data["model"],
-                   data["provider"], data["request"], data.get("api_key_id"), float(deadline))
+                   data["provider"], data["request"], data.get("api_key_id"), float(deadline),
+                   str(data.get("deployment") or ""), Trail.parse(trail) if isinstance(trail, dict) else None)
 
 
 class EventType(StrEnum):

@@ -19,6 +19,7 @@ one atomic script, timed with Redis ``TIME``::
     queued ──claim──► running ──settle (emit)──► succeeded | failed | cancelled
        │                 ▲ └──(lease lapsed: worker died) claim again on redelivery
        ├──claim after deadline──► expired        (the worker never calls upstream)
+       │  running ──move──► queued               (another deployment's queue: common/routing)
        └──withdraw──► expired | cancelled        (the API gave up waiting / the client cancelled)
 
 Whoever moves a job out of ``queued`` first wins: a job the API withdrew can never start, and a
@@ -92,6 +93,7 @@ class JobStore:
         self._abandon = lua.register(client, "abandon")
         self._emit = lua.register(client, "emit")
         self._renew = lua.register(client, "renew_lease")
+        self._move = lua.register(client, "move")
 
     # keys -----------------------------------------------------------------------------------
     @property
@@ -197,6 +199,13 @@ class JobStore:
         spec = JobSpec.parse(reply[3], float(reply[4])) if with_spec else None
         return Claim(Start.RUN, int(reply[1]), float(reply[2]), spec)
 
+    def move(self, job_id: str, execution: str, spec: JobSpec, *, queue: str, message: str) -> bool:
+        """Put a job this execution runs back to ``queued`` with ``spec`` (another deployment) and its
+        broker ``message`` onto ``queue``, in one step (``job.lua`` job_requeue). It keeps its id, its
+        waiting caller and its deadline. False if the job is no longer ours to move."""
+        return bool(self._move(keys=[self.job_key(job_id), self.lease_key(job_id), queue],
+                               args=[execution, spec.to_json(), message]))
+
     def append_usage(self, row: dict[str, Any]) -> None:
         """A usage row onto the usage stream, which the ledger moves to Postgres (workers/usage.py)."""
         self.redis.xadd(self.usage_key(), {"u": json.dumps(row, separators=(",", ":"), default=str)})
@@ -206,11 +215,7 @@ class JobStore:
 
     def completion_rate(self, provider: str, window_s: int = 60) -> float:
         """Jobs per second the provider's workers settled over the last ``window_s`` seconds."""
-        raw = {_text(k): int(v) for k, v in self.redis.hgetall(self.stats_key(provider)).items()}
-        now_bucket = int(self.redis.time()[0]) // 10
-        oldest = now_bucket - window_s // 10
-        done = sum(raw.get(f"c{slot}", 0) for slot in range(12) if raw.get(f"t{slot}", -1) >= oldest)
-        return done / float(window_s)
+        return rate_of(self.redis.hgetall(self.stats_key(provider)), int(self.redis.time()[0]), window_s)
 
     def emit(self, job_id: str, event: JobEvent, *, final_state: JobState | None = None, execution: str = "",
              provider: str = "", usage: dict[str, Any] | None = None,
@@ -232,6 +237,15 @@ class JobStore:
     def queue_usage(self, usage: dict[str, Any]) -> None:
         """Put a usage row on the usage stream (a failed try's: no job settles with it)."""
         self.redis.xadd(self.usage_key(), {"u": json.dumps(usage, separators=(",", ":"), default=str)})
+
+
+def rate_of(ring: dict[Any, Any], now_s: int, window_s: int = 60) -> float:
+    """Completions per second over the last ``window_s`` seconds, from a provider's ring of ten-second
+    buckets (``P:stats:<provider>``, counted by ``emit.lua``) read at Redis time ``now_s``."""
+    raw = {_text(k): int(v) for k, v in ring.items()}
+    oldest = now_s // 10 - window_s // 10
+    done = sum(raw.get(f"c{slot}", 0) for slot in range(12) if raw.get(f"t{slot}", -1) >= oldest)
+    return done / float(window_s)
 
 
 def parse_reply(message: bytes) -> tuple[str, StreamEvent]:

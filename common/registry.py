@@ -20,6 +20,13 @@ It is one YAML file (``GATEWAY_CONFIG``; the built-in ``default_registry.yaml`` 
         capabilities: [chat, tools, vision, json]
         price: {input: 0.15, output: 0.60}   # USD per 1M tokens
     key_weights: {key_abc: 2}        # fair share in each line (default 1)
+      gpt-4o-mini-anywhere:          # one alias, several deployments (README: Routing and fallbacks)
+        deployments:
+          - {provider: openai, model: gpt-4o-mini, weight: 2}
+          - {provider: openrouter, model: openai/gpt-4o-mini, price: {input: 0.15, output: 0.60}}
+        routing: earliest-start      # weighted | least-busy | lowest-latency | cheapest | earliest-start
+        fallbacks: [gpt-4o]          # other aliases, tried in order when none of these can serve
+    routing: {strategy: earliest-start, fallbacks: [], breaker: {failures: 5, window_s: 30, open_s: 10}}
     key_limits:                      # an API key's own quota, across all providers
       "*": {rpm: 60, tpd: 1000000}   # every key not listed, each on its own
       key_abc: {concurrency: 8, rpm: 600}
@@ -156,16 +163,98 @@ class Provider(_Strict):
         return None
 
 
-class Model(_Strict):
-    alias: str = ""
+class Deployment(_Strict):
+    """One place an alias is served: a provider and the provider's own name for the model, with its
+    own limits, price, context window and weight (``weighted`` routing). Unset fields take the
+    alias's own value (``Model``), so a deployment line can be as short as ``{provider, model}``."""
+
     provider: str
     model: str
+    weight: float = Field(default=1.0, gt=0)
+    price: Price | None = None
+    limits: Limits | None = None
+    context_window: int | None = Field(default=None, gt=0)
+    max_output_tokens: int | None = Field(default=None, gt=0)
+
+    @property
+    def name(self) -> str:
+        """``provider/model``: the deployment's identity (its circuit breaker and latency are kept
+        under it, shared by every alias that names the same deployment)."""
+        return f"{self.provider}/{self.model}"
+
+
+class Model(_Strict):
+    """An alias. Either one provider (``provider`` + ``model``, as before deployments existed) or a
+    list of ``deployments``; ``provider``/``model`` then name the first one. ``routing`` names the
+    strategy that picks a deployment per call (``common/routing/strategies.py``; default
+    ``earliest-start``), ``fallbacks`` the aliases tried, in order, when none of this one's can serve."""
+
+    alias: str = ""
+    provider: str = ""
+    model: str = ""
     context_window: int = Field(default=8192, gt=0)
     max_output_tokens: int | None = Field(default=None, gt=0)
     capabilities: tuple[Capability, ...] = ("chat",)
     price: Price = Price()
     limits: Limits = Limits()
     tier: Tier = "medium"   # how capable: auto sends simple prompts to small, hard ones to large
+    deployments: tuple[Deployment, ...] = ()
+    routing: str | None = None
+    fallbacks: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_name_deployments(self) -> Model:
+        if self.deployments:
+            first = self.deployments[0]
+            if (self.provider or self.model) and (self.provider, self.model) != (first.provider, first.model):
+                raise ValueError("give either provider/model or deployments, not both")
+            object.__setattr__(self, "provider", first.provider)
+            object.__setattr__(self, "model", first.model)
+        elif not self.provider or not self.model:
+            raise ValueError("a model needs provider and model (or a list of deployments)")
+        return self
+
+    def routes(self) -> tuple[Deployment, ...]:
+        """The alias's deployments, each with the alias's values filled in where it sets none (an alias
+        without a ``deployments`` list has exactly one)."""
+        listed = self.deployments or (Deployment(provider=self.provider, model=self.model),)
+        return tuple(d.model_copy(update={
+            "price": d.price or self.price, "limits": d.limits or self.limits,
+            "context_window": d.context_window or self.context_window,
+            "max_output_tokens": d.max_output_tokens or self.max_output_tokens}) for d in listed)
+
+    def deployment(self, name: str) -> Deployment | None:
+        return next((d for d in self.routes() if d.name == name), None)
+
+    def on(self, deployment: Deployment) -> Model:
+        """This alias as served by ``deployment``: provider, provider model, price, limits and context
+        window are the deployment's (what the runner, the limits and the usage rows work from)."""
+        d = next((r for r in self.routes() if r.name == deployment.name), deployment)
+        return self.model_copy(update={
+            "provider": d.provider, "model": d.model, "price": d.price or self.price,
+            "limits": d.limits or self.limits, "context_window": d.context_window or self.context_window,
+            "max_output_tokens": d.max_output_tokens or self.max_output_tokens})
+
+
+class BreakerSettings(_Strict):
+    """A deployment's circuit breaker (``common/routing/breaker.py``): it opens after ``failures``
+    failed calls within ``window_s``, stays open ``open_s`` (``misconfigured_open_s`` after a 401/403),
+    then lets ``probes`` calls through at once; a probe that succeeds closes it."""
+
+    failures: int = Field(default=5, ge=1)
+    window_s: float = Field(default=30.0, gt=0)
+    open_s: float = Field(default=10.0, gt=0)
+    misconfigured_open_s: float = Field(default=300.0, gt=0)
+    probes: int = Field(default=1, ge=1, le=100)
+
+
+class RoutingSettings(_Strict):
+    """The registry-wide defaults: the strategy, the fallback aliases of every model that names none,
+    and the breakers."""
+
+    strategy: str = "earliest-start"
+    fallbacks: tuple[str, ...] = ()
+    breaker: BreakerSettings = BreakerSettings()
 
 
 class VirtualModel(_Strict):
@@ -186,6 +275,7 @@ class Registry(_Strict):
     # (each on its own: "*": {rpm: 60} lets every key make 60 calls a minute)
     key_limits: dict[str, Limits] = Field(default_factory=dict)
     virtual_models: dict[str, VirtualModel] = Field(default_factory=dict)
+    routing: RoutingSettings = RoutingSettings()
 
     def limits_of_key(self, key_id: str) -> Limits:
         """The limits an API key's calls count against (``key_limits[key]``, else ``key_limits["*"]``)."""
@@ -193,9 +283,26 @@ class Registry(_Strict):
 
     @model_validator(mode="after")
     def _models_name_known_providers(self) -> Registry:
+        from common.routing.strategies import STRATEGIES  # the table of strategy names
+
         for alias, model in self.models.items():
-            if model.provider not in self.providers:
-                raise ValueError(f"model {alias!r} names unknown provider {model.provider!r}")
+            for d in model.routes():
+                if d.provider not in self.providers:
+                    raise ValueError(f"model {alias!r} names unknown provider {d.provider!r}")
+            if len({d.name for d in model.routes()}) != len(model.routes()):
+                raise ValueError(f"model {alias!r} lists the same deployment twice")
+            if model.routing is not None and model.routing not in STRATEGIES:
+                raise ValueError(f"model {alias!r}: unknown routing strategy {model.routing!r} "
+                                 f"(known: {', '.join(STRATEGIES)})")
+            for fallback in model.fallbacks or ():
+                if fallback not in self.models or fallback == alias:
+                    raise ValueError(f"model {alias!r}: fallback {fallback!r} is not another model alias")
+        if self.routing.strategy not in STRATEGIES:
+            raise ValueError(f"routing.strategy {self.routing.strategy!r} is unknown "
+                             f"(known: {', '.join(STRATEGIES)})")
+        for fallback in self.routing.fallbacks:
+            if fallback not in self.models:
+                raise ValueError(f"routing.fallbacks names unknown model {fallback!r}")
         for name, virtual in self.virtual_models.items():
             if name in self.models:
                 raise ValueError(f"virtual model {name!r} has the name of a model alias")
@@ -209,6 +316,15 @@ class Registry(_Strict):
 
     def provider_of(self, model: Model) -> Provider:
         return self.providers[model.provider]
+
+    def strategy_of(self, model: Model) -> str:
+        return model.routing or self.routing.strategy
+
+    def fallbacks_of(self, model: Model) -> tuple[str, ...]:
+        """The aliases tried after ``model``'s own deployments: its own list (even empty), else the
+        registry's default (never the model itself)."""
+        chain = model.fallbacks if model.fallbacks is not None else self.routing.fallbacks
+        return tuple(a for a in chain if a != model.alias)
 
 
 def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
@@ -239,7 +355,7 @@ def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
             raise RegistryError(f"key_limits.{name} sets no limit: give concurrency, rpm, tpm, rpd or tpd")
     virtual = {name: v.model_copy(update={"name": name}) for name, v in raw.virtual_models.items()}
     return Registry(providers=providers, models=models, key_weights=raw.key_weights,
-                    key_limits=raw.key_limits, virtual_models=virtual)
+                    key_limits=raw.key_limits, routing=raw.routing, virtual_models=virtual)
 
 
 def _normalise_url(url: str, kind: str) -> str:

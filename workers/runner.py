@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from common.contract import (
     EVENT_TTL_S,
     Chunk,
     Done,
+    Expired,
     Failed,
     JobEvent,
     JobSpec,
@@ -60,8 +62,9 @@ from common.tokens import reservation
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, scopes_for
+from workers.failover import Failover, Moved, WaitedOut
 from workers.leases import LeaseHeartbeat
-from workers.policy import Action, Decision, decide, reached_upstream
+from workers.policy import Action, Decision, decide, may_move, reached_upstream
 from workers.settle import Settlement, Settler
 from workers.usage import ATTEMPT_LOST, UsageLedger, UsageRecord
 
@@ -84,6 +87,7 @@ class JobRunner:
         self.admission = admission
         self.settler = Settler(settings, store, rows, ledger)
         self.ttft = RedisLatencyStats(store.redis, store.prefix)
+        self.failover = Failover(settings, store)
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
@@ -134,13 +138,13 @@ class JobRunner:
             self._release(job, None)
 
     def _job(self, job_id: str, execution: str, spec: JobSpec) -> _Run:
-        model = self.settings.registry.models[spec.model]
-        provider = self.settings.registry.provider_of(model)
+        model, deployment = self.failover.home(spec)
+        provider = self.settings.registry.providers[deployment.provider]
         key = spec.api_key_id or "-"
         scopes = scopes_for(self.settings.registry, model, provider, key)
         request = spec.canonical_request()
         return _Run(job_id, execution, spec, model, provider, key, scopes, request,
-                    reservation(request, model) if scopes else 0)
+                    reservation(request, model) if scopes else 0, deployment=deployment.name)
 
     def _admit(self, job: _Run, *, rewait: bool = False, until: float | None = None) -> Claim:
         """Wait in the provider's line until the job may start (its permits taken, and — unless
@@ -175,6 +179,12 @@ class JobRunner:
             response, latency_ms, call_id = self._call_with_retries(job, attempt, invoke, queue_wait_ms)
         except GatewayError as exc:
             return self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(exc))
+        except Moved:
+            return "moved"
+        except WaitedOut:  # every deployment's breaker stayed open: the caller gets its 429, Retry-After
+            expired = Expired("every deployment of this model was unavailable (circuit open) until max_wait")
+            return self.settler.settle(job.job_id, job.execution, job.spec,
+                                       Settlement(JobState.EXPIRED, expired))
         succeeded = self._succeeded(job, response, attempt, call_id, queue_wait_ms, latency_ms)
         state = self.settler.settle(job.job_id, job.execution, job.spec, succeeded)
         if isinstance(job.request, ChatRequest):  # after the caller's answer: `fast` and `auto` read it
@@ -198,8 +208,11 @@ class JobRunner:
                    latency_ms: int) -> Settlement:
         model, provider = job.model, job.provider
         cost = model.price.cost(response.usage.prompt_tokens, response.usage.completion_tokens)
+        trail = self.failover.trail(job.spec)
         meta = {"provider": provider.name, "provider_model": model.model, "queue_wait_ms": queue_wait_ms,
-                "upstream_latency_ms": latency_ms, "cost_usd": _money(cost), "attempt": attempt}
+                "upstream_latency_ms": latency_ms, "cost_usd": _money(cost), "attempt": attempt,
+                "routing_decision": trail.decision, "deployment": job.deployment,
+                "attempts": trail.calls + job.tries, "fallback_used": trail.fallback_used}
         streamed = isinstance(job.request, ChatRequest) and job.request.stream
         event: JobEvent = (Done(meta, response.body.get("usage")) if streamed
                            else Result(response.body, meta))
@@ -251,29 +264,41 @@ class JobRunner:
         give_up_at = time.time() + self.settings.task_time_limit
         tries = 0
         while True:
+            probe = self.failover.gate(job.job_id, job.execution, job.spec, job.deployment, tries)
             tries += 1
+            job.tries = tries
             call_id = f"{job.job_id}:{attempt}:{tries}"
             started = time.perf_counter()
             try:
                 response = invoke()
             except UpstreamError as exc:
                 latency_ms = int((time.perf_counter() - started) * 1000)
+                self.failover.report(job.deployment, exc, probe=probe, latency_ms=latency_ms)
                 rate_limited = isinstance(exc, UpstreamRateLimited)
                 self._release(job, None, refund=rate_limited)
                 if rate_limited and job.scopes:
                     self.admission.limiter.cool_down(job.provider.name, exc.retry_after or 1.0)
                 if reached_upstream(exc):
                     self.settler.record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc))
+                elsewhere = (self.failover.alternative(job.spec, job.deployment)
+                             if may_move(exc, tries=tries, max_retries=job.provider.max_retries) else None)
                 now = time.time()
                 decision = decide(exc, tries=tries, max_retries=job.provider.max_retries,
-                                  until_deadline_s=job.spec.deadline - now, until_give_up_s=give_up_at - now)
-                if decision.action is Action.FAIL:
+                                  until_deadline_s=job.spec.deadline - now, until_give_up_s=give_up_at - now,
+                                  elsewhere_s=(None if elsewhere is None
+                                               else _start_in(elsewhere[1].start_in_s)),
+                                  jitter=random.random())
+                if decision.action is Action.MOVE and elsewhere is not None:
+                    self.failover.move(job.job_id, job.execution, job.spec, job.deployment, tries, elsewhere,
+                                       exc.code or type(exc).__name__)
+                if decision.action in (Action.FAIL, Action.MOVE):
                     raise
                 log.info("job %s: %s; %s in %.2fs", job.job_id, exc.code, decision.action.value,
                          decision.delay_s)
                 self._wait_to_retry(job, exc, decision, give_up_at)
                 continue
             latency_ms = int((time.perf_counter() - started) * 1000)
+            self.failover.report(job.deployment, None, probe=probe, latency_ms=latency_ms)
             self._release(job, response.usage.total_tokens)
             if response.quota_reset_s and job.scopes:
                 # the provider's headers say its quota is spent: hold everyone back before the 429s come
@@ -381,6 +406,8 @@ class _Run:
     request: ChatRequest | EmbeddingsRequest
     tokens: int
     permit: Permit | None = None
+    deployment: str = ""   # provider/model serving it (common/routing)
+    tries: int = 0         # upstream calls made for it in this run
 
 
 def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
@@ -396,6 +423,11 @@ def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
                        outcome="success" if error is None else (error.code or "error"),
                        status_code=200 if error is None else error.status,
                        error=None if error is None else error.message[:500])
+
+
+def _start_in(estimate: float | None) -> float:
+    """An alternative's start estimate for the policy: unknown (nothing completed lately) is 'later'."""
+    return float("inf") if estimate is None else estimate
 
 
 def job_lease_ttl(settings: Settings) -> float:

@@ -7,7 +7,8 @@ Libraries (functions only, no side effects) are prepended to the scripts that us
     permits.lua   the limit kinds (KINDS: check / take / settle per kind) and the loops over scopes
 
 Scripts: create, claim, withdraw, abandon, emit, renew_lease (common/jobs.py); acquire, release, leave,
-renew_permits (common/limits.py); ttft (common/routing/ttft.py).
+renew_permits (common/limits.py); move (common/jobs.py: a job that moves to another
+deployment's queue); breaker (common/routing/breaker.py); ttft (common/routing/ttft.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ _LIBRARIES: dict[str, tuple[str, ...]] = {
     "create": ("job",), "claim": ("job",), "withdraw": ("job",), "emit": ("job",), "renew_lease": (),
     "abandon": ("job",),
     "acquire": ("job", "line", "permits"), "release": ("job", "line", "permits"), "leave": ("job", "line"),
-    "renew_permits": ("job",),
+    "renew_permits": ("job",), "breaker": (), "move": ("job",),
     "ttft": (),
 }
 

@@ -80,3 +80,15 @@ local function job_settle(job, lease, state, execution, now)
   if redis.call('GET', lease) == execution then redis.call('DEL', lease) end
   return true
 end
+
+-- Send a running job back to 'queued' with a new spec (another deployment: common/routing), only by
+-- the execution whose lease it holds. It keeps its id, reply_to (its waiting caller), deadline and
+-- attempts; false if it is not ours to move (settled, abandoned, or another execution's).
+local function job_requeue(job, lease, execution, spec)
+  if redis.call('HGET', job, 'state') ~= 'running' then return false end
+  if redis.call('GET', lease) ~= execution then return false end
+  if redis.call('HEXISTS', job, 'abandoned') == 1 then return false end
+  redis.call('HSET', job, 'state', 'queued', 'spec', spec)
+  redis.call('DEL', lease)
+  return true
+end

@@ -257,9 +257,9 @@ class VirtualRouter:
         inputs: dict[str, int] = {}
         skipped: dict[str, str] = {}
         for model in self.candidates(virtual):
-            provider = self.registry.provider_of(model)
-            if not provider.routable:
-                skipped[model.alias] = f"provider {provider.name} not configured"
+            providers = dict.fromkeys(d.provider for d in model.routes())  # any deployment will do
+            if not any(self.registry.providers[p].routable for p in providers):
+                skipped[model.alias] = f"provider {', '.join(providers)} not configured"
                 continue
             inputs[model.alias] = estimate_prompt_tokens(request, model)
             lacks = missing(request, model, inputs[model.alias])
