@@ -16,6 +16,8 @@ request that adds points; the sum is the score, and the score's band is the tier
 
     score 0-1 → small      2-3 → medium      4+ → large
 
+The code, math and reasoning signals read the last 16,000 characters of the user turns (where the
+question usually is; a longer prompt already scores on length), so a 4 MB body costs milliseconds.
 Same request, same tier: no randomness, no model call, no I/O. Extend by adding a row to
 :data:`SIGNALS`; tests/unit/test_routing_classifier.py holds the table of prompts → tiers.
 """
@@ -33,19 +35,22 @@ TIER_ORDER: tuple[Tier, ...] = ("small", "medium", "large")
 MEDIUM_FROM = 2   # scores from here are medium ...
 LARGE_FROM = 4    # ... and from here large
 
+SCAN_CHARS = 16_000  # the code / math / reasoning signals read the last this many characters of user text
 _LENGTH_BANDS = ((300, 0), (1_500, 1), (6_000, 2))  # (tokens below, points); above the last: 3
 _CHARS_PER_TOKEN = 4
 
-_CODE_BLOCK = re.compile(r"```|^\s*(def |class |import |from \S+ import |#include|function |const |let |"
-                         r"public |private |SELECT |INSERT |UPDATE |fn |func |package )|[;{}]\s*$",
-                         re.MULTILINE)
-_CODE_WORDS = re.compile(r"\b(python|javascript|typescript|java|golang|rust|c\+\+|sql|regex|bash|"
-                         r"function|compile[rd]?|stack ?trace|exception|api|algorithm|unit tests?)\b",
+# Every pattern runs over up to the whole body (megabytes): none may backtrack more than a bounded
+# amount per position (no unbounded ``\s*`` at line starts, bounded digit runs); tests time them.
+_CODE_BLOCK = re.compile(r"```|^[ \t]*(def |class |import |from [\w.]{1,100} import |#include|function |"
+                         r"const |let |public |private |SELECT |INSERT |UPDATE |fn |func |package )|"
+                         r"[;{}][ \t]*$", re.MULTILINE)
+_CODE_WORDS = re.compile(r"\b(python|javascript|typescript|java|golang|rust|sql|regex|bash|function|"
+                         r"compile[rd]?|stack ?trace|exception|api|algorithm|unit tests?)\b|\bc\+\+",
                          re.IGNORECASE)
 _MATH_HARD = re.compile(r"\\(frac|int|sum|prod|lim|sqrt|begin\{)|\$\$|\b(prove|proof|theorem|lemma|"
                         r"integral|derivative|differentiate|integrate|eigen\w*|matri(x|ces)|"
                         r"probability|polynomial|irrational)\b", re.IGNORECASE)
-_ARITHMETIC = re.compile(r"\d+(\.\d+)?\s*[-+*/^×÷]\s*\d+")
+_ARITHMETIC = re.compile(r"\b\d{1,12}(\.\d{1,12})?[ \t]{0,3}[-+*/^×÷][ \t]{0,3}\d")
 _REASONING = {
     "analysis": re.compile(r"\banaly[sz]\w*|\bevaluate|\bassess", re.IGNORECASE),
     "design": re.compile(r"\b(design|architect\w*|plan a|strategy)\b", re.IGNORECASE),
@@ -69,8 +74,10 @@ def _all_text(request: ChatRequest) -> str:
 
 
 def _task_text(request: ChatRequest) -> str:
-    """What the caller asks (user turns): a long system prompt is context, not difficulty."""
-    return "\n".join(m.text() for m in request.messages if m.role == "user")
+    """What the caller asks (user turns; a long system prompt is context, not difficulty), at most its
+    last :data:`SCAN_CHARS` characters: the patterns cost about a microsecond per character, and a
+    prompt longer than that scores on length already."""
+    return "\n".join(m.text() for m in request.messages if m.role == "user")[-SCAN_CHARS:]
 
 
 def _length(request: ChatRequest) -> int:

@@ -43,7 +43,7 @@ Resolving one (:meth:`VirtualRouter.resolve`):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol
@@ -51,7 +51,7 @@ from typing import Any, Protocol
 from common.errors import InvalidRequest
 from common.registry import Model, Registry, Tier, VirtualModel
 from common.routing.classifier import TIER_ORDER, Complexity, classify, needs_vision
-from common.tokens import estimate_prompt_tokens
+from common.tokens import counter_for, estimate_prompt_tokens
 from common.types import ChatRequest
 
 EXPECTED_OUTPUT_TOKENS = 256   # the answer's length for pricing when the caller sets no max_tokens
@@ -256,12 +256,16 @@ class VirtualRouter:
         eligible: list[Model] = []
         inputs: dict[str, int] = {}
         skipped: dict[str, str] = {}
+        counted: dict[tuple[Callable[[str], int], int], int] = {}
         for model in self.candidates(virtual):
             providers = dict.fromkeys(d.provider for d in model.routes())  # any deployment will do
             if not any(self.registry.providers[p].routable for p in providers):
                 skipped[model.alias] = f"provider {', '.join(providers)} not configured"
                 continue
-            inputs[model.alias] = estimate_prompt_tokens(request, model)
+            counter = counter_for(model)  # models sharing a tokenizer share one count (a big prompt
+            if counter not in counted:     # costs ~0.1 s per MB per tokenizer)
+                counted[counter] = estimate_prompt_tokens(request, model)
+            inputs[model.alias] = counted[counter]
             lacks = missing(request, model, inputs[model.alias])
             if lacks:
                 skipped[model.alias] = "lacks " + ", ".join(lacks)

@@ -190,6 +190,7 @@ def test_nothing_eligible_is_a_400_naming_what_is_missing(url):
 
 
 def test_every_ingress_accepts_auto(url):
+    """OpenAI is every other test here; Anthropic, Ollama (whole and streamed) and Gemini."""
     a = requests.post(f"{url}/v1/messages", timeout=30, json={
         "model": "auto", "max_tokens": 50, "messages": [{"role": "user", "content": "What is 2 + 2?"}]})
     assert a.status_code == 200, a.text
@@ -204,3 +205,7 @@ def test_every_ingress_accepts_auto(url):
         "model": "auto", "messages": [{"role": "user", "content": "hi"}]})  # Ollama streams by default
     assert streamed.status_code == 200 and decision(streamed)["alias"] == "tiny"
     assert json.loads(streamed.text.splitlines()[-1])["done"] is True
+    gemini = requests.post(f"{url}/v1beta/models/auto:generateContent", timeout=30, json={
+        "contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+    assert gemini.status_code == 200, gemini.text
+    assert decision(gemini)["alias"] == "tiny" and gemini.headers["x-gateway-provider"] == "slow"

@@ -1,5 +1,7 @@
 """The complexity classifier: a table of prompts → tier (common/routing/classifier.py)."""
 
+import time
+
 import pytest
 
 from common.routing.classifier import LARGE_FROM, MEDIUM_FROM, SIGNALS, classify, tier_of
@@ -75,3 +77,34 @@ def test_every_signal_is_documented():
     import common.routing.classifier as module
     for name in SIGNALS:
         assert f"\n    {name} " in module.__doc__
+
+
+HOSTILE = [
+    ("newlines", "\n" * 400_000),
+    ("digits", "1" * 400_000),
+    ("spaces-at-line-start", ("\n" + " " * 1000) * 400),
+    ("semicolons-and-spaces", ("; " + " " * 50) * 8000),
+    ("from-without-import", ("from " + "x" * 90 + " ") * 4000),
+    ("keywords", "analysis design step by step " * 15_000),
+]
+
+
+@pytest.mark.parametrize("text", [h[1] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_text_is_classified_in_linear_time(text):
+    """Hundreds of kilobytes of the worst shapes for each pattern: a pattern that backtracks per position
+    would take minutes; the signals read a bounded tail, so this is milliseconds."""
+    request = ChatRequest.model_validate({"model": "auto", "messages": [{"role": "user", "content": text}]})
+    started = time.perf_counter()
+    classify(request)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_content_signals_read_the_tail_of_the_user_text():
+    """Code far before the end of a long prompt is not seen; the same code at its end is."""
+    filler = "words " * 5_000  # 30,000 characters: more than SCAN_CHARS
+    assert "code" not in classify(ChatRequest.model_validate(user(f"{CODE}\n{filler}"))).signals
+    assert classify(ChatRequest.model_validate(user(f"{filler}\n{CODE}"))).signals["code"] == 2
+
+
+def test_cplusplus_counts_as_code():
+    assert classify(ChatRequest.model_validate(user("is c++ hard?"))).signals == {"code": 1}
