@@ -90,7 +90,7 @@ def list_models() -> Response:
     """Every routable model, on one page (no ``nextPageToken``)."""
     registry = gateway().settings.registry
     return jsonify({"models": [_model_resource(alias, m) for alias, m in registry.models.items()
-                               if registry.provider_of(m).routable]})
+                               if registry.serves(m)]})
 
 
 @bp.get("/v1beta/models/<path:model>")

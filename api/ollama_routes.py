@@ -136,7 +136,7 @@ def tags() -> Response:
     models = [{"name": alias, "model": alias, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
                "digest": "", "details": {"format": "", "family": m.provider, "families": [m.provider],
                                          "parameter_size": "", "quantization_level": ""}}
-              for alias, m in registry.models.items() if registry.provider_of(m).routable]
+              for alias, m in registry.models.items() if registry.serves(m)]
     return jsonify({"models": models})
 
 

@@ -79,7 +79,7 @@ def list_models() -> Response:
     registry = gateway().settings.registry
     data = [{"id": alias, "object": "model", "created": 0, "owned_by": m.provider,
              "context_window": m.context_window, "capabilities": list(m.capabilities)}
-            for alias, m in registry.models.items() if registry.provider_of(m).routable]
+            for alias, m in registry.models.items() if registry.serves(m)]
     data += [_virtual_model(name) for name in registry.virtual_models]
     return jsonify({"object": "list", "data": data})
 
@@ -88,7 +88,7 @@ def _virtual_model(name: str) -> dict[str, Any]:
     """A virtual model as a model object, with its strategy and its routable candidates."""
     router = gateway().virtual
     virtual = router.registry.virtual_models[name]
-    candidates = [m.alias for m in router.candidates(virtual) if router.registry.provider_of(m).routable]
+    candidates = [m.alias for m in router.candidates(virtual) if router.registry.serves(m)]
     return {"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway", "virtual": True,
             "strategy": virtual.strategy, "candidates": candidates}
 

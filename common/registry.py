@@ -317,6 +317,10 @@ class Registry(_Strict):
     def provider_of(self, model: Model) -> Provider:
         return self.providers[model.provider]
 
+    def serves(self, model: Model) -> bool:
+        """Whether some deployment of ``model`` has a routable provider (it is listed, and callable)."""
+        return any(self.providers[d.provider].routable for d in model.routes())
+
     def strategy_of(self, model: Model) -> str:
         return model.routing or self.routing.strategy
 

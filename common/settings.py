@@ -71,6 +71,7 @@ class Settings:
     task_time_limit: float = 600.0          # hard limit on one job's run (upstream call + retries)
     reconcile_interval: float = 30.0        # how often workers look for async jobs Redis lost
     task_events: bool = True                # Celery task events: Flower's task views need them
+    breakers: bool = True                   # per-deployment circuit breakers (common/routing/breaker.py)
     max_body_bytes: int = 4 * 1024 * 1024
     max_json_depth: int = 64                # arrays/objects nested deeper than this: 400
     client_timeout: float = 10.0            # a new connection's headers, and any body, arrive within this
@@ -126,6 +127,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         task_time_limit=_float(env, "GATEWAY_TASK_TIME_LIMIT", 600.0, minimum=1.0),
         reconcile_interval=_float(env, "GATEWAY_RECONCILE_INTERVAL", 30.0, minimum=0.5),
         task_events=_flag(env, "GATEWAY_TASK_EVENTS", True),
+        breakers=_flag(env, "GATEWAY_BREAKERS", True),
         max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
         max_json_depth=_int(env, "GATEWAY_MAX_JSON_DEPTH", 64, minimum=8),
         client_timeout=_float(env, "GATEWAY_CLIENT_TIMEOUT", 10.0, minimum=0.1),

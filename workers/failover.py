@@ -73,31 +73,36 @@ class Failover:
         return None if picked is None or picked[2] == "wait-for-probe" else picked
 
     def move(self, job_id: str, execution: str, spec: JobSpec, current: str, calls_here: int,
-             to: tuple[Candidate, Load, str], why: str) -> None:
+             to: tuple[Candidate, Load, str], why: str, *, attempt: int) -> None:
         """Re-queue the job on ``to``'s provider queue; raises :class:`Moved` (or returns, if the job
         is no longer this execution's to move: it was abandoned or settled meanwhile)."""
         candidate, _, decision = to
         trail = self.trail(spec)
         moved = replace(spec, model=candidate.alias, provider=candidate.provider, deployment=candidate.name,
                         trail=Trail(trail.requested, f"{decision} after {why}", [*trail.tried, current],
-                                    trail.fallback_used or candidate.fallback, trail.calls + calls_here))
+                                    trail.fallback_used or candidate.fallback, trail.calls + calls_here,
+                                    moved_at=attempt))
         queue = self.settings.queue_for(candidate.provider)
         if self.store.move(job_id, execution, moved, queue=self.settings.queue_key(candidate.provider),
                            message=task_message(job_id, queue)):
             log.warning("job %s: moved from %s to %s (%s)", job_id, current, candidate.name, why)
             raise Moved(candidate.name)
 
-    def gate(self, job_id: str, execution: str, spec: JobSpec, deployment: str, calls_here: int) -> bool:
+    def gate(self, job_id: str, execution: str, spec: JobSpec, deployment: str, calls_here: int, *,
+             attempt: int) -> bool:
         """Wait until the deployment's breaker lets a call through; True if the call is a half-open
         probe. While it is open the job moves to a usable deployment if there is one (:class:`Moved`),
         else waits for the first probe slot until its deadline (:class:`WaitedOut`)."""
+        if not self.settings.breakers:
+            return False
         while True:
             admission = self.router.breakers.admit(deployment)
             if admission.gate is not Gate.OPEN:
                 return admission.gate is Gate.PROBE
             other = self.alternative(spec, deployment)
             if other is not None:
-                self.move(job_id, execution, spec, deployment, calls_here, other, "circuit open")
+                self.move(job_id, execution, spec, deployment, calls_here, other, "circuit open",
+                          attempt=attempt)
             left = spec.deadline - time.time()
             if left <= 0:
                 raise WaitedOut(deployment)
@@ -106,5 +111,7 @@ class Failover:
     def report(self, deployment: str, error: GatewayError | None, *, probe: bool,
                latency_ms: float) -> Verdict:
         outcome = verdict(error)
+        if not self.settings.breakers:
+            return outcome
         self.router.breakers.report(deployment, outcome, probe=probe, latency_ms=latency_ms)
         return outcome

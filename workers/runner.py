@@ -171,7 +171,9 @@ class JobRunner:
                 if done:
                     return done
             self.settler.mark_started(job.job_id, attempt)
-        if attempt > 1:  # the previous attempt's worker died mid-run: its call may have cost money
+        # the previous attempt's worker died mid-run (its call may have cost money) — unless that
+        # attempt ended by moving the job here (workers/failover.py)
+        if attempt > 1 and attempt - 1 != self.failover.trail(job.spec).moved_at:
             self._record_lost_attempt(job, attempt - 1)
         queue_wait_ms = int(queue_wait_s * 1000)
         try:
@@ -264,7 +266,8 @@ class JobRunner:
         give_up_at = time.time() + self.settings.task_time_limit
         tries = 0
         while True:
-            probe = self.failover.gate(job.job_id, job.execution, job.spec, job.deployment, tries)
+            probe = self.failover.gate(job.job_id, job.execution, job.spec, job.deployment, tries,
+                                       attempt=attempt)
             tries += 1
             job.tries = tries
             call_id = f"{job.job_id}:{attempt}:{tries}"
@@ -290,7 +293,7 @@ class JobRunner:
                                   jitter=random.random())
                 if decision.action is Action.MOVE and elsewhere is not None:
                     self.failover.move(job.job_id, job.execution, job.spec, job.deployment, tries, elsewhere,
-                                       exc.code or type(exc).__name__)
+                                       exc.code or type(exc).__name__, attempt=attempt)
                 if decision.action in (Action.FAIL, Action.MOVE):
                     raise
                 log.info("job %s: %s; %s in %.2fs", job.job_id, exc.code, decision.action.value,

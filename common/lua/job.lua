@@ -8,6 +8,7 @@
 --     +--withdraw--> expired | cancelled               (the API gave up waiting / the caller left)
 --     +--job_check, its API process dead--> cancelled  (a sync caller nobody can answer)
 --   running (lease lapsed) --job_check, abandoned or API process dead--> cancelled  (never run again)
+--   running --job_requeue (its own execution)--> queued on another deployment's queue (move.lua)
 
 local function now_ms()
   local t = redis.call('TIME')

@@ -82,16 +82,17 @@ class Trail:
     tried: list[str] = field(default_factory=list)
     fallback_used: bool = False
     calls: int = 0            # upstream calls made for the job before its current deployment
+    moved_at: int = 0         # the claim attempt that ended by moving the job (not a lost attempt)
 
     def to_dict(self) -> dict[str, Any]:
         return {"requested": self.requested, "decision": self.decision, "tried": list(self.tried),
-                "fallback_used": self.fallback_used, "calls": self.calls}
+                "fallback_used": self.fallback_used, "calls": self.calls, "moved_at": self.moved_at}
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> Trail:
         return cls(str(data.get("requested", "")), str(data.get("decision", "")),
                    [str(t) for t in data.get("tried") or []], bool(data.get("fallback_used")),
-                   int(data.get("calls") or 0))
+                   int(data.get("calls") or 0), int(data.get("moved_at") or 0))
 
 
 Fits = Callable[[Model, Deployment], bool]

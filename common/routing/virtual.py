@@ -258,9 +258,9 @@ class VirtualRouter:
         skipped: dict[str, str] = {}
         counted: dict[tuple[Callable[[str], int], int], int] = {}
         for model in self.candidates(virtual):
-            providers = dict.fromkeys(d.provider for d in model.routes())  # any deployment will do
-            if not any(self.registry.providers[p].routable for p in providers):
-                skipped[model.alias] = f"provider {', '.join(providers)} not configured"
+            if not self.registry.serves(model):  # no deployment of it is configured
+                providers = ", ".join(dict.fromkeys(d.provider for d in model.routes()))
+                skipped[model.alias] = f"provider {providers} not configured"
                 continue
             counter = counter_for(model)  # models sharing a tokenizer share one count (a big prompt
             if counter not in counted:     # costs ~0.1 s per MB per tokenizer)

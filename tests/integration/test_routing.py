@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -109,7 +110,7 @@ def view_of(api) -> dict:
                         timeout=10).json()
 
 
-def test_a_deployment_killed_mid_run_loses_no_call(api, pb_worker, fakes):
+def test_a_deployment_killed_mid_run_loses_no_call(api, pb_worker, fakes, db):
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(chat, api, "duo", f"call {i}") for i in range(60)]
         wait_until(lambda: sum(f.done() for f in futures) >= 15, 60)
@@ -122,6 +123,12 @@ def test_a_deployment_killed_mid_run_loses_no_call(api, pb_worker, fakes):
     assert served["fake/fake-model"] > 0 and served["pb/fake-model"] > 0, served
     moved = [r for r in answers if r.json()["x-gateway"]["attempts"] > 1]
     assert all(r.headers["x-gateway-deployment"] == "pb/fake-model" for r in moved)
+    # a move ends its attempt cleanly: never billed as an attempt lost with a dead worker (such a row
+    # would be on the usage stream before its job's success row, which has arrived once this passes)
+    ids = [r.headers["x-gateway-job-id"] for r in answers]
+    wait_until(lambda: db.execute("SELECT count(*) FROM usage WHERE outcome = 'success' AND job_id = ANY(%s)",
+                                  (ids,)).fetchone()[0] == 60, 40)
+    assert db.execute("SELECT count(*) FROM usage WHERE outcome = 'attempt_lost'").fetchone()[0] == 0
 
 
 def test_the_breaker_opens_once_for_every_worker_process(api, pb_worker, fakes, prefix, start_worker):
@@ -153,6 +160,25 @@ def test_an_open_breaker_half_opens_and_a_good_probe_closes_it(api, pb_worker, f
     assert answer.status_code == 200 and answer.headers["x-gateway-deployment"] == "fake/fake-model"
     assert breaker(prefix, "fake/fake-model")["state"] == "closed"
     assert chat(api, "firstcheap", "after").headers["x-gateway-deployment"] == "fake/fake-model"
+
+
+def test_a_429_moves_to_a_deployment_that_starts_sooner(api, pb_worker, fakes):
+    fakes["a"].configure(fail_next={"count": 1, "status": 429, "retry_after": 15})
+    started = time.monotonic()
+    answer = chat(api, "firstcheap", "rate limited on a")
+    assert answer.status_code == 200 and answer.headers["x-gateway-deployment"] == "pb/fake-model"
+    assert "after upstream_rate_limited" in answer.headers["x-gateway-routing-decision"]
+    assert time.monotonic() - started < 10   # it did not wait out a's Retry-After
+
+
+def test_a_rejected_credential_marks_the_deployment_and_moves_on(api, pb_worker, fakes, prefix):
+    fakes["a"].configure(fail_next={"count": 1, "status": 401})
+    answer = chat(api, "firstcheap", "wrong key on a")
+    assert answer.status_code == 200 and answer.headers["x-gateway-deployment"] == "pb/fake-model"
+    assert answer.headers["x-gateway-attempts"] == "2"
+    state = breaker(prefix, "fake/fake-model")
+    assert (state["state"], state["reason"]) == ("open", "misconfigured")
+    assert fakes["a"].stats()["calls"] == 1   # never retried there
 
 
 def test_a_request_goes_to_the_deployment_whose_context_fits(api, pb_worker, fakes):
@@ -208,3 +234,19 @@ def test_the_routing_view_is_for_admins(api):
     assert body["models"]["duo"]["deployments"] == ["fake/fake-model", "pb/fake-model"]
     entry = body["deployments"]["pb/fake-model"]
     assert {"breaker", "error_rate", "latency_ms", "waiting", "start_in_s", "limits"} <= set(entry)
+
+
+def test_when_every_deployment_is_out_a_call_waits_for_the_first_probe(api, pb_worker, fakes, prefix):
+    for fake in (fakes["a"], fakes["b"]):
+        fake.configure(fail_next={"count": 10_000, "status": 503})
+    first = chat(api, "firstcheap", "both down")   # both tried: nothing is left, the caller gets the 5xx
+    assert first.status_code == 502 and first.headers["x-gateway-job-id"]
+    wait_until(lambda: chat(api, "firstcheap", "both down again") is not None and all(
+        breaker(prefix, d).get("state") == "open" for d in ("fake/fake-model", "pb/fake-model")), 30)
+    for fake in (fakes["a"], fakes["b"]):
+        fake.reset()   # both recover; their breakers do not know yet
+    states = {d: e["breaker"] for d, e in view_of(api)["deployments"].items() if d != "pc/fake-model"}
+    answer = chat(api, "firstcheap", "wait for the probe")
+    assert "closed" not in states.values(), states
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == \
+        "echo: wait for the probe"

@@ -131,3 +131,12 @@ def test_weighted_follows_the_weights():
     options = [opt("a", weight=3), opt("b", weight=1)]
     picks = [choose("weighted", options, rng)[0][0].provider for _ in range(4000)]  # type: ignore[index]
     assert 0.7 < picks.count("a") / len(picks) < 0.8
+
+
+def test_an_alias_is_served_while_any_deployment_is_routable():
+    doc = {"providers": DOC["providers"], "models": {
+        "later": {"deployments": [{"provider": "dark", "model": "m"}, {"provider": "b", "model": "m"}]},
+        "never": {"provider": "dark", "model": "m"}}}
+    registry = parse_registry(doc, ENV)
+    assert registry.serves(registry.models["later"]) and not registry.serves(registry.models["never"])
+    assert [c.name for c in candidates(registry, "later")] == ["b/m"]
