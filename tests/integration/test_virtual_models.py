@@ -33,6 +33,8 @@ models:
         capabilities: [chat, tools, json, stream], price: {input: 1, output: 2}}
   big: {provider: slow, model: fake-model, tier: large, context_window: 128000,
         capabilities: [chat, tools, vision, json, stream], price: {input: 10, output: 30}}
+  duo: {deployments: [{provider: fake, model: fake-model}, {provider: slow, model: fake-model}],
+        tier: medium, context_window: 32768, capabilities: [chat, stream], price: {input: 100, output: 100}}
   ghost: {provider: nokey, model: fake-model, tier: small, context_window: 128000,
           capabilities: [chat, tools, vision, json, stream], price: {input: 0, output: 0}}
 virtual_models:
@@ -40,6 +42,7 @@ virtual_models:
   fast: {strategy: fastest}
   cheap: {strategy: cheapest}
   textonly: {strategy: cheapest, candidates: [tiny, mid]}
+  pair: {strategy: quality, candidates: [tiny, duo]}
 """
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
                                          "parameters": {"type": "object", "properties": {
@@ -89,7 +92,7 @@ def test_models_lists_the_virtual_models(url):
     data = {m["id"]: m for m in requests.get(f"{url}/v1/models", timeout=10).json()["data"]}
     assert {"auto", "fast", "cheap", "textonly"} <= set(data)
     assert data["cheap"]["virtual"] is True and data["cheap"]["strategy"] == "cheapest"
-    assert set(data["auto"]["candidates"]) == {"tiny", "mid", "big"}  # ghost's provider has no key
+    assert set(data["auto"]["candidates"]) == {"tiny", "mid", "big", "duo"}  # ghost's provider has no key
     one = requests.get(f"{url}/v1/models/fast", timeout=10).json()
     assert (one["id"], one["virtual"], one["strategy"]) == ("fast", True, "fastest")
 
@@ -209,3 +212,16 @@ def test_every_ingress_accepts_auto(url):
         "contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
     assert gemini.status_code == 200, gemini.text
     assert decision(gemini)["alias"] == "tiny" and gemini.headers["x-gateway-provider"] == "slow"
+
+
+def test_an_alias_with_deployments_tells_both_decisions(url):
+    """auto → an alias (ours), then which of its deployments serves it (routing's), in one header."""
+    r = chat(url, "pair", "hello")
+    assert r.status_code == 200, r.text
+    raw = r.headers["x-gateway-routing-decision"]
+    said = decision(r)
+    assert (said["virtual"], said["alias"], said["strategy"]) == ("pair", "duo", "quality")
+    assert "; then=" in raw and said["then"], raw
+    record = r.json()["x-gateway"]["routing_decision"]
+    assert record["alias"] == "duo" and record["then"] == said["then"]
+    assert r.headers["x-gateway-deployment"] in ("fake/fake-model", "slow/fake-model")
