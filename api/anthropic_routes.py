@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify
 
 from api.errors import anthropic_document, install_error_handlers
-from api.requests import admit, gateway, idempotency, json_body, outcome_headers
+from api.requests import admit, idempotency, json_body, outcome_headers
 from api.streaming import stream_response
 from common.errors import GatewayError
 from common.protocols import anthropic
@@ -45,7 +45,7 @@ def count_tokens() -> Response:
     if isinstance(body, dict):
         body.setdefault("max_tokens", 1)  # count_tokens bodies carry no max_tokens; messages bodies must
     chat = anthropic.parse_request(body)
-    route = gateway().route(chat.model)
+    route = admit(chat, None).route  # a virtual model: counted for the alias it resolves to
     return jsonify({"input_tokens": estimate_prompt_tokens(chat, route.model)})
 
 

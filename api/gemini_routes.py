@@ -81,7 +81,7 @@ def count_tokens(model: str) -> Response:
     if isinstance(body, dict) and isinstance(body.get("generateContentRequest"), dict):
         body = body["generateContentRequest"]
     chat = gemini.parse_request(body, model)
-    route = gateway().route(chat.model)
+    route = admit(chat, None).route  # a virtual model: counted for the alias it resolves to
     return jsonify({"totalTokens": estimate_prompt_tokens(chat, route.model)})
 
 

@@ -18,7 +18,8 @@ Resolving one (:meth:`VirtualRouter.resolve`):
              (common/routing/classifier.py): one tier too small 0.5, two 1.0; one too large 0.25,
              two 0.5 — an over-capable model still answers well, it only costs more
    cost      the candidate's place in the price order for *this* request (input + output tokens
-             at its per-1M prices; output = ``max_tokens`` or 256): cheapest 0, dearest 1
+             at its per-1M prices; output = ``max_tokens`` or 256): cheapest 0, dearest 1; a model
+             without a ``price`` is free here as on its bills
    latency   ``1 - fastest/its`` measured time to first token (:class:`LatencyStats`); a candidate
              not measured yet counts 1 when others are measured (known-fast beats unknown)
    quality   ``1 - tier/2``: large 0, medium 0.5, small 1

@@ -225,3 +225,14 @@ def test_an_alias_with_deployments_tells_both_decisions(url):
     record = r.json()["x-gateway"]["routing_decision"]
     assert record["alias"] == "duo" and record["then"] == said["then"]
     assert r.headers["x-gateway-deployment"] in ("fake/fake-model", "slow/fake-model")
+
+
+def test_token_counts_of_a_virtual_model_are_for_the_alias_it_resolves_to(url):
+    a = requests.post(f"{url}/v1/messages/count_tokens", timeout=30, json={
+        "model": "auto", "messages": [{"role": "user", "content": "hello there"}]})
+    assert a.status_code == 200 and a.json()["input_tokens"] > 0, a.text
+    assert decision(a)["alias"] == "tiny"
+    g = requests.post(f"{url}/v1beta/models/cheap:countTokens", timeout=30, json={
+        "contents": [{"role": "user", "parts": [{"text": "hello there"}]}]})
+    assert g.status_code == 200 and g.json()["totalTokens"] > 0, g.text
+    assert decision(g)["alias"] == "tiny"
