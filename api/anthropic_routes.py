@@ -29,10 +29,12 @@ def messages() -> Response:
     chat = anthropic.parse_request(body)
     call = admit(chat, body.get("max_wait") if isinstance(body, dict) else None)
     if chat.stream:
-        watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
+        watch = call.gw.start(chat, call.route, max_wait=call.max_wait,
+                              max_cost=call.max_cost, api_key_id=g.api_key_id, idem=idem)
         stream = AnthropicStream(chat.model, estimate_prompt_tokens(chat, call.route.model))
         return stream_response(call.gw, watch, stream, call.headers)
-    outcome = call.gw.call(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
+    outcome = call.gw.call(chat, call.route, max_wait=call.max_wait,
+                           max_cost=call.max_cost, api_key_id=g.api_key_id, idem=idem)
     response = jsonify(anthropic.render_response(outcome.result, chat.model))
     response.headers.update(outcome_headers(outcome))
     return response

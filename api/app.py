@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import re
 import secrets
+from datetime import UTC, datetime
 
 import redis
 from flask import Flask, Response, g, request
 
-from api import anthropic_routes, gemini_routes, health, jobs_routes, ollama_routes, openai_routes
+from api import (
+    anthropic_routes,
+    budget_routes,
+    gemini_routes,
+    health,
+    jobs_routes,
+    ollama_routes,
+    openai_routes,
+)
 from api.admin import PREFIX as ADMIN_PREFIX
+from api.admin import budgets as admin_budgets
+from api.admin import keys as admin_keys
 from api.admin import routing as admin_routing
-from api.auth import Authenticator
+from api.admin.usage import bp as admin_usage_bp
+from api.auth import Authenticator, LastUsed
 from api.dispatcher import ReplyDispatcher
 from api.errors import install_error_handlers, openai_document
 from api.gateway import Gateway
-from common.apikeys import ANONYMOUS, active_key_hashes
+from api.usage_routes import bp as usage_bp
+from common.apikeys import ANONYMOUS, KeyService
 from common.db import make_session_factory
 from common.errors import NotFound
 from common.jobs import JobStore
+from common.keyschema import KeyRecord
+from common.registry import Limits
 from common.settings import Settings
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
@@ -42,13 +57,29 @@ def create_app(settings: Settings) -> Flask:
     store = JobStore(redis.Redis(connection_pool=pool), settings.key_prefix)
     sessions = make_session_factory(settings.database_url, pool_size=5)
     gateway = Gateway(settings, store, sessions, ReplyDispatcher(store))
-    authenticator = Authenticator(settings.auth_mode, lambda: active_key_hashes(sessions),
+    keys = KeyService(sessions, store.redis, settings.key_prefix)
+    authenticator = Authenticator(settings.auth_mode, keys.records, version=keys.version,
                                   stale_limit=settings.auth_stale_limit)
+    last_used = LastUsed(keys.touch)
     app.extensions["gateway"] = gateway
+    app.extensions["keys"] = keys
     app.config["GATEWAY_ADMIN_KEY"] = settings.admin_key
-    # no key has the admin role yet: the admin API answers to GATEWAY_ADMIN_KEY only
-    app.extensions["admin_identify"] = lambda secret: (
-        None if (key_id := authenticator.identify(secret)) is None else (key_id, False))
+
+    def admin_identify(secret: str) -> tuple[str, bool] | None:
+        record = authenticator.identify(secret)
+        if record is None:
+            return None
+        record.check_usable(datetime.now(UTC))
+        last_used.mark(record.id)
+        return record.id, record.is_admin
+
+    def own_limits(key_id: str | None) -> Limits | None:
+        """The calling key's own limits (its job spec carries them to the workers)."""
+        record: KeyRecord | None = g.get("api_key")
+        return record.limits if record is not None and record.id == key_id else None
+
+    app.extensions["admin_identify"] = admin_identify
+    gateway.key_limits = own_limits
 
     @app.before_request
     def _identify() -> None:
@@ -56,10 +87,15 @@ def create_app(settings: Settings) -> Flask:
             raise NotFound("no such path (it contains control characters or invalid UTF-8)")
         incoming = request.headers.get("x-request-id", "")
         g.request_id = incoming if _REQUEST_ID.match(incoming) else "req_" + secrets.token_hex(12)
-        g.api_key_id = None
+        g.api_key_id, g.api_key = None, None
         if request.path not in PUBLIC_PATHS and not request.path.startswith(ADMIN_PREFIX + "/"):
-            g.api_key_id = (authenticator.authenticate(request.headers, gemini_routes.key_in_query())
-                            or ANONYMOUS)  # auth is open: the caller owns what anonymous callers own
+            record = authenticator.authenticate(request.headers, gemini_routes.key_in_query())
+            if record is not None:
+                record.check_usable(datetime.now(UTC))
+                last_used.mark(record.id)
+                g.api_key = record
+            # auth is open: the caller owns what anonymous callers own
+            g.api_key_id = record.id if record is not None else ANONYMOUS
 
     @app.after_request
     def _tag(response: Response) -> Response:
@@ -75,5 +111,10 @@ def create_app(settings: Settings) -> Flask:
     app.register_blueprint(anthropic_routes.bp)
     app.register_blueprint(ollama_routes.bp)
     app.register_blueprint(gemini_routes.bp)
+    app.register_blueprint(usage_bp)
+    app.register_blueprint(admin_usage_bp)
+    app.register_blueprint(admin_keys.bp)
+    app.register_blueprint(budget_routes.bp)
+    app.register_blueprint(admin_budgets.bp)
     app.register_blueprint(admin_routing.bp)
     return app

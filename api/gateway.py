@@ -11,16 +11,20 @@ import logging
 import math
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import Any
 
 import redis
 from sqlalchemy.orm import sessionmaker
 
+from api.budget_gate import BudgetGate, Plan
 from api.dispatcher import ReplyDispatcher
 from api.idempotency import FirstCall, IdemCall, IdemStore
 from api.watch import REPEAT_POLL_S, JobWatch
 from common.apikeys import ANONYMOUS
+from common.budgets import Reservation
 from common.contract import (
     EVENT_TTL_S,
     TERMINAL,
@@ -36,6 +40,7 @@ from common.contract import (
 )
 from common.db import Job
 from common.errors import (
+    BudgetExceeded,
     GatewayError,
     InvalidRequest,
     JobCancelled,
@@ -49,8 +54,9 @@ from common.errors import (
 )
 from common.jobrows import DuplicateKey, JobRows
 from common.jobs import JobStore, StreamEvent, new_job_id
+from common.keyschema import KeyRecord
 from common.limits import Limiter, Scope
-from common.registry import Model, Provider
+from common.registry import Limits, Model, Provider
 from common.routing import Trail, candidates
 from common.routing.observe import Router, place
 from common.routing.ttft import RedisLatencyStats
@@ -77,6 +83,7 @@ class Outcome:
     job_id: str
     result: dict[str, Any]
     meta: dict[str, Any]
+    budget: Reservation | None = None   # what its budgets reserved (and had left) when it was queued
 
 
 class Gateway:
@@ -84,20 +91,28 @@ class Gateway:
                  dispatcher: ReplyDispatcher) -> None:
         self.settings = settings
         self.store = store
-        self.limiter = Limiter(store, keyed=bool(settings.registry.key_limits))
+        # keyed: any key may be given limits of its own at any time (the admin API)
+        self.limiter = Limiter(store, keyed=True)
+        #: the calling key's own limits (set by create_app from the authenticated key; None: the YAML's)
+        self.key_limits: Callable[[str | None], Limits | None] = lambda key_id: None
         self.sessions = sessions
         self.rows = JobRows(sessions)
         self.dispatcher = dispatcher
         self.idem = IdemStore(store.redis, store.prefix)
         self.virtual = VirtualRouter(settings.registry, RedisLatencyStats(store.redis, store.prefix))
+        self.budgets = BudgetGate(store, sessions, settings.task_time_limit, served_by=self._served_by)
         self.router = Router(settings, store)
 
     # resolution ---------------------------------------------------------------------------------
-    def route(self, alias: str) -> Route:
+    def route(self, alias: str, key: KeyRecord | None = None) -> Route:
+        """The route of the model ``alias``: 404 if unknown, 403 if ``key`` may not use it, 503 if its
+        provider is not configured."""
         model = self.settings.registry.model(alias)
         if model is None:
             raise ModelNotFound(f"The model '{alias}' does not exist or you do not have access to it.",
                                 param="model")
+        if key is not None:
+            key.check_model(alias)
         provider = self.settings.registry.provider_of(model)
         chain = [] if provider.routable else candidates(self.settings.registry, alias)
         if chain:  # its first deployment is not configured, another (or a fallback) is
@@ -106,6 +121,15 @@ class Gateway:
             raise ProviderUnavailable(f"model '{alias}' is served by provider '{provider.name}', which is "
                                       f"not configured: {provider.unroutable_reason}")
         return Route(model, provider)
+
+    def limits_of_key(self, key_id: str) -> Limits:
+        """The limits a key's calls count against: its own (admin API), else the YAML's key_limits."""
+        return self.key_limits(key_id) or self.settings.registry.limits_of_key(key_id)
+    def _served_by(self, model: Model) -> list[Model]:
+        """``model`` as each deployment that may serve it would (its own and its fallbacks')."""
+        registry = self.settings.registry
+        served = [registry.models[c.alias].on(c.deployment) for c in candidates(registry, model.alias)]
+        return served or [model]
 
     def placed(self, spec: JobSpec, request: ChatRequest | EmbeddingsRequest,
                route: Route) -> tuple[JobSpec, Route]:
@@ -128,9 +152,12 @@ class Gateway:
 
     # synchronous calls --------------------------------------------------------------------------
     def start(self, request: ChatRequest | EmbeddingsRequest, route: Route, *, max_wait: float,
-              api_key_id: str | None, idem: IdemCall | None = None) -> JobWatch:
+              api_key_id: str | None, idem: IdemCall | None = None,
+              max_cost: Decimal | None = None) -> JobWatch:
         """Queue a call whose caller waits for it; the returned watch yields the job's events. With
-        ``idem``, a repeat of a call already made under that key watches the first call's job."""
+        ``idem``, a repeat of a call already made under that key watches the first call's job. Its
+        budgets reserve its worst case as it is queued (402 if one cannot; 400 above ``max_cost``)."""
+        plan = self.budgets.plan(request, route.model, api_key_id, max_cost=max_cost, max_wait=max_wait)
         job_id = new_job_id()
         if idem is not None:
             first = self.idem.claim(idem, job_id)
@@ -138,15 +165,18 @@ class Gateway:
                 return self._attach(first, route, max_wait, api_key_id)
         waiter = self.dispatcher.register(job_id)
         try:
-            spec, route = self.placed(_spec(request, route, Mode.SYNC, api_key_id), request, route)
-            self._enqueue(job_id, spec, route, max_wait=max_wait, reply_to=self.dispatcher.channel,
+            spec, route = self.placed(self._spec(plan.request, route, Mode.SYNC, api_key_id), plan.request,
+                                      route)
+            self._enqueue(job_id, spec, route, plan, max_wait=max_wait, reply_to=self.dispatcher.channel,
                           ttl=max_wait + self.settings.task_time_limit + EVENT_TTL_S)
         except GatewayError:
             self.dispatcher.unregister(job_id)
             if idem is not None:
                 self.idem.release(idem, job_id)
             raise
-        return JobWatch(self, job_id, route, waiter, max_wait, api_key_id, idem=idem)
+        watch = JobWatch(self, job_id, route, waiter, max_wait, api_key_id, idem=idem)
+        watch.reservation = plan.reservation
+        return watch
 
     def _attach(self, first: FirstCall, route: Route, max_wait: float, api_key_id: str | None) -> JobWatch:
         """A watch on the job of an earlier call under the same Idempotency-Key: its recorded outcome,
@@ -163,10 +193,12 @@ class Gateway:
         return watch
 
     def call(self, request: ChatRequest | EmbeddingsRequest, route: Route, *, max_wait: float,
-             api_key_id: str | None, idem: IdemCall | None = None) -> Outcome:
+             api_key_id: str | None, idem: IdemCall | None = None,
+             max_cost: Decimal | None = None) -> Outcome:
         """Queue the call and hold until it settles; past ``max_wait`` in line raise QueueTimeout.
         Every error raised about the job carries its id."""
-        watch = self.start(request, route, max_wait=max_wait, api_key_id=api_key_id, idem=idem)
+        watch = self.start(request, route, max_wait=max_wait, api_key_id=api_key_id, idem=idem,
+                           max_cost=max_cost)
         try:
             while True:
                 event = watch.next()
@@ -187,7 +219,7 @@ class Gateway:
         """The outcome a final event carries (an error event raises it); None for a chunk."""
         event = entry.event
         if isinstance(event, Result):
-            return Outcome(watch.job_id, event.result, event.meta)
+            return Outcome(watch.job_id, event.result, event.meta, watch.reservation)
         if isinstance(event, Failed):
             raise event.exception()
         if isinstance(event, Expired):
@@ -253,12 +285,14 @@ class Gateway:
     def queue_depth(self, provider: Provider) -> int:
         return int(self.store.redis.llen(self.settings.queue_key(provider.name)))
 
-    def _enqueue(self, job_id: str, spec: JobSpec, route: Route, **job: Any) -> None:
-        """Record the job and push its Celery message onto ``llm.<provider>`` in one Redis step."""
+    def _enqueue(self, job_id: str, spec: JobSpec, route: Route, plan: Plan, **job: Any) -> None:
+        """Record the job, reserve its budgets (``plan``) and push its Celery message onto
+        ``llm.<provider>`` in one Redis step."""
         queue_name = self.settings.queue_for(route.provider.name)
         try:
-            self.store.create(job_id, spec, queue=self.settings.queue_key(route.provider.name),
-                              message=task_message(job_id, queue_name), **job)
+            self.budgets.create(plan, lambda budget: self.store.create(
+                job_id, spec, queue=self.settings.queue_key(route.provider.name),
+                message=task_message(job_id, queue_name), budget=budget, **job))
         except redis.RedisError as exc:
             log.error("job %s: broker unavailable: %s", job_id, exc)
             raise QueueUnavailable("the job queue is unavailable; nothing was queued, retry shortly",
@@ -266,18 +300,20 @@ class Gateway:
 
     # async jobs ---------------------------------------------------------------------------------
     def submit(self, request: ChatRequest, route: Route, *, max_wait: float, api_key_id: str | None,
-               idem: IdemCall | None = None) -> tuple[Job, bool]:
+               idem: IdemCall | None = None, max_cost: Decimal | None = None) -> tuple[Job, bool]:
         """Accept an async job: durable row first, then live state, then the queue. Returns the job and
         whether it is new — False for a repeat under an Idempotency-Key (the first call's job; found in
         Redis, else by the key kept in its Postgres row)."""
         if request.stream:
             raise InvalidRequest("async jobs return a whole completion; do not set 'stream'", param="stream")
+        plan = self.budgets.plan(request, route.model, api_key_id, max_cost=max_cost, max_wait=max_wait)
         job_id = new_job_id()
         if idem is not None:
             first = self.idem.claim(idem, job_id)
             if first is not None:
                 return self._first_job(first.job_id), False
-        spec, route = self.placed(_spec(request, route, Mode.ASYNC, api_key_id), request, route)
+        spec, route = self.placed(self._spec(plan.request, route, Mode.ASYNC, api_key_id), plan.request,
+                                  route)
         try:
             job = self.rows.add(job_id, spec, max_wait=max_wait, idempotency=idem.row() if idem else None)
         except DuplicateKey:
@@ -288,12 +324,19 @@ class Gateway:
                 self.idem.release(idem, job_id)
             raise
         try:
-            self._enqueue(job_id, spec, route, max_wait=max_wait, reply_to="",
+            self._enqueue(job_id, spec, route, plan, max_wait=max_wait, reply_to="",
                           ttl=max_wait + EVENT_TTL_S * 24)
-        except QueueUnavailable as exc:
+        except (QueueUnavailable, BudgetExceeded) as exc:  # its row says why it never ran
             self.rows.settle(job_id, JobState.FAILED, error=exc.to_dict())
+            exc.job_id = job_id
             raise
         return job, True
+
+    def _spec(self, request: ChatRequest | EmbeddingsRequest, route: Route, mode: Mode,
+              api_key_id: str | None) -> JobSpec:
+        """The job's spec, with its key's own limits: the workers admit it by them, no key lookup."""
+        return JobSpec.of(request, mode=mode, model=route.model.alias, provider=route.provider.name,
+                          api_key_id=api_key_id, key_limits=self.key_limits(api_key_id))
 
     def _first_job(self, job_id: str) -> Job:
         """The row of the first call's job. Its claim precedes its row by a moment (a concurrent repeat
@@ -350,8 +393,3 @@ def parse_max_wait(raw: Any, default: float, limit: float) -> float:
         raise InvalidRequest(f"max_wait may be at most {limit:g} seconds", param="max_wait")
     return value
 
-
-def _spec(request: ChatRequest | EmbeddingsRequest, route: Route, mode: Mode,
-          api_key_id: str | None) -> JobSpec:
-    return JobSpec.of(request, mode=mode, model=route.model.alias, provider=route.provider.name,
-                      api_key_id=api_key_id)

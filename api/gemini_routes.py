@@ -18,7 +18,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 
 from api.errors import install_error_handlers
-from api.requests import admit, gateway, idempotency, json_body, outcome_headers
+from api.requests import admit, gateway, idempotency, json_body, may_use, outcome_headers, resolve
 from api.streaming import stream_response
 from common.errors import GatewayError, NotFound
 from common.protocols import gemini
@@ -57,7 +57,8 @@ def generate_content(model: str) -> Response:
     idem = idempotency(body)
     chat = gemini.parse_request(body, model)
     call = admit(chat, _max_wait(body))
-    outcome = call.gw.call(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
+    outcome = call.gw.call(chat, call.route, max_wait=call.max_wait,
+                           max_cost=call.max_cost, api_key_id=g.api_key_id, idem=idem)
     response = jsonify(gemini.render_response(outcome.result, chat.model))
     response.headers.update(outcome_headers(outcome))
     return response
@@ -68,7 +69,8 @@ def stream_generate_content(model: str) -> Response:
     body = json_body()
     chat = gemini.parse_request(body, model, stream=True)
     call = admit(chat, _max_wait(body))
-    watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+    watch = call.gw.start(chat, call.route, max_wait=call.max_wait,
+                          max_cost=call.max_cost, api_key_id=g.api_key_id)
     stream = GeminiSse(chat.model) if request.args.get("alt") == "sse" else GeminiJsonArray(chat.model)
     return stream_response(call.gw, watch, stream, call.headers)
 
@@ -90,12 +92,12 @@ def list_models() -> Response:
     """Every routable model, on one page (no ``nextPageToken``)."""
     registry = gateway().settings.registry
     return jsonify({"models": [_model_resource(alias, m) for alias, m in registry.models.items()
-                               if registry.serves(m)]})
+                               if registry.serves(m) and may_use(alias)]})
 
 
 @bp.get("/v1beta/models/<path:model>")
 def get_model(model: str) -> Response:
-    route = gateway().route(model)
+    route = resolve(model)
     return jsonify(_model_resource(model, route.model))
 
 

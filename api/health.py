@@ -1,4 +1,9 @@
-"""``GET /health``: can we reach Redis and Postgres, and which providers can take calls (and why not)."""
+"""``GET /health``: can we reach Redis and Postgres, which providers can take calls (and why not), and
+how each provider's upstream answered lately (``status``: ok | degraded | failing |
+credentials_rejected; error rate and last error over the last few minutes, from every worker).
+
+The answer's HTTP status follows the gateway's own parts only (Redis, Postgres): a failing upstream
+does not make the gateway unhealthy to a load balancer — it is shown per provider."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.requests import gateway
+from common.upstream_health import UpstreamHealth
 
 bp = Blueprint("health", __name__)
 
@@ -29,20 +35,34 @@ def health() -> Response:
         checks["database"] = "ok"
     except SQLAlchemyError as exc:
         checks["database"] = f"error: {type(exc).__name__}"
+    registry = gw.settings.registry
+    upstream = _upstream(gw.store.redis, gw.settings.key_prefix, gw.settings.routable_providers()
+                         if checks["redis"] == "ok" else [])
     providers = {}
-    for name, p in gw.settings.registry.providers.items():
-        models = [a for a, m in gw.settings.registry.models.items() if m.provider == name]
+    for name, p in registry.providers.items():
+        models = [a for a, m in registry.models.items() if m.provider == name]
         entry: dict[str, object] = {"kind": p.kind, "routable": p.routable,
                                     "queue": gw.settings.queue_for(name), "models": models}
         if not p.routable:
+            entry["status"] = "not_configured"
             entry["reason"] = p.unroutable_reason
         elif checks["redis"] == "ok":
             entry["queue_depth"] = gw.queue_depth(p)
+        if name in upstream:  # how its upstream answered lately: status, error rate, last error
+            entry.update(upstream[name])
         providers[name] = entry
     healthy = all(v == "ok" for v in checks.values())
     response = jsonify({"status": "ok" if healthy else "degraded", **checks, "providers": providers})
     response.status_code = 200 if healthy else 503
     return response
+
+
+def _upstream(client: redis.Redis, prefix: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each provider's recent upstream record (common/upstream_health.py); none if Redis fails now."""
+    try:
+        return UpstreamHealth(client, prefix).snapshot(names)
+    except redis.RedisError:
+        return {}  # the "redis" check above already says Redis is unwell
 
 
 @bp.get("/v1/limits")
@@ -53,7 +73,7 @@ def limits() -> Response:
     gw = gateway()
     body: dict[str, Any] = {"providers": gw.limits()}
     key_id = g.get("api_key_id") or "-"
-    key_limits = gw.settings.registry.limits_of_key(key_id)
+    key_limits = gw.limits_of_key(key_id)
     if key_limits.any:
         body["api_key"] = {"id": key_id, **gw.limiter.key_use(key_id, key_limits)}
     return jsonify(body)

@@ -25,7 +25,8 @@ def create_job() -> tuple[Response, int]:
     idem = idempotency(body)
     chat, extensions = parse_chat_request(body)
     call = admit(chat, extensions.get("max_wait"), gateway().settings.async_max_wait)
-    job, new = call.gw.submit(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
+    job, new = call.gw.submit(chat, call.route, max_wait=call.max_wait,
+                              max_cost=call.max_cost, api_key_id=g.api_key_id, idem=idem)
     response = jsonify(render_job(job))
     response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
     if not new:  # a repeat under an Idempotency-Key: the first call's job as it is now

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from api.errors import install_error_handlers, ollama_document
-from api.requests import admit, gateway, idempotency, json_body, outcome_headers
+from api.requests import admit, gateway, idempotency, json_body, may_use, outcome_headers, resolve
 from api.streaming import stream_response
 from common.errors import GatewayError, InvalidRequest, NotFound
 from common.protocols import ollama
@@ -71,10 +71,12 @@ def _serve(body: Any, chat_request: ChatRequest, shape: Shape) -> Response:
     call = admit(chat_request, body.get("max_wait") if isinstance(body, dict) else None)
     started = time.monotonic_ns()
     if chat_request.stream:
-        watch = call.gw.start(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id,
+        watch = call.gw.start(chat_request, call.route, max_wait=call.max_wait,
+                              max_cost=call.max_cost, api_key_id=g.api_key_id,
                               idem=idem)
         return stream_response(call.gw, watch, OllamaStream(chat_request.model, shape, started), call.headers)
-    outcome = call.gw.call(chat_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id,
+    outcome = call.gw.call(chat_request, call.route, max_wait=call.max_wait,
+                           max_cost=call.max_cost, api_key_id=g.api_key_id,
                            idem=idem)
     document = ollama.render_response(outcome.result, chat_request.model,
                                       elapsed_ns=time.monotonic_ns() - started)
@@ -121,7 +123,8 @@ def embed() -> Response:
     embed_request, _ = parse_embeddings_request(request_body)
     call = admit(embed_request, body.get("max_wait"))
     started = time.monotonic_ns()
-    outcome = call.gw.call(embed_request, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id)
+    outcome = call.gw.call(embed_request, call.route, max_wait=call.max_wait,
+                           max_cost=call.max_cost, api_key_id=g.api_key_id)
     data = sorted(outcome.result.get("data") or [], key=lambda d: d.get("index", 0))
     usage = outcome.result.get("usage") or {}
     elapsed = time.monotonic_ns() - started
@@ -136,7 +139,7 @@ def tags() -> Response:
     models = [{"name": alias, "model": alias, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
                "digest": "", "details": {"format": "", "family": m.provider, "families": [m.provider],
                                          "parameter_size": "", "quantization_level": ""}}
-              for alias, m in registry.models.items() if registry.serves(m)]
+              for alias, m in registry.models.items() if registry.serves(m) and may_use(alias)]
     return jsonify({"models": models})
 
 
@@ -146,7 +149,7 @@ def show() -> Response:
     name = body.get("model") or body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not name:
         raise InvalidRequest("'model' is required", param="model")
-    route = gateway().route(name)
+    route = resolve(name)
     m = route.model
     capabilities = ["completion"] + (["tools"] if "tools" in m.capabilities else []) + (
         ["vision"] if "vision" in m.capabilities else [])

@@ -9,7 +9,16 @@ from flask import Blueprint, Response, g, jsonify
 
 from api.errors import install_error_handlers, openai_document
 from api.gateway import Outcome
-from api.requests import admit, gateway, gateway_object, idempotency, json_body, outcome_headers
+from api.requests import (
+    admit,
+    gateway,
+    gateway_object,
+    idempotency,
+    json_body,
+    may_use,
+    outcome_headers,
+    resolve,
+)
 from api.streaming import stream_response
 from common.errors import GatewayError
 from common.protocols.openai import error_body, parse_chat_request, parse_embeddings_request
@@ -26,9 +35,10 @@ def chat_completions() -> Response:
     call = admit(chat, extensions.get("max_wait"))
     if chat.stream:
         include_usage = bool((chat.model_extra or {}).get("stream_options", {}).get("include_usage"))
-        watch = call.gw.start(chat, call.route, max_wait=call.max_wait, api_key_id=g.api_key_id, idem=idem)
+        watch = call.gw.start(chat, call.route, max_wait=call.max_wait,
+                              max_cost=call.max_cost, api_key_id=g.api_key_id, idem=idem)
         return stream_response(call.gw, watch, OpenAIStream(include_usage), call.headers)
-    return completion_response(call.gw.call(chat, call.route, max_wait=call.max_wait,
+    return completion_response(call.gw.call(chat, call.route, max_wait=call.max_wait, max_cost=call.max_cost,
                                             api_key_id=g.api_key_id, idem=idem))
 
 
@@ -70,7 +80,7 @@ def completion_response(outcome: Outcome) -> Response:
 def embeddings() -> Response:
     embed, extensions = parse_embeddings_request(json_body())
     call = admit(embed, extensions.get("max_wait"))
-    return completion_response(call.gw.call(embed, call.route, max_wait=call.max_wait,
+    return completion_response(call.gw.call(embed, call.route, max_wait=call.max_wait, max_cost=call.max_cost,
                                             api_key_id=g.api_key_id))
 
 
@@ -79,7 +89,7 @@ def list_models() -> Response:
     registry = gateway().settings.registry
     data = [{"id": alias, "object": "model", "created": 0, "owned_by": m.provider,
              "context_window": m.context_window, "capabilities": list(m.capabilities)}
-            for alias, m in registry.models.items() if registry.serves(m)]
+            for alias, m in registry.models.items() if registry.serves(m) and may_use(alias)]
     data += [_virtual_model(name) for name in registry.virtual_models]
     return jsonify({"object": "list", "data": data})
 
@@ -88,7 +98,8 @@ def _virtual_model(name: str) -> dict[str, Any]:
     """A virtual model as a model object, with its strategy and its routable candidates."""
     router = gateway().virtual
     virtual = router.registry.virtual_models[name]
-    candidates = [m.alias for m in router.candidates(virtual) if router.registry.serves(m)]
+    candidates = [m.alias for m in router.candidates(virtual)
+                  if router.registry.serves(m) and may_use(m.alias)]
     return {"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway", "virtual": True,
             "strategy": virtual.strategy, "candidates": candidates}
 
@@ -97,5 +108,5 @@ def _virtual_model(name: str) -> dict[str, Any]:
 def get_model(alias: str) -> Response:
     if alias in gateway().settings.registry.virtual_models:
         return jsonify(_virtual_model(alias))
-    route = gateway().route(alias)
+    route = resolve(alias)
     return jsonify({"id": alias, "object": "model", "created": 0, "owned_by": route.provider.name})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import gevent
@@ -17,7 +18,9 @@ from gunicorn.http.errors import ParseException
 from api.gateway import Gateway, Outcome, Route
 from api.gunicorn_worker import CLOSE_CONNECTION
 from api.idempotency import HEADER, IdemCall
+from common.budgets import parse_max_cost, remaining_headers
 from common.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
+from common.keyschema import KeyRecord, model_allowed
 from common.protocols import safejson
 from common.routing.virtual import OVERRIDE_FIELDS, Decision, parse_overrides, pop_overrides
 from common.types import ChatRequest, EmbeddingsRequest
@@ -34,12 +37,13 @@ def gateway() -> Gateway:
 
 @dataclass(frozen=True)
 class Admitted:
-    """A call resolved for queueing, whatever protocol it came in: its route and its max_wait (and,
-    for a virtual model, the decision that chose the route)."""
+    """A call resolved for queueing, whatever protocol it came in: its route, its max_wait, its
+    per-request cost cap and, for a virtual model, the decision that chose the route."""
 
     gw: Gateway
     route: Route
     max_wait: float
+    max_cost: Decimal | None = None
     decision: Decision | None = None
 
     @property
@@ -51,14 +55,28 @@ def admit(call: ChatRequest | EmbeddingsRequest, body_max_wait: Any,
           default: float | None = None) -> Admitted:
     """Resolve the call's model to its route (404/503 in the caller's shape if it cannot be served) and
     the caller's max_wait: the body's ``max_wait``, else the ``x-gateway-max-wait`` header, else
-    ``default`` (the sync default). A virtual model is first resolved to an alias
-    (:func:`resolve_virtual`)."""
+    ``default`` (the sync default). The cost cap: the body's ``max_cost_usd``, else the
+    ``x-gateway-max-cost`` header. A virtual model is first resolved to an alias (:func:`resolve_virtual`)."""
     gw = gateway()
     decision = resolve_virtual(gw, call)
-    route = gw.route(call.model if decision is None else decision.alias)
+    route = resolve(call.model if decision is None else decision.alias)
     max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), body_max_wait,
                            gw.settings.default_max_wait if default is None else default)
-    return Admitted(gw, route, max_wait, decision)
+    body = g.get("request_body")
+    body_cap = body.get("max_cost_usd") if isinstance(body, dict) else None
+    max_cost = parse_max_cost(body_cap if body_cap is not None else request.headers.get("x-gateway-max-cost"))
+    return Admitted(gw, route, max_wait, max_cost, decision)
+
+
+def resolve(model: str) -> Route:
+    """The route of ``model`` for the calling key: 404 unknown, 403 outside the key's allowed models."""
+    return gateway().route(model, g.get("api_key"))
+
+
+def may_use(alias: str) -> bool:
+    """Whether the calling key may use the model ``alias`` (what model listings show)."""
+    key: KeyRecord | None = g.get("api_key")
+    return key is None or model_allowed(key.allowed_models, alias)
 
 
 def resolve_virtual(gw: Gateway, call: ChatRequest | EmbeddingsRequest) -> Decision | None:
@@ -73,7 +91,7 @@ def resolve_virtual(gw: Gateway, call: ChatRequest | EmbeddingsRequest) -> Decis
                              "embeddings model", param="model", code="virtual_model_chat_only")
     headers = {name: value for name in OVERRIDE_FIELDS if (value := request.headers.get(name)) is not None}
     overrides = parse_overrides(g.get("routing_fields") or {}, headers, gw.settings.registry)
-    decision = gw.virtual.resolve(call.model, call, overrides)
+    decision = gw.virtual.resolve(call.model, call, overrides, allowed=may_use)
     g.routing_decision = decision
     log.info("routing: %s", decision.header())
 
@@ -111,6 +129,8 @@ def outcome_headers(outcome: Outcome) -> dict[str, str]:
             "x-gateway-job-id": outcome.job_id,
             "x-gateway-queue-wait-ms": str(outcome.meta.get("queue_wait_ms", "")),
             "x-gateway-cost-usd": str(outcome.meta.get("cost_usd", "")),
+            **remaining_headers(outcome.budget, outcome.meta.get("cost_usd"),
+                                (outcome.result.get("usage") or {}).get("total_tokens")),
             # routing (common/routing): what was decided, where it ran, how many upstream calls, fallback?
             "x-gateway-deployment": str(outcome.meta.get("deployment", "")),
             "x-gateway-routing-decision": str(outcome.meta.get("routing_decision", "")),
@@ -126,9 +146,9 @@ def json_body() -> Any:
     raw = read_body(settings.max_body_bytes, settings.client_timeout)
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
-    body = safejson.loads(raw, max_depth=settings.max_json_depth)
-    g.routing_fields = pop_overrides(body)  # routing overrides are ours: never sent upstream
-    return body
+    g.request_body = safejson.loads(raw, max_depth=settings.max_json_depth)
+    g.routing_fields = pop_overrides(g.request_body)  # routing overrides are ours: never sent upstream
+    return g.request_body
 
 
 def read_body(limit: int, timeout: float) -> bytes:

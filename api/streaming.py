@@ -21,6 +21,7 @@ from flask import Response
 
 from api.gateway import Gateway
 from api.watch import JobWatch
+from common.budgets import remaining_headers
 from common.contract import Chunk, Done
 from common.errors import GatewayError, QueueTimeout
 from common.jobs import StreamEvent
@@ -53,8 +54,11 @@ def stream_response(gateway: Gateway, watch: JobWatch, fmt: StreamFormat,
             watch.give_up()
         watch.close()
         raise
+    # its cost is not known yet: what remains of its budgets with its worst case still reserved
+    worst = watch.reservation.worst if watch.reservation is not None else None
+    budget = remaining_headers(watch.reservation, worst.usd if worst else 0, worst.tokens if worst else 0)
     return Response(_relay(gateway, watch, fmt, first), mimetype=fmt.mimetype,
-                    headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                    headers={**headers, **budget, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                              "x-gateway-job-id": watch.job_id})
 
 

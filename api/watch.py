@@ -17,6 +17,7 @@ import redis
 from api.dispatcher import RESYNC, Delivery
 from api.errors import QUEUE_DOWN
 from api.idempotency import IdemCall
+from common.budgets import Reservation
 from common.contract import (
     Cancelled,
     Chunk,
@@ -48,6 +49,8 @@ class JobWatch:
 
     Past the job's max_wait in line :meth:`next` withdraws it and raises :class:`QueueTimeout`; if a
     worker claimed it first, the watch keeps going (a started job is never reported as expired)."""
+
+    reservation: Reservation | None = None   # its budgets' reservation (api/budget_gate.py), if any
 
     def __init__(self, gateway: Gateway, job_id: str, route: Route, waiter: queue.SimpleQueue[Delivery],
                  max_wait: float, api_key_id: str | None = None, idem: IdemCall | None = None) -> None:

@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from common.errors import ClientGone, GatewayError
+from common.registry import Limits
 from common.routing import Trail
 from common.types import ChatRequest, EmbeddingsRequest
 
@@ -71,6 +72,7 @@ class Start(StrEnum):
     GONE = "gone"            # it left the line: withdrawn, settled, or running elsewhere
     TOO_LARGE = "too_large"  # the call alone exceeds a limit: it could never start
     ORPHANED = "orphaned"    # moved to cancelled by the claim itself: nobody can use its answer (job.lua)
+    LIMITED = "limited"      # a plain claim refused it: its key has limits of its own, so it waits in line
 
 
 def start_or_state(text: str) -> Start | JobState:
@@ -92,7 +94,9 @@ WITHDRAWN = frozenset({JobState.EXPIRED, JobState.CANCELLED})   # what the API m
 @dataclass(frozen=True)
 class JobSpec:
     """What a job runs. ``deadline`` (epoch seconds, from the Redis clock when the job was created) is
-    kept beside the spec in the job's hash, not inside it: Redis sets it, the worker reads it back."""
+    kept beside the spec in the job's hash, not inside it: Redis sets it, the worker reads it back.
+    ``key_limits``: the calling key's own limits (``Limits`` fields) as they were when the job was
+    admitted, so workers need no key lookup; None: the registry's ``key_limits`` apply."""
 
     mode: Mode
     kind: Kind
@@ -101,14 +105,17 @@ class JobSpec:
     request: dict[str, Any]
     api_key_id: str | None = None
     deadline: float = 0.0
+    key_limits: dict[str, int] | None = None
     deployment: str = ""        # the deployment (``provider/model``) routing chose; "" = the alias's first
     trail: Trail | None = None  # routing's decision and the deployments tried (common/routing)
 
     @classmethod
     def of(cls, request: ChatRequest | EmbeddingsRequest, *, mode: Mode, model: str, provider: str,
-           api_key_id: str | None) -> JobSpec:
+           api_key_id: str | None, key_limits: Limits | None = None) -> JobSpec:
         kind = Kind.EMBEDDINGS if isinstance(request, EmbeddingsRequest) else Kind.CHAT
-        return cls(mode, kind, model, provider, request.model_dump(exclude_none=True), api_key_id)
+        own = key_limits.model_dump(exclude_none=True) if key_limits is not None and key_limits.any else None
+        return cls(mode, kind, model, provider, request.model_dump(exclude_none=True), api_key_id,
+                   key_limits=own)
 
     @property
     def is_async(self) -> bool:
@@ -119,9 +126,14 @@ class JobSpec:
             return EmbeddingsRequest.model_validate(self.request)
         return ChatRequest.model_validate(self.request)
 
+    def own_limits(self) -> Limits | None:
+        return None if self.key_limits is None else Limits(**self.key_limits)
+
     def to_json(self) -> str:
         data = {"mode": self.mode.value, "kind": self.kind.value, "model": self.model,
                 "provider": self.provider, "request": self.request, "api_key_id": self.api_key_id}
+        if self.key_limits is not None:
+            data["key_limits"] = self.key_limits
         if self.deployment:
             data["deployment"] = self.deployment
         if self.trail is not None:
@@ -134,7 +146,8 @@ class JobSpec:
         trail = data.get("trail")
         return cls(Mode(data.get("mode", Mode.SYNC)), Kind(data.get("kind", Kind.CHAT)), data["model"],
                    data["provider"], data["request"], data.get("api_key_id"), float(deadline),
-                   str(data.get("deployment") or ""), Trail.parse(trail) if isinstance(trail, dict) else None)
+                   data.get("key_limits"), str(data.get("deployment") or ""),
+                   Trail.parse(trail) if isinstance(trail, dict) else None)
 
 
 class EventType(StrEnum):

@@ -35,6 +35,15 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the admin API's fields (migration 0004; common/apikeys.py validates and documents them)
+    role: Mapped[str] = mapped_column(String(16), server_default="client")
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSONB)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default="{}")
+    limits: Mapped[dict[str, int] | None] = mapped_column(JSONB)
+    team: Mapped[str | None] = mapped_column(String(100))
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):
@@ -59,6 +68,8 @@ class Job(Base):
     # the caller's Idempotency-Key and its body's fingerprint; unique per owner (migration 0003)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     idempotency_body: Mapped[str | None] = mapped_column(String(64))
+    # the calling key's own limits when the job was accepted (JobSpec.key_limits; migration 0004)
+    key_limits: Mapped[dict[str, int] | None] = mapped_column(JSONB)
 
 
 class Usage(Base):
@@ -83,6 +94,32 @@ class Usage(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class _UsageRollup:
+    """Counters of the usage rows of one bucket × key × model × provider (migration 0005). Written only by
+    the ``usage_rollup`` trigger on ``usage`` (each row really inserted, counted once); read by
+    ``common/usage/``. ``api_key_id`` is ``anonymous`` for calls made while auth was open."""
+
+    bucket: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(100), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)   # rows whose outcome is not 'success'
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(38, 10))
+    queue_wait_ms: Mapped[int] = mapped_column(BigInteger)        # sums: divided by requests for means
+    upstream_latency_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageHourly(_UsageRollup, Base):
+    __tablename__ = "usage_hourly"
+
+
+class UsageDaily(_UsageRollup, Base):
+    __tablename__ = "usage_daily"
 
 
 def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:

@@ -4,6 +4,8 @@
     ├── InvalidRequest            400   malformed JSON, missing or ill-typed fields
     │   └── ExceedsLimit          400   the call alone is larger than a limit allows (it could never start)
     ├── AuthenticationFailed      401   missing, unknown or revoked API key
+    ├── BudgetExceeded            402   the call's worst case does not fit a budget (never a 429: waiting
+    │                                   does not free a budget); names the budget, spent, limit, reset
     ├── PermissionDenied          403   a valid key that may not do this (a client key on /admin/)
     ├── NotFound                  404   unknown job id, unknown route
     │   └── ModelNotFound         404   the model alias is not in the registry
@@ -119,6 +121,20 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class BudgetExceeded(GatewayError):
+    status = 402
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+    #: the budget's id and when it resets (answered as ``x-gateway-budget-id`` / ``-resets-at``)
+    budget_id: str | None = None
+    resets_at: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        extra = {"x-gateway-budget-id": self.budget_id, "x-gateway-budget-resets-at": self.resets_at}
+        return {**super().headers(), **{k: v for k, v in extra.items() if v}}
 
 
 class QueueTimeout(GatewayError):

@@ -25,7 +25,8 @@ _FINAL = tuple(state.value for state in TERMINAL)
 
 
 def insert_usage(session: Session, row: dict[str, Any]) -> None:
-    """A usage row, at most once per ``call_id`` (a redelivered task never doubles a bill)."""
+    """A usage row, at most once per ``call_id`` (a redelivered task never doubles a bill); the rollups
+    follow in the same transaction (the ``usage_rollup`` trigger counts only rows really inserted)."""
     session.execute(insert(Usage).values(**row).on_conflict_do_nothing(index_elements=["call_id"]))
 
 
@@ -59,7 +60,7 @@ class JobRows:
         job = Job(id=job_id, api_key_id=spec.api_key_id, model=spec.model, provider=spec.provider,
                   request=spec.request, status=JobState.QUEUED.value, attempts=0, created_at=created,
                   deadline_at=created + timedelta(seconds=max_wait),
-                  idempotency_key=key, idempotency_body=body)
+                  idempotency_key=key, idempotency_body=body, key_limits=spec.key_limits)
         try:
             with self.sessions.begin() as session:
                 session.add(job)
@@ -137,7 +138,8 @@ class JobRows:
 
 def spec_of(job: Job) -> JobSpec:
     """The live spec of an async job, rebuilt from its durable row (the deadline is set anew)."""
-    return JobSpec(Mode.ASYNC, Kind.CHAT, job.model, job.provider, job.request, job.api_key_id)
+    return JobSpec(Mode.ASYNC, Kind.CHAT, job.model, job.provider, job.request, job.api_key_id,
+                   key_limits=job.key_limits)
 
 
 def _outcome_columns(result: dict[str, Any] | None, error: dict[str, Any] | None,

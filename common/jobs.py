@@ -37,6 +37,7 @@ from typing import Any, cast
 import redis
 
 from common import lua
+from common.budgets import BudgetRefusal, Reservation
 from common.contract import (
     EVENT_TTL_S,
     WITHDRAWN,
@@ -133,13 +134,26 @@ class JobStore:
 
     # the API's side -------------------------------------------------------------------------
     def create(self, job_id: str, spec: JobSpec, *, max_wait: float, reply_to: str, ttl: float,
-               queue: str = "", message: str = "", only_if_missing: bool = False) -> float | None:
+               queue: str = "", message: str = "", only_if_missing: bool = False,
+               budget: Reservation | None = None) -> float | None:
         """Record a new queued job and (with ``queue``) push its broker ``message`` in the same atomic
         step; returns its creation time (Redis clock, epoch seconds). With ``only_if_missing`` a job
-        that exists is left as it is (None): whoever recreated it first wins."""
+        that exists is left as it is (None): whoever recreated it first wins. With ``budget`` its worst
+        case is reserved in the same step, or — a budget refuses it — :class:`BudgetRefusal` is raised
+        and nothing was recorded or queued."""
         created = self._create(keys=[self.job_key(job_id), queue or self.job_key(job_id)],
                                args=[spec.to_json(), max_wait, reply_to, int(ttl) + 1, message,
-                                     1 if only_if_missing else 0, int(CALLER_ALIVE_TTL_S * 1000)])
+                                     1 if only_if_missing else 0, int(CALLER_ALIVE_TTL_S * 1000),
+                                     1 if spec.key_limits else 0,
+                                     *(budget.args() if budget is not None else [0])])
+        if isinstance(created, list):
+            if _text(created[0]) != "ok":
+                raise BudgetRefusal(_text(created[0]), int(created[1]) - 1,
+                                    tuple(int(n) for n in created[2:]))
+            assert budget is not None
+            numbers = [int(n) for n in created[2:]]
+            budget.after[:] = [tuple(numbers[i:i + 6]) for i in range(0, len(numbers), 6)]
+            return float(created[1])
         return float(created) if created else None
 
     def exists(self, job_id: str) -> bool:
@@ -190,10 +204,13 @@ class JobStore:
         """Atomically take a delivered job for running (see the module's state machine), recording
         ``holder`` (the worker process) in the job. With ``with_spec`` a job that may run comes with
         its spec, read in the same step (a worker that already read it to learn the job's limits
-        passes False: the spec is read once per job)."""
+        passes False: the spec is read once per job) — and a job whose key has limits of its own is
+        not started but answered ``limited`` with its spec (it must wait in its provider's line)."""
         reply = self._claim(keys=[self.job_key(job_id), self.lease_key(job_id)],
                             args=[execution, int(lease_ttl * 1000), 1 if with_spec else 0, holder])
         outcome = start_or_state(_text(reply[0]))
+        if outcome is Start.LIMITED:  # its key has limits of its own: it waits in line (runner.py)
+            return Claim(outcome, spec=JobSpec.parse(reply[2], float(reply[3])))
         if outcome is not Start.RUN:
             return Claim(outcome, lost_attempt=int(reply[1]) if len(reply) > 1 else 0)
         spec = JobSpec.parse(reply[3], float(reply[4])) if with_spec else None
@@ -219,19 +236,20 @@ class JobStore:
 
     def emit(self, job_id: str, event: JobEvent, *, final_state: JobState | None = None, execution: str = "",
              provider: str = "", usage: dict[str, Any] | None = None,
-             outcome: RowOutcome | None = None) -> bool:
+             outcome: RowOutcome | None = None, charge: tuple[int, int] = (0, 0)) -> bool:
         """Append ``event`` to the job's stream and publish it to the waiting API process.
 
         With ``final_state`` it also settles the job (and drops the lease of ``execution``) in the same
         atomic step; returns False if the job was already settled, in which case nothing is emitted.
         ``outcome``: an async job's row outcome that Postgres did not take; it joins the usage stream
-        (the outbox, ``common/outbox.py``) in the same step."""
+        (the outbox, ``common/outbox.py``) in the same step, as does ``charge`` — what the job cost its
+        budgets (units of 1e-10 USD, tokens): its reservation is released and that charged, once."""
         done = self._emit(keys=[self.events_key(job_id), self.job_key(job_id), self.lease_key(job_id),
                                 self.stats_key(provider), self.usage_key()],
                           args=[job_id, event.to_json(), int(EVENT_TTL_S * 1000),
                                 final_state.value if final_state else "", execution,
                                 json.dumps(usage, separators=(",", ":"), default=str) if usage else "",
-                                outcome.to_json() if outcome is not None else ""])
+                                outcome.to_json() if outcome is not None else "", charge[0], charge[1]])
         return bool(done)
 
     def queue_usage(self, usage: dict[str, Any]) -> None:

@@ -84,6 +84,10 @@ class Settings:
     api_port: int = 8080
     flower_port: int = 5555
     visibility_timeout_override: float | None = None
+    # budget alerts: a signed POST (Standard Webhooks) to this URL when a soft threshold is crossed
+    budget_webhook_url: str | None = None
+    budget_webhook_secret: str | None = field(default=None, repr=False)
+    budget_webhook_attempts: int = 5                 # tries per alert, backing off 0.5 s, 1 s, 2 s, ...
 
     @property
     def visibility_timeout(self) -> float:
@@ -139,7 +143,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         api_port=_int(env, "GATEWAY_PORT", 8080, minimum=1),
         flower_port=_int(env, "GATEWAY_FLOWER_PORT", 5555, minimum=1),
         visibility_timeout_override=float(visibility) if visibility else None,
+        budget_webhook_url=env.get("GATEWAY_BUDGET_WEBHOOK_URL") or None,
+        budget_webhook_secret=env.get("GATEWAY_BUDGET_WEBHOOK_SECRET") or None,
+        budget_webhook_attempts=_int(env, "GATEWAY_BUDGET_WEBHOOK_ATTEMPTS", 5, minimum=1),
     )
+    if settings.budget_webhook_url and not settings.budget_webhook_secret:
+        raise SettingsError("GATEWAY_BUDGET_WEBHOOK_URL needs GATEWAY_BUDGET_WEBHOOK_SECRET (its key)")
     if settings.default_max_wait > settings.max_wait_limit:
         raise SettingsError("GATEWAY_MAX_WAIT must not exceed GATEWAY_MAX_WAIT_LIMIT")
     return settings

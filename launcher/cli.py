@@ -5,7 +5,8 @@
     llm-gateway worker    one Celery worker pool for one provider queue (llm.<provider>)
     llm-gateway flower    the queue dashboard
     llm-gateway migrate   alembic upgrade head
-    llm-gateway keys      create / list / revoke API keys
+    llm-gateway keys      create / list / get / update / revoke API keys
+    llm-gateway usage     usage and cost from the rollups (what GET /admin/usage reports), JSON or CSV
     llm-gateway providers which providers are routable, and why not
 """
 
@@ -15,16 +16,27 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from common.settings import Settings, SettingsError, load_settings
+from launcher.discovery import StoresNotFound, resolve_stores, store_environment
+from launcher.keyargs import add_keys_commands
+
+#: The stores each command needs. A URL the environment leaves unset is taken from the running
+#: ``llm-gateway up`` of the state directory (launcher/discovery.py); a command not listed needs none.
+STORES_NEEDED: dict[str, tuple[str, ...]] = {
+    "api": ("redis", "postgres"),
+    "worker": ("redis", "postgres"),
+    "flower": ("redis",),
+    "migrate": ("postgres",),
+    "keys": ("postgres",),
+    "usage": ("postgres",),
+}
 
 
-def _require(settings: Settings, what: str) -> None:
-    urls = (("REDIS_URL", settings.redis_url), ("DATABASE_URL", settings.database_url))
-    missing = [name for name, value in urls if value is None]
-    if missing:
-        raise SystemExit(f"llm-gateway {what}: set {' and '.join(missing)} (or use `llm-gateway up`, "
-                         "which starts embedded servers when they are unset)")
+def _exec(argv: list[str], settings: Settings) -> None:
+    """Replace this process by ``argv``, passing on the store URLs it was resolved with."""
+    os.execve(argv[0], argv, store_environment(os.environ, settings.redis_url, settings.database_url))
 
 
 def raise_fd_limit() -> int:
@@ -41,7 +53,6 @@ def raise_fd_limit() -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
-    _require(settings, "api")
     raise_fd_limit()
     argv = [
         sys.executable, "-m", "gunicorn",
@@ -59,14 +70,13 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
         *(["--access-logfile", "-"] if args.access_log else []),  # formatting lines for /dev/null costs ~5%
         "api.wsgi:app",
     ]
-    os.execv(sys.executable, argv)
+    _exec(argv, settings)
     return 0  # pragma: no cover - execv does not return
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    _require(settings, "worker")
     raise_fd_limit()
-    os.execv(sys.executable, worker_argv(settings, args))
+    _exec(worker_argv(settings, args), settings)
     return 0  # pragma: no cover
 
 
@@ -90,49 +100,96 @@ def worker_argv(settings: Settings, args: argparse.Namespace) -> list[str]:
 
 
 def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
-    _require(settings, "flower")
     address = "0.0.0.0" if args.public else "127.0.0.1"
     argv = [sys.executable, "-m", "celery", "-A", "workers.worker:app", "flower",
             f"--port={args.port or settings.flower_port}", f"--address={address}"]
-    os.execv(sys.executable, argv)
+    _exec(argv, settings)
     return 0  # pragma: no cover
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from common.db import migrate
 
-    if settings.database_url is None:
-        raise SystemExit("llm-gateway migrate: set DATABASE_URL")
+    assert settings.database_url is not None  # resolved by main() (STORES_NEEDED)
     migrate(settings.database_url)
     print("database schema is at head")
     return 0
 
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
-    from common.apikeys import create_key, list_keys, revoke_key
-    from common.db import make_session_factory
+    """The admin API's key operations from a shell, through the same service (common/apikeys.py)."""
+    from launcher.keys import run_keys
 
-    if settings.database_url is None:
-        raise SystemExit("llm-gateway keys: set DATABASE_URL")
-    sessions = make_session_factory(settings.database_url)
-    if args.action == "create":
-        key_id, secret = create_key(sessions, args.name)
-        print(f"created key {key_id} ({args.name}). It is shown only once:\n{secret}")
-    elif args.action == "list":
-        for row in list_keys(sessions):
-            print(f"{row.id}\t{row.name}\t{row.prefix}…\t{'revoked' if row.revoked_at else 'active'}")
-    else:
-        if not revoke_key(sessions, args.key_id):
-            raise SystemExit(f"no active key {args.key_id}")
-        print(f"revoked {args.key_id}")
+    assert settings.database_url is not None  # resolved by main() (STORES_NEEDED)
+    try:  # Redis too, when at hand: a change then reaches every API process within a second
+        settings = resolve_stores(settings, ("redis",))
+    except StoresNotFound:
+        pass  # without it the API processes see the change at their next periodic reload (5 s)
+    return run_keys(settings, args)
+
+
+def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
+    """``GET /admin/usage`` without the API: the same parameters, the same service code."""
+    import json
+    from datetime import UTC, datetime
+
+    from common.db import make_session_factory
+    from common.errors import InvalidRequest
+    from common.usage import as_csv, as_json, parse_query, report
+
+    assert settings.database_url is not None  # resolved by main() (STORES_NEEDED)
+    params = {"from": args.since, "to": args.until, "group_by": args.group_by, "key": args.key,
+              "model": args.model, "provider": args.provider, "format": "csv" if args.csv else "json"}
+    try:
+        query = parse_query({k: v for k, v in params.items() if v}, datetime.now(UTC))
+    except InvalidRequest as exc:
+        raise SystemExit(f"llm-gateway usage: {exc.message}") from None
+    result = report(make_session_factory(settings.database_url, pool_size=1), query)
+    print(as_csv(result) if args.csv else json.dumps(as_json(result), indent=2), end="" if args.csv else "\n")
     return 0
 
 
 def cmd_providers(settings: Settings, args: argparse.Namespace) -> int:
+    """Each provider: routable or why not, and — when Redis is reachable (its URL, or a running
+    ``up``) — how its upstream answered over the last minutes, as ``GET /health`` shows it."""
+    upstream = _recent_upstream(settings)
     for name, p in settings.registry.providers.items():
         status = "routable" if p.routable else f"NOT routable: {p.unroutable_reason}"
-        print(f"{name}\t{p.kind}\t{status}")
+        recent = f"\t{describe_upstream(upstream[name])}" if name in upstream else ""
+        print(f"{name}\t{p.kind}\t{status}{recent}")
     return 0
+
+
+def _recent_upstream(settings: Settings) -> dict[str, dict[str, Any]]:
+    import redis
+
+    from common.upstream_health import UpstreamHealth
+
+    try:
+        settings = resolve_stores(settings, ("redis",))
+    except StoresNotFound:
+        print("(recent upstream errors: shown while `llm-gateway up` runs here, or with REDIS_URL set)",
+              file=sys.stderr)
+        return {}
+    assert settings.redis_url is not None
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return UpstreamHealth(client, settings.key_prefix).snapshot(settings.routable_providers())
+    except redis.RedisError as exc:
+        print(f"(recent upstream errors unavailable: Redis: {exc})", file=sys.stderr)
+        return {}
+    finally:
+        client.close()
+
+
+def describe_upstream(entry: dict[str, Any]) -> str:
+    """One provider's recent upstream record (``UpstreamHealth.snapshot``) in a few words."""
+    text = (f"upstream {entry['status']} ({entry['attempts']} calls, {entry['errors']} errors in "
+            f"{entry['window_s'] // 60} min")
+    last = entry.get("last_error")
+    if last:
+        text += f"; last error {last['seconds_ago']:g} s ago: {last['status_class']}: {last['message']}"
+    return text + ")"
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
@@ -174,14 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("providers", help="show which providers are routable").set_defaults(func=cmd_providers)
 
-    keys = sub.add_parser("keys", help="manage API keys")
-    keys_sub = keys.add_subparsers(dest="action", required=True)
-    create = keys_sub.add_parser("create")
-    create.add_argument("--name", required=True)
-    keys_sub.add_parser("list")
-    revoke = keys_sub.add_parser("revoke")
-    revoke.add_argument("key_id")
+    keys = sub.add_parser("keys", help="manage API keys (as the admin API does)")
+    add_keys_commands(keys)
     keys.set_defaults(func=cmd_keys)
+
+    usage = sub.add_parser("usage", help="usage and cost per key/model/provider/day/hour (README: Usage)")
+    usage.add_argument("--from", dest="since", help="RFC 3339 (default: the start of this UTC month)")
+    usage.add_argument("--to", dest="until", help="RFC 3339 (default: now)")
+    usage.add_argument("--group-by", help="comma-separated: day, hour, key, model, provider")
+    usage.add_argument("--key", help="only these key ids (comma-separated)")
+    usage.add_argument("--model", help="only these model aliases")
+    usage.add_argument("--provider", help="only these providers")
+    usage.add_argument("--csv", action="store_true", help="CSV instead of JSON")
+    usage.set_defaults(func=cmd_usage)
     return parser
 
 
@@ -192,7 +254,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, ValueError) as exc:
         print(f"llm-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    return args.func(settings, args)
+    try:
+        settings = resolve_stores(settings, STORES_NEEDED.get(args.command, ()))
+    except StoresNotFound as exc:
+        print(f"llm-gateway {args.command}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(settings, args)
+    except _unreachable_store_errors() as exc:  # a URL that leads nowhere: one line, not a traceback
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        store = "Redis" if type(exc).__module__.startswith("redis") else "Postgres"
+        print(f"llm-gateway {args.command}: cannot reach {store}: {first_line}", file=sys.stderr)
+        return 1
+
+
+def _unreachable_store_errors() -> tuple[type[BaseException], ...]:
+    """What a command raises when a store's URL leads nowhere (their messages name host and port,
+    never the password)."""
+    import redis
+    from sqlalchemy.exc import OperationalError
+
+    return (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
 
 if __name__ == "__main__":

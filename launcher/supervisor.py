@@ -33,14 +33,15 @@ from types import FrameType
 from typing import Self, TextIO
 
 from common.settings import Settings
+from launcher.discovery import store_environment
 from launcher.embedded import (
     EmbeddedServer,
     EmbeddedServerError,
     die_with_parent,
     redact_url,
-    start_embedded_postgres,
-    start_embedded_redis,
 )
+from launcher.embedded_postgres import start_embedded_postgres
+from launcher.embedded_redis import start_embedded_redis
 
 #: How long children get to stop after SIGTERM before their process groups are SIGKILLed: a bit
 #: more than the API's own ``--graceful-timeout 10``, so gunicorn finishes its orderly stop first.
@@ -130,6 +131,10 @@ def _run(settings: Settings, api_host: str, api_port: int, console: _Console, si
             console.say(f"provider: {name} is NOT routable: {provider.unroutable_reason}")
     if not providers:
         console.say("warning: no provider is routable; every call will get 503 until one is configured")
+    finds = ("finds the embedded servers by itself" if len(embedded) == len(stores)
+             else "needs the same REDIS_URL/DATABASE_URL")
+    console.say(f"next:     in another terminal here, `llm-gateway keys create --name me` makes an API key "
+                f"(every llm-gateway command {finds})")
     console.say("Ctrl-C stops everything")
     return children.watch(embedded, f"{base}/health")
 
@@ -137,9 +142,7 @@ def _run(settings: Settings, api_host: str, api_port: int, console: _Console, si
 def _child_environment(redis_url: str, database_url: str) -> dict[str, str]:
     """The children's environment: ours (the only place the launcher reads ``os.environ``; the
     children's own settings are parsed from it by ``common.settings``) plus the URLs they must use."""
-    env = dict(os.environ)
-    env["REDIS_URL"] = redis_url
-    env["DATABASE_URL"] = database_url
+    env = store_environment(os.environ, redis_url, database_url)
     env["PYTHONUNBUFFERED"] = "1"  # their output is forwarded line by line; don't hold it in buffers
     return env
 

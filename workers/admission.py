@@ -23,7 +23,7 @@ import redis
 
 from common.contract import Start
 from common.limits import Attempt, Limiter, Scope
-from common.registry import Model, Provider, Registry
+from common.registry import Limits, Model, Provider, Registry
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,16 @@ def recheck_after(rank: int) -> float:
     return base * random.uniform(0.8, 1.2)
 
 
-def scopes_for(registry: Registry, model: Model, provider: Provider, key: str) -> list[Scope]:
-    """The limits one call counts against: its provider's, its model's, its API key's own."""
+def scopes_for(registry: Registry, model: Model, provider: Provider, key: str,
+               own: Limits | None = None) -> list[Scope]:
+    """The limits one call counts against: its provider's, its model's, its API key's own (``own``,
+    carried by the job's spec from the admin API, else the registry's ``key_limits``)."""
     scopes = []
     if provider.limits.any:
         scopes.append(Scope(provider.name, provider.limits))
     if model.limits.any:
         scopes.append(Scope.of_model(provider.name, model.alias, model.limits))
-    key_limits = registry.limits_of_key(key)
+    key_limits = own or registry.limits_of_key(key)
     if key_limits.any:
         scopes.append(Scope.of_key(key, key_limits))
     return scopes

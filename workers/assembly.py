@@ -9,13 +9,17 @@ import socket
 
 import redis
 
+from common.apikeys import KeyService
+from common.budgetrows import BudgetRows
 from common.db import make_session_factory
 from common.jobrows import JobRows
 from common.jobs import JobStore
 from common.limits import Limiter
+from common.revoked import RevokedKeys
 from common.settings import Settings
 from workers.adapters.base import build_adapter, make_http_session
 from workers.admission import AdmissionControl
+from workers.budget_alerts import AlertDispatcher
 from workers.reconciler import JobReconciler
 from workers.runner import JobRunner, job_lease_ttl
 from workers.usage import UsageFlusher, UsageLedger
@@ -39,8 +43,13 @@ def build_runner(settings: Settings) -> JobRunner:
     rows = JobRows(sessions)
     UsageFlusher(store, ledger, consumer=f"{socket.gethostname()}:{os.getpid()}").start()
     JobReconciler(settings, store, rows).start()
+    AlertDispatcher(settings, client, settings.key_prefix, BudgetRows(sessions),
+                    consumer=f"{socket.gethostname()}:{os.getpid()}").start()
     lease_ttl = job_lease_ttl(settings)
-    limiter = Limiter(store, keyed=bool(settings.registry.key_limits))
+    # keyed: any key may be given limits of its own at any time (the admin API)
+    limiter = Limiter(store, keyed=True)
     admission = AdmissionControl(limiter, call_lease_s=lease_ttl)
     admission.start()  # the process heartbeat: the jobs this process holds (``holder``) are alive with it
-    return JobRunner(settings, store, rows, ledger, adapters, admission)
+    keys = KeyService(sessions, client, settings.key_prefix)
+    return JobRunner(settings, store, rows, ledger, adapters, admission,
+                     revoked=RevokedKeys(keys.revoked_ids, keys.version))

@@ -28,6 +28,7 @@ from typing import Any
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.budgets import to_units
 from common.contract import (
     EVENT_TTL_S,
     Chunk,
@@ -43,6 +44,7 @@ from common.contract import (
     unrun_event,
 )
 from common.errors import (
+    AuthenticationFailed,
     ClientGone,
     ExceedsLimit,
     GatewayError,
@@ -60,12 +62,14 @@ from common.routing.ttft import RedisLatencyStats
 from common.settings import Settings
 from common.tokens import reservation
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
+from common.upstream_health import UpstreamHealth, scrub
 from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, scopes_for
 from workers.failover import Failover, Moved, WaitedOut
 from workers.leases import LeaseHeartbeat
+from workers.partial import chunk_text, partial_bill, with_partial
 from workers.policy import Action, Decision, decide, may_move, reached_upstream
-from workers.settle import Settlement, Settler
+from workers.settle import Settlement, Settler, billed_charge
 from workers.usage import ATTEMPT_LOST, UsageLedger, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -78,15 +82,18 @@ BUSY_POLL_S = 1.0   # how often a delivery of a job whose lease is alive looks w
 
 class JobRunner:
     def __init__(self, settings: Settings, store: JobStore, rows: JobRows, ledger: UsageLedger,
-                 adapters: dict[str, Adapter], admission: AdmissionControl) -> None:
+                 adapters: dict[str, Adapter], admission: AdmissionControl,
+                 revoked: Callable[[str | None], bool] = lambda key_id: False) -> None:
         self.settings = settings
         self.store = store
         self.rows = rows
         self.ledger = ledger
         self.adapters = adapters
         self.admission = admission
+        self.revoked = revoked   # whether a job's API key was revoked since it was accepted
         self.settler = Settler(settings, store, rows, ledger)
         self.ttft = RedisLatencyStats(store.redis, store.prefix)
+        self.upstream = UpstreamHealth(store.redis, settings.key_prefix)
         self.failover = Failover(settings, store)
         self.lease_ttl = job_lease_ttl(settings)
         registry = settings.registry
@@ -108,6 +115,10 @@ class JobRunner:
         else:  # no limits apply: claim straight away (returning the spec unless we read it: one round trip)
             claim = self.store.claim(job_id, execution, self.lease_ttl, with_spec=job is None,
                                      holder=self.admission.proc_id)
+        if claim.outcome is Start.LIMITED:  # its key has limits of its own: wait in line for them
+            assert claim.spec is not None
+            job = self._job(job_id, execution, claim.spec)
+            claim = self._admit(job)
         if claim.outcome is Start.MISSING:
             return self._recover_missing(job_id)
         if claim.outcome is Start.EXPIRED:
@@ -141,7 +152,7 @@ class JobRunner:
         model, deployment = self.failover.home(spec)
         provider = self.settings.registry.providers[deployment.provider]
         key = spec.api_key_id or "-"
-        scopes = scopes_for(self.settings.registry, model, provider, key)
+        scopes = scopes_for(self.settings.registry, model, provider, key, spec.own_limits())
         request = spec.canonical_request()
         return _Run(job_id, execution, spec, model, provider, key, scopes, request,
                     reservation(request, model) if scopes else 0, deployment=deployment.name)
@@ -165,6 +176,10 @@ class JobRunner:
 
     # ------------------------------------------------------------------------------------------
     def _execute(self, job: _Run, attempt: int, queue_wait_s: float) -> str:
+        if self.revoked(job.spec.api_key_id):  # accepted before its key was revoked: never call upstream
+            revoked = AuthenticationFailed("the API key that submitted this job was revoked before it ran",
+                                           code="key_revoked")
+            return self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(revoked))
         if job.spec.is_async:
             if attempt > 1:
                 done = self._replay_if_settled(job)
@@ -180,7 +195,11 @@ class JobRunner:
             invoke = self._invoker(job)
             response, latency_ms, call_id = self._call_with_retries(job, attempt, invoke, queue_wait_ms)
         except GatewayError as exc:
-            return self.settler.settle(job.job_id, job.execution, job.spec, Settlement.failed(exc))
+            # a stream cut off mid-way: its budgets are charged what it produced (its try's usage row)
+            partial = partial_bill(exc, job.model)
+            charge = (to_units(partial["cost"]), partial["response"].usage.total_tokens) if partial else None
+            return self.settler.settle(job.job_id, job.execution, job.spec,
+                                       replace(Settlement.failed(exc), charge=charge))
         except Moved:
             return "moved"
         except WaitedOut:  # every deployment's breaker stayed open: the caller gets its 429, Retry-After
@@ -234,6 +253,7 @@ class JobRunner:
         sent = 0
         first_ms: float | None = None
         usage: dict[str, Any] = {}
+        produced: list[str] = []
         checked = time.monotonic()
         try:
             for chunk in chunks:
@@ -241,16 +261,19 @@ class JobRunner:
                     usage = chunk["usage"]
                 if first_ms is None:
                     first_ms = (time.perf_counter() - began) * 1000
+                produced.extend(chunk_text(chunk))
                 self.store.emit(job_id, Chunk(chunk))
                 sent += 1
                 if time.monotonic() - checked > ABORT_CHECK_S:
                     checked = time.monotonic()
                     if self.store.aborted(job_id):
-                        raise ClientGone("the client disconnected; the upstream call was aborted")
+                        gone = ClientGone("the client disconnected; the upstream call was aborted")
+                        raise with_partial(gone, request, model, usage, produced) from None
         except UpstreamError as exc:
             if not sent:
                 raise
-            raise UpstreamStreamBroken(f"the upstream stream broke off: {exc.message}") from None
+            broken = UpstreamStreamBroken(f"the upstream stream broke off: {exc.message}")
+            raise with_partial(broken, request, model, usage, produced) from None
         finally:
             chunks.close()  # type: ignore[attr-defined]
         return ChatResponse(body={"usage": usage} if usage else {},
@@ -274,6 +297,11 @@ class JobRunner:
             started = time.perf_counter()
             try:
                 response = invoke()
+            except ClientGone as exc:   # a stream cut off by its caller: the try's row bills what it produced
+                self.settler.record_try(_usage_row(job, call_id, queue_wait_ms,
+                                                   int((time.perf_counter() - started) * 1000), error=exc,
+                                                   **partial_bill(exc, job.model)))
+                raise
             except UpstreamError as exc:
                 latency_ms = int((time.perf_counter() - started) * 1000)
                 self.failover.report(job.deployment, exc, probe=probe, latency_ms=latency_ms)
@@ -281,8 +309,10 @@ class JobRunner:
                 self._release(job, None, refund=rate_limited)
                 if rate_limited and job.scopes:
                     self.admission.limiter.cool_down(job.provider.name, exc.retry_after or 1.0)
-                if reached_upstream(exc):
-                    self.settler.record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc))
+                partial = partial_bill(exc, job.model)   # a stream that broke off mid-way produced this
+                if reached_upstream(exc) or partial:
+                    self.settler.record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc,
+                                                       **partial))
                 elsewhere = (self.failover.alternative(job.spec, job.deployment)
                              if may_move(exc, tries=tries, max_retries=job.provider.max_retries) else None)
                 now = time.time()
@@ -291,22 +321,35 @@ class JobRunner:
                                   elsewhere_s=(None if elsewhere is None
                                                else _start_in(elsewhere[1].start_in_s)),
                                   jitter=random.random())
+                self._report_failure(job, exc, tries, decision)
                 if decision.action is Action.MOVE and elsewhere is not None:
                     self.failover.move(job.job_id, job.execution, job.spec, job.deployment, tries, elsewhere,
                                        exc.code or type(exc).__name__, attempt=attempt)
                 if decision.action in (Action.FAIL, Action.MOVE):
                     raise
-                log.info("job %s: %s; %s in %.2fs", job.job_id, exc.code, decision.action.value,
-                         decision.delay_s)
                 self._wait_to_retry(job, exc, decision, give_up_at)
                 continue
             latency_ms = int((time.perf_counter() - started) * 1000)
+            self.upstream.record_success(job.provider.name)
             self.failover.report(job.deployment, None, probe=probe, latency_ms=latency_ms)
             self._release(job, response.usage.total_tokens)
             if response.quota_reset_s and job.scopes:
                 # the provider's headers say its quota is spent: hold everyone back before the 429s come
                 self.admission.limiter.cool_down(job.provider.name, response.quota_reset_s)
             return response, latency_ms, call_id
+
+    def _report_failure(self, job: _Run, exc: UpstreamError, tries: int, decision: Decision) -> None:
+        """Make a failed upstream attempt visible to the operator: one warning line (provider, model,
+        status class, the message with the provider's key scrubbed, what happens next) and the
+        provider's shared counts that ``/health`` shows."""
+        message = scrub(exc.message, job.provider.api_key)
+        label = self.upstream.record_failure(job.provider.name, exc, message)
+        then = ("giving up" if decision.action is Action.FAIL
+                else "moving to another deployment" if decision.action is Action.MOVE
+                else f"{decision.action.value.replace('_', ' ')} in {decision.delay_s:.2f}s")
+        log.warning("upstream attempt failed: provider=%s model=%s (%s) status=%s job=%s try=%d: %s; %s",
+                    job.provider.name, job.model.alias, job.model.model, label, job.job_id, tries, message,
+                    then)
 
     def _wait_to_retry(self, job: _Run, exc: UpstreamError, decision: Decision, give_up_at: float) -> None:
         """Wait out ``decision`` before the next try. A limited job goes back to the head of its line
@@ -378,7 +421,7 @@ class JobRunner:
             return None
         event = (Result(row.result or {}, {"provider": job.provider.name}) if row.status == JobState.SUCCEEDED
                  else Failed(row.error or {}))
-        settlement = Settlement(JobState(row.status), event)
+        settlement = Settlement(JobState(row.status), event, charge=billed_charge(row.usage))
         return self.settler.settle(job.job_id, job.execution, job.spec, settlement, recorded=True)
 
     def _recover_missing(self, job_id: str) -> str:

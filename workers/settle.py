@@ -11,11 +11,13 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import redis
 from sqlalchemy.exc import SQLAlchemyError
 
+from common.budgets import to_units
 from common.contract import Failed, JobEvent, JobSpec, JobState, failure_state
 from common.errors import GatewayError
 from common.jobrows import JobRows
@@ -48,10 +50,28 @@ class Settlement:
     result: dict[str, Any] | None = None     # an async job's row: the answer ...
     error: dict[str, Any] | None = None      # ... or the error ...
     billed: dict[str, Any] | None = None     # ... and its token counts and cost (the row's ``usage``)
+    charge: tuple[int, int] | None = None    # its budgets' charge, if not its usage row's (a replay)
 
     @classmethod
     def failed(cls, error: GatewayError) -> Settlement:
         return cls(failure_state(error), Failed.of(error), error=error.to_dict())
+
+
+def billed_charge(billed: dict[str, Any] | None) -> tuple[int, int]:
+    """The budget charge of an async row's ``usage`` column (a job replayed from its settled row)."""
+    billed = billed or {}
+    tokens = int(billed.get("prompt_tokens") or 0) + int(billed.get("completion_tokens") or 0)
+    return to_units(Decimal(str(billed.get("cost_usd") or 0))), tokens
+
+
+def budget_charge(usage: UsageRecord | None) -> tuple[int, int]:
+    """What a job's budgets are charged when it settles: the cost (units of 1e-10 USD, rounded as the
+    usage row stores it) and tokens of the call that settled it — the only one of its calls that can
+    cost anything (a failed try's and a lost attempt's rows cost 0), so a budget's spent figure is the
+    exact sum of its usage rows."""
+    if usage is None:
+        return 0, 0
+    return to_units(usage.cost_usd), usage.prompt_tokens + usage.completion_tokens
 
 
 class Settler:
@@ -91,7 +111,8 @@ class Settler:
             try:
                 self.store.emit(job_id, settlement.event, final_state=None if state_set else settlement.state,
                                 execution=execution, provider=spec.provider if spec is not None else "",
-                                usage=None if is_async else usage, outcome=None if recorded else pending)
+                                usage=None if is_async else usage, outcome=None if recorded else pending,
+                                charge=settlement.charge or budget_charge(settlement.usage))
                 return settlement.state
             except REDIS_DOWN as exc:
                 if time.monotonic() + delay > give_up:

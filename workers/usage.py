@@ -10,10 +10,16 @@ read but never acked are claimed by the others after ``CLAIM_IDLE_MS``. Nothing 
 keeps its data (run it with AOF in production, as the broker needs anyway). A row Postgres refuses
 for what it holds (a poison row) is parked, with its error, in the stream ``<usage stream>:parked``
 and logged once; it never holds back the rows batched with it.
+
+The usage rollups (``usage_hourly``, ``usage_daily``: what ``/v1/usage`` and ``/admin/usage`` read) are
+kept by a statement-level trigger on ``usage`` (migration 0005) in the same transaction as each insert,
+here and in ``common/jobrows.py`` alike; it sees only the rows a statement really inserted, so a row
+skipped by ``ON CONFLICT DO NOTHING`` is never counted. Writers need do nothing for it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -25,7 +31,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import redis
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import BigInteger, DateTime, Integer, Numeric, TextClause, text
 from sqlalchemy.exc import (
     ArgumentError,
     CompileError,
@@ -37,6 +43,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import sessionmaker
 
+from common.apikeys import ANONYMOUS
 from common.db import Usage
 from common.jobrows import insert_usage, settle_outcome
 from common.jobs import JobStore
@@ -106,13 +113,55 @@ class UsageLedger:
         # only the table's columns: a field this version does not know (a newer worker's, in a rolling
         # upgrade) is dropped rather than costing the row
         rows = [{k: v for k, v in row.items() if k in _COLUMNS} for row in rows]
+        # one statement per batch, the rows as arrays: the rollup trigger runs once per statement (an
+        # executemany would be one statement, and one trigger run, per row); rows of one version all
+        # have the same columns
+        shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        # in call_id order: two flushers writing some of the same rows (a claimed entry, an outbox
+        # outcome and its repair) take the unique index's locks in the same order, never a deadlock
+        for row in sorted(rows, key=lambda r: str(r.get("call_id"))):
+            shapes.setdefault(tuple(sorted(row)), []).append(row)
         with self.sessions.begin() as session:
-            session.execute(insert(Usage).on_conflict_do_nothing(index_elements=["call_id"]), rows)
+            for columns, same in shapes.items():
+                arrays = {name: [None if row[name] is None else str(row[name]) for row in same]
+                          for name in columns}
+                session.execute(_insert_arrays(columns), arrays)
 
     def _settle(self, outcomes: list[RowOutcome]) -> None:
+        # one statement per outcome, each locking its rollup buckets: in the rollup trigger's order (key,
+        # model, provider; the hour is the transaction's), so a concurrent batch never waits in a cycle
         with self.sessions.begin() as session:
-            for outcome in outcomes:
+            for outcome in sorted(outcomes, key=_rollup_order):
                 settle_outcome(session, outcome)
+
+
+_ARRAY_TYPES = ((Numeric, "numeric"), (BigInteger, "bigint"), (Integer, "integer"),
+                (DateTime, "timestamptz"))
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_arrays(columns: tuple[str, ...]) -> TextClause:
+    """``INSERT INTO usage (columns) SELECT unnest(...) … ON CONFLICT (call_id) DO NOTHING``, each column
+    sent as a text array and cast to its type by Postgres: a value it cannot take (``"many"`` tokens, a
+    39-digit number, a job id too long for its column) fails the statement with the reason, as a
+    row-by-row insert would (and the batch is retried row by row: :func:`_write_refusing`)."""
+    arrays = []
+    for name in columns:
+        column_type = Usage.__table__.c[name].type
+        sql_type = next((pg for cls, pg in _ARRAY_TYPES if isinstance(column_type, cls)), None)
+        # strings stay text: the INSERT's own assignment cast refuses one too long for its column
+        as_text = f"CAST(:{name} AS text[])"
+        arrays.append(f"CAST({as_text} AS {sql_type}[])" if sql_type else as_text)
+    return text(f"INSERT INTO usage ({', '.join(columns)}) SELECT * FROM unnest({', '.join(arrays)}) "
+                "ON CONFLICT (call_id) DO NOTHING")
+
+
+def _rollup_order(outcome: RowOutcome) -> tuple[str, ...]:
+    """Where an outcome's usage row falls in the rollup trigger's lock order (its ``ORDER BY``, byte
+    order: Python's for str); outcomes without one first."""
+    row = outcome.usage_row or {}
+    return tuple(str(row.get(name) or default) for name, default in (
+        ("api_key_id", ANONYMOUS), ("model", ""), ("provider", ""), ("call_id", "")))
 
 
 def _write_refusing(items: list[T], write: Callable[[list[T]], None]) -> list[tuple[int, str]]:

@@ -2,13 +2,16 @@
 
 Libraries (functions only, no side effects) are prepended to the scripts that use them:
 
+    budget.lua    budgets: check, reserve, settle (release + charge once), alerts; every job script has it,
+                  since whatever ends a job settles its budget reservation
     job.lua       the job's state machine: job_check, job_start, job_settle (+ now_ms, stamp)
     line.lua      a provider's line: join, turn (who is head), admit, leave, key blocks, wakes
     permits.lua   the limit kinds (KINDS: check / take / settle per kind) and the loops over scopes
 
 Scripts: create, claim, withdraw, abandon, emit, renew_lease (common/jobs.py); acquire, release, leave,
-renew_permits (common/limits.py); move (common/jobs.py: a job that moves to another
-deployment's queue); breaker (common/routing/breaker.py); ttft (common/routing/ttft.py).
+renew_permits (common/limits.py); budget_seed (common/budgetstate.py); move (common/jobs.py: a job
+that moves to another deployment's queue); breaker (common/routing/breaker.py); ttft
+(common/routing/ttft.py).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from redis.commands.core import Script
 _HERE = Path(__file__).parent
 
 _LIBRARIES: dict[str, tuple[str, ...]] = {
-    "create": ("job",), "claim": ("job",), "withdraw": ("job",), "emit": ("job",), "renew_lease": (),
-    "abandon": ("job",),
-    "acquire": ("job", "line", "permits"), "release": ("job", "line", "permits"), "leave": ("job", "line"),
-    "renew_permits": ("job",), "breaker": (), "move": ("job",),
+    "create": ("budget", "job"), "claim": ("budget", "job"), "withdraw": ("budget", "job"),
+    "emit": ("budget", "job"), "renew_lease": (), "abandon": ("budget", "job"),
+    "acquire": ("budget", "job", "line", "permits"), "release": ("budget", "job", "line", "permits"),
+    "leave": ("budget", "job", "line"), "renew_permits": ("budget", "job"), "budget_seed": ("budget",),
+    "breaker": (), "move": ("budget", "job"),
     "ttft": (),
 }
 

@@ -8,6 +8,7 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', stamp(now_ms()), 'abandoned', 1)
+  budget_settle(KEYS[1], '0', '0')
   redis.call('PUBLISH', ARGV[3], ARGV[2])
   return ARGV[1]
 elseif state == 'running' then

@@ -1,6 +1,7 @@
 -- KEYS: events, job, lease, stats, usage
 -- ARGV: job_id, event (JSON), ttl_ms, final_state ('' = not final), execution, usage row ('' = none),
---       async row outcome ('' = none: Postgres has it already)
+--       async row outcome ('' = none: Postgres has it already), the job's budget charge: units
+--       (1e-10 USD) and tokens ('0' for a call that cost nothing)
 -- -> 1, or 0 if the event was final and the job had settled already (nothing emitted)
 -- A final event settles the job (job_settle) and may carry the call's usage row: it joins the usage
 -- stream in the same atomic step, and the ledger moves it to Postgres in batches (workers/usage.py).
@@ -9,6 +10,8 @@
 if ARGV[4] ~= '' then
   local now = now_ms()
   if not job_settle(KEYS[2], KEYS[3], ARGV[4], ARGV[5], now) then return 0 end
+  -- the job's budgets: its reservation released and its real cost charged, exactly once (budget.lua)
+  budget_settle(KEYS[2], ARGV[8] or '0', ARGV[9] or '0')
   local bucket = math.floor(now / 10000)
   local slot = bucket % 12
   if redis.call('HGET', KEYS[4], 't' .. slot) ~= tostring(bucket) then

@@ -27,6 +27,7 @@ end
 
 local function settle_unrun(job, now)
   redis.call('HSET', job, 'state', 'cancelled', 'finished_at', stamp(now))
+  budget_settle(job, '0', '0')
   return 'orphaned'
 end
 
@@ -41,6 +42,7 @@ local function job_check(job, lease, now)
   if state == 'queued' then
     if now > tonumber(redis.call('HGET', job, 'deadline')) * 1000 then
       redis.call('HSET', job, 'state', 'expired', 'finished_at', stamp(now))
+      budget_settle(job, '0', '0')
       return 'expired', 0
     end
     if caller_gone(job) then return settle_unrun(job, now), 0 end

@@ -5,5 +5,6 @@
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' then return state or 'missing' end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', stamp(now_ms()))
+budget_settle(KEYS[1], '0', '0')  -- it never ran: its budget reservation is refunded whole
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return ARGV[1]

@@ -57,7 +57,8 @@ STOP_REASON_TO_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_tur
                          "tool_use": "tool_calls", "refusal": "content_filter"}
 FINISH_TO_STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                          "function_call": "tool_use", "content_filter": "refusal"}
-STATUS_TO_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+STATUS_TO_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                        403: "permission_error",
                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                         500: "api_error", 504: "timeout_error", 529: "overloaded_error"}
 TOOL_CHOICE_IN = {"auto": "auto", "any": "required", "none": "none"}

@@ -10,7 +10,7 @@ from common.errors import InvalidRequest
 from common.types import ChatRequest, EmbeddingsRequest
 
 # Our extension fields: accepted in the body (openai SDK: ``extra_body={...}``), never sent upstream.
-GATEWAY_FIELDS = ("max_wait",)
+GATEWAY_FIELDS = ("max_wait", "max_cost_usd")
 
 # Body fields other clients and proxies use to pick the upstream, its credentials or its HTTP call.
 # Unknown fields are otherwise passed on to OpenAI-format upstreams, so these are refused (400), not

@@ -247,9 +247,11 @@ class VirtualRouter:
             return [models[alias] for alias in virtual.candidates]
         return [m for m in models.values() if "chat" in m.capabilities]
 
-    def resolve(self, name: str, request: ChatRequest, overrides: Overrides = Overrides()) -> Decision:
-        """The alias ``name`` means for ``request``, and why. Raises :class:`InvalidRequest` (400) when
-        no candidate is eligible, naming what each lacks."""
+    def resolve(self, name: str, request: ChatRequest, overrides: Overrides = Overrides(),
+                allowed: Callable[[str], bool] = lambda alias: True) -> Decision:
+        """The alias ``name`` means for ``request``, and why: among the candidates the caller is
+        ``allowed`` to use (an API key's model scope). Raises :class:`InvalidRequest` (400) when no
+        candidate is eligible, naming what each lacks."""
         virtual = self.registry.virtual_models[name]
         strategy = overrides.strategy or virtual.strategy
         weights = STRATEGIES[strategy]
@@ -259,6 +261,9 @@ class VirtualRouter:
         skipped: dict[str, str] = {}
         counted: dict[tuple[Callable[[str], int], int], int] = {}
         for model in self.candidates(virtual):
+            if not allowed(model.alias):
+                skipped[model.alias] = "not allowed for this API key"
+                continue
             if not self.registry.serves(model):  # no deployment of it is configured
                 providers = ", ".join(dict.fromkeys(d.provider for d in model.routes()))
                 skipped[model.alias] = f"provider {providers} not configured"

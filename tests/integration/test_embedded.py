@@ -8,13 +8,12 @@ These need no Redis or Postgres on the machine (they bring their own), only the 
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +26,10 @@ import requests
 from sqlalchemy import create_engine, text
 
 from common.settings import normalise_database_url
-from launcher.embedded import (
-    EmbeddedServer,
-    EmbeddedServerError,
-    free_port,
-    start_embedded_postgres,
-    start_embedded_redis,
-)
+from launcher.embedded import EmbeddedServer, EmbeddedServerError, free_port
+from launcher.embedded_postgres import start_embedded_postgres
+from launcher.embedded_redis import start_embedded_redis
+from tests.integration.uprun import Up, fresh_environment, temporary_directory
 
 pytestmark = pytest.mark.integration
 
@@ -42,13 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
-    """A state directory in the system temp dir, mode 0755: run as root, PostgreSQL runs as an
-    unprivileged account that must be able to enter it — pytest's own ``tmp_path`` lives under
-    ``/tmp/pytest-of-root`` (0700), which that account cannot."""
-    path = Path(tempfile.mkdtemp(prefix="gw-embedded-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
+    """A state directory PostgreSQL's account can enter when we are root (see ``temporary_directory``)."""
+    with temporary_directory("gw-embedded-") as path:
+        yield path
 
 
 def _processes_in(directory: Path) -> list[psutil.Process]:
@@ -114,7 +106,7 @@ def test_one_state_directory_serves_one_launcher(state_dir: Path) -> None:
 
 
 def test_server_orphaned_by_a_crashed_launcher_is_stopped_at_next_start(state_dir: Path) -> None:
-    crash = ("import os, sys\nfrom pathlib import Path\nimport launcher.embedded as e\n"
+    crash = ("import os, sys\nfrom pathlib import Path\nimport launcher.embedded_redis as e\n"
              "e.die_with_parent = lambda sig: None  # as on a platform without PR_SET_PDEATHSIG\n"
              "print(e.start_embedded_redis(Path(sys.argv[1])).pid, flush=True)\nos._exit(0)\n")
     out = subprocess.run([sys.executable, "-c", crash, str(state_dir)], cwd=ROOT, capture_output=True,
@@ -160,50 +152,8 @@ def test_postgres_serves_sqlalchemy_keeps_data_and_is_gone_after_stop(state_dir:
 # llm-gateway up
 
 
-class _Up:
-    """``llm-gateway up`` on embedded servers in ``state_dir``, on free ports, output in a file."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.api_port, self.flower_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("REDIS_URL", "DATABASE_URL", "GATEWAY_CONFIG", "OPENAI_API_KEY")}
-        env.update(GATEWAY_STATE_DIR=str(state_dir), GATEWAY_PORT=str(self.api_port),
-                   GATEWAY_FLOWER_PORT=str(self.flower_port), GATEWAY_AUTH="off", PYTHONUNBUFFERED="1")
-        self.log = state_dir / "up.log"
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "up"], cwd=ROOT, env=env,
-                                         stdout=out, stderr=subprocess.STDOUT)
-        self.tree: list[psutil.Process] = []
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while "\nready:" not in self.output():
-            assert self.proc.poll() is None, f"`up` exited early:\n{self.output()}"
-            assert time.monotonic() < deadline, f"`up` not ready in {timeout} s:\n{self.output()}"
-            time.sleep(0.1)
-        self.tree = psutil.Process(self.proc.pid).children(recursive=True)
-
-    def child(self, fragment: str) -> psutil.Process:
-        return next(p for p in psutil.Process(self.proc.pid).children() if fragment in " ".join(p.cmdline()))
-
-    def assert_all_gone(self) -> None:
-        alive = [p for p in self.tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert alive == [], f"left running: {alive}\n{self.output()}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for proc in self.tree:
-            if proc.is_running():
-                proc.kill()
-
-
 def test_up_serves_then_stops_everything_on_sigterm(state_dir: Path) -> None:
-    up = _Up(state_dir)
+    up = Up(state_dir)
     try:
         up.wait_ready()
         names = {p.name() for p in up.tree}
@@ -231,8 +181,35 @@ def test_up_serves_then_stops_everything_on_sigterm(state_dir: Path) -> None:
         up.kill()
 
 
+def test_up_shows_failed_upstream_calls_in_its_log_and_health(state_dir: Path) -> None:
+    """An upstream that refuses connections: the client gets a 502, ``up``'s output a warning line per
+    attempt (the worker runs at its default log level), ``/health`` the provider as failing."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refusing = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    bad_key = "sk-never-in-a-log-4711"
+    up = Up(state_dir, env={"OPENAI_API_KEY": bad_key, "OPENAI_BASE_URL": refusing})
+    try:
+        up.wait_ready()
+        with requests.Session() as http:
+            http.headers["Connection"] = "close"
+            base = f"http://127.0.0.1:{up.api_port}"
+            reply = http.post(f"{base}/v1/chat/completions", timeout=30,
+                              json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_unavailable"
+            openai = http.get(f"{base}/health", timeout=10).json()["providers"]["openai"]
+        assert openai["status"] == "failing" and openai["errors"] == openai["attempts"] == 3  # max_retries 2
+        failed = "upstream attempt failed: provider=openai"
+        lines = [line for line in up.output().splitlines() if failed in line]
+        assert len(lines) == 3 and all(line.startswith("worker-openai | ") and "WARNING" in line
+                                       and "status=unavailable" in line for line in lines), up.output()
+        assert bad_key not in up.output()
+    finally:
+        up.kill()
+
+
 def test_up_stops_everything_when_a_child_dies(state_dir: Path) -> None:
-    up = _Up(state_dir)
+    up = Up(state_dir)
     try:
         up.wait_ready()
         up.child("--queues llm.mock").kill()
@@ -241,3 +218,82 @@ def test_up_stops_everything_when_a_child_dies(state_dir: Path) -> None:
         assert "worker-mock exited unexpectedly with signal SIGKILL" in up.output()
     finally:
         up.kill()
+
+
+def _cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``llm-gateway <args>`` as an operator types it next to a running ``up``: no store URLs set."""
+    env = {**fresh_environment(), "GATEWAY_STATE_DIR": str(state_dir)}
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def _worker_joins(state_dir: Path) -> None:
+    """``llm-gateway worker`` next to a running ``up`` reaches its Redis and Postgres (the URLs found
+    by the CLI are passed on to the exec'd Celery worker) and gets ready."""
+    env = {**fresh_environment(), "GATEWAY_STATE_DIR": str(state_dir)}
+    log = state_dir / "extra-worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "launcher.cli", "worker", "--provider", "mock",
+                                   "--loglevel", "info"], cwd=ROOT, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "ready." not in log.read_text(errors="replace"):
+            assert worker.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.1)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
+def test_cli_commands_find_the_servers_of_a_running_up(state_dir: Path) -> None:
+    up = Up(state_dir, auth="auto")  # the default: open until the first key exists
+    try:
+        up.wait_ready()
+        connection = state_dir / "postgres" / "connection.json"
+        assert connection.stat().st_mode & 0o777 == 0o600  # it holds the password
+        redis_url = json.loads((state_dir / "redis" / "connection.json").read_text())["url"]
+        secrets_ = [(state_dir / "postgres" / "password").read_text().strip(), urlsplit(redis_url).password]
+
+        created = _cli(state_dir, "keys", "create", "--name", "first-hour")
+        assert created.returncode == 0, created.stderr
+        key_id, secret = created.stdout.split()[2], created.stdout.split()[-1]
+        assert secret.startswith("sk-gw-")
+        listed = _cli(state_dir, "keys", "list")
+        assert listed.returncode == 0 and key_id in listed.stdout and "active" in listed.stdout
+        migrated = _cli(state_dir, "migrate")
+        assert migrated.returncode == 0 and "at head" in migrated.stdout
+        with requests.Session() as http:  # the key `keys create` made is the one the API checks
+            http.headers["Connection"] = "close"
+            call = {"model": "mock-1", "messages": [{"role": "user", "content": "hi"}]}
+            url = f"http://127.0.0.1:{up.api_port}/v1/chat/completions"
+            assert http.post(url, json=call, headers={"Authorization": f"Bearer {secret}"},
+                             timeout=30).status_code == 200
+            assert http.post(url, json=call, timeout=30).status_code == 401
+        revoked = _cli(state_dir, "keys", "revoke", key_id)
+        assert revoked.returncode == 0, revoked.stderr
+        _worker_joins(state_dir)
+        providers = _cli(state_dir, "providers")  # with the upstream's record, from up's Redis
+        assert "mock\tmock\troutable\tupstream ok (1 calls, 0 errors in 5 min)" in providers.stdout, providers
+        for out in (created.stdout + created.stderr, listed.stdout, migrated.stdout, up.output()):
+            assert not any(s in out for s in secrets_), "a password was printed"
+
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.proc.wait(timeout=30) == 0
+        assert not connection.exists() and not (state_dir / "redis" / "connection.json").exists()
+    finally:
+        up.kill()
+    for args in (["keys", "list"], ["migrate"], ["worker", "--provider", "mock"]):
+        stopped = _cli(state_dir, *args)
+        assert stopped.returncode == 2 and stopped.stdout == "", stopped
+        line = stopped.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line, line
+        assert f"llm-gateway {args[0]}: " in line and "`llm-gateway up` is not running" in line
+        assert str(state_dir.resolve()) in line
+    nowhere = {**fresh_environment(), "DATABASE_URL": "postgresql://u:s3cr3t@127.0.0.1:1/x"}
+    unreachable = subprocess.run([sys.executable, "-m", "launcher.cli", "keys", "list"], cwd=ROOT, timeout=60,
+                                 env=nowhere, capture_output=True, text=True, check=False)
+    assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr, unreachable
+    assert unreachable.stderr.startswith("llm-gateway keys: cannot reach Postgres: ")
+    assert "s3cr3t" not in unreachable.stderr

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from common.settings import load_settings
-from launcher.cli import worker_argv
+from launcher.cli import describe_upstream, worker_argv
 
 
 def args(**overrides) -> argparse.Namespace:
@@ -26,3 +26,19 @@ def test_task_events_follow_the_setting(env, events):
 def test_an_unknown_provider_is_named():
     with pytest.raises(SystemExit, match="unknown provider 'nope'"):
         worker_argv(load_settings({}), args(provider="nope"))
+
+
+@pytest.mark.parametrize(
+    ("entry", "text"),
+    [
+        ({"status": "ok", "attempts": 0, "errors": 0, "window_s": 300, "last_error": None},
+         "upstream ok (0 calls, 0 errors in 5 min)"),
+        ({"status": "credentials_rejected", "attempts": 2, "errors": 2, "window_s": 300,
+          "last_error": {"seconds_ago": 12.5, "status_class": "credentials_rejected", "message": "HTTP 401"}},
+         "upstream credentials_rejected (2 calls, 2 errors in 5 min; last error 12.5 s ago: "
+         "credentials_rejected: HTTP 401)"),
+    ],
+    ids=["idle", "key-rejected"],
+)
+def test_providers_describe_the_recent_upstream(entry, text):
+    assert describe_upstream(entry) == text

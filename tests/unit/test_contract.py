@@ -27,7 +27,10 @@ from common.contract import (
     state_or_start,
     unrun_event,
 )
+from common.db import Job
 from common.errors import ClientGone, JobTimeout, QueueTimeout, UpstreamRateLimited
+from common.jobrows import spec_of
+from common.registry import Limits
 from common.types import ChatRequest, EmbeddingsRequest
 
 CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "hi"}}]}
@@ -76,6 +79,8 @@ SPECS = [
      JobSpec.of(_chat("y"), mode=Mode.ASYNC, model="m", provider="p", api_key_id=None), Kind.CHAT),
     ("embeddings", JobSpec.of(EmbeddingsRequest.model_validate({"model": "e", "input": ["a", "b"]}),
                               mode=Mode.SYNC, model="e", provider="p", api_key_id="key_2"), Kind.EMBEDDINGS),
+    ("own-key-limits", JobSpec.of(_chat("z"), mode=Mode.SYNC, model="m", provider="p", api_key_id="key_3",
+                                  key_limits=Limits(concurrency=1, tpd=9)), Kind.CHAT),
 ]
 
 
@@ -83,7 +88,9 @@ SPECS = [
 def test_spec_round_trips_with_its_deadline(spec: JobSpec, kind: Kind):
     back = JobSpec.parse(spec.to_json().encode(), 1234.5)
     assert back.kind is kind and back.mode is spec.mode
-    assert back == JobSpec(spec.mode, kind, spec.model, spec.provider, spec.request, spec.api_key_id, 1234.5)
+    assert back == JobSpec(spec.mode, kind, spec.model, spec.provider, spec.request, spec.api_key_id, 1234.5,
+                           spec.key_limits)
+    assert back.own_limits() == (None if spec.key_limits is None else Limits(**spec.key_limits))
     assert type(back.canonical_request()) is (EmbeddingsRequest if kind is Kind.EMBEDDINGS else ChatRequest)
 
 
@@ -108,6 +115,7 @@ def test_unrun_events_and_terminal_states():
 ANSWERS = [
     # (id, text, as a claim's answer, as a job's state)
     ("run", "run", Start.RUN, Start.RUN),
+    ("limited", "limited", Start.LIMITED, Start.LIMITED),
     ("busy", "busy", Start.BUSY, Start.BUSY),
     ("missing", "missing", Start.MISSING, Start.MISSING),
     ("settled", "succeeded", JobState.SUCCEEDED, JobState.SUCCEEDED),
@@ -120,3 +128,11 @@ ANSWERS = [
 def test_claim_answers_and_states_parse(text, claim, state):
     assert start_or_state(text) is claim
     assert state_or_start(text) is state
+
+
+@pytest.mark.parametrize("key_limits", [None, {"concurrency": 1}], ids=["registry-default", "own"])
+def test_a_job_rebuilt_from_its_row_keeps_its_key_limits(key_limits):
+    row = Job(id="job_1", api_key_id="key_1", model="m", provider="p", request={"model": "m"},
+              key_limits=key_limits)
+    spec = spec_of(row)
+    assert spec.key_limits == key_limits and spec.api_key_id == "key_1"

@@ -251,3 +251,8 @@ RANKINGS = [
 def test_rankings(contenders, strategy, tier, prefer, order):
     ranked = rank(contenders, STRATEGIES[strategy], tier, prefer)
     assert [c.model.alias for c in ranked] == order
+
+
+def test_candidates_outside_the_callers_scope_are_skipped():
+    decision = router().resolve("auto", chat(SIMPLE), allowed=lambda alias: alias != "small")
+    assert decision.alias == "mid" and decision.skipped["small"] == "not allowed for this API key"
