@@ -63,6 +63,8 @@ def create_app(settings: Settings) -> Flask:
     last_used = LastUsed(keys.touch)
     app.extensions["gateway"] = gateway
     app.extensions["keys"] = keys
+    # called by api.gunicorn_worker on SIGTERM / Ctrl-C: held callers get the drain time, then a 503
+    app.extensions["begin_stop"] = lambda: gateway.begin_stop(settings.drain_timeout)
     app.config["GATEWAY_ADMIN_KEY"] = settings.admin_key
 
     def admin_identify(secret: str) -> tuple[str, bool] | None:

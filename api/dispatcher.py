@@ -75,6 +75,11 @@ class ReplyDispatcher:
     def unregister(self, job_id: str) -> None:
         self._waiters.pop(job_id, None)
 
+    def wake_all(self) -> None:
+        """Every waiting watch looks at its job again now (e.g. its deadline moved: the process stops)."""
+        for waiter in list(self._waiters.values()):
+            waiter.put(RESYNC)
+
     @property
     def waiting(self) -> int:
         return len(self._waiters)

@@ -102,6 +102,16 @@ class Gateway:
         self.virtual = VirtualRouter(settings.registry, RedisLatencyStats(store.redis, store.prefix))
         self.budgets = BudgetGate(store, sessions, settings.task_time_limit, served_by=self._served_by)
         self.router = Router(settings, store)
+        self.stopping_at: float | None = None  # monotonic: when held callers are answered (begin_stop)
+
+    def begin_stop(self, drain_s: float) -> None:
+        """The process is stopping (SIGTERM): a held caller keeps waiting for its job up to ``drain_s``
+        more seconds — it may still be served — and is then answered 503 (api/watch.py)."""
+        if self.stopping_at is None:
+            self.stopping_at = time.monotonic() + drain_s
+            log.warning("stopping: %d held call(s) get up to %gs to be served (GATEWAY_DRAIN_TIMEOUT), "
+                        "then a 503 with Retry-After", self.dispatcher.waiting, drain_s)
+            self.dispatcher.wake_all()
 
     # resolution ---------------------------------------------------------------------------------
     def route(self, alias: str, key: KeyRecord | None = None) -> Route:

@@ -27,6 +27,7 @@ from common.contract import (
     Start,
 )
 from common.errors import (
+    GatewayStopping,
     JobCancelled,
     JobTimeout,
     OutcomeUnknown,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAFETY_POLL_S = 30.0     # re-read the job's stream this often even without a notification
+STOP_RETRY_AFTER_S = 5.0  # Retry-After for a call withdrawn because its API process stopped
 REPEAT_POLL_S = 0.25     # how often an Idempotency-Key repeat re-reads the first call's job stream
 
 
@@ -100,7 +102,9 @@ class JobWatch:
         """Until when this watch waits for news: the job's max_wait while it may still be queued, the
         task time limit beyond once it runs or while Redis cannot say which it is."""
         unsure = self.running or self._backoff > 0 or not self.owner
-        return self.deadline + (self.gateway.settings.task_time_limit + 30 if unsure else 0)
+        limit = self.deadline + (self.gateway.settings.task_time_limit + 30 if unsure else 0)
+        stopping_at = self.gateway.stopping_at  # the process stops: its drain time bounds every wait
+        return limit if stopping_at is None else min(limit, stopping_at)
 
     def _wait_once(self, wait: float, limit: float) -> None:
         try:
@@ -173,6 +177,9 @@ class JobWatch:
         self._pending.append(StreamEvent(REPLAYED, event))
 
     def _expire(self) -> None:
+        stopping_at = self.gateway.stopping_at
+        if stopping_at is not None and time.monotonic() >= stopping_at:
+            self._stopped()
         if self.running or not self.owner:
             self.give_up()
             raise JobTimeout("the job did not finish within the task time limit")
@@ -188,6 +195,18 @@ class JobWatch:
         if state is Start.MISSING:
             raise _job_lost(self.job_id)
         self.running = True  # a worker claimed it just in time: it will run, so keep waiting
+
+    def _stopped(self) -> None:
+        """This API process stops and its drain time is up: a job still queued is withdrawn — it never
+        runs, so the caller may retry (503 ``gateway_stopping`` with Retry-After); one already running
+        is abandoned (never run again) and its caller cannot learn how it ends (503 ``outcome_unknown``)."""
+        state = self.gateway.store.abandon(self.job_id, JobState.CANCELLED) if self.owner else None
+        if state is JobState.CANCELLED and not self.running:
+            if self.idem is not None:
+                self.gateway.idem.release(self.idem, self.job_id)  # it never ran: a retry may run it
+            raise GatewayStopping("the gateway is restarting and this call had not started yet; it was "
+                                  "withdrawn and will not run: retry it", retry_after=STOP_RETRY_AFTER_S)
+        raise OutcomeUnknown.for_job(self.job_id, "the gateway stopped while the call was running")
 
     def abandon(self) -> None:
         """The caller left: withdraw the job if it waits, or make its worker abort the upstream call

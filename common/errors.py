@@ -21,7 +21,8 @@
     │   ├── ProviderUnavailable   503   the model's provider is not routable (no credentials)
     │   ├── QueueUnavailable      503   Redis (the queue) is unreachable: nothing was queued
     │   ├── StoreUnavailable      503   Postgres is unreachable: nothing was recorded
-    │   └── OutcomeUnknown        503   the gateway lost track of a call that may have run (job id given)
+    │   ├── OutcomeUnknown        503   the gateway lost track of a call that may have run (job id given)
+    │   └── GatewayStopping       503   the API process is stopping: the held call was withdrawn, never ran
     ├── JobTimeout                504   the job did not finish within the task time limit
     └── UpstreamError                   something the upstream provider said or did
         ├── UpstreamRejected      4xx   the provider refused the request; its status and message pass through
@@ -185,6 +186,13 @@ class QueueUnavailable(ServiceUnavailable):
 
 class StoreUnavailable(ServiceUnavailable):
     code = "database_unavailable"
+
+
+class GatewayStopping(ServiceUnavailable):
+    """The API process holding the call is stopping (SIGTERM) and its drain time passed before the
+    call could start: it was withdrawn — it never ran and never will — so a retry is safe."""
+
+    code = "gateway_stopping"
 
 
 class OutcomeUnknown(ServiceUnavailable):

@@ -75,6 +75,7 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_json_depth: int = 64                # arrays/objects nested deeper than this: 400
     client_timeout: float = 10.0            # a new connection's headers, and any body, arrive within this
+    drain_timeout: float = 8.0              # on SIGTERM: running calls and held callers get this long
     auth_stale_limit: float = 300.0         # Postgres down: keys checked against the last good set this long
     auth_mode: str = "auto"                 # auto | required | off
     # GATEWAY_ADMIN_KEY: the bearer secret of /admin/ (None: only admin-role keys); never in a repr
@@ -135,6 +136,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
         max_json_depth=_int(env, "GATEWAY_MAX_JSON_DEPTH", 64, minimum=8),
         client_timeout=_float(env, "GATEWAY_CLIENT_TIMEOUT", 10.0, minimum=0.1),
+        drain_timeout=_float(env, "GATEWAY_DRAIN_TIMEOUT", 8.0, minimum=0.0),
         auth_stale_limit=_float(env, "GATEWAY_AUTH_STALE_LIMIT", 300.0),
         auth_mode=auth_mode,
         admin_key=env.get("GATEWAY_ADMIN_KEY") or None,

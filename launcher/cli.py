@@ -62,7 +62,9 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
         "--worker-connections", str(args.connections),
         # --port 0: the OS picks a free port; gunicorn logs it ("Listening at: …") — how tests avoid races
         "--bind", f"{args.host or settings.api_host}:{settings.api_port if args.port is None else args.port}",
-        "--graceful-timeout", "10",
+        # SIGTERM / Ctrl-C: held callers get the drain time (api/gunicorn_worker.py), then 2 s to be answered
+        "--graceful-timeout", f"{settings.drain_timeout + 2:g}",
+        "--config", "python:api.gunicorn_worker",  # its on_starting hook: Ctrl-C stops gracefully too
         "--keep-alive", "75",
         # gunicorn's defaults, stated: a longer request line → 414, more or longer headers → 431 (JSON)
         "--limit-request-line", "4094", "--limit-request-fields", "100", "--limit-request-field_size", "8190",

@@ -43,9 +43,10 @@ from launcher.embedded import (
 from launcher.embedded_postgres import start_embedded_postgres
 from launcher.embedded_redis import start_embedded_redis
 
-#: How long children get to stop after SIGTERM before their process groups are SIGKILLed: a bit
-#: more than the API's own ``--graceful-timeout 10``, so gunicorn finishes its orderly stop first.
-CHILD_STOP_GRACE = 12.0
+#: How much longer than the drain time (``GATEWAY_DRAIN_TIMEOUT``) children get to stop after SIGTERM
+#: before their process groups are SIGKILLed: the API's ``--graceful-timeout`` is the drain time + 2 s
+#: and a worker exits at its drain time (``workers/shutdown.py``), so both finish their orderly stop first.
+STOP_MARGIN_S = 4.0
 #: How long ``up`` waits for ``GET /health`` to answer before saying so (it keeps running).
 HEALTH_WAIT = 60.0
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -102,7 +103,8 @@ def _run(settings: Settings, api_host: str, api_port: int, console: _Console, si
 
     providers = settings.routable_providers()
     children = _Children(console, signals, _child_environment(redis_url, database_url),
-                         names=["migrate", "api", "flower", *(f"worker-{name}" for name in providers)])
+                         names=["migrate", "api", "flower", *(f"worker-{name}" for name in providers)],
+                         stop_grace=settings.drain_timeout + STOP_MARGIN_S)
     cleanup.callback(children.stop_all)  # LIFO: runs before the embedded servers are stopped
 
     migrate = children.spawn("migrate", ["migrate"])
@@ -173,8 +175,9 @@ class _Children:
     """The app processes: spawn, forward their output, watch them, stop them."""
 
     def __init__(self, console: _Console, signals: _SignalWatch, env: Mapping[str, str],
-                 names: list[str]) -> None:
+                 names: list[str], stop_grace: float) -> None:
         self._console = console
+        self._stop_grace = stop_grace
         self._signals = signals
         self._env = dict(env)
         self._width = max(len(name) for name in names)
@@ -276,25 +279,27 @@ class _Children:
         self._console.say(f"{child.name:>{self._width}} | {text}")
 
     def stop_all(self) -> None:
-        """SIGTERM every running child; SIGKILL the process group of any still running after
-        ``CHILD_STOP_GRACE`` seconds (at once on a second Ctrl-C). Keeps forwarding their output
-        meanwhile: a child blocked on a full pipe could not exit."""
+        """SIGTERM every running child; SIGKILL the process group of any still running after the stop
+        grace (the drain time + ``STOP_MARGIN_S``; at once on a second Ctrl-C). Keeps forwarding their
+        output meanwhile: a child blocked on a full pipe could not exit."""
         running = [child for child in self._children if child.process.poll() is None]
         signals_before = len(self._signals.received)
         if running:
-            self._console.say(f"stopping {', '.join(c.name for c in running)} "
-                              f"(SIGTERM; SIGKILL after {CHILD_STOP_GRACE:.0f} s, or now on another Ctrl-C)")
+            drain = self._stop_grace - STOP_MARGIN_S
+            self._console.say(f"stopping {', '.join(c.name for c in running)} (SIGTERM: running calls and "
+                              f"held callers get up to {drain:g} s; SIGKILL after {self._stop_grace:g} s, "
+                              "or now on another Ctrl-C)")
         for child in running:
             with contextlib.suppress(ProcessLookupError):  # exited since poll(); not reaped, still signalable
                 child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + CHILD_STOP_GRACE
+        deadline = time.monotonic() + self._stop_grace
         while (any(child.process.poll() is None for child in running) and time.monotonic() < deadline
                and len(self._signals.received) == signals_before):
             self.pump(0.1)
         forced = len(self._signals.received) != signals_before
         for child in running:
             if child.process.poll() is None:  # unreaped, so its group id is still its own
-                why = "stop requested again" if forced else f"still running after {CHILD_STOP_GRACE:.0f} s"
+                why = "stop requested again" if forced else f"still running after {self._stop_grace:g} s"
                 self._console.say(f"{child.name}: {why}: SIGKILL")
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.process.pid, signal.SIGKILL)

@@ -13,6 +13,9 @@ forwards every connection to ``host:port``. Two kinds of outage:
 Invariants: once ``cut()`` returns, no new connection reaches the target and (reset) no open one
 carries another byte; a hang may still let through the one chunk a pump was copying at that instant.
 The proxy keeps its listening port throughout, so nobody else can take it during an outage.
+
+``drip(interval)`` is a third fault, for the other direction of a call: what the target sends reaches
+the client one byte every ``interval`` seconds (an upstream drip-feeding its answer, headers included).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from typing import Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
@@ -59,6 +63,7 @@ class TcpProxy:
         self._closed = False
         self._sockets: set[socket.socket] = set()  # every open client and upstream socket
         self.accepted = 0                            # connections accepted since start
+        self._drip: float | None = None              # seconds between the target's bytes, if dripping
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True, name=f"tcpproxy:{self.port}")
         self._acceptor.start()
 
@@ -77,6 +82,10 @@ class TcpProxy:
         with self._lock:
             self._mode = None
             self._flowing.set()
+
+    def drip(self, interval: float | None) -> None:
+        """From now on pass what the target sends one byte every ``interval`` s (None: full speed)."""
+        self._drip = interval
 
     @property
     def is_cut(self) -> bool:
@@ -165,9 +174,12 @@ class TcpProxy:
                 for sock in readable:
                     if not self._flowing.is_set():
                         break  # cut between select and read: these bytes wait (hang) or die (reset)
-                    data = sock.recv(65536)
+                    drip = self._drip if sock is upstream else None
+                    data = sock.recv(1 if drip else 65536)
                     if not data:
                         return
                     other[sock].sendall(data)
+                    if drip:
+                        time.sleep(drip)
             except (OSError, ValueError):
                 return  # the connection was cut (shut down under us) or closed by a peer: this pump ends

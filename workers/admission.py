@@ -71,10 +71,16 @@ class Permit:
     released: bool = field(default=False)
 
 
+class StopAdmitting(Exception):  # noqa: N818 - a signal to the task, not an error
+    """This worker process is stopping: the job was not started (it left its line, if it stood in
+    one) and its message goes back to the queue for another worker or the next start."""
+
+
 class AdmissionControl:
     def __init__(self, limiter: Limiter, call_lease_s: float) -> None:
         self.limiter = limiter
         self.call_lease_s = call_lease_s
+        self.stopping = False
         self.proc_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._waiters: dict[str, threading.Event] = {}
         self._started = threading.Event()
@@ -95,17 +101,31 @@ class AdmissionControl:
                 threading.Thread(target=self._listen, name="admission-wake", daemon=True).start()
                 self._started.set()
 
+    def stop_admitting(self) -> int:
+        """The process is stopping: every job waiting in line here leaves it and raises
+        :class:`StopAdmitting` (jobs already running after an upstream 429 keep their place); returns
+        how many were waiting."""
+        self.stopping = True
+        waiting = list(self._waiters.values())
+        for wake in waiting:
+            wake.set()
+        return len(waiting)
+
     def wait_for_turn(self, *, job_id: str, provider: str, scopes: list[Scope], tokens: int, key: str,
                       weight: float, deadline: float, execution: str, job_lease_s: float,
                       rewait: bool = False) -> tuple[Attempt, Permit | None]:
         """Block until the job may start (``run``, with a :class:`Permit`) or must not (``expired``,
         ``gone``, ``too_large``). In ``rewait`` mode (after an upstream 429) the job is already running
-        and waits at the head of the line; past ``deadline`` it gives up with ``expired``."""
+        and waits at the head of the line; past ``deadline`` it gives up with ``expired``. Raises
+        :class:`StopAdmitting` (out of the line) once :meth:`stop_admitting` was called, unless ``rewait``."""
         self._ensure_started()
         wake = threading.Event()
         self._waiters[job_id] = wake
         try:
             while True:
+                if self.stopping and not rewait:
+                    self.limiter.leave(provider, job_id)
+                    raise StopAdmitting(f"job {job_id} left the line: this worker is stopping")
                 call_id = f"{job_id}:{secrets.token_hex(4)}"
                 attempt = self.limiter.acquire(
                     provider=provider, scopes=scopes, job_id=job_id, execution=execution,

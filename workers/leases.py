@@ -12,6 +12,12 @@ whether a delivery's holder is alive:
   the claim or the admission Lua), and every worker process keeps a heartbeat (``P:lim:proc:<id>``,
   ``workers/admission.py``) — which also covers a job waiting in a provider's line.
 
+A delivery whose job names no holder was reserved by a worker that has not claimed it yet: it may be
+about to (the claim comes milliseconds after the reservation), it may be held behind a busy pool slot,
+or its worker died in between. Once it is older than ``GRACE_S`` it is put back either way: the claim
+is atomic, so if the slow worker reaches its old copy later it finds the job running or settled and
+never calls upstream for it (``tests/integration/test_crashes.py`` holds that window open on purpose).
+
 So every worker process runs a :class:`LeaseSweeper`; every ``SWEEP_S`` one of them (a Redis lock)
 reads the deliveries older than ``GRACE_S`` and decides each with :func:`verdict`: leave it, put it
 back at the head of its queue now (kombu's own ``restore_by_tag``, a transaction), or drop it (its job

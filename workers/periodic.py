@@ -14,6 +14,8 @@ class Periodic:
 
     name = "periodic"
     retry_on: tuple[type[BaseException], ...] = (OSError,)
+    #: tick once as soon as the thread starts, not only after the first interval
+    tick_at_start = False
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -30,8 +32,13 @@ class Periodic:
         raise NotImplementedError
 
     def _run(self) -> None:
+        if self.tick_at_start:
+            self._tick()
         while not self._stop.wait(self.interval):
-            try:
-                self.tick()
-            except self.retry_on as exc:
-                log.warning("%s failed (%s); retrying in %.0fs", self.name, exc, self.interval)
+            self._tick()
+
+    def _tick(self) -> None:
+        try:
+            self.tick()
+        except self.retry_on as exc:
+            log.warning("%s failed (%s); retrying in %.0fs", self.name, exc, self.interval)

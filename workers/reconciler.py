@@ -12,6 +12,14 @@ whose live state is gone, and
 * marks them ``expired`` if their deadline passed while they were lost.
 
 Rows younger than ``GRACE_S`` are left alone: the API writes the row a moment before the live state.
+The first pass runs as the worker starts (after a restart, lost jobs run at once, not one interval
+later); each pass that found something says so in one warning with its counts (:func:`summary`), the
+start-up pass says "nothing to recover" at info.
+
+It also queues a message again for a row still ``queued`` whose live job waits for its first claim
+(no holder, no attempt) but whose message is in neither its queue nor kombu's ``unacked``: a worker
+SIGKILLed while Redis's BRPOP reply was on its way took it along
+(:meth:`JobReconciler.redeliver_messageless`).
 
 It also repairs the opposite: a row still ``queued`` or ``running`` whose live state has settled (a
 worker died between a Lua step that settled the job and its row's write, or the API between
@@ -50,25 +58,44 @@ _TERMINAL = frozenset(state.value for state in TERMINAL)
 class JobReconciler(Periodic):
     name = "job-reconciliation"
     retry_on = (redis.RedisError, SQLAlchemyError, OSError)
+    tick_at_start = True
 
     def __init__(self, settings: Settings, store: JobStore, rows: JobRows) -> None:
         super().__init__(settings.reconcile_interval)
         self.settings = settings
         self.store = store
         self.rows = rows
+        self._passes = 0
 
-    def tick(self) -> dict[str, int]:
-        """One pass; returns how many jobs were queued again, expired, and whose row was repaired."""
+    def tick(self) -> dict[str, int] | None:
+        """One pass (None if another worker process is on it); logs and returns how many jobs were
+        queued again, expired, and whose row was repaired."""
+        at_start = self._passes == 0
         lock = f"{self.store.prefix}:reconcile"
-        if not self.store.redis.set(lock, 1, nx=True, px=int(max(self.settings.reconcile_interval, 1) * 900)):
-            return {"requeued": 0, "expired": 0, "repaired": 0}  # another worker process is on it
+        # the start-up pass takes no turn: another process's lock may last a whole interval, and a job
+        # queued again by two passes still runs once (create-if-missing, then the atomic claim)
+        if not at_start and not self.store.redis.set(
+                lock, 1, nx=True, px=int(max(self.settings.reconcile_interval, 1) * 900)):
+            return None
+        done = self.reconcile()
+        self._passes += 1
+        line = summary(done, at_start=at_start)
+        if line is not None:
+            log.log(logging.WARNING if any(done.values()) else logging.INFO, "%s", line)
+        return done
+
+    def reconcile(self) -> dict[str, int]:
+        """One pass without the lock: requeue or expire the lost async jobs, repair settled rows."""
         stuck_s = self.settings.task_time_limit + self.settings.visibility_timeout
         rows = self.rows.lost_candidates(grace_s=GRACE_S, stuck_s=stuck_s, limit=BATCH)
         pipe = self.store.redis.pipeline(transaction=False)
         for job in rows:
-            pipe.exists(self.store.job_key(job.id))
-        lost = [job for job, alive in zip(rows, pipe.execute() if rows else [], strict=True) if not alive]
-        done = {"requeued": 0, "expired": 0, "repaired": self.repair_settled()}
+            pipe.hmget(self.store.job_key(job.id), "state", "holder", "attempts")
+        live = dict(zip((job.id for job in rows), pipe.execute() if rows else [], strict=True))
+        lost = [job for job in rows if live[job.id][0] is None]
+        unclaimed = [job for job in rows if waits_for_first_claim(live[job.id])]
+        done = {"requeued": 0, "expired": 0, "repaired": self.repair_settled(),
+                "redelivered": self.redeliver_messageless(unclaimed)}
         for job in lost:
             if job.provider not in self.settings.registry.providers:
                 continue  # a provider this deployment no longer has: left for an operator
@@ -83,10 +110,38 @@ class JobReconciler(Periodic):
                                         queue=self.settings.queue_key(job.provider),
                                         message=task_message(job.id, queue), only_if_missing=True)
             if created is not None:
-                log.warning("job %s: its live state was lost (Redis restarted?); queued again on %s",
-                            job.id, queue)
+                log.info("job %s: its live state was lost (Redis restarted?); queued again on %s",
+                         job.id, queue)
                 done["requeued"] += 1
         return done
+
+    def redeliver_messageless(self, unclaimed: list[Job]) -> int:
+        """Queue a message again for each of ``unclaimed`` (rows older than the grace whose live job is
+        ``queued`` and was never claimed nor stood in a line) that has no message in its queue nor in
+        kombu's ``unacked``: a worker SIGKILLed while Redis's BRPOP reply was on its way took the
+        message with it (BRPOP removes it when Redis replies; kombu records it in ``unacked`` only
+        after reading the reply). A duplicate — a message in flight between the two reads below — is
+        harmless: the claim lets one delivery run the job. Returns how many were queued again."""
+        unclaimed = [job for job in unclaimed if job.provider in self.settings.registry.providers]
+        if not unclaimed:
+            return 0
+        redis = self.store.redis
+        queues = {job.provider: self.settings.queue_key(job.provider) for job in unclaimed}
+        pipe = redis.pipeline(transaction=False)
+        for key in queues.values():
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(f"{self.store.prefix}:unacked")   # kombu's, under our global_keyprefix
+        *listed, unacked = pipe.execute()
+        held = b"\n".join([*(entry for entries in listed for entry in entries), *unacked])
+        redelivered = 0
+        for job in unclaimed:
+            if job.id.encode() in held:
+                continue
+            redis.rpush(queues[job.provider], task_message(job.id, self.settings.queue_for(job.provider)))
+            log.info("job %s: queued but its message was gone (a worker died as it took it); queued again",
+                     job.id)
+            redelivered += 1
+        return redelivered
 
     def repair_settled(self) -> int:
         """Settle the open rows whose live state settled without them; returns how many."""
@@ -100,8 +155,8 @@ class JobReconciler(Periodic):
                 continue  # lost (see tick), the outbox's to write, or still live
             self.rows.settle_late(live_outcome(job.id, JobState(state.decode()), finished,
                                                self.store.read_events(job.id)))
-            log.warning("job %s: its row said %s after the job had %s; repaired", job.id, job.status,
-                        state.decode())
+            log.info("job %s: its row said %s after the job had %s; repaired", job.id, job.status,
+                     state.decode())
             repaired += 1
         return repaired
 
@@ -109,7 +164,34 @@ class JobReconciler(Periodic):
         error = QueueTimeout("the job's queue state was lost and its max_wait passed before it could be "
                              "queued again; submit it again").to_dict()
         self.rows.settle(job.id, JobState.EXPIRED, error=error)
-        log.warning("job %s: its live state was lost and its deadline passed; marked expired", job.id)
+        log.info("job %s: its live state was lost and its deadline passed; marked expired", job.id)
+
+
+def summary(done: dict[str, int], *, at_start: bool) -> str | None:
+    """What one reconcile pass did, in an operator's words — None for a quiet periodic pass."""
+    when = "start-up check" if at_start else "queue check"
+    if not any(done.values()):
+        return f"{when}: every accepted async job is accounted for; nothing to recover" if at_start else None
+    parts = []
+    if done["requeued"]:
+        parts.append(f"{done['requeued']} accepted async job(s) had lost their place in the queue (Redis "
+                     "restarted without them) and were queued again; they run now")
+    if done["expired"]:
+        parts.append(f"{done['expired']} lost job(s) had passed their max_wait and were marked expired "
+                     "(their callers see queue_timeout)")
+    if done.get("redelivered"):
+        parts.append(f"{done['redelivered']} accepted async job(s) had lost their queue message (a worker "
+                     "died as it took them) and were queued again")
+    if done["repaired"]:
+        parts.append(f"{done['repaired']} job record(s) in Postgres lagged behind their finished job "
+                     "and were brought up to date")
+    return f"{when}: " + "; ".join(parts)
+
+
+def waits_for_first_claim(live: list[bytes | None]) -> bool:
+    """A live job (``state``, ``holder``, ``attempts``) that waits for its first claim outside any line."""
+    state, holder, attempts = live
+    return state == b"queued" and not holder and attempts in (None, b"0")
 
 
 def live_outcome(job_id: str, state: JobState, finished: bytes | None,

@@ -64,7 +64,7 @@ from common.tokens import reservation
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from common.upstream_health import UpstreamHealth, scrub
 from workers.adapters.base import Adapter
-from workers.admission import AdmissionControl, Permit, scopes_for
+from workers.admission import AdmissionControl, Permit, StopAdmitting, scopes_for
 from workers.failover import Failover, Moved, WaitedOut
 from workers.leases import LeaseHeartbeat
 from workers.partial import chunk_text, partial_bill, with_partial
@@ -100,9 +100,13 @@ class JobRunner:
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
                                   or any(m.limits.any for m in registry.models.values())
                                   or bool(registry.key_limits))
+        self.running: dict[str, str] = {}  # job id → execution of the jobs this process runs now
 
     def run(self, job_id: str) -> str:
-        """Run a delivered job; returns what happened (for logs and tests)."""
+        """Run a delivered job; returns what happened (for logs and tests). Raises
+        :class:`~workers.admission.StopAdmitting` if the process is stopping before the job started."""
+        if self.admission.stopping:
+            raise StopAdmitting(f"job {job_id} not started: this worker is stopping")
         execution = f"{os.getpid()}:{secrets.token_hex(4)}"
         job: _Run | None = None
         if self.limits_configured:  # learn which limits this job counts against before it may start
@@ -142,9 +146,11 @@ class JobRunner:
         heartbeat = LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl,
                                     renew_permit=lambda: self._renew_permit(job))
         heartbeat.start()
+        self.running[job_id] = execution
         try:
             return self._execute(job, claim.attempt, claim.queue_wait_s)
         finally:
+            self.running.pop(job_id, None)
             heartbeat.stop()
             self._release(job, None)
 

@@ -8,9 +8,11 @@ from celery import Task, shared_task
 from celery.exceptions import Reject
 
 from common.taskwire import TASK_NAME
+from workers.admission import StopAdmitting
 from workers.assembly import build_runner
 from workers.runner import JobRunner
 from workers.settle import OutcomeNotDurable
+from workers.shutdown import wait_until_not_consuming
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,12 @@ def run_job(self: Task, job_id: str) -> str:
     runner = _runner(self)
     try:
         return runner.run(job_id)
+    except StopAdmitting as exc:
+        # the worker is stopping (workers/shutdown.py) and the job did not start: back on its queue,
+        # once this worker no longer takes messages (else it would take this one straight back)
+        wait_until_not_consuming(getattr(self.app, "gateway_consumer", None), runner.settings.drain_timeout)
+        log.info("%s; its message goes back on the queue", exc)
+        raise Reject(str(exc), requeue=True) from exc
     except OutcomeNotDurable as exc:
         # neither Redis nor Postgres holds what the job came to: never ack it (nor settle it as failed);
         # its message goes back — or, Redis being down, stays unacked until the broker restores it

@@ -8,7 +8,7 @@ module is free of import-time work.
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from common.settings import Settings, load_settings
 from workers import kombu_tuning
@@ -16,6 +16,7 @@ from workers.assembly import build_runner
 from workers.celery_app import make_celery, restore_interval
 from workers.leases import LeaseSweeper
 from workers.redelivery import RedeliverySweeper
+from workers.shutdown import GracefulStop
 
 
 def create_worker_app(settings: Settings) -> Celery:
@@ -31,8 +32,15 @@ def create_worker_app(settings: Settings) -> Celery:
         if getattr(app, "gateway_runner", None) is None:
             app.gateway_runner = build_runner(settings)
         runner = app.gateway_runner
+        app.gateway_consumer = sender   # worker_ready's sender: the consumer (its stop: workers/shutdown.py)
         RedeliverySweeper(app, restore_interval(settings)).start()
         LeaseSweeper(app, runner.store, runner.admission.limiter.proc_key("")).start()
+
+    @worker_shutting_down.connect(weak=False)
+    def _stop_gracefully(sender: Any = None, how: str = "", **_: Any) -> None:
+        runner = getattr(app, "gateway_runner", None)
+        if runner is not None and how == "Warm":   # a cold shutdown is the crash path (kombu restores)
+            GracefulStop(runner, settings.drain_timeout).begin()
 
     return app
 

@@ -172,10 +172,12 @@ def gateway_env(tmp_path_factory: pytest.TempPathFactory, fake: FakeProvider, da
 class Process:
     """A CLI child process in its own process group, with its output in a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, *,
+                 module: str = "launcher.cli") -> None:
+        """``python -m <module> <args>`` (the CLI unless a test runs e.g. ``celery`` itself)."""
         self.log = log
         self._log_file = log.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                                      stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

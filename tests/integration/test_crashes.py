@@ -19,7 +19,7 @@ from common.contract import JobSpec, Kind, Mode, Start
 from common.jobs import JobStore, new_job_id
 from common.taskwire import task_message
 from tests.conftest import TEST_REDIS_URL
-from tests.integration.conftest import Api, WorkerFactory, stop_all, wait_until
+from tests.integration.conftest import Api, Process, WorkerFactory, stop_all, wait_until
 from workers.usage import ATTEMPT_LOST
 
 pytestmark = pytest.mark.integration
@@ -197,3 +197,77 @@ def test_a_delivery_that_finds_the_lease_alive_waits_it_out(fake, worker_factory
     assert fake.stats()["by_content"]["outlive the lease"] == 1
     billed = [(f"{job_id}:1:lost", ATTEMPT_LOST), (f"{job_id}:2:1", "success")]
     wait_until(lambda: usage(db, job_id) == billed, 15)
+
+
+def start_reserving(factory: WorkerFactory, name: str) -> Process:
+    """A real ``celery worker`` on ``llm.crashy`` with one pool slot that reserves two messages
+    (``--prefetch-multiplier 2``): while its slot runs a call, the next job is delivered to it (in
+    kombu's ``unacked``) but not started — not claimed, no ``holder`` in its job hash. That is the
+    window a worker can die in between reserving a job and claiming it, held open on purpose."""
+    argv = ["-A", "workers.worker:app", "worker", "--queues", "llm.crashy", "--pool", "gevent",
+            "--concurrency", "1", "--prefetch-multiplier", "2", "--hostname", f"crashy-{name}@%h",
+            "--without-mingle", "--without-gossip", "--loglevel", "info"]
+    log = factory.logs / f"worker-{name}.log"
+    return factory.wait_ready(Process(argv, factory.env, log, module="celery"))
+
+
+def reserve_two(api, fake, client: redis.Redis, prefix: str, first: str, second: str) -> tuple[str, str]:
+    """Submit ``first`` (it runs) then ``second`` (it is only reserved); return both job ids once the
+    reserving worker holds ``second``'s message unclaimed."""
+    running = submit(api, "crashy-model", first)
+    wait_until(lambda: fake.stats()["in_flight"] == 1, 10)
+    reserved = submit(api, "crashy-model", second)
+
+    def held_unclaimed() -> bool:
+        unacked = client.hvals(f"{prefix}:unacked")
+        job = client.hgetall(f"{prefix}:job:{reserved}")
+        return (any(reserved.encode() in entry for entry in unacked)
+                and job.get(b"state") == b"queued" and b"holder" not in job)
+    wait_until(held_unclaimed, 10)
+    return running, reserved
+
+
+def test_a_job_reserved_by_a_worker_that_died_before_claiming_it_is_served_promptly(
+        api, fake, worker_factory, client, prefix, db):
+    """The worker dies between reserving a job and claiming it (no ``holder`` names it yet): the lease
+    sweeper of another worker puts it back once it is older than its grace, and it runs once — not
+    after the broker's visibility timeout (an hour here)."""
+    reserver = start_reserving(worker_factory, "dies-reserving")
+    heirs: list = []
+    try:
+        running, reserved = reserve_two(api, fake, client, prefix, "sleep:4 held by the slot",
+                                        "reserved, never claimed")
+        reserver.kill(signal.SIGKILL)
+        killed_at = time.monotonic()
+        heirs = start(worker_factory, ("crashy", "heir-reserved"))
+        wait_until(lambda: status(api, reserved) == "succeeded", RECOVERY_S)
+        served_s = time.monotonic() - killed_at
+        wait_until(lambda: status(api, running) == "succeeded", RECOVERY_S)   # it lost an attempt: runs again
+    finally:
+        stop_all([reserver, *heirs])
+    # the heir's start-up (~5 s) + the sweeper's grace (5 s) and interval (2 s), with slack
+    assert served_s < 20, served_s
+    assert fake.stats()["by_content"]["reserved, never claimed"] == 1
+    assert client.hget(f"{prefix}:job:{reserved}", "attempts") == b"1"
+    wait_until(lambda: usage(db, reserved) == [(f"{reserved}:1:1", "success")], 15)
+
+
+def test_a_slow_but_alive_worker_never_runs_a_job_it_reserved_after_another_served_it(
+        api, fake, worker_factory, client, prefix):
+    """A live worker that holds a reserved job unclaimed past the sweeper's grace loses it to a worker
+    with a free slot; when the slow worker finally reaches its old delivery, the claim tells it the job
+    is done and it never calls the upstream for it."""
+    reserver = start_reserving(worker_factory, "slow-reserving")
+    heirs: list = []
+    try:
+        running, reserved = reserve_two(api, fake, client, prefix, "sleep:20 keeps the slot busy",
+                                        "reserved by a slow worker")
+        heirs = start(worker_factory, ("crashy", "free-slot"))
+        wait_until(lambda: status(api, reserved) == "succeeded", 15)
+        assert status(api, running) == "running"   # served while the slow worker was still busy
+        wait_until(lambda: reserved in reserver.finished_tasks(), 30)   # it reached its old delivery
+        assert status(api, running) == "succeeded"
+    finally:
+        stop_all([reserver, *heirs])
+    assert fake.stats()["by_content"]["reserved by a slow worker"] == 1
+    assert client.hget(f"{prefix}:job:{reserved}", "attempts") == b"1"

@@ -187,6 +187,59 @@ def test_idle_sockets_beyond_the_connection_count_do_not_starve_health(tight_api
             sock.close()
 
 
+def read_answer(sock: socket.socket) -> bytes:
+    """One answer (headers and a Content-Length body) from a kept-alive connection; b"" if it closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)Content-Length: (\d+)", head).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return data
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_a_kept_alive_connections_next_headers_must_arrive_within_the_client_timeout(tight_api):
+    """The second request on a kept-alive connection gets the same header deadline as the first
+    (2 s here), not the 75 s keep-alive: drip-feeding its headers ends in a 408 in JSON."""
+    with socket.create_connection(("127.0.0.1", tight_api.port), timeout=15) as sock:
+        sock.sendall(HEALTH)
+        assert read_answer(sock).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        data = b""
+        sock.settimeout(0.5)
+        while time.monotonic() - started < 20 and b"\r\n\r\n" not in data:
+            try:
+                sock.sendall(b"X")   # a header that never ends, one byte at a time
+                data += sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        waited = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408"), data
+    assert b'"request_timeout"' in data or b"Content-Length" in data
+    assert waited < 8, waited   # the 2 s client timeout, with slack; the keep-alive would be 75 s
+
+
+def test_a_kept_alive_connection_may_idle_longer_than_the_client_timeout(tight_api):
+    """Idle between requests is bounded by the keep-alive, not the header deadline: a client that
+    reuses its connection 3 s later (client timeout 2 s) is served on it."""
+    with socket.create_connection(("127.0.0.1", tight_api.port), timeout=15) as sock:
+        sock.sendall(HEALTH)
+        assert read_answer(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(3)
+        sock.sendall(HEALTH)
+        assert read_answer(sock).startswith(b"HTTP/1.1 200")
+
+
 def test_a_drip_fed_body_gets_408_in_json(tight_api):
     with socket.create_connection(("127.0.0.1", tight_api.port), timeout=15) as sock:
         sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -24,6 +24,12 @@ from workers.reconciler import GRACE_S
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def gateway_env(gateway_env: dict[str, str]) -> dict[str, str]:
+    # the module's own workers reconcile only as they start: what a test sees is its own worker's doing
+    return {**gateway_env, "GATEWAY_RECONCILE_INTERVAL": "3600"}
+
+
 def forget(prefix: str, job_id: str) -> None:
     """What a Redis restart does to a queued job: its live state and its queue message are gone."""
     client = redis.Redis.from_url(TEST_REDIS_URL)
@@ -82,3 +88,42 @@ def test_a_sync_caller_waiting_on_a_forgotten_job_is_told_at_its_max_wait(api, p
     assert job_id in r.json()["error"]["message"] and "retry it" not in r.json()["error"]["message"]
     assert "Retry-After" not in r.headers  # it may have run: no blind retry is suggested
     assert time.monotonic() - started < 6  # at its max_wait, not after the whole task time limit
+
+
+def test_a_starting_worker_requeues_lost_jobs_at_once_and_says_so(api, fake, gateway_env, prefix,
+                                                                  tmp_path_factory):
+    """After a restart the jobs Redis lost run as the first worker starts, not one reconcile
+    interval (here an hour) later; the worker says in one warning what it recovered."""
+    job_id = requests.post(f"{api.url}/v1/jobs", headers={"x-gateway-max-wait": "60"},
+                           json={"model": "stalled-model",
+                                 "messages": [{"role": "user", "content": "found at start-up"}]}).json()["id"]
+    forget(prefix, job_id)
+    time.sleep(GRACE_S)   # older than the reconciler's grace, as any job accepted before a restart is
+    worker = WorkerFactory({**gateway_env, "GATEWAY_RECONCILE_INTERVAL": "3600"},
+                           tmp_path_factory.mktemp("startup")).start("stalled", "starting")
+    try:
+        wait_until(lambda: job(api, job_id)["status"] == "succeeded", 15)
+    finally:
+        stop_all([worker])
+    assert fake.stats()["by_content"].get("found at start-up") == 1
+    assert "start-up check: 1 accepted async job(s) had lost their place" in worker.output()
+
+
+def test_an_async_job_whose_message_a_dying_worker_took_is_queued_again(api, fake, gateway_env, prefix,
+                                                                        tmp_path_factory):
+    """A worker SIGKILLed while Redis's BRPOP reply is on its way takes the message with it: the job's
+    live state says ``queued`` (no holder, no attempt) but its message is in neither the queue nor
+    kombu's ``unacked`` (bench/faults.py worker-kill found one). The reconciler queues it again."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    body = {"model": "stalled-model", "messages": [{"role": "user", "content": "taken by a dying worker"}]}
+    job_id = requests.post(f"{api.url}/v1/jobs", headers={"x-gateway-max-wait": "60"}, json=body).json()["id"]
+    assert client.delete(f"{prefix}:llm.stalled") == 1   # the message gone, the live state kept
+    time.sleep(GRACE_S)   # older than the reconciler's grace
+    logs = tmp_path_factory.mktemp("messageless")
+    worker = WorkerFactory(gateway_env, logs).start("stalled", "redeliverer")   # its start-up pass
+    try:
+        wait_until(lambda: job(api, job_id)["status"] == "succeeded", 15)
+    finally:
+        stop_all([worker])
+    assert fake.stats()["by_content"].get("taken by a dying worker") == 1
+    assert "1 accepted async job(s) had lost their queue message" in worker.output()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -13,6 +14,7 @@ from common.errors import UpstreamTimeout
 from common.registry import Model, Provider
 from common.types import ChatRequest
 from tests.fakeprovider import FakeProvider
+from tests.faults import TcpProxy
 from workers.adapters.base import Adapter, build_adapter, make_http_session
 
 pytestmark = pytest.mark.integration
@@ -20,8 +22,9 @@ pytestmark = pytest.mark.integration
 MARGIN = 0.5  # seconds past a deadline that a cut call may take to return
 
 
-def adapter(fake: FakeProvider, **deadlines: Any) -> Adapter:
-    provider = Provider(name="deadlined", kind="openai", base_url=fake.base_url, api_key="k", **deadlines)
+def adapter(fake: FakeProvider, base_url: str | None = None, **deadlines: Any) -> Adapter:
+    provider = Provider(name="deadlined", kind="openai", base_url=base_url or fake.base_url, api_key="k",
+                        **deadlines)
     return build_adapter(provider, make_http_session(4))
 
 
@@ -107,3 +110,23 @@ def test_answers_reuse_their_connection(fake: FakeProvider) -> None:
         list(client.stream(ask(f"stream {i}"), MODEL))
     pools = list(client.session.get_adapter(fake.base_url).poolmanager.pools._container.values())  # type: ignore[attr-defined]
     assert [pool.num_connections for pool in pools] == [1]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+def test_an_upstream_that_drip_feeds_its_headers_is_cut_at_the_call_deadline(fake: FakeProvider,
+                                                                            stream: bool) -> None:
+    """A byte of the status line and headers every 0.2 s never trips a read timeout; the call's
+    deadline (connect + first byte: 1.5 s here) cuts it all the same."""
+    upstream = urlsplit(fake.base_url)
+    with TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 80) as proxy:
+        proxy.drip(0.2)
+        client = adapter(fake, proxy.url(fake.base_url), timeout=20, connect_timeout=0.5,
+                         first_byte_timeout=1)
+        started = time.monotonic()
+        with pytest.raises(UpstreamTimeout, match="headers within 1.5s"):
+            if stream:
+                list(client.stream(ask("drip my headers"), MODEL))
+            else:
+                client.complete(ask("drip my headers"), MODEL)
+        elapsed = time.monotonic() - started
+    assert 1.5 <= elapsed + 0.05 and elapsed < 1.5 + MARGIN, elapsed

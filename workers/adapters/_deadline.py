@@ -1,16 +1,19 @@
 """Deadlines of one upstream call that hold whatever the upstream does.
 
 A socket read timeout bounds each ``recv``, not the call: an upstream that sends one byte every few
-seconds never trips it and can hold a call for as long as it likes. So the connection and the first
-byte of the answer are bounded by requests' own ``(connect, read)`` timeouts, and everything after
-the headers by a :class:`CallClock`: the process's :class:`Watchdog` (one thread — a greenlet in a
-gevent worker — asleep until the nearest deadline of all calls) shuts the connection's socket down
-when a deadline passes. The reading code then fails or ends early, and :attr:`CallClock.expired` says
-which deadline it was, so the failure is reported as :class:`UpstreamTimeout`, never as a broken or
-malformed answer.
+seconds never trips it and can hold a call for as long as it likes — its headers as well as its body.
+So the whole call is under a :class:`CallClock`: the process's :class:`Watchdog` (one thread — a
+greenlet in a gevent worker — asleep until the nearest deadline of all calls) shuts the connection's
+socket down when a deadline passes. Until the answer's headers are in, the socket is the one the
+session's connection (:class:`GuardedAdapter`) hands the clock of the call it is making
+(:data:`CURRENT_CLOCK`); after that, the response's. requests' own ``(connect, read)`` timeouts still
+bound a silent connect and each read. The reading code then fails or ends early, and
+:attr:`CallClock.expired` says which deadline it was, so the failure is reported as
+:class:`UpstreamTimeout`, never as a broken or malformed answer.
 
 Deadlines (``Provider.deadlines``), all measured from the start of the call unless said otherwise:
 
+* the answer's status line and headers within ``connect`` + ``first_byte``;
 * non-streamed: the first byte within ``first_byte``, the whole answer within ``total``;
 * streamed: the first event within ``first_byte``, each next one within ``idle`` of the one before,
   the whole stream within ``stream_total``.
@@ -18,19 +21,30 @@ Deadlines (``Provider.deadlines``), all measured from the start of the call unle
 
 from __future__ import annotations
 
+import contextvars
 import heapq
 import itertools
+import socket
 import threading
 import time
+from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from common.errors import UpstreamTimeout
 from common.registry import CallDeadlines
 
+#: the clock of the call this thread (greenlet) is making, while it waits for the answer's headers
+CURRENT_CLOCK: contextvars.ContextVar[CallClock | None] = contextvars.ContextVar("upstream_call_clock",
+                                                                                 default=None)
+
 
 class CallClock:
-    """The deadlines of one call. Start it before the request; :meth:`watch` the response once its
+    """The deadlines of one call. :meth:`start` it before the request (with :data:`CURRENT_CLOCK` set
+    to it, the connection hands it its socket: :meth:`guard`); :meth:`watch` the response once its
     headers are in; call :meth:`progress` for each stream event and :meth:`stop` when done."""
 
     def __init__(self, provider: str, deadlines: CallDeadlines, *, stream: bool,
@@ -47,7 +61,17 @@ class CallClock:
         self._scheduled_at = 0.0
         self._progressed = False
         self._response: requests.Response | None = None
+        self._socket: socket.socket | None = None  # the connection's, until the response is in
         self._watchdog = watchdog or Watchdog.of_process()
+
+    def start(self) -> None:
+        """Guard the wait for the answer's headers: cut it ``connect + first_byte`` after the start."""
+        self.next = min(self.end, self.started + self.deadlines.connect + self.deadlines.first_byte)
+        self._schedule()
+
+    def guard(self, sock: socket.socket | None) -> None:
+        """The socket the request goes out on (called by the connection, see :class:`GuardedAdapter`)."""
+        self._socket = sock
 
     @property
     def request_timeout(self) -> tuple[float, float]:
@@ -56,9 +80,9 @@ class CallClock:
 
     def watch(self, response: requests.Response) -> None:
         """Guard the rest of ``response`` (its headers are in): cut it when a deadline passes."""
-        if not self.stream:
-            self.next = self.end
+        self.next = self.end if not self.stream else min(self.end, self.started + self.deadlines.first_byte)
         self._response = response
+        self._socket = None
         self._schedule()
 
     def progress(self) -> None:
@@ -73,6 +97,7 @@ class CallClock:
         if not self.stopped:
             self.stopped = True
             self._response = None
+            self._socket = None
             self._watchdog.forget(self)
 
     def timeout_error(self) -> UpstreamTimeout:
@@ -81,6 +106,13 @@ class CallClock:
     def expire(self) -> None:
         """A deadline passed (the watchdog calls this): note which, and cut the connection."""
         self.expired = self._missed()
+        sock = self._socket
+        if self._response is None and sock is not None:   # still waiting for the headers
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed meanwhile: nothing left to cut
+                pass
+            return
         raw = getattr(self._response, "raw", None)
         if raw is None or getattr(raw, "connection", None) is None:
             return  # the body was read to its end and the connection went back to the pool
@@ -95,6 +127,8 @@ class CallClock:
 
     def _missed(self) -> str:
         d = self.deadlines
+        if self._response is None:
+            return f"its answer's headers within {d.connect + d.first_byte:g}s"
         if not self.stream:
             return f"its whole answer within {d.total:g}s"
         if self.next >= self.end:
@@ -173,3 +207,43 @@ class Watchdog:
                     due.append(clock)
             wait = self._heap[0][0] - now if self._heap else None
         return due, wait
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    """Hands its socket to the clock of the call using it (:data:`CURRENT_CLOCK`), once connected and
+    again for each request on a kept-alive connection, so the clock can cut a headers drip."""
+
+    def connect(self) -> None:
+        super().connect()
+        _guard(self.sock)
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        _guard(self.sock)
+        return super().getresponse(*args, **kwargs)
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    connect = _GuardedHTTPConnection.connect
+    getresponse = _GuardedHTTPConnection.getresponse
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+def _guard(sock: socket.socket | None) -> None:
+    clock = CURRENT_CLOCK.get()
+    if clock is not None:
+        clock.guard(sock)
+
+
+class GuardedAdapter(HTTPAdapter):
+    """requests' adapter whose connections hand their socket to the current call's clock."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}

@@ -24,7 +24,7 @@ from common.errors import (
     UpstreamUnavailable,
 )
 from common.registry import Provider
-from workers.adapters._deadline import CallClock
+from workers.adapters._deadline import CURRENT_CLOCK, CallClock
 
 ErrorFor = Callable[[str, int, Mapping[str, str], Any], UpstreamError]
 
@@ -87,9 +87,20 @@ class UpstreamCall:
 
 def send(session: requests.Session, url: str, body: dict[str, Any], headers: Mapping[str, str],
          clock: CallClock) -> requests.Response:
-    """The POST itself, up to the answer's headers; requests' exceptions pass through (callers that
-    fail over between hosts tell a refused connection from a silent one)."""
-    return session.post(url, json=body, headers=headers, stream=True, timeout=clock.request_timeout)
+    """The POST itself, up to the answer's headers, under ``clock`` (started here; stopped if the POST
+    fails); requests' exceptions pass through (callers that fail over between hosts tell a refused
+    connection from a silent one) — a connection the clock cut as a ``requests.Timeout``."""
+    token = CURRENT_CLOCK.set(clock)
+    clock.start()
+    try:
+        return session.post(url, json=body, headers=headers, stream=True, timeout=clock.request_timeout)
+    except requests.RequestException as exc:
+        clock.stop()
+        if clock.expired and not isinstance(exc, requests.Timeout):
+            raise requests.ReadTimeout(clock.timeout_error().message) from None
+        raise
+    finally:
+        CURRENT_CLOCK.reset(token)
 
 
 def post(session: requests.Session, provider: Provider, url: str, body: dict[str, Any],
@@ -99,7 +110,7 @@ def post(session: requests.Session, provider: Provider, url: str, body: dict[str
     try:
         response = send(session, url, body, headers, clock)
     except requests.Timeout as exc:
-        raise first_byte_timeout(provider, exc) from None
+        raise (clock.timeout_error() if clock.expired else first_byte_timeout(provider, exc)) from None
     except requests.ConnectionError:
         raise UpstreamUnavailable(f"cannot reach {provider.name}") from None
     except requests.RequestException:

@@ -18,6 +18,7 @@ from common.errors import UpstreamError
 from common.provider_kinds import provider_kind
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest
+from workers.adapters._deadline import GuardedAdapter
 
 
 @runtime_checkable
@@ -71,7 +72,8 @@ def make_http_session(pool_size: int) -> requests.Session:
     """One pooled, keep-alive session per worker process and provider."""
     session = requests.Session()
     session.trust_env = False  # no proxy/netrc lookups from the environment on every call (~5% CPU)
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+    # its connections let the call's deadline cut a drip-fed answer before its headers are in too
+    adapter = GuardedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

@@ -1,0 +1,101 @@
+"""A worker's graceful stop (SIGTERM, Ctrl-C): nothing lost, nothing run twice, bounded in time.
+
+Celery's warm shutdown stops taking messages and waits for every task it started — without a bound,
+and a job waiting in a provider's line is a started task, so a worker with a line never stopped on
+its own. :class:`GracefulStop` begins when Celery does (``worker_shutting_down``) and
+
+1. **stops admitting**: every job waiting in this process's lines leaves them, and a job delivered
+   but not started is not started (:class:`~workers.admission.StopAdmitting`); once Celery stopped
+   consuming (:func:`wait_until_not_consuming`), its task rejects its message with requeue, so it goes
+   back on its queue — another worker serves it, or the next start;
+2. **drains**: calls already at the upstream run on and settle as usual, for up to
+   ``GATEWAY_DRAIN_TIMEOUT`` seconds (8 by default);
+3. past that bound, **lets go** of the calls still running: their leases and this process's
+   heartbeat are dropped, so any live worker's lease sweeper (``workers/leases.py``) puts their
+   messages back within a sweep, and the process exits — as it does ``EXIT_GRACE_S`` after the drain
+   time if Celery's own shutdown has not ended by then (whatever it had not acked, the sweepers put
+   back: a settled job's message is dropped, an unstarted one served). Each job let go runs again as
+   its next attempt (the lost one is recorded, ``attempt_lost``) — or is cancelled if its caller has
+   already gone.
+
+A cold shutdown (SIGQUIT, a second Ctrl-C) skips all this: kombu puts back the unacked messages
+and the lease rules apply as after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from workers.runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+
+EXIT_GRACE_S = 2.0   # past the drain time, a worker with nothing left to run exits within this
+
+
+def wait_until_not_consuming(consumer: Any, timeout: float) -> None:
+    """Block until Celery's warm shutdown has stopped the worker's consumer (its blueprint, which
+    cancels the task consumer), at most ``timeout``: a message put back before that could be taken
+    again by this very worker — and put back again, round and round until it stops consuming. (The
+    consumer notices the stop at its next loop, seconds later under load: measured ~4 s.)"""
+    blueprint = getattr(consumer, "blueprint", None)
+    if blueprint is not None:
+        blueprint.shutdown_complete.wait(timeout)
+
+
+class GracefulStop:
+    def __init__(self, runner: JobRunner, drain_s: float) -> None:
+        self.runner = runner
+        self.drain_s = drain_s
+        self._begun = False
+
+    def begin(self) -> None:
+        """Stop admitting now and let go of what still runs ``drain_s`` from now (returns at once:
+        Celery calls it from its signal handler)."""
+        if self._begun:
+            return
+        self._begun = True
+        waiting = self.runner.admission.stop_admitting()
+        log.warning("stopping: %d job(s) waiting in line go back on the queue; %d call(s) running get "
+                    "up to %gs to finish (GATEWAY_DRAIN_TIMEOUT)", waiting, len(self.runner.running),
+                    self.drain_s)
+        threading.Thread(target=self._let_go_after, name="drain-deadline", daemon=True).start()
+
+    def _let_go_after(self) -> None:
+        deadline = time.monotonic() + self.drain_s
+        while self.runner.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        running = dict(self.runner.running)
+        if running:
+            log.warning("stopped after the %gs drain time with %d call(s) still running: they will run "
+                        "again on another worker (or at the next start) as their next attempt",
+                        self.drain_s, len(running))
+        else:
+            # nothing runs: Celery's warm shutdown ends by itself — but not later than this
+            time.sleep(max(0.0, deadline - time.monotonic()) + EXIT_GRACE_S)
+            log.warning("still stopping %gs after the drain time; exiting", EXIT_GRACE_S)
+        self.let_go(running)
+        logging.shutdown()
+        os._exit(0)
+
+    def let_go(self, running: dict[str, str]) -> None:
+        """Drop the leases of ``running`` (job id → execution) and this process's heartbeat, so the
+        lease sweeper of any live worker treats their deliveries as a dead worker's at its next sweep."""
+        store, admission = self.runner.store, self.runner.admission
+        try:
+            pipe = store.redis.pipeline()
+            for job_id, execution in running.items():
+                if store.redis.get(store.lease_key(job_id)) == execution.encode():
+                    pipe.delete(store.lease_key(job_id))
+            pipe.delete(admission.limiter.proc_key(admission.proc_id))
+            pipe.execute()
+        except RedisError as exc:  # the leases lapse by themselves within their TTL
+            log.warning("could not drop the running calls' leases (%s); they lapse within %gs", exc,
+                        self.runner.lease_ttl)
