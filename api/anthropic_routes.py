@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify
 
 from api.errors import anthropic_document, install_error_handlers
-from api.requests import admit, idempotency, json_body, outcome_headers, resolve
+from api.requests import admit, idempotency, json_body, outcome_headers
 from api.streaming import stream_response
 from common.errors import GatewayError
 from common.protocols import anthropic
@@ -27,7 +27,7 @@ def messages() -> Response:
     body = json_body()
     idem = idempotency(body)
     chat = anthropic.parse_request(body)
-    call = admit(chat.model, body.get("max_wait") if isinstance(body, dict) else None)
+    call = admit(chat, body.get("max_wait") if isinstance(body, dict) else None)
     if chat.stream:
         watch = call.gw.start(chat, call.route, max_wait=call.max_wait,
                               max_cost=call.max_cost, api_key_id=g.api_key_id, idem=idem)
@@ -47,7 +47,7 @@ def count_tokens() -> Response:
     if isinstance(body, dict):
         body.setdefault("max_tokens", 1)  # count_tokens bodies carry no max_tokens; messages bodies must
     chat = anthropic.parse_request(body)
-    route = resolve(chat.model)
+    route = admit(chat, None).route  # a virtual model: counted for the alias it resolves to
     return jsonify({"input_tokens": estimate_prompt_tokens(chat, route.model)})
 
 

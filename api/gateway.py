@@ -60,6 +60,8 @@ from common.limits import Limiter, Scope
 from common.registry import Limits, Model, Provider
 from common.routing import Trail, candidates
 from common.routing.observe import Router, place
+from common.routing.ttft import RedisLatencyStats
+from common.routing.virtual import VirtualRouter
 from common.settings import Settings
 from common.taskwire import task_message
 from common.types import ChatRequest, EmbeddingsRequest
@@ -98,6 +100,7 @@ class Gateway:
         self.rows = JobRows(sessions)
         self.dispatcher = dispatcher
         self.idem = IdemStore(store.redis, store.prefix)
+        self.virtual = VirtualRouter(settings.registry, RedisLatencyStats(store.redis, store.prefix))
         self.budgets = BudgetGate(store, sessions, settings.task_time_limit, served_by=self._served_by)
         self.router = Router(settings, store)
         self.stopping_at: float | None = None  # monotonic: when held callers are answered (begin_stop)

@@ -56,7 +56,7 @@ def generate_content(model: str) -> Response:
     body = json_body()
     idem = idempotency(body)
     chat = gemini.parse_request(body, model)
-    call = admit(chat.model, _max_wait(body))
+    call = admit(chat, _max_wait(body))
     outcome = call.gw.call(chat, call.route, max_wait=call.max_wait,
                            max_cost=call.max_cost, api_key_id=g.api_key_id, idem=idem)
     response = jsonify(gemini.render_response(outcome.result, chat.model))
@@ -68,7 +68,7 @@ def generate_content(model: str) -> Response:
 def stream_generate_content(model: str) -> Response:
     body = json_body()
     chat = gemini.parse_request(body, model, stream=True)
-    call = admit(chat.model, _max_wait(body))
+    call = admit(chat, _max_wait(body))
     watch = call.gw.start(chat, call.route, max_wait=call.max_wait,
                           max_cost=call.max_cost, api_key_id=g.api_key_id)
     stream = GeminiSse(chat.model) if request.args.get("alt") == "sse" else GeminiJsonArray(chat.model)
@@ -83,7 +83,7 @@ def count_tokens(model: str) -> Response:
     if isinstance(body, dict) and isinstance(body.get("generateContentRequest"), dict):
         body = body["generateContentRequest"]
     chat = gemini.parse_request(body, model)
-    route = resolve(chat.model)
+    route = admit(chat, None).route  # a virtual model: counted for the alias it resolves to
     return jsonify({"totalTokens": estimate_prompt_tokens(chat, route.model)})
 
 

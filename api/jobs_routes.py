@@ -24,7 +24,7 @@ def create_job() -> tuple[Response, int]:
     body = json_body()
     idem = idempotency(body)
     chat, extensions = parse_chat_request(body)
-    call = admit(chat.model, extensions.get("max_wait"), gateway().settings.async_max_wait)
+    call = admit(chat, extensions.get("max_wait"), gateway().settings.async_max_wait)
     job, new = call.gw.submit(chat, call.route, max_wait=call.max_wait,
                               max_cost=call.max_cost, api_key_id=g.api_key_id, idem=idem)
     response = jsonify(render_job(job))

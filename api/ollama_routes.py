@@ -68,7 +68,7 @@ Shape = Callable[[dict[str, Any]], dict[str, Any]]
 
 def _serve(body: Any, chat_request: ChatRequest, shape: Shape) -> Response:
     idem = idempotency(body)
-    call = admit(chat_request.model, body.get("max_wait") if isinstance(body, dict) else None)
+    call = admit(chat_request, body.get("max_wait") if isinstance(body, dict) else None)
     started = time.monotonic_ns()
     if chat_request.stream:
         watch = call.gw.start(chat_request, call.route, max_wait=call.max_wait,
@@ -121,7 +121,7 @@ def embed() -> Response:
     if body.get("dimensions") is not None:
         request_body["dimensions"] = body["dimensions"]
     embed_request, _ = parse_embeddings_request(request_body)
-    call = admit(embed_request.model, body.get("max_wait"))
+    call = admit(embed_request, body.get("max_wait"))
     started = time.monotonic_ns()
     outcome = call.gw.call(embed_request, call.route, max_wait=call.max_wait,
                            max_cost=call.max_cost, api_key_id=g.api_key_id)

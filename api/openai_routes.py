@@ -9,7 +9,16 @@ from flask import Blueprint, Response, g, jsonify
 
 from api.errors import install_error_handlers, openai_document
 from api.gateway import Outcome
-from api.requests import admit, gateway, idempotency, json_body, may_use, outcome_headers, resolve
+from api.requests import (
+    admit,
+    gateway,
+    gateway_object,
+    idempotency,
+    json_body,
+    may_use,
+    outcome_headers,
+    resolve,
+)
 from api.streaming import stream_response
 from common.errors import GatewayError
 from common.protocols.openai import error_body, parse_chat_request, parse_embeddings_request
@@ -23,7 +32,7 @@ def chat_completions() -> Response:
     body = json_body()
     idem = idempotency(body)
     chat, extensions = parse_chat_request(body)
-    call = admit(chat.model, extensions.get("max_wait"))
+    call = admit(chat, extensions.get("max_wait"))
     if chat.stream:
         include_usage = bool((chat.model_extra or {}).get("stream_options", {}).get("include_usage"))
         watch = call.gw.start(chat, call.route, max_wait=call.max_wait,
@@ -61,7 +70,7 @@ class OpenAIStream:
 
 def completion_response(outcome: Outcome) -> Response:
     body = dict(outcome.result)
-    body["x-gateway"] = {"job_id": outcome.job_id, **outcome.meta}
+    body["x-gateway"] = gateway_object(outcome)
     response = jsonify(body)
     response.headers.update(outcome_headers(outcome))
     return response
@@ -70,7 +79,7 @@ def completion_response(outcome: Outcome) -> Response:
 @bp.post("/v1/embeddings")
 def embeddings() -> Response:
     embed, extensions = parse_embeddings_request(json_body())
-    call = admit(embed.model, extensions.get("max_wait"))
+    call = admit(embed, extensions.get("max_wait"))
     return completion_response(call.gw.call(embed, call.route, max_wait=call.max_wait, max_cost=call.max_cost,
                                             api_key_id=g.api_key_id))
 
@@ -81,10 +90,23 @@ def list_models() -> Response:
     data = [{"id": alias, "object": "model", "created": 0, "owned_by": m.provider,
              "context_window": m.context_window, "capabilities": list(m.capabilities)}
             for alias, m in registry.models.items() if registry.serves(m) and may_use(alias)]
+    data += [_virtual_model(name) for name in registry.virtual_models]
     return jsonify({"object": "list", "data": data})
+
+
+def _virtual_model(name: str) -> dict[str, Any]:
+    """A virtual model as a model object, with its strategy and its routable candidates."""
+    router = gateway().virtual
+    virtual = router.registry.virtual_models[name]
+    candidates = [m.alias for m in router.candidates(virtual)
+                  if router.registry.serves(m) and may_use(m.alias)]
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llm-gateway", "virtual": True,
+            "strategy": virtual.strategy, "candidates": candidates}
 
 
 @bp.get("/v1/models/<path:alias>")
 def get_model(alias: str) -> Response:
+    if alias in gateway().settings.registry.virtual_models:
+        return jsonify(_virtual_model(alias))
     route = resolve(alias)
     return jsonify({"id": alias, "object": "model", "created": 0, "owned_by": route.provider.name})

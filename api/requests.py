@@ -6,12 +6,13 @@ handler renders them in its own shape.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import gevent
-from flask import current_app, g, request
+from flask import Response, after_this_request, current_app, g, request
 from gunicorn.http.errors import ParseException
 
 from api.gateway import Gateway, Outcome, Route
@@ -21,8 +22,13 @@ from common.budgets import parse_max_cost, remaining_headers
 from common.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 from common.keyschema import KeyRecord, model_allowed
 from common.protocols import safejson
+from common.routing.virtual import OVERRIDE_FIELDS, Decision, parse_overrides, pop_overrides
+from common.types import ChatRequest, EmbeddingsRequest
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
+DECISION_HEADER = "x-gateway-routing-decision"
 
 
 def gateway() -> Gateway:
@@ -31,31 +37,35 @@ def gateway() -> Gateway:
 
 @dataclass(frozen=True)
 class Admitted:
-    """A call resolved for queueing, whatever protocol it came in: its route, its max_wait and its
-    per-request cost cap."""
+    """A call resolved for queueing, whatever protocol it came in: its route, its max_wait, its
+    per-request cost cap and, for a virtual model, the decision that chose the route."""
 
     gw: Gateway
     route: Route
     max_wait: float
     max_cost: Decimal | None = None
+    decision: Decision | None = None
 
     @property
     def headers(self) -> dict[str, str]:
         return {"x-gateway-provider": self.route.provider.name, "x-gateway-model": self.route.model.model}
 
 
-def admit(model: str, body_max_wait: Any, default: float | None = None) -> Admitted:
-    """Resolve ``model`` to its route (404/503 in the caller's shape if it cannot be served) and the
-    caller's max_wait: the body's ``max_wait``, else the ``x-gateway-max-wait`` header, else ``default``
-    (the sync default). The cost cap: the body's ``max_cost_usd``, else the ``x-gateway-max-cost`` header."""
+def admit(call: ChatRequest | EmbeddingsRequest, body_max_wait: Any,
+          default: float | None = None) -> Admitted:
+    """Resolve the call's model to its route (404/503 in the caller's shape if it cannot be served) and
+    the caller's max_wait: the body's ``max_wait``, else the ``x-gateway-max-wait`` header, else
+    ``default`` (the sync default). The cost cap: the body's ``max_cost_usd``, else the
+    ``x-gateway-max-cost`` header. A virtual model is first resolved to an alias (:func:`resolve_virtual`)."""
     gw = gateway()
-    route = resolve(model)
+    decision = resolve_virtual(gw, call)
+    route = resolve(call.model if decision is None else decision.alias)
     max_wait = gw.max_wait(request.headers.get("x-gateway-max-wait"), body_max_wait,
                            gw.settings.default_max_wait if default is None else default)
     body = g.get("request_body")
     body_cap = body.get("max_cost_usd") if isinstance(body, dict) else None
     max_cost = parse_max_cost(body_cap if body_cap is not None else request.headers.get("x-gateway-max-cost"))
-    return Admitted(gw, route, max_wait, max_cost)
+    return Admitted(gw, route, max_wait, max_cost, decision)
 
 
 def resolve(model: str) -> Route:
@@ -67,6 +77,43 @@ def may_use(alias: str) -> bool:
     """Whether the calling key may use the model ``alias`` (what model listings show)."""
     key: KeyRecord | None = g.get("api_key")
     return key is None or model_allowed(key.allowed_models, alias)
+
+
+def resolve_virtual(gw: Gateway, call: ChatRequest | EmbeddingsRequest) -> Decision | None:
+    """For a virtual model (``auto``, ``fast``, ``cheap``…): the alias it means for this call, with the
+    caller's overrides (``x-routing-strategy``, ``x-prefer-provider``: body fields taken out by
+    :func:`json_body`, else headers). Every answer to the call — success, stream or error — then carries
+    ``x-gateway-routing-decision``. None for a concrete alias."""
+    if gw.virtual.virtual(call.model) is None:
+        return None
+    if not isinstance(call, ChatRequest):
+        raise InvalidRequest(f"'{call.model}' is a virtual model and chooses among chat models; name an "
+                             "embeddings model", param="model", code="virtual_model_chat_only")
+    headers = {name: value for name in OVERRIDE_FIELDS if (value := request.headers.get(name)) is not None}
+    overrides = parse_overrides(g.get("routing_fields") or {}, headers, gw.settings.registry)
+    decision = gw.virtual.resolve(call.model, call, overrides, allowed=may_use)
+    g.routing_decision = decision
+    log.info("routing: %s", decision.header())
+
+    @after_this_request
+    def _tag(response: Response) -> Response:
+        # a decision taken after this one (which deployment of the alias) keeps its place, after ours
+        later = response.headers.get(DECISION_HEADER)
+        response.headers[DECISION_HEADER] = decision.header() + (f"; then={later}" if later else "")
+        return response
+
+    return decision
+
+
+def gateway_object(outcome: Outcome) -> dict[str, Any]:
+    """The ``x-gateway`` object of a body format that has room for one: the job's metadata, and the
+    routing decision of a virtual model."""
+    decision: Decision | None = g.get("routing_decision")
+    out = {"job_id": outcome.job_id, **outcome.meta}
+    if decision is not None:
+        later = out.get("routing_decision")  # what was decided after it, if anything: kept inside it
+        out["routing_decision"] = {**decision.as_dict(), **({"then": later} if later else {})}
+    return out
 
 
 def idempotency(body: Any) -> IdemCall | None:
@@ -100,6 +147,7 @@ def json_body() -> Any:
     if not raw:
         raise InvalidRequest("the request body is empty; send a JSON object")
     g.request_body = safejson.loads(raw, max_depth=settings.max_json_depth)
+    g.routing_fields = pop_overrides(g.request_body)  # routing overrides are ours: never sent upstream
     return g.request_body
 
 

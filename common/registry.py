@@ -30,6 +30,12 @@ It is one YAML file (``GATEWAY_CONFIG``; the built-in ``default_registry.yaml`` 
     key_limits:                      # an API key's own quota, across all providers
       "*": {rpm: 60, tpd: 1000000}   # every key not listed, each on its own
       key_abc: {concurrency: 8, rpm: 600}
+    virtual_models:                  # names resolved per call to one alias (common/routing/virtual.py)
+      auto: {strategy: balanced}     # candidates: every chat model of a routable provider, unless listed
+      cheap: {strategy: cheapest, candidates: [gpt-4o-mini, llama3.2]}
+
+A model may name its ``tier`` (``small`` | ``medium`` | ``large``, default ``medium``): how capable it
+is, for ``auto``'s complexity classifier (common/routing/classifier.py).
 
 A provider that needs a key and has none in the environment is *not routable*: its models are
 listed in ``/health`` as unavailable and calls to them get a clear 503, never a hang.
@@ -49,6 +55,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.provider_kinds import provider_kind
 
 Capability = Literal["chat", "tools", "vision", "json", "embeddings", "stream"]
+Tier = Literal["small", "medium", "large"]
+# how a virtual model ranks its candidates; the weights of each are common/routing/virtual.py's STRATEGIES
+RoutingStrategy = Literal["balanced", "cost", "quality", "latency", "cheapest", "fastest"]
 
 
 class RegistryError(ValueError):
@@ -188,6 +197,7 @@ class Model(_Strict):
     capabilities: tuple[Capability, ...] = ("chat",)
     price: Price = Price()
     limits: Limits = Limits()
+    tier: Tier = "medium"   # how capable: auto sends simple prompts to small, hard ones to large
     deployments: tuple[Deployment, ...] = ()
     routing: str | None = None
     fallbacks: tuple[str, ...] | None = None
@@ -247,6 +257,15 @@ class RoutingSettings(_Strict):
     breaker: BreakerSettings = BreakerSettings()
 
 
+class VirtualModel(_Strict):
+    """A model name that is no model: each call resolves it to one of ``candidates`` (every chat model
+    of a routable provider if empty) by ``strategy`` (common/routing/virtual.py)."""
+
+    name: str = ""
+    strategy: RoutingStrategy = "balanced"
+    candidates: tuple[str, ...] = ()
+
+
 class Registry(_Strict):
     providers: dict[str, Provider]
     models: dict[str, Model]
@@ -255,6 +274,7 @@ class Registry(_Strict):
     # an API key's own quota, over all providers together; "*" applies to each key not listed
     # (each on its own: "*": {rpm: 60} lets every key make 60 calls a minute)
     key_limits: dict[str, Limits] = Field(default_factory=dict)
+    virtual_models: dict[str, VirtualModel] = Field(default_factory=dict)
     routing: RoutingSettings = RoutingSettings()
 
     def limits_of_key(self, key_id: str) -> Limits:
@@ -283,6 +303,12 @@ class Registry(_Strict):
         for fallback in self.routing.fallbacks:
             if fallback not in self.models:
                 raise ValueError(f"routing.fallbacks names unknown model {fallback!r}")
+        for name, virtual in self.virtual_models.items():
+            if name in self.models:
+                raise ValueError(f"virtual model {name!r} has the name of a model alias")
+            unknown = [c for c in virtual.candidates if c not in self.models]
+            if unknown:
+                raise ValueError(f"virtual model {name!r} names unknown candidates {unknown}")
         return self
 
     def model(self, alias: str) -> Model | None:
@@ -331,8 +357,9 @@ def parse_registry(data: object, env: Mapping[str, str]) -> Registry:
     for name, limits in raw.key_limits.items():
         if not limits.any:
             raise RegistryError(f"key_limits.{name} sets no limit: give concurrency, rpm, tpm, rpd or tpd")
+    virtual = {name: v.model_copy(update={"name": name}) for name, v in raw.virtual_models.items()}
     return Registry(providers=providers, models=models, key_weights=raw.key_weights,
-                    key_limits=raw.key_limits, routing=raw.routing)
+                    key_limits=raw.key_limits, routing=raw.routing, virtual_models=virtual)
 
 
 def _normalise_url(url: str, kind: str) -> str:

@@ -100,6 +100,12 @@ def _tiktoken_counter(provider_model: str) -> Callable[[str], int] | None:
         return None
     if name not in BUNDLED_ENCODINGS:
         return None
+    return _encoding_counter(name)
+
+
+@functools.cache
+def _encoding_counter(name: str) -> Callable[[str], int]:
+    """One counter per encoding: models that share it share the function (callers may memoise by it)."""
     encoding = bundled_encoding(name)
     return lambda text: len(encoding.encode(text, disallowed_special=()))
 

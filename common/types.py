@@ -151,3 +151,5 @@ class ChatResponse(BaseModel):
     usage: Usage
     # the provider said its quota is spent for this long (rate-limit headers); 0 = no such signal
     quota_reset_s: float = 0.0
+    # a relayed stream's time to its first chunk (None: not a stream; the whole call's time is the TTFT)
+    first_token_ms: float | None = None

@@ -58,6 +58,7 @@ from common.jobrows import JobRows, spec_of
 from common.jobs import Claim, JobStore
 from common.limits import Scope
 from common.registry import Model, Provider
+from common.routing.ttft import RedisLatencyStats
 from common.settings import Settings
 from common.tokens import reservation
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
@@ -92,6 +93,7 @@ class JobRunner:
         self.admission = admission
         self.revoked = revoked   # whether a job's API key was revoked since it was accepted
         self.settler = Settler(settings, store, rows, ledger)
+        self.ttft = RedisLatencyStats(store.redis, store.prefix)
         self.upstream = UpstreamHealth(store.redis, settings.key_prefix)
         self.failover = Failover(settings, store)
         self.observe = observer(settings)
@@ -214,8 +216,12 @@ class JobRunner:
             expired = Expired("every deployment of this model was unavailable (circuit open) until max_wait")
             return self.settler.settle(job.job_id, job.execution, job.spec,
                                        Settlement(JobState.EXPIRED, expired))
-        return self.settler.settle(job.job_id, job.execution, job.spec,
-                            self._succeeded(job, response, attempt, call_id, queue_wait_ms, latency_ms))
+        succeeded = self._succeeded(job, response, attempt, call_id, queue_wait_ms, latency_ms)
+        state = self.settler.settle(job.job_id, job.execution, job.spec, succeeded)
+        if isinstance(job.request, ChatRequest):  # after the caller's answer: `fast` and `auto` read it
+            first = response.first_token_ms
+            self.ttft.observe(job.model.alias, latency_ms if first is None else first)
+        return state
 
     def _invoker(self, job: _Run) -> Callable[[], ChatResponse]:
         adapter, request, model = self.adapters[job.provider.name], job.request, job.model
@@ -252,8 +258,10 @@ class JobRunner:
         usage. Once a chunk went out the call cannot be retried: a later failure ends the stream with
         an error. Checks every ``ABORT_CHECK_S`` whether the client went away, and if so closes the
         upstream call."""
+        began = time.perf_counter()
         chunks: Iterator[dict[str, Any]] = adapter.stream(request, model)
         sent = 0
+        first_ms: float | None = None
         usage: dict[str, Any] = {}
         produced: list[str] = []
         checked = time.monotonic()
@@ -261,6 +269,8 @@ class JobRunner:
             for chunk in chunks:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                if first_ms is None:
+                    first_ms = (time.perf_counter() - began) * 1000
                 produced.extend(chunk_text(chunk))
                 self.store.emit(job_id, Chunk(chunk))
                 sent += 1
@@ -279,7 +289,8 @@ class JobRunner:
             chunks.close()  # type: ignore[attr-defined]
         return ChatResponse(body={"usage": usage} if usage else {},
                             usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                        completion_tokens=int(usage.get("completion_tokens") or 0)))
+                                        completion_tokens=int(usage.get("completion_tokens") or 0)),
+                            first_token_ms=first_ms)
 
     def _call_with_retries(self, job: _Run, attempt: int, invoke: Callable[[], ChatResponse],
                            queue_wait_ms: int) -> tuple[ChatResponse, int, str]:

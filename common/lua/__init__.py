@@ -10,7 +10,8 @@ Libraries (functions only, no side effects) are prepended to the scripts that us
 
 Scripts: create, claim, withdraw, abandon, emit, renew_lease (common/jobs.py); acquire, release, leave,
 renew_permits (common/limits.py); budget_seed (common/budgetstate.py); move (common/jobs.py: a job
-that moves to another deployment's queue); breaker (common/routing/breaker.py).
+that moves to another deployment's queue); breaker (common/routing/breaker.py); ttft
+(common/routing/ttft.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _LIBRARIES: dict[str, tuple[str, ...]] = {
     "acquire": ("budget", "job", "line", "permits"), "release": ("budget", "job", "line", "permits"),
     "leave": ("budget", "job", "line"), "renew_permits": ("budget", "job"), "budget_seed": ("budget",),
     "breaker": (), "move": ("budget", "job"),
+    "ttft": (),
 }
 
 
