@@ -31,6 +31,7 @@ from api.dashboard import install as install_dashboard
 from api.dispatcher import ReplyDispatcher
 from api.errors import install_error_handlers, openai_document
 from api.gateway import Gateway
+from api.redeliver import SyncRedelivery
 from api.usage_routes import bp as usage_bp
 from common.apikeys import ANONYMOUS, KeyService
 from common.db import make_session_factory
@@ -60,7 +61,7 @@ def create_app(settings: Settings) -> Flask:
                                                  health_check_interval=30)
     store = JobStore(redis.Redis(connection_pool=pool), settings.key_prefix)
     sessions = make_session_factory(settings.database_url, pool_size=5)
-    gateway = Gateway(settings, store, sessions, ReplyDispatcher(store))
+    gateway = Gateway(settings, store, sessions, ReplyDispatcher(store, SyncRedelivery(store, settings)))
     keys = KeyService(sessions, store.redis, settings.key_prefix)
     authenticator = Authenticator(settings.auth_mode, keys.records, version=keys.version,
                                   stale_limit=settings.auth_stale_limit)

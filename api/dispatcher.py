@@ -10,6 +10,9 @@ The channel also names the process to the workers: its heartbeat ``<channel>:ali
 ``ALIVE_TTL_S``, renewed every ``ALIVE_EVERY_S``) says somebody still waits for the answers of the
 sync jobs it queued. A worker never starts a sync job whose API process's heartbeat is gone
 (``common/lua/job.lua``): its caller was disconnected with it.
+
+With a :class:`~api.redeliver.SyncRedelivery` it also looks after the jobs it holds: one whose queue
+message a dying worker took along is queued again (``api/redeliver.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 
 import redis
 
+from api.redeliver import SyncRedelivery
 from common.jobs import CALLER_ALIVE_TTL_S, JobStore, StreamEvent, parse_reply
 
 log = logging.getLogger(__name__)
@@ -40,13 +44,15 @@ Delivery = StreamEvent | Resync
 
 
 class ReplyDispatcher:
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, redelivery: SyncRedelivery | None = None) -> None:
         self.store = store
+        self.redelivery = redelivery
         self.instance_id = secrets.token_hex(8)
         self.channel = store.reply_channel(self.instance_id)
         self.alive_key = store.alive_key(self.channel)
         self._beat_at = -math.inf
         self._waiters: dict[str, queue.SimpleQueue[Delivery]] = {}
+        self._since: dict[str, float] = {}   # job id -> when it was registered (monotonic)
         self._subscribed = threading.Event()
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -59,6 +65,9 @@ class ReplyDispatcher:
             if self._thread is None:
                 self._beat()  # before the first job is queued: a worker may look for it at once
                 threading.Thread(target=self._heartbeat, name="reply-heartbeat", daemon=True).start()
+                if self.redelivery is not None:
+                    threading.Thread(target=self.redelivery.run, args=(self.held_before,),
+                                     name="sync-redelivery", daemon=True).start()
                 self._thread = threading.Thread(target=self._run, name="reply-dispatcher", daemon=True)
                 self._thread.start()
         if not self._subscribed.wait(timeout):
@@ -70,10 +79,16 @@ class ReplyDispatcher:
             self._beat()
         waiter: queue.SimpleQueue[Delivery] = queue.SimpleQueue()
         self._waiters[job_id] = waiter
+        self._since[job_id] = time.monotonic()
         return waiter
 
     def unregister(self, job_id: str) -> None:
         self._waiters.pop(job_id, None)
+        self._since.pop(job_id, None)
+
+    def held_before(self, moment: float) -> list[str]:
+        """The jobs registered before ``moment`` (monotonic) whose callers still wait."""
+        return [job_id for job_id, since in list(self._since.items()) if since < moment]
 
     def wake_all(self) -> None:
         """Every waiting watch looks at its job again now (e.g. its deadline moved: the process stops)."""

@@ -19,7 +19,8 @@ start-up pass says "nothing to recover" at info.
 It also queues a message again for a row still ``queued`` whose live job waits for its first claim
 (no holder, no attempt) but whose message is in neither its queue nor kombu's ``unacked``: a worker
 SIGKILLed while Redis's BRPOP reply was on its way took it along
-(:meth:`JobReconciler.redeliver_messageless`).
+(:meth:`JobReconciler.redeliver_messageless`, ``common/redeliver.py``; the API does the same for the
+sync calls it holds, ``api/redeliver.py``).
 
 It also repairs the opposite: a row still ``queued`` or ``running`` whose live state has settled (a
 worker died between a Lua step that settled the job and its row's write, or the API between
@@ -44,6 +45,7 @@ from common.errors import QueueTimeout
 from common.jobrows import JobRows, spec_of
 from common.jobs import JobStore, StreamEvent
 from common.outbox import RowOutcome
+from common.redeliver import redeliver_messageless, waits_for_first_claim
 from common.settings import Settings
 from common.taskwire import task_message
 from workers.periodic import Periodic
@@ -118,30 +120,9 @@ class JobReconciler(Periodic):
     def redeliver_messageless(self, unclaimed: list[Job]) -> int:
         """Queue a message again for each of ``unclaimed`` (rows older than the grace whose live job is
         ``queued`` and was never claimed nor stood in a line) that has no message in its queue nor in
-        kombu's ``unacked``: a worker SIGKILLed while Redis's BRPOP reply was on its way took the
-        message with it (BRPOP removes it when Redis replies; kombu records it in ``unacked`` only
-        after reading the reply). A duplicate — a message in flight between the two reads below — is
-        harmless: the claim lets one delivery run the job. Returns how many were queued again."""
-        unclaimed = [job for job in unclaimed if job.provider in self.settings.registry.providers]
-        if not unclaimed:
-            return 0
-        redis = self.store.redis
-        queues = {job.provider: self.settings.queue_key(job.provider) for job in unclaimed}
-        pipe = redis.pipeline(transaction=False)
-        for key in queues.values():
-            pipe.lrange(key, 0, -1)
-        pipe.hvals(f"{self.store.prefix}:unacked")   # kombu's, under our global_keyprefix
-        *listed, unacked = pipe.execute()
-        held = b"\n".join([*(entry for entries in listed for entry in entries), *unacked])
-        redelivered = 0
-        for job in unclaimed:
-            if job.id.encode() in held:
-                continue
-            redis.rpush(queues[job.provider], task_message(job.id, self.settings.queue_for(job.provider)))
-            log.info("job %s: queued but its message was gone (a worker died as it took it); queued again",
-                     job.id)
-            redelivered += 1
-        return redelivered
+        kombu's ``unacked`` (``common/redeliver.py``). Returns how many were queued again."""
+        waiting = {job.id: job.provider for job in unclaimed}
+        return len(redeliver_messageless(self.store, self.settings, waiting))
 
     def repair_settled(self) -> int:
         """Settle the open rows whose live state settled without them; returns how many."""
@@ -186,12 +167,6 @@ def summary(done: dict[str, int], *, at_start: bool) -> str | None:
         parts.append(f"{done['repaired']} job record(s) in Postgres lagged behind their finished job "
                      "and were brought up to date")
     return f"{when}: " + "; ".join(parts)
-
-
-def waits_for_first_claim(live: list[bytes | None]) -> bool:
-    """A live job (``state``, ``holder``, ``attempts``) that waits for its first claim outside any line."""
-    state, holder, attempts = live
-    return state == b"queued" and not holder and attempts in (None, b"0")
 
 
 def live_outcome(job_id: str, state: JobState, finished: bytes | None,

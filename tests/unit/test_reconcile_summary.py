@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.reconciler import summary, waits_for_first_claim
+from common.redeliver import waits_for_first_claim
+from workers.reconciler import summary
 
 NOTHING = {"requeued": 0, "expired": 0, "repaired": 0}
 
