@@ -201,8 +201,11 @@ def test_up_shows_failed_upstream_calls_in_its_log_and_health(state_dir: Path) -
         assert openai["status"] == "failing" and openai["errors"] == openai["attempts"] == 3  # max_retries 2
         failed = "upstream attempt failed: provider=openai"
         lines = [line for line in up.output().splitlines() if failed in line]
-        assert len(lines) == 3 and all(line.startswith("worker-openai | ") and "WARNING" in line
-                                       and "status=unavailable" in line for line in lines), up.output()
+        # `up` logs JSON by default (GATEWAY_LOG_FORMAT): one object per line, behind the child's name
+        records = [json.loads(line.split(" | ", 1)[1]) for line in lines
+                   if line.startswith("worker-openai | ")]
+        assert len(lines) == len(records) == 3, up.output()
+        assert all(r["level"] == "warning" and r["status_class"] == "unavailable" for r in records), records
         assert bad_key not in up.output()
     finally:
         up.kill()
