@@ -192,7 +192,7 @@ class JobRunner:
                 done = self._replay_if_settled(job)
                 if done:
                     return done
-            self.settler.mark_started(job.job_id, attempt)
+            self.settler.mark_started(job.job_id, attempt, job.spec)
         # the previous attempt's worker died mid-run (its call may have cost money) — unless that
         # attempt ended by moving the job here (workers/failover.py)
         if attempt > 1 and attempt - 1 != self.failover.trail(job.spec).moved_at:
@@ -208,7 +208,9 @@ class JobRunner:
             charge = (to_units(partial["cost"]), partial["response"].usage.total_tokens) if partial else None
             return self.settler.settle(job.job_id, job.execution, job.spec,
                                        replace(Settlement.failed(exc), charge=charge))
-        except Moved:
+        except Moved as moved:
+            if job.spec.is_async:
+                self.settler.mark_moved(job.job_id, attempt, moved.spec)
             return "moved"
         except WaitedOut:  # every deployment's breaker stayed open: the caller gets its 429, Retry-After
             expired = Expired("every deployment of this model was unavailable (circuit open) until max_wait")
