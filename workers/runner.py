@@ -228,7 +228,7 @@ class JobRunner:
                                      param="model")
             return lambda: embed(request, model)
         if request.stream:
-            return lambda: self._relay_stream(job.job_id, adapter, request, model)
+            return lambda: self._relay_stream(job, adapter, request, model)
         return lambda: adapter.complete(request, model)
 
     def _succeeded(self, job: _Run, response: ChatResponse, attempt: int, call_id: str, queue_wait_ms: int,
@@ -248,12 +248,13 @@ class JobRunner:
                           _usage_row(job, call_id, queue_wait_ms, latency_ms, response=response, cost=cost),
                           result=response.body, billed=billed)
 
-    def _relay_stream(self, job_id: str, adapter: Adapter, request: ChatRequest,
+    def _relay_stream(self, job: _Run, adapter: Adapter, request: ChatRequest,
                       model: Model) -> ChatResponse:
         """Forward each upstream chunk to the waiting API as it arrives (no buffering); returns the
         usage. Once a chunk went out the call cannot be retried: a later failure ends the stream with
         an error. Checks every ``ABORT_CHECK_S`` whether the client went away, and if so closes the
-        upstream call."""
+        upstream call. Records when the first chunk came (``job.first_token_ms``, for the usage row)."""
+        job_id, begun, job.first_token_ms = job.job_id, time.perf_counter(), None
         chunks: Iterator[dict[str, Any]] = adapter.stream(request, model)
         sent = 0
         usage: dict[str, Any] = {}
@@ -265,6 +266,8 @@ class JobRunner:
                     usage = chunk["usage"]
                 produced.extend(chunk_text(chunk))
                 self.store.emit(job_id, Chunk(chunk))
+                if not sent:
+                    job.first_token_ms = int((time.perf_counter() - begun) * 1000)
                 sent += 1
                 self.observe.first_token(job_id, model)
                 if time.monotonic() - checked > ABORT_CHECK_S:
@@ -452,6 +455,7 @@ class _Run:
     permit: Permit | None = None
     deployment: str = ""   # provider/model serving it (common/routing)
     tries: int = 0         # upstream calls made for it in this run
+    first_token_ms: int | None = None   # the current try's stream: its first chunk, ms after the call
 
 
 def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
@@ -466,7 +470,8 @@ def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
                        queue_wait_ms=queue_wait_ms, upstream_latency_ms=latency_ms,
                        outcome="success" if error is None else (error.code or "error"),
                        status_code=200 if error is None else error.status,
-                       error=None if error is None else error.message[:500])
+                       error=None if error is None else error.message[:500],
+                       first_token_ms=job.first_token_ms)
 
 
 def _start_in(estimate: float | None) -> float:
