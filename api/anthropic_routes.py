@@ -67,7 +67,7 @@ class AnthropicStream:
     def chunk(self, chunk: dict[str, Any]) -> list[str]:
         return self._sse(self.renderer.feed(chunk))
 
-    def done(self) -> list[str]:
+    def done(self, meta: dict[str, Any]) -> list[str]:
         return self._sse(self.renderer.close())
 
     def error(self, error: GatewayError) -> list[str]:

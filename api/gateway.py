@@ -58,7 +58,7 @@ from common.jobs import JobStore, StreamEvent, new_job_id
 from common.keyschema import KeyRecord
 from common.limits import Limiter, Scope
 from common.registry import Limits, Model, Provider
-from common.routing import Trail, candidates
+from common.routing import Trail, candidates, serving
 from common.routing.observe import Router, place
 from common.routing.ttft import RedisLatencyStats
 from common.routing.virtual import VirtualRouter
@@ -132,6 +132,15 @@ class Gateway:
             raise ProviderUnavailable(f"model '{alias}' is served by provider '{provider.name}', which is "
                                       f"not configured: {provider.unroutable_reason}")
         return Route(model, provider)
+
+    def route_of(self, spec: JobSpec) -> Route | None:
+        """Where a job's live spec places it now (a job may move to another deployment after it was
+        queued: workers/failover.py); None if the registry no longer knows its alias or provider."""
+        registry = self.settings.registry
+        model, provider = registry.models.get(spec.model), registry.providers.get(spec.provider)
+        if model is None or provider is None:
+            return None
+        return Route(model.on(serving(model, spec.deployment, spec.provider)), provider)
 
     def limits_of_key(self, key_id: str) -> Limits:
         """The limits a key's calls count against: its own (admin API), else the YAML's key_limits."""
@@ -235,8 +244,8 @@ class Gateway:
         if isinstance(event, Failed):
             raise event.exception()
         if isinstance(event, Expired):
-            raise QueueTimeout(event.message,
-                               retry_after=self.retry_after(watch.route.provider, 1.0, watch.api_key_id))
+            provider = watch.current_route().provider   # where it waited last (it may have moved)
+            raise QueueTimeout(event.message, retry_after=self.retry_after(provider, 1.0, watch.api_key_id))
         if isinstance(event, Cancelled):
             raise JobCancelled(event.message)
         return None

@@ -134,7 +134,7 @@ class GeminiSse:
     def chunk(self, chunk: dict[str, Any]) -> list[str]:
         return self._emit(self.renderer.feed(chunk))
 
-    def done(self) -> list[str]:
+    def done(self, meta: dict[str, Any]) -> list[str]:
         return self._emit(self.renderer.close())
 
     def error(self, error: GatewayError) -> list[str]:
@@ -162,8 +162,8 @@ class GeminiJsonArray(GeminiSse):
             self.opened = True
         return out
 
-    def done(self) -> list[str]:
-        return super().done() + ["]"]
+    def done(self, meta: dict[str, Any]) -> list[str]:
+        return super().done(meta) + ["]"]
 
     def error(self, error: GatewayError) -> list[str]:
         return super().error(error) + ["]"]

@@ -102,7 +102,7 @@ class OllamaStream:
     def chunk(self, chunk: dict[str, Any]) -> list[str]:
         return self._lines(self.renderer.feed(chunk))
 
-    def done(self) -> list[str]:
+    def done(self, meta: dict[str, Any]) -> list[str]:
         return self._lines(self.renderer.close(elapsed_ns=time.monotonic_ns() - self.started_ns))
 
     def error(self, error: GatewayError) -> list[str]:

@@ -42,30 +42,65 @@ def chat_completions() -> Response:
                                             api_key_id=g.api_key_id, idem=idem))
 
 
+_FRAME = ("id", "object", "created", "model")   # what the gateway's last chunk copies from the stream's
+
+
 class OpenAIStream:
-    """OpenAI's SSE: ``data: <chunk>`` per chunk, ``data: [DONE]``; the usage chunk only if asked for."""
+    """OpenAI's SSE: ``data: <chunk>`` per chunk, ``data: [DONE]``; the usage chunk only if asked for.
+
+    The last chunk carries the ``x-gateway`` object (job id, provider, deployment, routing decision,
+    attempts, fallback used, cost…), as a whole answer's body does. That is the usage chunk if the
+    caller asked for it, else the chunk with the ``finish_reason`` — so both are held until the stream's
+    end, which follows them at once (a chunk after a held one releases it first). A stream without
+    either ends with one more chunk whose only choice has an empty delta."""
 
     mimetype = "text/event-stream"
 
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage
+        self.last: dict[str, Any] = {}              # the last chunk: its id, model, created
+        self.held: dict[str, Any] | None = None     # the finish_reason chunk, perhaps the last
+        self.usage: dict[str, Any] | None = None    # the usage chunk (only if asked for)
 
     def chunk(self, chunk: dict[str, Any]) -> list[str]:
+        self.last = chunk
+        if not chunk.get("choices") and chunk.get("usage"):
+            # kept for the end if asked for; else dropped: we ask upstream for usage only to bill
+            self.usage = chunk if self.include_usage else None
+            return []
         if not self.include_usage:
-            if not chunk.get("choices") and chunk.get("usage"):
-                return []  # we always ask upstream for usage (to bill); this caller did not
             chunk = {k: v for k, v in chunk.items() if k != "usage"}
-        return [f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"]
+        out = self._release()
+        if any(choice.get("finish_reason") for choice in chunk.get("choices") or ()):
+            self.held = chunk
+            return out
+        return out + [_sse(chunk)]
 
-    def done(self) -> list[str]:
-        return ["data: [DONE]\n\n"]
+    def _release(self) -> list[str]:
+        held, self.held = self.held, None
+        return [] if held is None else [_sse(held)]
+
+    def done(self, meta: dict[str, Any]) -> list[str]:
+        if self.usage is not None:
+            return self._release() + [_sse({**self.usage, "x-gateway": meta}), "data: [DONE]\n\n"]
+        if self.held is not None:
+            held, self.held = self.held, None
+            return [_sse({**held, "x-gateway": meta}), "data: [DONE]\n\n"]
+        frame: dict[str, Any] = {k: v for k, v in self.last.items() if k in _FRAME}
+        empty = [] if self.include_usage else [{"index": 0, "delta": {}, "finish_reason": None}]
+        final = {**frame, "choices": empty, **({"usage": None} if self.include_usage else {})}
+        return [_sse({**final, "x-gateway": meta}), "data: [DONE]\n\n"]
 
     def error(self, error: GatewayError) -> list[str]:
         body = error_body(error.type, error.message, error.code, error.param)
-        return [f"data: {json.dumps(body)}\n\n"]
+        return self._release() + [f"data: {json.dumps(body)}\n\n"]
 
     def waiting(self, position: int | None) -> list[str]:
         return [f": waiting in line{'' if position is None else f', position {position}'}\n\n"]
+
+
+def _sse(chunk: dict[str, Any]) -> str:
+    return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
 
 def completion_response(outcome: Outcome) -> Response:

@@ -9,6 +9,14 @@ response for up to ``HOLD_S`` waiting for the first chunk (or the outcome). If t
 line after that, the stream starts and keeps the connection alive with the format's ping, which also
 tells the caller its position; a later error arrives as an in-stream error event. A caller that
 disconnects withdraws its queued job, or makes its worker abort the upstream call.
+
+Routing (common/routing): the headers say where the job is when the stream starts —
+``x-gateway-provider``, ``-model``, ``-deployment``, ``-routing-decision``, ``-fallback-used`` from
+its live spec. After a first chunk that is final (a stream fails over only before its first token);
+a stream that starts waiting in line (no chunk within ``HOLD_S``) may still move, so the format's
+``done(meta)`` gets the whole story — for OpenAI, the ``x-gateway`` object of the last chunk, with
+``attempts`` too (api/openai_routes.py). Anthropic's, Ollama's and Gemini's stream shapes have no
+place for it.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ class StreamFormat(Protocol):
 
     def chunk(self, chunk: dict[str, Any]) -> Iterable[str]: ...
 
-    def done(self) -> Iterable[str]: ...
+    def done(self, meta: dict[str, Any]) -> Iterable[str]:
+        """The stream's end; ``meta``: the job's id and the gateway's metadata (as in a whole answer)."""
+        ...
 
     def error(self, error: GatewayError) -> Iterable[str]: ...
 
@@ -58,8 +68,22 @@ def stream_response(gateway: Gateway, watch: JobWatch, fmt: StreamFormat,
     worst = watch.reservation.worst if watch.reservation is not None else None
     budget = remaining_headers(watch.reservation, worst.usd if worst else 0, worst.tokens if worst else 0)
     return Response(_relay(gateway, watch, fmt, first), mimetype=fmt.mimetype,
-                    headers={**headers, **budget, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                             "x-gateway-job-id": watch.job_id})
+                    headers={**headers, **routing_headers(watch), **budget, "Cache-Control": "no-cache",
+                             "X-Accel-Buffering": "no", "x-gateway-job-id": watch.job_id})
+
+
+def routing_headers(watch: JobWatch) -> dict[str, str]:
+    """Where the job is as its stream starts (its live spec; the route it was queued on if Redis
+    cannot say)."""
+    route = watch.current_route()
+    spec = watch.live_spec
+    trail = spec.trail if spec is not None else None
+    named = spec.deployment if spec is not None else None
+    deployment = named or f"{route.provider.name}/{route.model.model}"
+    return {"x-gateway-provider": route.provider.name, "x-gateway-model": route.model.model,
+            "x-gateway-deployment": deployment,
+            "x-gateway-routing-decision": trail.decision if trail is not None else "only",
+            "x-gateway-fallback-used": "true" if trail is not None and trail.fallback_used else "false"}
 
 
 def _first_output(gateway: Gateway, watch: JobWatch) -> StreamEvent | None:
@@ -83,7 +107,7 @@ def _relay(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, entry: StreamEv
                 yield from fmt.chunk(entry.event.chunk)
             elif isinstance(entry.event, Done):
                 finished = True
-                yield from fmt.done()
+                yield from fmt.done({"job_id": watch.job_id, **entry.event.meta})
                 return
             else:
                 finished = True
@@ -105,4 +129,4 @@ def _relay(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, entry: StreamEv
 
 
 def _position(gateway: Gateway, watch: JobWatch) -> int | None:
-    return gateway.limiter.position(watch.route.provider.name, watch.job_id)
+    return gateway.limiter.position(watch.current_route().provider.name, watch.job_id)

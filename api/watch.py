@@ -23,6 +23,7 @@ from common.contract import (
     Chunk,
     Expired,
     JobEvent,
+    JobSpec,
     JobState,
     Start,
 )
@@ -53,6 +54,7 @@ class JobWatch:
     worker claimed it first, the watch keeps going (a started job is never reported as expired)."""
 
     reservation: Reservation | None = None   # its budgets' reservation (api/budget_gate.py), if any
+    live_spec: JobSpec | None = None          # the job's spec as :meth:`current_route` last read it
 
     def __init__(self, gateway: Gateway, job_id: str, route: Route, waiter: queue.SimpleQueue[Delivery],
                  max_wait: float, api_key_id: str | None = None, idem: IdemCall | None = None) -> None:
@@ -73,6 +75,19 @@ class JobWatch:
         self._retry_at = math.inf     # when to read again after a lost connection
         self.poll_s = SAFETY_POLL_S   # re-read the stream this often without a notification
         self.owner = True             # False: another request's job (an idempotent repeat) — never withdrawn
+
+    def current_route(self) -> Route:
+        """Where the job is now. It may have moved to another deployment since it was queued
+        (workers/failover.py), so its line position and a Retry-After follow its live spec in Redis;
+        the route it was last seen on while Redis cannot say."""
+        try:
+            spec = self.gateway.store.spec(self.job_id)
+        except QUEUE_DOWN:
+            return self.route
+        route = None if spec is None else self.gateway.route_of(spec)
+        if route is not None:
+            self.route, self.live_spec = route, spec
+        return self.route
 
     def next(self, timeout: float | None = None) -> StreamEvent | None:
         """The next event; None if ``timeout`` seconds pass first (None = wait as long as the job may).
@@ -146,7 +161,7 @@ class JobWatch:
         if state == JobState.EXPIRED:
             raise QueueTimeout(f"the first call under this Idempotency-Key (job {self.job_id}) waited in the "
                                "queue past its max_wait and was withdrawn; it never ran",
-                               retry_after=self.gateway.retry_after(self.route.provider, 1.0,
+                               retry_after=self.gateway.retry_after(self.current_route().provider, 1.0,
                                                                     self.api_key_id))
         if state == JobState.CANCELLED:
             raise JobCancelled(f"the first call under this Idempotency-Key (job {self.job_id}) was cancelled")
@@ -190,8 +205,8 @@ class JobWatch:
             raise QueueTimeout(f"the request waited {self.max_wait:g}s in the queue for "
                                f"'{self.route.model.alias}' without a free slot and was withdrawn; "
                                "retry later or raise max_wait",
-                               retry_after=self.gateway.retry_after(self.route.provider, self.max_wait,
-                                                                    self.api_key_id))
+                               retry_after=self.gateway.retry_after(self.current_route().provider,
+                                                                    self.max_wait, self.api_key_id))
         if state is Start.MISSING:
             raise _job_lost(self.job_id)
         self.running = True  # a worker claimed it just in time: it will run, so keep waiting

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,8 @@ SECRET_PREFIX = "sk-gw-"
 #: rows of such calls. No key id looks like it (theirs are ``key_<hex>``), so no key inherits them.
 ANONYMOUS = "anonymous"
 PAGE_DEFAULT, PAGE_MAX = 50, 200
+#: more work for a key change's transaction (common/keybudgets.py writes the key's budgets in it)
+Within = Callable[[Session, "ApiKey"], None]
 
 
 def hash_secret(secret: str) -> str:
@@ -79,19 +81,23 @@ class KeyService:
         self.prefix = prefix
 
     # changes -----------------------------------------------------------------------------------
-    def create(self, body: KeyCreate) -> tuple[ApiKey, str]:
-        """Create a key; returns it and its secret (shown once: only its hash is stored)."""
+    def create(self, body: KeyCreate, within: Within | None = None) -> tuple[ApiKey, str]:
+        """Create a key; returns it and its secret (shown once: only its hash is stored). ``within``
+        runs in the same transaction (its failure creates nothing)."""
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         row = ApiKey(id="key_" + secrets.token_hex(8), name=body.name, key_hash=hash_secret(secret),
                      prefix=secret[:10], created_at=datetime.now(UTC), **_columns(body.model_dump(
                          exclude={"name"}, mode="python"), body))
         with self.sessions.begin() as session:
             session.add(row)
+            if within is not None:
+                within(session, row)
         self._changed()
         return row, secret
 
-    def update(self, key_id: str, body: KeyUpdate) -> ApiKey:
-        """Change the fields ``body`` names (409 on a revoked key)."""
+    def update(self, key_id: str, body: KeyUpdate, within: Within | None = None) -> ApiKey:
+        """Change the fields ``body`` names (409 on a revoked key); ``within`` runs in the same
+        transaction."""
         changes = body.changes()
         with self.sessions.begin() as session:
             row = self._row(session, key_id)
@@ -100,6 +106,8 @@ class KeyService:
             for column, value in _columns(changes, body).items():
                 setattr(row, column, value)
             row.updated_at = datetime.now(UTC)
+            if within is not None:
+                within(session, row)
         self._changed()
         return row
 
@@ -183,7 +191,8 @@ class KeyService:
 
 def _columns(fields: dict[str, Any], body: KeyCreate | KeyUpdate) -> dict[str, Any]:
     """Body fields → ApiKey columns (``metadata`` is the ``meta`` attribute; limits stored as JSON)."""
-    out = {("meta" if name == "metadata" else name): value for name, value in fields.items()}
+    out = {("meta" if name == "metadata" else name): value for name, value in fields.items()
+           if name != "budgets"}   # not a column: common/keybudgets.py stores them
     if "limits" in out:
         out["limits"] = None if body.limits is None else body.limits.model_dump(exclude_none=True)
     return out

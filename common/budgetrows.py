@@ -8,7 +8,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -28,10 +28,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from common.apikeys import ANONYMOUS
-from common.budgets import BudgetFields, Window, to_units
+from common.budgets import BudgetFields, BudgetTerms, Window, to_units
 from common.db import ApiKey, Base, Usage
 from common.errors import NotFound
 
@@ -85,6 +85,15 @@ class Spent:
     tokens: int
 
 
+@dataclass
+class KeySetChange:
+    """What :meth:`BudgetRows.replace_key_set` did: budgets kept (as they were, as they are) and
+    deleted. New ones need nothing in Redis: their state is built from Postgres at their first call."""
+
+    kept: list[tuple[Budget, Budget]] = field(default_factory=list)
+    removed: list[Budget] = field(default_factory=list)
+
+
 class BudgetRows:
     """CRUD and the spend queries. Thread/greenlet-safe (it holds only a session factory)."""
 
@@ -125,6 +134,36 @@ class BudgetRows:
         with self.sessions.begin() as session:
             session.execute(delete(Budget).where(Budget.id == budget_id))
         return budget
+
+    def of_key(self, key_id: str) -> list[Budget]:
+        """The budgets of scope ``key`` for ``key_id``, oldest first (those made together: by name)."""
+        with self.sessions() as session:
+            return list(session.scalars(select(Budget).where(Budget.scope == "key", Budget.key_id == key_id)
+                                        .order_by(Budget.created_at, Budget.name)))
+
+    @staticmethod
+    def replace_key_set(session: Session, key_id: str, terms: list[BudgetTerms]) -> KeySetChange:
+        """In the caller's transaction, make ``key_id``'s budgets be ``terms``, matched by name: a kept
+        name keeps its budget (id, spend, alerts) with the new terms, a new name is a new budget, a
+        name not in ``terms`` is deleted. Returns what changed, for the Redis state."""
+        existing = {b.name: b for b in session.scalars(
+            select(Budget).where(Budget.scope == "key", Budget.key_id == key_id))}
+        change = KeySetChange()
+        for term in terms:
+            fields = BudgetFields(scope="key", key_id=key_id, **term.model_dump()).model_dump()
+            budget = existing.pop(term.name, None)
+            if budget is None:
+                session.add(Budget(id="bud_" + secrets.token_hex(8), **fields))
+                continue
+            before = Budget(id=budget.id, period=budget.period, scope=budget.scope, key_id=key_id)
+            for name, value in fields.items():
+                setattr(budget, name, value)
+            budget.updated_at = datetime.now(UTC)
+            change.kept.append((before, budget))
+        for budget in existing.values():
+            session.delete(budget)
+            change.removed.append(budget)
+        return change
 
     def _check_key(self, fields: BudgetFields) -> None:
         if fields.key_id is None or fields.key_id == ANONYMOUS:

@@ -132,14 +132,13 @@ def parse_max_cost(raw: object) -> Decimal | None:
     return value
 
 
-class BudgetFields(BaseModel):
-    """A budget as the admin API takes it (a PATCH sends any subset: see :func:`validate_budget`)."""
+class BudgetTerms(BaseModel):
+    """What a budget allows, without whom it applies to: the ``budgets`` of an API key's body
+    (``common/keyschema.py``) are these; :class:`BudgetFields` adds the scope."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
-    scope: Scope = "key"
-    key_id: str | None = Field(default=None, max_length=40)
     period: Period
     limit_usd: Decimal | None = Field(default=None, ge=0, le=MAX_USD)
     limit_tokens: int | None = Field(default=None, ge=0, le=2**53)
@@ -160,9 +159,20 @@ class BudgetFields(BaseModel):
         return sorted(set(value))
 
     @model_validator(mode="after")
-    def _consistent(self) -> BudgetFields:
+    def _some_limit(self) -> BudgetTerms:
         if self.limit_usd is None and self.limit_tokens is None:
             raise ValueError("limit_usd: a budget needs limit_usd, limit_tokens or both")
+        return self
+
+
+class BudgetFields(BudgetTerms):
+    """A budget as the admin API takes it (a PATCH sends any subset: see :func:`validate_budget`)."""
+
+    scope: Scope = "key"
+    key_id: str | None = Field(default=None, max_length=40)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BudgetFields:
         if self.scope == "key" and not self.key_id:
             raise ValueError("key_id: a key budget names its key")
         if self.scope == "global" and self.key_id:

@@ -90,6 +90,7 @@ class Usage(Base):
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(18, 10), default=Decimal(0))
     queue_wait_ms: Mapped[int] = mapped_column(BigInteger, default=0)
     upstream_latency_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_token_ms: Mapped[int | None] = mapped_column(BigInteger)   # streams: call start → first chunk
     outcome: Mapped[str] = mapped_column(String(40))
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)

@@ -79,8 +79,20 @@ class JobRows:
         with self.sessions() as session:
             return session.get(Job, job_id)
 
-    def started(self, job_id: str, attempt: int) -> None:
-        self._update(job_id, status=JobState.RUNNING.value, started_at=_now(), attempts=attempt)
+    def started(self, job_id: str, attempt: int, spec: JobSpec | None = None) -> None:
+        """``running`` at claim ``attempt``; with ``spec``, on the alias and provider it names (a job
+        that moved runs where its spec now says)."""
+        where = {} if spec is None else {"model": spec.model, "provider": spec.provider}
+        self._update(job_id, status=JobState.RUNNING.value, started_at=_now(), attempts=attempt, **where)
+
+    def moved(self, job_id: str, attempt: int, spec: JobSpec) -> None:
+        """The job left claim ``attempt`` for another deployment (``workers/failover.py``): ``queued``
+        again, on the alias and provider of its new ``spec`` — unless a later attempt already wrote
+        the row (the new deployment's worker marked it started first: that row is the newer truth)."""
+        with self.sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id, Job.status.not_in(_FINAL),
+                                              Job.attempts <= attempt)
+                            .values(status=JobState.QUEUED.value, model=spec.model, provider=spec.provider))
 
     def settle(self, job_id: str, state: JobState, *, result: dict[str, Any] | None = None,
                error: dict[str, Any] | None = None, usage: dict[str, Any] | None = None,

@@ -10,7 +10,12 @@ A key carries:
 * ``metadata`` — a free JSON object of at most :data:`METADATA_MAX_BYTES` bytes;
 * ``limits`` — the key's own ``concurrency``/``rpm``/``tpm``/``rpd``/``tpd`` (as ``key_limits`` in the
   YAML registry, which stays the default for keys that set none); null: that default;
-* ``team`` — a name that groups keys (team budgets use it); null: none.
+* ``team`` — a name that groups keys (team budgets use it); null: none;
+* ``budgets`` — its spend caps (:class:`common.budgets.BudgetTerms`: name, period, limit_usd and/or
+  limit_tokens, thresholds), stored as budgets of scope ``key`` (``common/keybudgets.py``). On update
+  the list *replaces* the key's set, matched by name: a name kept keeps its budget (id, spend, alerts)
+  with the new terms, a new name is a new budget, a name left out is deleted; ``[]`` deletes them all;
+  the field left out leaves them as they are.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from common.budgets import BudgetTerms
 from common.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from common.registry import Limits
 
@@ -31,10 +37,13 @@ Role = Literal["client", "admin"]
 ROLES: tuple[str, ...] = ("client", "admin")
 METADATA_MAX_BYTES = 4096
 MAX_ALLOWED_MODELS = 100
+MAX_KEY_BUDGETS = 20
 # an alias or a glob over aliases: what registry aliases are made of, plus the glob characters
 _PATTERN = re.compile(r"^[A-Za-z0-9._:/@+\-*?\[\]!]{1,200}$")
 _DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+# a validator's message may start with the field it is about ("limit_usd: needs ..."): see parse_body
+_NAMED = re.compile(r"^([A-Za-z_\[][\w.\[\]]*): (.+)$", re.DOTALL)
 
 
 def model_allowed(patterns: tuple[str, ...] | None, alias: str) -> bool:
@@ -48,7 +57,7 @@ def model_allowed(patterns: tuple[str, ...] | None, alias: str) -> bool:
 
 class _Fields(BaseModel):
     """The fields a key body may set (create and update share their rules). Unknown fields are a 400
-    naming them. Budgets (another service) will join here as one more field with its own validator."""
+    naming them."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -59,6 +68,18 @@ class _Fields(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     limits: Limits | None = None
     team: str | None = Field(default=None, min_length=1, max_length=100)
+    budgets: list[BudgetTerms] | None = Field(default=None, max_length=MAX_KEY_BUDGETS)
+
+    @field_validator("budgets")
+    @classmethod
+    def _unique_names(cls, value: list[BudgetTerms] | None) -> list[BudgetTerms] | None:
+        seen: set[str] = set()
+        for index, terms in enumerate(value or ()):
+            if terms.name in seen:   # a PATCH matches budgets by name
+                raise ValueError(f"[{index}].name: {terms.name!r} is given twice; a key's budgets have "
+                                 "different names")
+            seen.add(terms.name)
+        return value
 
     @field_validator("allowed_models")
     @classmethod
@@ -106,12 +127,13 @@ class KeyCreate(_Fields):
 
 class KeyUpdate(_Fields):
     """Only the fields present are changed; ``null`` clears ``allowed_models`` (all models),
-    ``expires_at`` (never), ``limits`` (the YAML default) and ``team``."""
+    ``expires_at`` (never), ``limits`` (the YAML default) and ``team``; ``budgets`` replaces the key's
+    set (``[]``: none) and may not be null."""
 
     def changes(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.model_fields_set}
 
-    @field_validator("name", "role", "metadata", mode="before")
+    @field_validator("name", "role", "metadata", "budgets", mode="before")
     @classmethod
     def _not_null(cls, value: Any) -> Any:
         if value is None:
@@ -127,11 +149,22 @@ def parse_body(model: type[_F], body: Any) -> _F:
         return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or None
+        field = field_path(first["loc"])
         message = str(first["msg"]).removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            message = "is not a field of an API key"
-        raise InvalidRequest(f"{field}: {message}" if field else message, param=field) from None
+            message = "is not a field of " + ("an API key" if len(first["loc"]) == 1 else "a budget")
+        elif named := _NAMED.match(message):
+            inner, message = named.groups()
+            field = field + ("" if inner.startswith("[") or not field else ".") + inner
+        raise InvalidRequest(f"{field}: {message}" if field else message, param=field or None) from None
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as the caller wrote it: ``budgets[0].period``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
 
 
 def parse_expiry(text: str, now: datetime) -> datetime:

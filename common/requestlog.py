@@ -45,7 +45,9 @@ class CallFilter:
 class Call:
     """One request (a job) as its upstream attempts saw it. ``queued_at`` and ``started_at`` are derived
     from the last attempt's measured queue wait and upstream latency when the job has no durable row
-    (sync and streaming calls); an async job's row gives them exactly (``job_status`` set)."""
+    (sync and streaming calls); an async job's row gives them exactly (``job_status`` set).
+    ``first_token_at``: a streamed call's first chunk (its last attempt's, measured by the worker from
+    the upstream call's start); None for calls that did not stream or produced nothing."""
 
     job_id: str
     api_key_id: str | None
@@ -65,6 +67,7 @@ class Call:
     started_at: datetime
     done_at: datetime
     job_status: str | None = None
+    first_token_at: datetime | None = None
 
     @property
     def ok(self) -> bool:
@@ -103,7 +106,7 @@ def recent_calls(sessions: sessionmaker, flt: CallFilter) -> list[Call]:
                     last(Usage.provider_model), func.count(), func.sum(Usage.prompt_tokens),
                     func.sum(Usage.completion_tokens), func.sum(Usage.cost_usd), last(Usage.queue_wait_ms),
                     last(Usage.upstream_latency_ms), last(Usage.outcome), last(Usage.status_code),
-                    last(Usage.error), func.max(Usage.created_at))
+                    last(Usage.error), func.max(Usage.created_at), last(Usage.first_token_ms))
              .where(Usage.job_id.in_(select(candidates.c.job_id)), Usage.created_at >= since)
              .group_by(Usage.job_id).order_by(func.max(Usage.created_at).desc()).limit(limit))
     if flt.status in STATUSES:
@@ -117,17 +120,20 @@ def recent_calls(sessions: sessionmaker, flt: CallFilter) -> list[Call]:
 
 def _call(row: Any, job: Job | None) -> Call:
     (job_id, key, model, provider, provider_model, attempts, tokens_in, tokens_out, cost, wait_ms,
-     latency_ms, outcome, status_code, error, done_at) = row
+     latency_ms, outcome, status_code, error, done_at, first_token_ms) = row
     done_at = done_at.astimezone(UTC)
     started = done_at - timedelta(milliseconds=int(latency_ms or 0))
     queued = started - timedelta(milliseconds=int(wait_ms or 0))
+    # from the upstream call's start (before an async row's started_at may move ``started``)
+    first_token = None if first_token_ms is None else started + timedelta(milliseconds=int(first_token_ms))
     if job is not None:
         queued = job.created_at.astimezone(UTC)
         started = (job.started_at or started).astimezone(UTC)
         done_at = (job.finished_at or done_at).astimezone(UTC)
     return Call(job_id, key, model, provider, provider_model, int(attempts), int(tokens_in or 0),
                 int(tokens_out or 0), Decimal(cost or 0), int(wait_ms or 0), int(latency_ms or 0), outcome,
-                status_code, error, queued, started, done_at, job.status if job is not None else None)
+                status_code, error, queued, started, done_at, job.status if job is not None else None,
+                first_token)
 
 
 @dataclass(frozen=True)

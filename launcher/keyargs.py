@@ -22,6 +22,10 @@ def _key_fields(parser: argparse.ArgumentParser, *, creating: bool) -> None:
                         help="its own limits, 'concurrency=1,rpm=60' (also tpm, rpd, tpd) or JSON"
                         + ("" if creating else "; 'default' returns to the YAML key_limits"))
     parser.add_argument("--metadata", default=None, help="a JSON object")
+    if creating:
+        parser.add_argument("--budget", action="append", default=None, metavar="PERIOD:usd=N,tokens=N",
+                            help="a budget of the key (repeatable): daily, weekly, monthly or lifetime; "
+                            "usd=, tokens= or both; name= (default: the period), e.g. daily:usd=5")
 
 
 def add_keys_commands(keys: argparse.ArgumentParser) -> None:

@@ -14,8 +14,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from common.apikeys import KeyService, key_view
+from common.budgetrows import BudgetRows
 from common.db import make_session_factory
 from common.errors import GatewayError, InvalidRequest
+from common.keybudgets import KeyBudgets
 from common.keyschema import KeyCreate, KeyUpdate, parse_body, parse_expiry
 from common.settings import Settings
 
@@ -41,8 +43,10 @@ def run_keys(settings: Settings, args: argparse.Namespace) -> int:
 
 def _run(keys: KeyService, args: argparse.Namespace) -> int:
     if args.action == "create":
-        row, secret = keys.create(parse_body(KeyCreate, body_of(args, creating=True)))
-        print(f"created key {row.id} ({row.name}, role {row.role}). It is shown only once:\n{secret}")
+        body = parse_body(KeyCreate, body_of(args, creating=True))
+        row, secret = KeyBudgets(keys, BudgetRows(keys.sessions)).create(body)
+        also = "".join(f", budget {b.name}" for b in body.budgets or ())
+        print(f"created key {row.id} ({row.name}, role {row.role}{also}). It is shown only once:\n{secret}")
     elif args.action == "list":
         page = keys.list(limit=args.limit, after=args.after)
         for row in page.keys:
@@ -78,7 +82,29 @@ def body_of(args: argparse.Namespace, *, creating: bool) -> dict[str, Any]:
         if raw is None:
             continue
         body[field] = None if not creating and raw == _CLEAR.get(flag) else parse(raw)
+    if getattr(args, "budget", None):
+        body["budgets"] = [parse_budget(text) for text in args.budget]
     return body
+
+
+_BUDGET_FIELDS = {"usd": "limit_usd", "tokens": "limit_tokens", "name": "name"}
+
+
+def parse_budget(text: str) -> dict[str, Any]:
+    """``--budget PERIOD:usd=5[,tokens=N][,name=NAME]`` → one entry of a key body's ``budgets`` (named
+    after its period unless ``name=`` says otherwise; validated as the admin API validates it)."""
+    period, sep, terms = text.strip().partition(":")
+    if not sep or not period.strip():
+        raise InvalidRequest(f"--budget {text!r}: expected PERIOD:usd=N and/or tokens=N, e.g. daily:usd=5",
+                             param="budgets")
+    budget: dict[str, Any] = {"name": period.strip(), "period": period.strip()}
+    for part in filter(None, (p.strip() for p in terms.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in _BUDGET_FIELDS:
+            raise InvalidRequest(f"--budget {text!r}: {part!r} is not usd=N, tokens=N or name=NAME",
+                                 param="budgets")
+        budget[_BUDGET_FIELDS[name.strip()]] = value.strip()
+    return budget
 
 
 def parse_limits(text: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from common.contract import JobSpec
 from common.errors import GatewayError
 from common.jobs import JobStore
 from common.registry import Deployment, Model
-from common.routing import Candidate, Load, Trail, candidates, fitting
+from common.routing import Candidate, Load, Trail, candidates, fitting, serving
 from common.routing.breaker import Gate, Verdict, verdict
 from common.routing.observe import Router
 from common.settings import Settings
@@ -31,7 +31,11 @@ GATE_POLL_S = 1.0   # how often a job waiting for a half-open probe looks again 
 
 
 class Moved(Exception):
-    """The job went to another deployment's queue; this run ends without settling it."""
+    """The job went to another deployment's queue (its new ``spec``); this run ends without settling it."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__(spec.deployment)
+        self.spec = spec
 
 
 class WaitedOut(Exception):
@@ -45,9 +49,9 @@ class Failover:
         self.router = Router(settings, store)
 
     def home(self, spec: JobSpec) -> tuple[Model, Deployment]:
-        """The job's alias as served by the deployment its spec names (the alias's first if none)."""
+        """The job's alias as served by the deployment its spec names (:func:`common.routing.serving`)."""
         model = self.settings.registry.models[spec.model]
-        deployment = (model.deployment(spec.deployment) if spec.deployment else None) or model.routes()[0]
+        deployment = serving(model, spec.deployment, spec.provider)
         return model.on(deployment), deployment
 
     @staticmethod
@@ -86,7 +90,7 @@ class Failover:
         if self.store.move(job_id, execution, moved, queue=self.settings.queue_key(candidate.provider),
                            message=task_message(job_id, queue)):
             log.warning("job %s: moved from %s to %s (%s)", job_id, current, candidate.name, why)
-            raise Moved(candidate.name)
+            raise Moved(moved)
 
     def gate(self, job_id: str, execution: str, spec: JobSpec, deployment: str, calls_here: int, *,
              attempt: int) -> bool:

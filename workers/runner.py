@@ -194,7 +194,7 @@ class JobRunner:
                 done = self._replay_if_settled(job)
                 if done:
                     return done
-            self.settler.mark_started(job.job_id, attempt)
+            self.settler.mark_started(job.job_id, attempt, job.spec)
         # the previous attempt's worker died mid-run (its call may have cost money) — unless that
         # attempt ended by moving the job here (workers/failover.py)
         if attempt > 1 and attempt - 1 != self.failover.trail(job.spec).moved_at:
@@ -210,7 +210,9 @@ class JobRunner:
             charge = (to_units(partial["cost"]), partial["response"].usage.total_tokens) if partial else None
             return self.settler.settle(job.job_id, job.execution, job.spec,
                                        replace(Settlement.failed(exc), charge=charge))
-        except Moved:
+        except Moved as moved:
+            if job.spec.is_async:
+                self.settler.mark_moved(job.job_id, attempt, moved.spec)
             return "moved"
         except WaitedOut:  # every deployment's breaker stayed open: the caller gets its 429, Retry-After
             expired = Expired("every deployment of this model was unavailable (circuit open) until max_wait")
@@ -232,7 +234,7 @@ class JobRunner:
                                      param="model")
             return lambda: embed(request, model)
         if request.stream:
-            return lambda: self._relay_stream(job.job_id, adapter, request, model)
+            return lambda: self._relay_stream(job, adapter, request, model)
         return lambda: adapter.complete(request, model)
 
     def _succeeded(self, job: _Run, response: ChatResponse, attempt: int, call_id: str, queue_wait_ms: int,
@@ -252,13 +254,14 @@ class JobRunner:
                           _usage_row(job, call_id, queue_wait_ms, latency_ms, response=response, cost=cost),
                           result=response.body, billed=billed)
 
-    def _relay_stream(self, job_id: str, adapter: Adapter, request: ChatRequest,
+    def _relay_stream(self, job: _Run, adapter: Adapter, request: ChatRequest,
                       model: Model) -> ChatResponse:
         """Forward each upstream chunk to the waiting API as it arrives (no buffering); returns the
         usage. Once a chunk went out the call cannot be retried: a later failure ends the stream with
         an error. Checks every ``ABORT_CHECK_S`` whether the client went away, and if so closes the
-        upstream call."""
-        began = time.perf_counter()
+        upstream call. Records when the first chunk came: ``job.first_token_ms`` for the usage row, the
+        answer's ``first_token_ms`` for the virtual models' TTFT measure."""
+        job_id, began, job.first_token_ms = job.job_id, time.perf_counter(), None
         chunks: Iterator[dict[str, Any]] = adapter.stream(request, model)
         sent = 0
         first_ms: float | None = None
@@ -271,6 +274,7 @@ class JobRunner:
                     usage = chunk["usage"]
                 if first_ms is None:
                     first_ms = (time.perf_counter() - began) * 1000
+                    job.first_token_ms = int(first_ms)
                 produced.extend(chunk_text(chunk))
                 self.store.emit(job_id, Chunk(chunk))
                 sent += 1
@@ -461,6 +465,7 @@ class _Run:
     permit: Permit | None = None
     deployment: str = ""   # provider/model serving it (common/routing)
     tries: int = 0         # upstream calls made for it in this run
+    first_token_ms: int | None = None   # the current try's stream: its first chunk, ms after the call
 
 
 def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
@@ -475,7 +480,8 @@ def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
                        queue_wait_ms=queue_wait_ms, upstream_latency_ms=latency_ms,
                        outcome="success" if error is None else (error.code or "error"),
                        status_code=200 if error is None else error.status,
-                       error=None if error is None else error.message[:500])
+                       error=None if error is None else error.message[:500],
+                       first_token_ms=job.first_token_ms)
 
 
 def _start_in(estimate: float | None) -> float:

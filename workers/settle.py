@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -170,11 +171,21 @@ class Settler:
         except REDIS_DOWN:
             self.ledger.record(usage)
 
-    def mark_started(self, job_id: str, attempt: int) -> None:
-        """The async row says ``running`` — unless Postgres is down: the job runs anyway, its outcome
-        reaches the row through the outbox."""
+    def mark_started(self, job_id: str, attempt: int, spec: JobSpec | None = None) -> None:
+        """The async row says ``running`` (on ``spec``'s alias and provider) — unless Postgres is
+        down: the job runs anyway, its outcome reaches the row through the outbox."""
+        self._row_write(lambda: self.rows.started(job_id, attempt, spec))
+
+    def mark_moved(self, job_id: str, attempt: int, spec: JobSpec) -> None:
+        """The async row follows a job that moved to another deployment (``GET /v1/jobs/<id>`` shows
+        where it is now). Postgres down: the row keeps the old provider until the job starts on the
+        new one (:meth:`mark_started` writes it) or settles."""
+        self._row_write(lambda: self.rows.moved(job_id, attempt, spec))
+
+    @staticmethod
+    def _row_write(write: Callable[[], None]) -> None:
         try:
-            self.rows.started(job_id, attempt)
+            write()
         except SQLAlchemyError as exc:
             if row_at_fault(exc):
                 raise

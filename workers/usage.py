@@ -79,6 +79,7 @@ class UsageRecord:
     outcome: str
     status_code: int | None
     error: str | None = None
+    first_token_ms: int | None = None   # a stream: from the upstream call's start to its first chunk
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)

@@ -98,6 +98,15 @@ class Trail:
 Fits = Callable[[Model, Deployment], bool]
 
 
+def serving(model: Model, deployment: str | None, provider: str) -> Deployment:
+    """The deployment of ``model`` a job's spec names; for a spec that names none (one rebuilt from
+    its Postgres row, which keeps alias and provider), the alias's deployment on ``provider``; else
+    the alias's first."""
+    routes = model.routes()
+    named = next((d for d in routes if d.name == deployment), None) if deployment else None
+    return named or next((d for d in routes if d.provider == provider), routes[0])
+
+
 def candidates(registry: Registry, alias: str, fits: Fits | None = None) -> list[Candidate]:
     """Every deployment that may serve ``alias``, in routing order: its own, then its fallbacks'
     (each fallback's own fallbacks after it, depth first; an alias is visited once, so cycles end).

@@ -154,7 +154,7 @@ def test_list_pages_through_every_key_once_in_creation_order(api_url):
     ({"name": "x", "metadata": {"blob": "x" * 5000}}, "metadata"),
     ({"name": "x", "metadata": [1]}, "metadata"),
     ({"name": "x", "allowed_models": ["bad model"]}, "allowed_models"),
-    ({"name": "x", "budgets": []}, "budgets"),
+    ({"name": "x", "budget": []}, "budget"),   # budgets (plural) is a field
 ], ids=["no-name", "empty-name", "role", "negative-limit", "unknown-limit", "past-expiry", "naive-expiry",
         "metadata-too-big", "metadata-not-object", "model-pattern", "unknown-field"])
 def test_a_bad_body_gets_400_naming_its_field(api_url, body, field):

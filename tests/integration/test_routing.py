@@ -51,6 +51,9 @@ def registry_yaml(fakes: dict[str, FakeProvider]) -> str:
             "  firstcheap:\n    routing: cheapest\n    deployments:\n"
             "      - {provider: fake, model: fake-model, price: {input: 0.1, output: 0.1}}\n"
             "      - {provider: pb, model: fake-model, price: {input: 1, output: 1}}\n"
+            "  stranded:\n    routing: cheapest\n    deployments:\n"
+            "      - {provider: fake, model: fake-model, price: {input: 0.1, output: 0.1}}\n"
+            "      - {provider: pc, model: fake-model, price: {input: 1, output: 1}}\n"
             "  ctx:\n    deployments:\n"
             "      - {provider: pc, model: fake-model, context_window: 64}\n"
             "      - {provider: pb, model: fake-model, context_window: 100000}\n"
@@ -62,7 +65,7 @@ def registry_yaml(fakes: dict[str, FakeProvider]) -> str:
 def gateway_env(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, FakeProvider],
                 database_url: str, prefix: str) -> dict[str, str]:
     """This module's registry: ``fake`` (upstream a, the conftest's two workers), ``pb`` (b) and ``pc``
-    (c, no worker: nothing may reach it)."""
+    (c, no worker: nothing may reach it; a job moved there by ``stranded`` waits in its queue)."""
     config: Path = tmp_path_factory.mktemp("config") / "registry.yaml"
     config.write_text(registry_yaml(fakes))
     return {**os.environ, "REDIS_URL": TEST_REDIS_URL, "DATABASE_URL": database_url,
@@ -86,6 +89,10 @@ def _fresh(fakes: dict[str, FakeProvider], prefix: str) -> None:
         if fake.proc is None:
             restart(fake)
         fake.reset()
+    close_breakers(prefix)
+
+
+def close_breakers(prefix: str) -> None:
     client = redis.Redis.from_url(TEST_REDIS_URL)
     for key in client.scan_iter(f"{prefix}:brk:*"):
         client.delete(key)
@@ -200,6 +207,79 @@ def test_a_stream_failing_before_its_first_token_fails_over(api, pb_worker, fake
     assert text == "echo: five words stream fine"
     assert response.text.rstrip().endswith("data: [DONE]")
     assert fakes["a"].stats()["calls"] == 2 and fakes["b"].stats()["calls"] == 1
+
+
+def sse_chunks(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+@pytest.mark.parametrize("include_usage", [False, True], ids=["plain", "include-usage"])
+def test_a_stream_says_where_it_ran_in_its_headers_and_last_chunk(api, pb_worker, fakes, include_usage):
+    fakes["a"].configure(fail_next={"count": 2, "status": 503})   # fails over before its first token
+    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+    response = chat(api, "firstcheap", "where did I run", stream=True, **extra)
+    assert response.status_code == 200
+    # the headers: where the job was when the stream started (after its first chunk: final)
+    assert response.headers["x-gateway-deployment"] == "pb/fake-model"
+    assert response.headers["x-gateway-provider"] == "pb"
+    assert " after " in response.headers["x-gateway-routing-decision"]   # it moved
+    assert response.headers["x-gateway-fallback-used"] == "false"
+    chunks = sse_chunks(response.text)
+    last = chunks[-1]
+    assert [c for c in chunks if "x-gateway" in c] == [last]       # only the last chunk carries it
+    routing = last["x-gateway"]
+    assert routing["job_id"] == response.headers["x-gateway-job-id"]
+    assert (routing["deployment"], routing["provider"], routing["attempts"], routing["fallback_used"]) == (
+        "pb/fake-model", "pb", 3, False)
+    assert routing["routing_decision"] == response.headers["x-gateway-routing-decision"]
+    if include_usage:   # the usage chunk is the last one, as OpenAI sends it
+        assert last["choices"] == [] and last["usage"]["total_tokens"] > 0
+    else:               # the chunk with the finish_reason, still the last one as OpenAI sends it
+        assert last["choices"][0]["finish_reason"] == "stop" and "usage" not in last
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "echo: where did I run"
+
+
+def test_a_moved_async_job_reports_where_it_is_now(api, pb_worker, fakes, db, prefix):
+    # a 401 on a moves the job to pb, which answers: the row says pb
+    fakes["a"].configure(fail_next={"count": 1, "status": 401})
+    job = requests.post(f"{api.url}/v1/jobs", timeout=10, json={
+        "model": "firstcheap", "messages": [{"role": "user", "content": "async and moved"}]}).json()
+    assert job["provider"] == "fake"
+    wait_until(lambda: requests.get(f"{api.url}/v1/jobs/{job['id']}", timeout=10).json()["status"]
+               == "succeeded", 30)
+    done = requests.get(f"{api.url}/v1/jobs/{job['id']}", timeout=10).json()
+    assert done["provider"] == "pb" and done["result"]["choices"][0]["message"]["content"] == \
+        "echo: async and moved"
+
+    # moved to pc, whose queue no worker serves: queued there, and its line position is pc's
+    close_breakers(prefix)   # the 401 marked a misconfigured: routing would skip it
+    fakes["a"].configure(fail_next={"count": 1, "status": 401})
+    stuck = requests.post(f"{api.url}/v1/jobs", timeout=10, json={
+        "model": "stranded", "messages": [{"role": "user", "content": "moved to nowhere"}]}).json()
+    assert stuck["provider"] == "fake"
+
+    def moved() -> bool:
+        return requests.get(f"{api.url}/v1/jobs/{stuck['id']}", timeout=10).json()["provider"] == "pc"
+
+    wait_until(moved, 30)
+    now = requests.get(f"{api.url}/v1/jobs/{stuck['id']}", timeout=10).json()
+    assert now["status"] == "queued" and now["queue"]["position"] is None and now["queue"]["ahead"] >= 1
+    row = db.execute("SELECT provider, model, status FROM jobs WHERE id = %s", (stuck["id"],)).fetchone()
+    assert row == ("pc", "stranded", "queued")
+    assert requests.delete(f"{api.url}/v1/jobs/{stuck['id']}", timeout=10).json()["status"] == "cancelled"
+
+
+def test_a_sync_stream_that_moved_while_waiting_says_where_it_waits(api, fakes):
+    fakes["a"].configure(fail_next={"count": 1, "status": 401})   # moved to pc: no worker, it waits there
+    response = chat(api, "stranded", "waiting on pc", stream=True, max_wait=7)
+    assert response.status_code == 200   # the stream started while it waited (after HOLD_S)
+    assert response.headers["x-gateway-provider"] == "pc"
+    assert response.headers["x-gateway-deployment"] == "pc/fake-model"
+    assert "after" in response.headers["x-gateway-routing-decision"]
+    last = response.text.strip().splitlines()[-1]
+    assert '"queue_timeout"' in last, response.text
 
 
 STREAM_BREAKS = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime, timedelta
 
 import openai
 import pytest
@@ -110,3 +111,42 @@ def test_client_leaving_a_running_stream_aborts_the_upstream_call(api, fake, gat
     job_key = f"{gateway_env['GATEWAY_KEY_PREFIX']}:job:{job_id}"
     wait_until(lambda: jobs.hget(job_key, "state") == b"cancelled", 8)
     wait_until(lambda: fake.stats()["in_flight"] == 0, 3)  # the worker closed its upstream connection
+
+
+def test_a_streamed_call_records_its_first_token_and_the_requests_page_shows_it(api, fake, db, gateway_env):
+    """The worker measures a stream's first chunk (from the upstream call's start) into its usage row;
+    the request log (the dashboard's Requests page) places it between started and done."""
+    from common.db import make_session_factory
+    from common.requestlog import CallFilter, recent_calls
+
+    fake.configure(latency_ms=150)   # the fake waits this long before its first chunk
+    try:
+        streamed = requests.post(f"{api.url}/v1/chat/completions", timeout=30, json={
+            "model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "first token"}]})
+        whole = requests.post(f"{api.url}/v1/chat/completions", timeout=30, json={
+            "model": "fake-model", "messages": [{"role": "user", "content": "no stream"}]})
+    finally:
+        fake.configure(latency_ms=0)
+    assert streamed.status_code == 200 and whole.status_code == 200
+    ids = {streamed.headers["x-gateway-job-id"]: True, whole.headers["x-gateway-job-id"]: False}
+
+    def rows() -> dict:
+        found = db.execute("SELECT job_id, first_token_ms, upstream_latency_ms FROM usage "
+                           "WHERE job_id = ANY(%s) AND outcome = 'success'", (list(ids),)).fetchall()
+        return {job: (first, latency) for job, first, latency in found}
+
+    wait_until(lambda: len(rows()) == 2, 10)
+    for job, (first, latency) in rows().items():
+        if ids[job]:
+            assert 150 <= first <= latency, (first, latency)
+        else:
+            assert first is None
+
+    sessions = make_session_factory(gateway_env["DATABASE_URL"], pool_size=1)
+    for job, is_stream in ids.items():
+        [call] = recent_calls(sessions, CallFilter(since=datetime.now(UTC) - timedelta(minutes=5), job=job))
+        if is_stream:
+            assert call.first_token_at is not None
+            assert call.started_at <= call.first_token_at <= call.done_at
+        else:
+            assert call.first_token_at is None

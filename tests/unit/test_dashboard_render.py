@@ -148,3 +148,26 @@ def test_queues_show_tripped_breakers_and_otherwise_one_closed_pill() -> None:
         provider("b", [("b-1", Load()), ("b-2", Load())])])
     assert "a-1: breaker open, probes in 12.0 s" in page and "a-2" not in page.split("a-1")[1][:200]
     assert "breakers closed" in page
+
+
+def _call(first_token_at: datetime | None) -> object:
+    from datetime import timedelta
+
+    from common.requestlog import Call
+
+    queued = datetime(2026, 11, 30, 6, 0, 0, tzinfo=UTC)
+    return Call("job_1", None, "m", "p", "pm", 1, 3, 5, Decimal("0.01"), 100, 900, "success", 200, None,
+                queued, queued + timedelta(milliseconds=100), queued + timedelta(milliseconds=1000),
+                first_token_at=first_token_at)
+
+
+@pytest.mark.parametrize(("first_token_at", "shown"), [
+    (datetime(2026, 11, 30, 6, 0, 0, 350_000, tzinfo=UTC), ("first token +250 ms",
+                                                             "→ first token 06:00:00.350 →")),
+    (None, ()),
+], ids=["streamed", "not-streamed"])
+def test_a_call_timeline_shows_its_first_token(first_token_at: datetime | None,
+                                               shown: tuple[str, ...]) -> None:
+    page = _render("_calls.html", calls=[_call(first_token_at)], names={})
+    assert all(text in page for text in shown), page
+    assert ("first token" in page) is bool(shown)

@@ -23,7 +23,7 @@ def play(fmt, chunks, *, wait_first=0, error=None):
     and ends with ``done`` (or ``error``)."""
     out = [piece for _ in range(wait_first) for piece in fmt.waiting(3)]
     out += [piece for c in chunks for piece in fmt.chunk(c)]
-    out += fmt.error(error) if error else fmt.done()
+    out += fmt.error(error) if error else fmt.done({})
     return "".join(out)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 
 from common.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from common.keyschema import KeyCreate, KeyRecord, KeyUpdate, model_allowed, parse_body, parse_expiry
 from common.registry import Limits
-from launcher.keys import body_of, parse_limits
+from launcher.keys import body_of, parse_budget, parse_limits
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -157,3 +158,57 @@ def _flags(**given: object) -> argparse.Namespace:
 ], ids=["name-only", "create-fields", "update-clears", "create-keeps-words", "update-sets"])
 def test_cli_flags_become_the_admin_api_body(creating, flags, body):
     assert body_of(_flags(**flags), creating=creating) == body
+
+
+@pytest.mark.parametrize(("text", "budget"), [
+    ("daily:usd=5", {"name": "daily", "period": "daily", "limit_usd": "5"}),
+    ("monthly:tokens=1000000", {"name": "monthly", "period": "monthly", "limit_tokens": "1000000"}),
+    (" weekly : usd=0.25, tokens=10 ,", {"name": "weekly", "period": "weekly", "limit_usd": "0.25",
+                                         "limit_tokens": "10"}),
+    ("lifetime:usd=100,name=all-time", {"name": "all-time", "period": "lifetime", "limit_usd": "100"}),
+], ids=["usd", "tokens", "both-spaces", "named"])
+def test_cli_budget_spelling(text, budget):
+    assert parse_budget(text) == budget
+
+
+@pytest.mark.parametrize("text", ["daily", "daily=5", ":usd=5", "daily:usd", "daily:eur=5"],
+                         ids=["no-terms", "no-colon", "no-period", "no-value", "unknown-term"])
+def test_cli_budget_spelling_refused(text):
+    with pytest.raises(InvalidRequest) as err:
+        parse_budget(text)
+    assert err.value.param == "budgets" and text in err.value.message
+
+
+@pytest.mark.parametrize(("flags", "param"), [
+    ({"budget": ["hourly:usd=5"]}, "budgets[0].period"),
+    ({"budget": ["daily:usd=-1"]}, "budgets[0].limit_usd"),
+    ({"budget": ["daily:usd=1", "daily:tokens=5"]}, "budgets[1].name"),
+    ({"budget": ["daily:usd=1", "weekly:tokens=many"]}, "budgets[1].limit_tokens"),
+], ids=["period", "negative", "same-name", "not-a-number"])
+def test_cli_budgets_are_validated_as_the_admin_api_does(flags, param):
+    with pytest.raises(InvalidRequest) as err:
+        parse_body(KeyCreate, body_of(_flags(name="k", **flags), creating=True))
+    assert err.value.param == param and err.value.message.startswith(param + ": ")
+
+
+def test_cli_budgets_become_the_body():
+    body = parse_body(KeyCreate, body_of(_flags(name="k", budget=["daily:usd=5", "monthly:tokens=7"]),
+                                         creating=True))
+    assert [(b.name, b.period, b.limit_usd, b.limit_tokens) for b in body.budgets or ()] == [
+        ("daily", "daily", Decimal("5"), None), ("monthly", "monthly", None, 7)]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"budgets": [{"name": "d", "period": "hourly", "limit_usd": 1}]}, "budgets[0].period"),
+    ({"budgets": [{"name": "d", "period": "daily"}]}, "budgets[0].limit_usd"),
+    ({"budgets": [{"name": "d", "period": "daily", "limit_usd": "1", "key_id": "x"}]}, "budgets[0].key_id"),
+    ({"budgets": [{"period": "daily", "limit_usd": "1"}]}, "budgets[0].name"),
+    ({"budgets": [{"name": "d", "period": "daily", "limit_tokens": 1, "thresholds": [0]}]},
+     "budgets[0].thresholds"),
+    ({"budgets": {"name": "d"}}, "budgets"),
+    ({"budgets": None}, "budgets"),
+], ids=["period", "no-limit", "key-id", "no-name", "threshold", "not-a-list", "null"])
+def test_key_budgets_bad_input_names_the_field(body, param):
+    with pytest.raises(InvalidRequest) as err:
+        parse_body(KeyUpdate, body)
+    assert err.value.param == param

@@ -1,7 +1,10 @@
 """Validation of OpenAI chat bodies: every bad input becomes an InvalidRequest naming its parameter."""
 
+import json
+
 import pytest
 
+from api.openai_routes import OpenAIStream
 from common.errors import InvalidRequest
 from common.protocols.openai import parse_chat_request
 
@@ -66,3 +69,35 @@ def test_invalid_bodies_name_the_problem(body, param, fragment):
     assert err.value.status == 400
     assert err.value.param == param
     assert fragment in err.value.message
+
+
+_FRAME = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+_TEXT = {**_FRAME, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
+_STOP = {**_FRAME, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+_USAGE = {**_FRAME, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+_EMPTY = {**_FRAME, "choices": [{"index": 0, "delta": {}, "finish_reason": None}]}
+
+
+@pytest.mark.parametrize(("include_usage", "chunks", "out"), [
+    (False, [_TEXT, _STOP, _USAGE], [_TEXT, _STOP]),
+    (True, [_TEXT, _STOP, _USAGE], [_TEXT, _STOP, _USAGE]),
+    (True, [_TEXT, _STOP], [_TEXT, _STOP]),
+    (False, [_TEXT], [_TEXT, _EMPTY]),
+    (True, [_TEXT], [_TEXT, {**_FRAME, "choices": [], "usage": None}]),
+    (False, [_STOP, _TEXT, _STOP], [_STOP, _TEXT, _STOP]),
+], ids=["finish-chunk-carries-it", "usage-chunk-carries-it", "no-usage-from-upstream", "no-finish-reason",
+        "neither", "a-later-chunk-releases-a-held-one"])
+def test_an_openai_stream_ends_with_the_gateway_object(include_usage, chunks, out):
+    fmt = OpenAIStream(include_usage)
+    frames = [frame for chunk in chunks for frame in fmt.chunk(chunk)]
+    frames += fmt.done({"job_id": "job_1", "deployment": "p/m"})
+    assert frames[-1] == "data: [DONE]\n\n"
+    sent = [json.loads(frame.removeprefix("data: ")) for frame in frames[:-1]]
+    assert sent == out[:-1] + [{**out[-1], "x-gateway": {"job_id": "job_1", "deployment": "p/m"}}]
+
+
+def test_a_held_chunk_goes_out_before_an_error():
+    fmt = OpenAIStream(False)
+    assert fmt.chunk(_STOP) == []
+    frames = fmt.error(InvalidRequest("broken"))
+    assert json.loads(frames[0].removeprefix("data: ")) == _STOP and '"error"' in frames[1]

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from common.registry import RegistryError, parse_registry
-from common.routing import BreakerState, Candidate, Load, candidates
+from common.routing import BreakerState, Candidate, Load, candidates, serving
 from common.routing.strategies import choose
 
 ENV = {"K": "k"}
@@ -140,3 +140,16 @@ def test_an_alias_is_served_while_any_deployment_is_routable():
     registry = parse_registry(doc, ENV)
     assert registry.serves(registry.models["later"]) and not registry.serves(registry.models["never"])
     assert [c.name for c in candidates(registry, "later")] == ["b/m"]
+
+
+@pytest.mark.parametrize(("deployment", "provider", "expected"), [
+    ("b/m2", "b", "b/m2"),
+    (None, "b", "b/m2"),
+    (None, "a", "a/m"),
+    (None, "nowhere", "a/m"),
+    ("gone/x", "b", "b/m2"),
+], ids=["named", "row-on-second-provider", "row-on-first", "unknown-provider-first",
+        "unknown-name-by-provider"])
+def test_serving_finds_the_deployment_a_spec_or_its_row_names(deployment, provider, expected):
+    model = parse_registry(DOC, ENV).models["multi"]
+    assert serving(model, deployment, provider).name == expected
