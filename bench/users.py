@@ -3,24 +3,27 @@ provider, Flower) in front of the fake upstream, against the same fake called di
 
     .venv/bin/python bench/users.py                       # 3 rounds, 4 s per cell
     .venv/bin/python bench/users.py --rounds 5 --duration 6 --ttft-calls 100
-    .venv/bin/python bench/users.py --env GATEWAY_TASK_EVENTS=off   # a setting's effect
+    .venv/bin/python bench/users.py --baseline ../main      # before (that checkout) / after, one run
+    .venv/bin/python bench/users.py --baseline . --env GATEWAY_TASK_EVENTS=off   # a setting's effect
 
 It starts ``python -m launcher.cli up`` from this checkout (the code measured is the code next to this
 file) in a throw-away state directory, on free ports, with ``GATEWAY_AUTH=off`` and a registry whose one
 provider ``fake`` (kind ``openai``) is ``tests/fakeprovider.py`` — so ``up`` runs the API, one worker
-(``worker-fake``) and Flower, exactly as for a user. Each round measures every cell twice, direct to
-the fake and through the gateway, one right after the other (the machine is shared; only side-by-side
-ratios mean anything):
+(``worker-fake``) and Flower, exactly as for a user. With ``--baseline CHECKOUT`` a second ``up``
+runs from that checkout (``--env`` applies to this one only). Each round runs every cell direct to the
+fake and then through each gateway, one right after the other (the machine is shared; only
+side-by-side ratios mean anything):
 
-* c=1 non-streamed chat: p50/p99 both ways, the latency the gateway adds, and the ratio;
-* c=32 and c=128: calls/s both ways and the ratio gateway/direct;
+* c=1 non-streamed chat: p50/p99, the latency the gateway adds, and the ratio gateway/direct;
+* c=32 and c=128: calls/s and the ratio gateway/direct;
 * TTFT (time to the first content chunk) of streamed calls at concurrency 4, in the caller's three
   protocols — OpenAI ``/v1/chat/completions``, Anthropic ``/v1/messages``, Ollama ``/api/chat`` —
   each against a direct OpenAI stream from the fake, alternating call by call.
 
-Across rounds the per-round values are pooled (latencies) or their median taken (calls/s). With
-``--redis-ops`` it also counts the Redis commands per gateway call (``INFO commandstats`` deltas over
-the c=32 cells). Load driver: ``bench/load.py`` (wrk if installed, else gevent).
+Per cell the median over rounds is reported (TTFT: percentiles over the pooled calls), with each
+gateway's CPU per call by part (API, worker, Flower, Redis, PostgreSQL) and its Redis commands per call
+(``INFO commandstats`` deltas; commands inside Lua scripts count too). Load driver: ``bench/load.py``
+(wrk if installed, else gevent).
 """
 
 from __future__ import annotations
@@ -161,60 +164,95 @@ def commandstats(client: Any) -> dict[str, int]:
     return {k: int(v["calls"]) for k, v in client.info("commandstats").items()}
 
 
+class UpAt(Up):
+    """``up`` run from ``checkout`` (its code on PYTHONPATH), else as :class:`Up`."""
+
+    def __init__(self, state_dir: Path, checkout: Path, env: dict[str, str]) -> None:
+        import tests.integration.uprun as uprun
+
+        saved, uprun.ROOT = uprun.ROOT, checkout  # Up puts ROOT on the children's PYTHONPATH
+        try:
+            super().__init__(state_dir, cwd=checkout, env=env)
+        finally:
+            uprun.ROOT = saved
+
+
+class Side:
+    """One gateway under test: its ``up``, its processes by part, its Redis."""
+
+    def __init__(self, name: str, up: Up, state: Path) -> None:
+        import redis
+
+        self.name, self.up = name, up
+        up.wait_ready(120)
+        self.root = f"http://127.0.0.1:{up.api_port}"
+        self.chat = self.root + "/v1/chat/completions"
+        self.groups = parts(up)
+        url = embedded_url(state, STORES["redis"])
+        self.redis = redis.Redis.from_url(url) if url else None
+
+    def stop(self) -> None:
+        self.up.proc.terminate()
+        try:
+            self.up.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001
+            self.up.proc.kill()
+
+
+def measure(side: Side | None, url: str, c: int, body: bytes, args: argparse.Namespace,
+            res: dict[str, Any]) -> None:
+    """One load cell; for a gateway also the CPU its parts used and the Redis commands it ran."""
+    before = commandstats(side.redis) if side is not None and side.redis is not None else None
+    cpu0 = {k: cpu_seconds(v) for k, v in side.groups.items()} if side is not None else {}
+    r = run_load(url, concurrency=c, duration=args.duration, body=body, driver=args.driver)
+    if side is not None:
+        r["cpu_s"] = {k: cpu_seconds(v) - cpu0[k] for k, v in side.groups.items()}
+        if before is not None and side.redis is not None and c > 1:
+            after = commandstats(side.redis)
+            r["ops"] = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    res.setdefault(f"{side.name if side else 'direct'}{c}", []).append(r)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     chat = json.dumps(CHAT).encode()
     extra = dict(kv.split("=", 1) for kv in args.env)
-    res: dict[str, Any] = {"lat": {"direct": [], "gateway": []}, "rps": {}, "ttft": {}, "ops": []}
-    with FakeProvider() as fake, temporary_directory("bench-users-") as state:
-        config = state / "registry.yaml"
+    res: dict[str, Any] = {"cells": {}, "ttft": {}, "sides": []}
+    sides: list[Side] = []
+    with FakeProvider() as fake, temporary_directory("bench-users-") as workdir:
+        config = workdir / "registry.yaml"
         config.write_text(registry(fake.base_url))
-        up = Up(state, env={"GATEWAY_CONFIG": str(config), "FAKE_API_KEY": "sk-bench-upstream", **extra})
+        base_env = {"GATEWAY_CONFIG": str(config), "FAKE_API_KEY": "sk-bench-upstream"}
         try:
-            up.wait_ready(120)
-            gw_root = f"http://127.0.0.1:{up.api_port}"
+            if args.baseline:
+                state = workdir / "baseline"
+                sides.append(Side("baseline", UpAt(state, Path(args.baseline).resolve(), base_env), state))
+            state = workdir / "gateway"
+            sides.append(Side("gateway", UpAt(state, ROOT, {**base_env, **extra}), state))
+            res["sides"] = [s.name for s in sides]
             direct_chat = fake.base_url + "/chat/completions"
-            gw_chat = gw_root + "/v1/chat/completions"
-            import redis
-
-            rurl = embedded_url(state, STORES["redis"])
-            rclient = redis.Redis.from_url(rurl) if rurl else None
-            for url in (direct_chat, gw_chat):  # warm both paths, unrecorded
+            for url in (direct_chat, *(s.chat for s in sides)):  # warm every path, unrecorded
                 run_load(url, concurrency=8, duration=2, body=chat, driver=args.driver)
-            groups = parts(up)
             if args.profile:
-                res["profile"] = profile(gw_chat, chat, groups, args)
+                res["profile"] = profile(sides[-1].chat, chat, sides[-1].groups, args)
                 return res
             bodies = stream_bodies(args.words)
-            direct_stream = bodies["openai"][1]
             for rnd in range(args.rounds):
-                for url, who in ((direct_chat, "direct"), (gw_chat, "gateway")):
-                    r = run_load(url, concurrency=1, duration=args.duration, body=chat, driver=args.driver)
-                    res["lat"][who].append(r)
-                for c in args.concurrency:
-                    for url, who in ((direct_chat, "direct"), (gw_chat, "gateway")):
-                        before = commandstats(rclient) if (rclient and who == "gateway") else None
-                        cpu0 = {k: cpu_seconds(v) for k, v in groups.items()}
-                        r = run_load(url, concurrency=c, duration=args.duration, body=chat,
-                                     driver=args.driver)
-                        r["cpu_s"] = {k: cpu_seconds(v) - cpu0[k] for k, v in groups.items()}
-                        if before is not None and rclient is not None:
-                            after = commandstats(rclient)
-                            delta = {k: after[k] - before.get(k, 0) for k in after
-                                     if after[k] != before.get(k, 0)}
-                            res["ops"].append({"c": c, "requests": r["requests"], "delta": delta})
-                        res["rps"].setdefault(f"{who}{c}", []).append(r)
+                order = sides if rnd % 2 == 0 else sides[::-1]  # neither gateway always runs first
+                for c in (1, *args.concurrency):
+                    measure(None, direct_chat, c, chat, args, res["cells"])
+                    for side in order:
+                        measure(side, side.chat, c, chat, args, res["cells"])
                 for proto, (path, body) in bodies.items():
-                    d, g = ttft_pairs(fake.base_url, gw_root, path, body, direct_stream, args.ttft_calls, 4)
-                    slot = res["ttft"].setdefault(proto, {"direct": [], "gateway": []})
-                    slot["direct"] += d
-                    slot["gateway"] += g
+                    for side in order:
+                        d, g = ttft_pairs(fake.base_url, side.root, path, body, bodies["openai"][1],
+                                          args.ttft_calls, 4)
+                        slot = res["ttft"].setdefault(proto, {})
+                        slot.setdefault(f"direct-{side.name}", []).extend(d)
+                        slot.setdefault(side.name, []).extend(g)
                 print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
         finally:
-            up.proc.terminate()
-            try:
-                up.proc.wait(timeout=30)
-            except Exception:  # noqa: BLE001
-                up.proc.kill()
+            for side in sides:
+                side.stop()
     return res
 
 
@@ -244,47 +282,56 @@ def profile(url: str, body: bytes, groups: dict[str, list[Any]], args: argparse.
 
 
 def report(res: dict[str, Any], args: argparse.Namespace) -> str:
-    def pooled(rs: list[dict[str, Any]], key: str) -> float:
-        return statistics.median(r[key] for r in rs)
-
     if "profile" in res:
         return "\n\n".join(f"=== {k}\n{v}" for k, v in res["profile"].items())
-    d, g = res["lat"]["direct"], res["lat"]["gateway"]
-    cpu_lines: list[str] = []
-    dp50, gp50 = pooled(d, "p50_ms"), pooled(g, "p50_ms")
-    dp99, gp99 = pooled(d, "p99_ms"), pooled(g, "p99_ms")
-    out = [f"`up` vs direct, {args.rounds} interleaved rounds of {args.duration:g} s per cell "
-           f"(medians over rounds; driver {d[0]['driver']})", "",
-           "| measure | direct | gateway | added | ratio gw/direct | goal |",
-           "|---|---:|---:|---:|---:|---|",
-           f"| c=1 p50 ms | {dp50:.2f} | {gp50:.2f} | {gp50 - dp50:.2f} | {gp50 / dp50:.2f} | added ≤ 3 |",
-           f"| c=1 p99 ms | {dp99:.2f} | {gp99:.2f} | {gp99 - dp99:.2f} | {gp99 / dp99:.2f} | added ≤ 6 |"]
+    cells, names = res["cells"], res["sides"]
+
+    def med(key: str, field: str) -> float:
+        return statistics.median(r[field] for r in cells[key])
+
+    head = "| measure | direct | " + " | ".join(f"{n} | {n} added | {n} ratio" for n in names) + " | goal |"
+    out = [f"`up` vs direct, {args.rounds} interleaved rounds of {args.duration:g} s per cell (medians over "
+           f"rounds; driver {cells['direct1'][0]['driver']}); ratio = gateway / direct", "", head,
+           "|---|---:|" + "---:|---:|---:|" * len(names) + "---|"]
+    for q, goal in (("p50_ms", "added ≤ 3"), ("p99_ms", "added ≤ 6")):
+        d = med("direct1", q)
+        row = [f"| c=1 {q[:3]} ms | {d:.2f}"]
+        for n in names:
+            g = med(f"{n}1", q)
+            row.append(f"{g:.2f} | {g - d:.2f} | {g / d:.1f}")
+        out.append(" | ".join(row) + f" | {goal} |")
     for c in args.concurrency:
-        dr, gr = pooled(res["rps"][f"direct{c}"], "rps"), pooled(res["rps"][f"gateway{c}"], "rps")
-        errs = sum(r["errors"] for r in res["rps"][f"gateway{c}"])
-        out.append(f"| c={c} calls/s | {dr:.0f} | {gr:.0f} (errors {errs}) | | {gr / dr:.3f} | "
-                   f"{'≥ 500' if c == 32 else ''} |")
-        runs = res["rps"][f"gateway{c}"]
-        n = sum(r["requests"] for r in runs)
-        cpu_lines.append(f"c={c}: " + ", ".join(
-            f"{k} {1000 * sum(r['cpu_s'][k] for r in runs) / n:.2f}" for k in runs[0]["cpu_s"]))
+        d = med(f"direct{c}", "rps")
+        row = [f"| c={c} calls/s | {d:.0f}"]
+        for n in names:
+            g = med(f"{n}{c}", "rps")
+            errs = sum(r["errors"] for r in cells[f"{n}{c}"])
+            row.append(f"{g:.0f}{f' ({errs} errors)' if errs else ''} | | {g / d:.3f}")
+        out.append(" | ".join(row) + f" | {'≥ 500' if c == 32 else ''} |")
     for proto, slot in res["ttft"].items():
         for q, name in ((0.5, "p50"), (0.99, "p99")):
-            dv, gv = pct(slot["direct"], q) * 1000, pct(slot["gateway"], q) * 1000
-            out.append(f"| TTFT {proto} {name} ms (c=4, n={len(slot['gateway'])}) | {dv:.2f} | {gv:.2f} | "
-                       f"{gv - dv:.2f} | {gv / dv:.2f} | {'added ≤ 5' if name == 'p50' else ''} |")
-    out += ["", "CPU ms per gateway call, by part (gateway cells): " + "; ".join(cpu_lines)]
-    if res["ops"]:
-        total: dict[str, int] = {}
-        calls = 0
-        for o in res["ops"]:
-            calls += o["requests"]
-            for k, v in o["delta"].items():
-                total[k] = total.get(k, 0) + v
-        per = {k.removeprefix("cmdstat_"): v / calls for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
-        out += ["", f"Redis commands per gateway call (c=32/128 cells, {calls} calls): "
-                f"{sum(per.values()):.1f} — "
-                + ", ".join(f"{k} {v:.2f}" for k, v in per.items() if v >= 0.05)]
+            row = [f"| TTFT {proto} {name} ms (c=4) | {pct(slot[f'direct-{names[0]}'], q) * 1000:.2f}"]
+            for n in names:
+                dv, gv = pct(slot[f"direct-{n}"], q) * 1000, pct(slot[n], q) * 1000
+                row.append(f"{gv:.2f} | {gv - dv:.2f} | {gv / dv:.1f}")
+            out.append(" | ".join(row) + f" | {'added ≤ 5' if name == 'p50' else ''} |")
+    out.append("")
+    for n in names:
+        for c in args.concurrency:
+            runs = cells[f"{n}{c}"]
+            calls = sum(r["requests"] for r in runs)
+            cpu = {k: 1000 * sum(r["cpu_s"][k] for r in runs) / calls for k in runs[0]["cpu_s"]}
+            out.append(f"- {n}, c={c}: CPU ms per call: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+                       + f" (total {sum(cpu.values()):.2f})")
+            if "ops" in runs[0]:
+                total: dict[str, int] = {}
+                for r in runs:
+                    for k, v in r["ops"].items():
+                        total[k] = total.get(k, 0) + v
+                per = sorted(((k.removeprefix("cmdstat_"), v / calls) for k, v in total.items()),
+                             key=lambda kv: -kv[1])
+                out.append(f"  Redis commands per call {sum(v for _, v in per):.1f}: "
+                           + ", ".join(f"{k} {v:.2f}" for k, v in per if v >= 0.05))
     return "\n".join(out)
 
 
@@ -293,12 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=4.0, help="seconds per cell per round")
     p.add_argument("--concurrency", default="32,128")
-    p.add_argument("--ttft-calls", type=int, default=60, help="streamed calls per protocol each way, per round")
+    p.add_argument("--ttft-calls", type=int, default=60,
+                   help="streamed calls per protocol each way, per round")
     p.add_argument("--words", type=int, default=20)
     p.add_argument("--driver", default="auto")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for `up` (repeatable)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                   help="also run `up` from this checkout (e.g. main), interleaved: before/after in one run")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="instead of the table: py-spy the API and the worker under c=32 for SECONDS")
     p.add_argument("--top", type=int, default=22, help="frames per list in --profile")
