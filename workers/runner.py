@@ -64,6 +64,7 @@ from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from common.upstream_health import UpstreamHealth, scrub
 from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, StopAdmitting, scopes_for
+from workers.chunksend import ChunkSender
 from workers.failover import Failover, Moved, WaitedOut
 from workers.leases import LeaseHeartbeat
 from workers.partial import chunk_text, partial_bill, with_partial
@@ -249,6 +250,7 @@ class JobRunner:
         an error. Checks every ``ABORT_CHECK_S`` whether the client went away, and if so closes the
         upstream call."""
         chunks: Iterator[dict[str, Any]] = adapter.stream(request, model)
+        sender = ChunkSender(lambda batch: self.store.emit_chunks(job_id, batch))
         sent = 0
         usage: dict[str, Any] = {}
         produced: list[str] = []
@@ -258,7 +260,7 @@ class JobRunner:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 produced.extend(chunk_text(chunk))
-                self.store.emit(job_id, Chunk(chunk))
+                sender.put(Chunk(chunk))  # out at once; coalesced only while a send is in flight
                 sent += 1
                 if time.monotonic() - checked > ABORT_CHECK_S:
                     checked = time.monotonic()
@@ -272,6 +274,7 @@ class JobRunner:
             raise with_partial(broken, request, model, usage, produced) from None
         finally:
             chunks.close()  # type: ignore[attr-defined]
+            sender.close()  # every chunk out before the job settles (or fails) after them
         return ChatResponse(body={"usage": usage} if usage else {},
                             usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                         completion_tokens=int(usage.get("completion_tokens") or 0)))
