@@ -216,7 +216,7 @@ def measure(side: Side | None, url: str, c: int, body: bytes, args: argparse.Nam
 def run(args: argparse.Namespace) -> dict[str, Any]:
     chat = json.dumps(CHAT).encode()
     extra = dict(kv.split("=", 1) for kv in args.env)
-    res: dict[str, Any] = {"cells": {}, "ttft": {}, "sides": []}
+    res: dict[str, Any] = {"cells": {}, "ttft": {}, "sides": [], "stream_cost": {}}
     sides: list[Side] = []
     with FakeProvider() as fake, temporary_directory("bench-users-") as workdir:
         config = workdir / "registry.yaml"
@@ -244,8 +244,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         measure(side, side.chat, c, chat, args, res["cells"])
                 for proto, (path, body) in bodies.items():
                     for side in order:
+                        cpu0 = {k: cpu_seconds(v) for k, v in side.groups.items()}
+                        ops0 = commandstats(side.redis) if side.redis is not None else {}
                         d, g = ttft_pairs(fake.base_url, side.root, path, body, bodies["openai"][1],
                                           args.ttft_calls, 4)
+                        cost = res["stream_cost"].setdefault(side.name, {"calls": 0, "cpu": {}, "ops": 0})
+                        cost["calls"] += len(g)
+                        for k, v in side.groups.items():
+                            cost["cpu"][k] = cost["cpu"].get(k, 0.0) + cpu_seconds(v) - cpu0[k]
+                        if side.redis is not None:  # the direct calls in between cost the gateway nothing
+                            ops1 = commandstats(side.redis)
+                            cost["ops"] += sum(ops1.values()) - sum(ops0.values())
+                            for k in ("cmdstat_evalsha", "cmdstat_publish"):
+                                cost[k] = cost.get(k, 0) + ops1.get(k, 0) - ops0.get(k, 0)
                         slot = res["ttft"].setdefault(proto, {})
                         slot.setdefault(f"direct-{side.name}", []).extend(d)
                         slot.setdefault(side.name, []).extend(g)
@@ -316,6 +327,14 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
                 row.append(f"{gv:.2f} | {gv - dv:.2f} | {gv / dv:.1f}")
             out.append(" | ".join(row) + f" | {'added ≤ 5' if name == 'p50' else ''} |")
     out.append("")
+    for n, cost in res["stream_cost"].items():
+        calls = cost["calls"]
+        cpu = {k: 1000 * v / calls for k, v in cost["cpu"].items()}
+        out.append(f"- {n}, streamed calls ({args.words} words, c=4): CPU ms per call: "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()) + f" (total {sum(cpu.values()):.2f}); "
+                   f"Redis commands per call {cost['ops'] / calls:.1f} (evalsha "
+                   f"{cost.get('cmdstat_evalsha', 0) / calls:.1f}, "
+                   f"publish {cost.get('cmdstat_publish', 0) / calls:.1f})")
     for n in names:
         for c in args.concurrency:
             runs = cells[f"{n}{c}"]
