@@ -225,7 +225,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             if args.baseline:
                 state = workdir / "baseline"
-                sides.append(Side("baseline", UpAt(state, Path(args.baseline).resolve(), base_env), state))
+                env = {**base_env, **dict(kv.split("=", 1) for kv in args.baseline_env)}
+                sides.append(Side("baseline", UpAt(state, Path(args.baseline).resolve(), env), state))
             state = workdir / "gateway"
             sides.append(Side("gateway", UpAt(state, ROOT, {**base_env, **extra}), state))
             res["sides"] = [s.name for s in sides]
@@ -366,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for `up` (repeatable)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--baseline-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the baseline's `up` (repeatable)")
     p.add_argument("--baseline", default=None, metavar="CHECKOUT",
                    help="also run `up` from this checkout (e.g. main), interleaved: before/after in one run")
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
