@@ -234,7 +234,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for url in (direct_chat, *(s.chat for s in sides)):  # warm every path, unrecorded
                 run_load(url, concurrency=8, duration=2, body=chat, driver=args.driver)
             if args.profile:
-                res["profile"] = profile(sides[-1].chat, chat, sides[-1].groups, args)
+                body = stream_bodies(args.words)["openai"][1] if args.profile_stream else chat
+                res["profile"] = profile(sides[-1].chat, body, sides[-1].groups, args)
                 return res
             bodies = stream_bodies(args.words)
             for rnd in range(args.rounds):
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="instead of the table: py-spy the API and the worker under c=32 for SECONDS")
     p.add_argument("--top", type=int, default=22, help="frames per list in --profile")
+    p.add_argument("--profile-stream", action="store_true", help="--profile streamed calls (--words long)")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     res = run(args)
