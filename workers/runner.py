@@ -273,8 +273,10 @@ class JobRunner:
             broken = UpstreamStreamBroken(f"the upstream stream broke off: {exc.message}")
             raise with_partial(broken, request, model, usage, produced) from None
         finally:
-            chunks.close()  # type: ignore[attr-defined]
-            sender.close()  # every chunk out before the job settles (or fails) after them
+            try:
+                chunks.close()  # type: ignore[attr-defined]
+            finally:
+                sender.close()  # every chunk out before the job settles (or fails) after them
         return ChatResponse(body={"usage": usage} if usage else {},
                             usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                         completion_tokens=int(usage.get("completion_tokens") or 0)))
