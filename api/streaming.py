@@ -104,7 +104,16 @@ def _relay(gateway: Gateway, watch: JobWatch, fmt: StreamFormat, entry: StreamEv
             if entry is None:
                 yield from fmt.waiting(_position(gateway, watch))
             elif isinstance(entry.event, Chunk):
-                yield from fmt.chunk(entry.event.chunk)
+                # the chunks already here go out with it in one write (one send, one wake-up of the
+                # client): they pile up only while the client side is slower than the upstream
+                out = list(fmt.chunk(entry.event.chunk))
+                while (more := watch.ready()) is not None and isinstance(more.event, Chunk):
+                    out.extend(fmt.chunk(more.event.chunk))
+                if out:  # (a format may turn a chunk into nothing: an empty write would end the body)
+                    yield "".join(out)
+                if more is not None:  # the end (or an error) arrived with them
+                    entry = more
+                    continue
             elif isinstance(entry.event, Done):
                 finished = True
                 yield from fmt.done({"job_id": watch.job_id, **entry.event.meta})

@@ -113,6 +113,16 @@ class JobWatch:
                 return None
         return self._pending.popleft()
 
+    def ready(self) -> StreamEvent | None:
+        """The next event if it is here already (no waiting; Redis is read only after a resync), else None."""
+        if not self._pending:
+            try:
+                event = self._waiter.get_nowait()
+            except queue.Empty:
+                return None
+            self._take(self._reread() if event is RESYNC else [event])  # type: ignore[list-item]
+        return self._pending.popleft() if self._pending else None
+
     def _limit(self) -> float:
         """Until when this watch waits for news: the job's max_wait while it may still be queued, the
         task time limit beyond once it runs or while Redis cannot say which it is."""

@@ -45,8 +45,9 @@ def free_port() -> int:
 
 
 def gateway_cli() -> list[str]:
-    exe = Path(sys.executable).with_name("llm-gateway")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "launcher.cli"]
+    """``python -m launcher.cli`` run in this checkout (cwd ROOT): the code measured is the code next to
+    the benchmark — the venv's ``llm-gateway`` script imports whichever checkout was pip-installed."""
+    return [sys.executable, "-m", "launcher.cli"]
 
 
 class Proc:

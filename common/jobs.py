@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -251,6 +252,24 @@ class JobStore:
                                 json.dumps(usage, separators=(",", ":"), default=str) if usage else "",
                                 outcome.to_json() if outcome is not None else "", charge[0], charge[1]])
         return bool(done)
+
+    def emit_chunks(self, job_id: str, events: Sequence[JobEvent]) -> None:
+        """Append non-final ``events`` (a stream's chunks, in order) and publish each, in one round trip:
+        one ``emit.lua`` call per event, pipelined (each its own atomic step, as :meth:`emit`)."""
+        if len(events) == 1:
+            self.emit(job_id, events[0])
+            return
+        keys = [self.events_key(job_id), self.job_key(job_id), self.lease_key(job_id), self.stats_key(""),
+                self.usage_key()]  # as emit() with no final state: only the first three are touched
+        pipe = self.redis.pipeline(transaction=False)
+        for event in events:  # EVALSHA straight away: a Script in a pipeline costs a SCRIPT EXISTS trip
+            pipe.evalsha(self._emit.sha, len(keys), *keys, job_id, event.to_json(), int(EVENT_TTL_S * 1000),
+                         "", "", "", "", 0, 0)
+        try:
+            pipe.execute()
+        except redis.exceptions.NoScriptError:  # Redis lost its scripts (a restart): every EVALSHA failed
+            self.emit(job_id, events[0])       # alike, none ran; emit() loads the script again
+            self.emit_chunks(job_id, events[1:])
 
     def queue_usage(self, usage: dict[str, Any]) -> None:
         """Put a usage row on the usage stream (a failed try's: no job settles with it)."""

@@ -102,11 +102,18 @@ def worker_argv(settings: Settings, args: argparse.Namespace) -> list[str]:
 
 
 def cmd_flower(settings: Settings, args: argparse.Namespace) -> int:
-    address = "0.0.0.0" if args.public else "127.0.0.1"
-    argv = [sys.executable, "-m", "celery", "-A", "workers.worker:app", "flower",
-            f"--port={args.port or settings.flower_port}", f"--address={address}"]
-    _exec(argv, settings)
+    _exec(flower_argv(settings, args), settings)
     return 0  # pragma: no cover
+
+
+def flower_argv(settings: Settings, args: argparse.Namespace) -> list[str]:
+    """The ``celery flower`` command line. With task events off Flower must not turn them on: by
+    default it broadcasts ``enable_events`` to the workers every few seconds, which made
+    ``GATEWAY_TASK_EVENTS=off`` a no-op under ``up`` (docs/benchmarks.md, issue 14)."""
+    address = "0.0.0.0" if args.public else "127.0.0.1"
+    return [sys.executable, "-m", "celery", "-A", "workers.worker:app", "flower",
+            f"--port={args.port or settings.flower_port}", f"--address={address}",
+            *([] if settings.task_events else ["--enable_events=False"])]
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:

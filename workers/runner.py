@@ -65,6 +65,7 @@ from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from common.upstream_health import UpstreamHealth, scrub
 from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, Permit, StopAdmitting, scopes_for
+from workers.chunksend import ChunkSender
 from workers.failover import Failover, Moved, WaitedOut
 from workers.leases import LeaseHeartbeat
 from workers.observe import observer
@@ -263,6 +264,7 @@ class JobRunner:
         answer's ``first_token_ms`` for the virtual models' TTFT measure."""
         job_id, began, job.first_token_ms = job.job_id, time.perf_counter(), None
         chunks: Iterator[dict[str, Any]] = adapter.stream(request, model)
+        sender = ChunkSender(lambda batch: self.store.emit_chunks(job_id, batch))
         sent = 0
         first_ms: float | None = None
         usage: dict[str, Any] = {}
@@ -276,7 +278,7 @@ class JobRunner:
                     first_ms = (time.perf_counter() - began) * 1000
                     job.first_token_ms = int(first_ms)
                 produced.extend(chunk_text(chunk))
-                self.store.emit(job_id, Chunk(chunk))
+                sender.put(Chunk(chunk))  # out at once; coalesced only while a send is in flight
                 sent += 1
                 self.observe.first_token(job_id, model)
                 if time.monotonic() - checked > ABORT_CHECK_S:
@@ -290,7 +292,10 @@ class JobRunner:
             broken = UpstreamStreamBroken(f"the upstream stream broke off: {exc.message}")
             raise with_partial(broken, request, model, usage, produced) from None
         finally:
-            chunks.close()  # type: ignore[attr-defined]
+            try:
+                chunks.close()  # type: ignore[attr-defined]
+            finally:
+                sender.close()  # every chunk out before the job settles (or fails) after them
         return ChatResponse(body={"usage": usage} if usage else {},
                             usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                         completion_tokens=int(usage.get("completion_tokens") or 0)),

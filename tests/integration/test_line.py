@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from common.contract import Chunk, Done, Failed, JobSpec, JobState, Kind, Mode, Start
-from common.jobs import JobStore
+from common.jobs import JobStore, parse_reply
 from common.limits import Limiter, Scope
 from common.registry import Limits
 from tests.conftest import TEST_REDIS_URL
@@ -321,3 +321,22 @@ def test_creating_a_sync_job_renews_its_callers_heartbeat(limiter):
     store.create("alive-1", replace(SPEC, mode=Mode.SYNC), max_wait=30, reply_to=channel, ttl=60)
     assert store.redis.pttl(store.alive_key(channel)) > 10_000
     assert store.claim("alive-1", "exec", 10).outcome is Start.RUN
+
+
+def test_a_streams_chunks_sent_together_arrive_in_order_each_published(limiter):
+    """emit_chunks (the stream relay's coalesced send): every chunk on the job's stream and on its
+    caller's channel, in order, and the job still running — only a final event settles it."""
+    store = limiter.store
+    channel = store.reply_channel("api-chunks")
+    store.create("ch", SPEC, max_wait=30, reply_to=channel, ttl=60)
+    store.claim("ch", "exec", 10)
+    sent = [Chunk({"choices": [{"delta": {"content": f"w{i}"}}]}) for i in range(5)]
+    with store.redis.pubsub() as sub:
+        sub.subscribe(channel)
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        store.emit_chunks("ch", sent[:1])
+        store.emit_chunks("ch", sent[1:])
+        published = [sub.get_message(timeout=5) for _ in sent]
+    assert [e.event for e in store.read_events("ch")] == sent
+    assert [parse_reply(m["data"])[1].event for m in published] == sent
+    assert store.state("ch")["state"] == JobState.RUNNING

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from common.settings import load_settings
-from launcher.cli import describe_upstream, worker_argv
+from launcher.cli import describe_upstream, flower_argv, worker_argv
 
 
 def args(**overrides) -> argparse.Namespace:
@@ -21,6 +21,14 @@ def test_task_events_follow_the_setting(env, events):
     assert ("--task-events" in argv) is events
     assert argv[argv.index("--queues") + 1] == "llm.mock"
     assert argv[argv.index("--concurrency") + 1] == "256"  # the provider's pool
+
+
+@pytest.mark.parametrize(("env", "enabling"), [({}, True), ({"GATEWAY_TASK_EVENTS": "off"}, False)],
+                         ids=["events-on", "events-off"])
+def test_flower_turns_task_events_on_only_when_they_are_on(env, enabling):
+    argv = flower_argv(load_settings(env), argparse.Namespace(port=None, public=False))
+    assert ("--enable_events=False" not in argv) is enabling
+    assert "--address=127.0.0.1" in argv
 
 
 def test_an_unknown_provider_is_named():
