@@ -19,11 +19,9 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
-from decimal import Decimal
-from typing import Any
 
 import redis
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,7 +29,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from common.budgets import to_units
 from common.contract import (
     EVENT_TTL_S,
-    Chunk,
     Done,
     Expired,
     Failed,
@@ -52,32 +49,30 @@ from common.errors import (
     InvalidRequest,
     UpstreamError,
     UpstreamRateLimited,
-    UpstreamStreamBroken,
 )
 from common.jobrows import JobRows, spec_of
 from common.jobs import Claim, JobStore
-from common.limits import Scope
-from common.registry import Model, Provider
+from common.registry import Model
 from common.routing.ttft import RedisLatencyStats
 from common.settings import Settings
 from common.tokens import reservation
-from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
+from common.types import ChatRequest, ChatResponse, EmbeddingsRequest
 from common.upstream_health import UpstreamHealth, scrub
 from workers.adapters.base import Adapter
-from workers.admission import AdmissionControl, Permit, StopAdmitting, scopes_for
-from workers.chunksend import ChunkSender
+from workers.admission import AdmissionControl, StopAdmitting, scopes_for
 from workers.failover import Failover, Moved, WaitedOut
+from workers.jobrun import JobRun, money, usage_row
 from workers.leases import LeaseHeartbeat
 from workers.observe import observer
-from workers.partial import chunk_text, partial_bill, with_partial
+from workers.partial import partial_bill
 from workers.policy import Action, Decision, decide, may_move, reached_upstream
+from workers.relay import relay_stream
 from workers.settle import Settlement, Settler, billed_charge
-from workers.usage import ATTEMPT_LOST, UsageLedger, UsageRecord
+from workers.usage import ATTEMPT_LOST, UsageLedger
 
 log = logging.getLogger(__name__)
 
 
-ABORT_CHECK_S = 0.25  # how often a relayed stream checks whether its client went away
 LEASE_TTL_S = 10.0  # a running job's lease (renewed every third): a dead worker's job is free this soon
 BUSY_POLL_S = 1.0   # how often a delivery of a job whose lease is alive looks whether it lapsed
 
@@ -112,7 +107,7 @@ class JobRunner:
             raise StopAdmitting(f"job {job_id} not started: this worker is stopping")
         execution = f"{os.getpid()}:{secrets.token_hex(4)}"
         self.observe.delivered(job_id)
-        job: _Run | None = None
+        job: JobRun | None = None
         if self.limits_configured:  # learn which limits this job counts against before it may start
             spec = self.store.spec(job_id)
             if spec is None:
@@ -158,16 +153,16 @@ class JobRunner:
             heartbeat.stop()
             self._release(job, None)
 
-    def _job(self, job_id: str, execution: str, spec: JobSpec) -> _Run:
+    def _job(self, job_id: str, execution: str, spec: JobSpec) -> JobRun:
         model, deployment = self.failover.home(spec)
         provider = self.settings.registry.providers[deployment.provider]
         key = spec.api_key_id or "-"
         scopes = scopes_for(self.settings.registry, model, provider, key, spec.own_limits())
         request = spec.canonical_request()
-        return _Run(job_id, execution, spec, model, provider, key, scopes, request,
+        return JobRun(job_id, execution, spec, model, provider, key, scopes, request,
                     reservation(request, model) if scopes else 0, deployment=deployment.name)
 
-    def _admit(self, job: _Run, *, rewait: bool = False, until: float | None = None) -> Claim:
+    def _admit(self, job: JobRun, *, rewait: bool = False, until: float | None = None) -> Claim:
         """Wait in the provider's line until the job may start (its permits taken, and — unless
         ``rewait``, after an upstream 429 — the job claimed in the same step) or must not."""
         attempt, job.permit = self.admission.wait_for_turn(
@@ -185,7 +180,7 @@ class JobRunner:
         return Claim(attempt.outcome, attempt.attempt, attempt.queue_wait_s)
 
     # ------------------------------------------------------------------------------------------
-    def _execute(self, job: _Run, attempt: int, queue_wait_s: float) -> str:
+    def _execute(self, job: JobRun, attempt: int, queue_wait_s: float) -> str:
         if self.revoked(job.spec.api_key_id):  # accepted before its key was revoked: never call upstream
             revoked = AuthenticationFailed("the API key that submitted this job was revoked before it ran",
                                            code="key_revoked")
@@ -226,7 +221,7 @@ class JobRunner:
             self.ttft.observe(job.model.alias, latency_ms if first is None else first)
         return state
 
-    def _invoker(self, job: _Run) -> Callable[[], ChatResponse]:
+    def _invoker(self, job: JobRun) -> Callable[[], ChatResponse]:
         adapter, request, model = self.adapters[job.provider.name], job.request, job.model
         if isinstance(request, EmbeddingsRequest):
             embed = getattr(adapter, "embed", None)
@@ -235,73 +230,33 @@ class JobRunner:
                                      param="model")
             return lambda: embed(request, model)
         if request.stream:
-            return lambda: self._relay_stream(job, adapter, request, model)
+            return lambda: self._relay(job, adapter, request, model)
         return lambda: adapter.complete(request, model)
 
-    def _succeeded(self, job: _Run, response: ChatResponse, attempt: int, call_id: str, queue_wait_ms: int,
+    def _succeeded(self, job: JobRun, response: ChatResponse, attempt: int, call_id: str, queue_wait_ms: int,
                    latency_ms: int) -> Settlement:
         model, provider = job.model, job.provider
         cost = model.price.cost(response.usage.prompt_tokens, response.usage.completion_tokens)
         trail = self.failover.trail(job.spec)
         meta = {"provider": provider.name, "provider_model": model.model, "queue_wait_ms": queue_wait_ms,
-                "upstream_latency_ms": latency_ms, "cost_usd": _money(cost), "attempt": attempt,
+                "upstream_latency_ms": latency_ms, "cost_usd": money(cost), "attempt": attempt,
                 "routing_decision": trail.decision, "deployment": job.deployment,
                 "attempts": trail.calls + job.tries, "fallback_used": trail.fallback_used}
         streamed = isinstance(job.request, ChatRequest) and job.request.stream
         event: JobEvent = (Done(meta, response.body.get("usage")) if streamed
                            else Result(response.body, meta))
-        billed = {**response.usage.model_dump(), "cost_usd": _money(cost)}
+        billed = {**response.usage.model_dump(), "cost_usd": money(cost)}
         return Settlement(JobState.SUCCEEDED, event,
-                          _usage_row(job, call_id, queue_wait_ms, latency_ms, response=response, cost=cost),
+                          usage_row(job, call_id, queue_wait_ms, latency_ms, response=response, cost=cost),
                           result=response.body, billed=billed)
 
-    def _relay_stream(self, job: _Run, adapter: Adapter, request: ChatRequest,
-                      model: Model) -> ChatResponse:
-        """Forward each upstream chunk to the waiting API as it arrives (no buffering); returns the
-        usage. Once a chunk went out the call cannot be retried: a later failure ends the stream with
-        an error. Checks every ``ABORT_CHECK_S`` whether the client went away, and if so closes the
-        upstream call. Records when the first chunk came: ``job.first_token_ms`` for the usage row, the
-        answer's ``first_token_ms`` for the virtual models' TTFT measure."""
-        job_id, began, job.first_token_ms = job.job_id, time.perf_counter(), None
-        chunks: Iterator[dict[str, Any]] = adapter.stream(request, model)
-        sender = ChunkSender(lambda batch: self.store.emit_chunks(job_id, batch))
-        sent = 0
-        first_ms: float | None = None
-        usage: dict[str, Any] = {}
-        produced: list[str] = []
-        checked = time.monotonic()
-        try:
-            for chunk in chunks:
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                if first_ms is None:
-                    first_ms = (time.perf_counter() - began) * 1000
-                    job.first_token_ms = int(first_ms)
-                produced.extend(chunk_text(chunk))
-                sender.put(Chunk(chunk))  # out at once; coalesced only while a send is in flight
-                sent += 1
-                self.observe.first_token(job_id, model)
-                if time.monotonic() - checked > ABORT_CHECK_S:
-                    checked = time.monotonic()
-                    if self.store.aborted(job_id):
-                        gone = ClientGone("the client disconnected; the upstream call was aborted")
-                        raise with_partial(gone, request, model, usage, produced) from None
-        except UpstreamError as exc:
-            if not sent:
-                raise
-            broken = UpstreamStreamBroken(f"the upstream stream broke off: {exc.message}")
-            raise with_partial(broken, request, model, usage, produced) from None
-        finally:
-            try:
-                chunks.close()  # type: ignore[attr-defined]
-            finally:
-                sender.close()  # every chunk out before the job settles (or fails) after them
-        return ChatResponse(body={"usage": usage} if usage else {},
-                            usage=Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                        completion_tokens=int(usage.get("completion_tokens") or 0)),
-                            first_token_ms=first_ms)
+    def _relay(self, job: JobRun, adapter: Adapter, request: ChatRequest, model: Model) -> ChatResponse:
+        """One try of a streamed call (workers/relay.py); ``job.first_token_ms`` is this try's."""
+        job.first_token_ms = None
+        return relay_stream(self.store, self.observe, job.job_id, adapter, request, model,
+                            on_first=lambda ms: setattr(job, "first_token_ms", ms))
 
-    def _call_with_retries(self, job: _Run, attempt: int, invoke: Callable[[], ChatResponse],
+    def _call_with_retries(self, job: JobRun, attempt: int, invoke: Callable[[], ChatResponse],
                            queue_wait_ms: int) -> tuple[ChatResponse, int, str]:
         """Call upstream until it answers or :func:`workers.policy.decide` says to fail. Every call
         that got an answer from upstream leaves a usage row; permits are settled after each call (TPM
@@ -318,7 +273,7 @@ class JobRunner:
             try:
                 response = invoke()
             except ClientGone as exc:   # a stream cut off by its caller: the try's row bills what it produced
-                self.settler.record_try(_usage_row(job, call_id, queue_wait_ms,
+                self.settler.record_try(usage_row(job, call_id, queue_wait_ms,
                                                    int((time.perf_counter() - started) * 1000), error=exc,
                                                    **partial_bill(exc, job.model)))
                 raise
@@ -331,7 +286,7 @@ class JobRunner:
                     self.admission.limiter.cool_down(job.provider.name, exc.retry_after or 1.0)
                 partial = partial_bill(exc, job.model)   # a stream that broke off mid-way produced this
                 if reached_upstream(exc) or partial:
-                    self.settler.record_try(_usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc,
+                    self.settler.record_try(usage_row(job, call_id, queue_wait_ms, latency_ms, error=exc,
                                                        **partial))
                 elsewhere = (self.failover.alternative(job.spec, job.deployment)
                              if may_move(exc, tries=tries, max_retries=job.provider.max_retries) else None)
@@ -359,7 +314,7 @@ class JobRunner:
                 self.admission.limiter.cool_down(job.provider.name, response.quota_reset_s)
             return response, latency_ms, call_id
 
-    def _report_failure(self, job: _Run, exc: UpstreamError, tries: int, decision: Decision) -> None:
+    def _report_failure(self, job: JobRun, exc: UpstreamError, tries: int, decision: Decision) -> None:
         """Make a failed upstream attempt visible to the operator: one warning line (provider, model,
         status class, the message with the provider's key scrubbed, what happens next) and the
         provider's shared counts that ``/health`` shows."""
@@ -367,7 +322,7 @@ class JobRunner:
         label = self.upstream.record_failure(job.provider.name, exc, message)
         self.observe.attempt(job, tries, error=exc, then=decision, status=label)  # the warning line
 
-    def _wait_to_retry(self, job: _Run, exc: UpstreamError, decision: Decision, give_up_at: float) -> None:
+    def _wait_to_retry(self, job: JobRun, exc: UpstreamError, decision: Decision, give_up_at: float) -> None:
         """Wait out ``decision`` before the next try. A limited job goes back to the head of its line
         for fresh permits: after a 429 at once (the shared cooldown holds it back) and until its
         deadline; after a failure once its backoff passed, and until the run's time limit."""
@@ -380,11 +335,11 @@ class JobRunner:
         if self._admit(job, rewait=True, until=None if in_line else give_up_at).outcome is not Start.RUN:
             raise exc
 
-    def _renew_permit(self, job: _Run) -> None:
+    def _renew_permit(self, job: JobRun) -> None:
         if job.permit is not None:
             self.admission.renew(job.permit)
 
-    def _release(self, job: _Run, actual_tokens: int | None, *, refund: bool = False) -> None:
+    def _release(self, job: JobRun, actual_tokens: int | None, *, refund: bool = False) -> None:
         if job.permit is not None:
             self.admission.release(job.permit, actual_tokens, refund=refund)
 
@@ -409,7 +364,7 @@ class JobRunner:
                 return True
         return False
 
-    def _cancel_unrun(self, job: _Run, lost_attempt: int) -> str:
+    def _cancel_unrun(self, job: JobRun, lost_attempt: int) -> str:
         """The claim settled the job ``cancelled`` instead of running it (again) — nobody can use its
         answer (``job.lua`` job_check): record the attempt a dead worker lost, if any, and end the
         job's event stream (a caller still waiting — e.g. its API's heartbeat lapsed in a Redis
@@ -420,18 +375,18 @@ class JobRunner:
         return self.settler.settle(job.job_id, job.execution, job.spec, Settlement(JobState.CANCELLED, event),
                             state_set=True)
 
-    def _record_lost_attempt(self, job: _Run, attempt: int) -> None:
+    def _record_lost_attempt(self, job: JobRun, attempt: int) -> None:
         """A usage row for an attempt whose worker died: its upstream call may have been made (and
         billed by the provider) but its answer is lost. 0 tokens, cost 0, outcome ``attempt_lost``;
         written by whoever re-claims the job — at most once (its call_id is unique)."""
-        row = replace(_usage_row(job, f"{job.job_id}:{attempt}:lost", 0, 0), outcome=ATTEMPT_LOST,
+        row = replace(usage_row(job, f"{job.job_id}:{attempt}:lost", 0, 0), outcome=ATTEMPT_LOST,
                       status_code=None, error="the worker running this attempt died; whether the upstream "
                                               "call was made (and billed) is unknown")
         self.store.append_usage(row.as_row())
         log.warning("job %s: attempt %d was lost with its worker; recorded as %s", job.job_id, attempt,
                     ATTEMPT_LOST)
 
-    def _replay_if_settled(self, job: _Run) -> str | None:
+    def _replay_if_settled(self, job: JobRun) -> str | None:
         row = self.rows.get(job.job_id)
         if row is None or row.status not in (JobState.SUCCEEDED, JobState.FAILED):
             return None
@@ -454,41 +409,6 @@ class JobRunner:
         return self.run(job_id)
 
 
-@dataclass
-class _Run:
-    """One job's run: its spec, what it calls, the limits it counts against, the permit it holds now."""
-
-    job_id: str
-    execution: str
-    spec: JobSpec
-    model: Model
-    provider: Provider
-    key: str
-    scopes: list[Scope]
-    request: ChatRequest | EmbeddingsRequest
-    tokens: int
-    permit: Permit | None = None
-    deployment: str = ""   # provider/model serving it (common/routing)
-    tries: int = 0         # upstream calls made for it in this run
-    first_token_ms: int | None = None   # the current try's stream: its first chunk, ms after the call
-
-
-def _usage_row(job: _Run, call_id: str, queue_wait_ms: int, latency_ms: int, *,
-               response: ChatResponse | None = None, cost: Decimal = Decimal(0),
-               error: GatewayError | None = None) -> UsageRecord:
-    """The usage row of one upstream call: what it cost if it answered, else its error (and no cost)."""
-    usage = response.usage if response is not None else Usage(prompt_tokens=0, completion_tokens=0)
-    return UsageRecord(call_id=call_id, job_id=job.job_id, api_key_id=job.spec.api_key_id,
-                       model=job.model.alias, provider=job.provider.name, provider_model=job.model.model,
-                       prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                       cost_usd=cost,
-                       queue_wait_ms=queue_wait_ms, upstream_latency_ms=latency_ms,
-                       outcome="success" if error is None else (error.code or "error"),
-                       status_code=200 if error is None else error.status,
-                       error=None if error is None else error.message[:500],
-                       first_token_ms=job.first_token_ms)
-
-
 def _start_in(estimate: float | None) -> float:
     """An alternative's start estimate for the policy: unknown (nothing completed lately) is 'later'."""
     return float("inf") if estimate is None else estimate
@@ -500,7 +420,3 @@ def job_lease_ttl(settings: Settings) -> float:
     worker's jobs run again within ~this plus a sweep — but renewed three times per period while the
     call runs; below the visibility timeout, the last resort."""
     return max(2.0, min(LEASE_TTL_S, settings.visibility_timeout / 3))
-
-
-def _money(value: Decimal) -> str:
-    return format(value.quantize(Decimal("0.0000000001")).normalize(), "f")
