@@ -32,7 +32,7 @@ import gevent
 from celery import Celery, bootsteps
 from celery.worker.consumer.events import Events
 
-FLUSH_AFTER_S = 0.005   # how long the first buffered event waits for company before it is sent
+FLUSH_AFTER_S = 0.020   # how long the first buffered event waits for company (5 ms: 0.91x the CPU per call)
 
 
 class SoonFlush:
