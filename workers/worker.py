@@ -12,7 +12,7 @@ from celery.signals import worker_ready, worker_shutting_down
 
 from common.observability.metrics import serve as serve_metrics
 from common.settings import Settings, load_settings
-from workers import kombu_tuning
+from workers import celery_tuning, kombu_tuning
 from workers.assembly import build_runner
 from workers.celery_app import make_celery, restore_interval
 from workers.leases import LeaseSweeper
@@ -21,12 +21,14 @@ from workers.shutdown import GracefulStop
 
 
 def create_worker_app(settings: Settings) -> Celery:
-    """The worker's Celery app: kombu's fixes installed first (before any broker channel exists); the
-    threads a worker runs besides its jobs start with it, not with its first job — the usage flusher,
+    """The worker's Celery app: kombu's fixes installed first (before any broker channel exists), task
+    events batched off the job's path (``workers/celery_tuning.py``); the threads a worker runs besides
+    its jobs start with it, not with its first job — the usage flusher,
     the reconciler of lost async jobs (both in ``build_runner``), the redelivery sweep (the visibility
     timeout's) and the lease sweep (a dead worker's jobs, in seconds: ``workers/leases.py``)."""
     kombu_tuning.install()
     app = make_celery(settings)
+    celery_tuning.install(app)
 
     @worker_ready.connect(weak=False)
     def _start_background(sender: Any = None, **_: Any) -> None:
