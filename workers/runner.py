@@ -64,7 +64,7 @@ from workers.admission import AdmissionControl, StopAdmitting, scopes_for
 from workers.aftercall import AfterCall, Success
 from workers.failover import Failover, Moved, WaitedOut
 from workers.jobrun import JobRun, money, usage_row
-from workers.leases import LeaseHeartbeat
+from workers.leases import LeaseKeeper
 from workers.observe import observer
 from workers.partial import partial_bill
 from workers.policy import Action, Decision, decide, may_move, reached_upstream
@@ -107,6 +107,7 @@ class JobRunner:
         self.aftercall = AfterCall(store.redis, self.upstream, self.failover, self.ttft)
         self.observe = observer(settings)
         self.lease_ttl = job_lease_ttl(settings)
+        self.leases = LeaseKeeper(store, self.lease_ttl)   # renews the running jobs' leases
         registry = settings.registry
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
                                   or any(m.limits.any for m in registry.models.values())
@@ -155,15 +156,13 @@ class JobRunner:
         if job is None:
             assert claim.spec is not None
             job = self._job(job_id, execution, claim.spec)
-        heartbeat = LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl,
-                                    renew_permit=lambda: self._renew_permit(job))
-        heartbeat.start()
+        self.leases.hold(job_id, execution, renew_permit=lambda: self._renew_permit(job))
         self.running[job_id] = execution
         try:
             return self._execute(job, claim.attempt, claim.queue_wait_s)
         finally:
             self.running.pop(job_id, None)
-            heartbeat.stop()
+            self.leases.release(job_id, execution)
             self._release(job, None)
 
     def _job(self, job_id: str, execution: str, spec: JobSpec) -> JobRun:
