@@ -130,8 +130,9 @@ class Failover:
         outcome = verdict(error)
         if not self.settings.breakers:
             return outcome
+        asked = self.closed.clock()
         state = self.router.breakers.report(deployment, outcome, probe=probe, latency_ms=latency_ms)
-        self.closed.heard(deployment, outcome, state)
+        self.closed.heard(deployment, outcome, state, asked=asked)
         return outcome
 
     def report_in(self, batch: ScriptBatch, deployment: str, *,
@@ -140,6 +141,8 @@ class Failover:
         (it remembers the state the breaker answered: :class:`~common.routing.breaker.ClosedMemo`)."""
         if not self.settings.breakers:
             return lambda replies: None
+        asked = self.closed.clock()
         index = self.router.breakers.report_in(batch, deployment, Verdict.OK, probe=False,
                                                latency_ms=latency_ms)
-        return lambda replies: self.closed.heard(deployment, Verdict.OK, state_of(replies[index]))
+        return lambda replies: self.closed.heard(deployment, Verdict.OK, state_of(replies[index]),
+                                                 asked=asked)

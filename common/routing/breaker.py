@@ -136,7 +136,9 @@ class ClosedMemo:
       (a probe slot is taken only by ``admit`` in Redis) and an open breaker's wait is Redis's.
     * A failure (or any outcome but a success) this process sees forgets the deployment at once:
       its own next call asks Redis, as before.
-    * Another process opening the breaker is seen here at most ``fresh_s`` later. Meanwhile this
+    * Another process opening the breaker is seen here at most ``fresh_s`` after this process sent
+      the report that heard ``closed`` (the memo is dated from the send, and a reply to a report
+      sent before a failure this process saw is ignored: greenlets' replies race). Meanwhile this
       process's calls there are the calls a breaker lets through while it is being opened anyway:
       a non-probe call's failure on an open breaker changes nothing (``breaker.lua``), its success
       does not close it, and its first failure here ends the memo. It never moves the
@@ -147,20 +149,25 @@ class ClosedMemo:
     def __init__(self, fresh_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.fresh_s = fresh_s
         self.clock = clock
-        self._heard: dict[str, float] = {}
+        self._heard: dict[str, float] = {}    # deployment → when the report that heard 'closed' was sent
+        self._forgot: dict[str, float] = {}   # deployment → when this process last saw anything else
 
     def closed(self, deployment: str) -> bool:
         """True while this process heard ``closed`` for ``deployment`` less than ``fresh_s`` ago."""
         heard = self._heard.get(deployment)
         return heard is not None and self.clock() - heard < self.fresh_s
 
-    def heard(self, deployment: str, outcome: Verdict, state: str) -> None:
-        """A report's outcome and the state Redis answered: remember ``closed`` after a success,
-        forget the deployment after anything else."""
-        if outcome is Verdict.OK and state == BreakerState.CLOSED.value and self.fresh_s > 0:
-            self._heard[deployment] = self.clock()
-        else:
+    def heard(self, deployment: str, outcome: Verdict, state: str, *, asked: float) -> None:
+        """A report's outcome and the state Redis answered (the report sent at ``asked``, this
+        memo's clock): remember ``closed`` after a success, forget the deployment after anything
+        else. A reply to a report sent before the last failure this process saw is no news: it is
+        not remembered (greenlets' replies may come back in any order)."""
+        if (outcome is Verdict.OK and state == BreakerState.CLOSED.value and self.fresh_s > 0
+                and asked > self._forgot.get(deployment, float("-inf"))):
+            self._heard[deployment] = asked
+        elif outcome is not Verdict.OK or state != BreakerState.CLOSED.value:
             self._heard.pop(deployment, None)
+            self._forgot[deployment] = self.clock()
 
 
 def read_load(raw: dict[Any, Any], now_ms: int, max_probes: int) -> Load:

@@ -134,7 +134,8 @@ def test_a_batched_script_redis_does_not_know_yet_is_loaded_and_run(breakers):
 
 def test_a_worker_that_heard_closed_sees_another_process_open_it_within_the_bound(breakers):
     memo = ClosedMemo(OPEN_S / 3)
-    memo.heard("p/m", Verdict.OK, breakers.report("p/m", Verdict.OK, probe=False, latency_ms=5))
+    asked = memo.clock()
+    memo.heard("p/m", Verdict.OK, breakers.report("p/m", Verdict.OK, probe=False, latency_ms=5), asked=asked)
     assert memo.closed("p/m")
     fail(breakers, 3)   # another process's failures open it
     assert breakers.admit("p/m").gate is Gate.OPEN

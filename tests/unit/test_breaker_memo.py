@@ -29,7 +29,7 @@ class Clock:
 def test_it_remembers_only_a_success_that_left_it_closed_and_only_briefly(outcome, state, after_s, closed):
     clock = Clock()
     memo = ClosedMemo(0.25, clock)
-    memo.heard("p/m", outcome, state)
+    memo.heard("p/m", outcome, state, asked=clock.now)
     clock.now += after_s
     assert memo.closed("p/m") is closed
     assert memo.closed("q/m") is False   # per deployment
@@ -37,15 +37,41 @@ def test_it_remembers_only_a_success_that_left_it_closed_and_only_briefly(outcom
 
 @pytest.mark.parametrize("then", [Verdict.FAIL, Verdict.MISCONFIGURED, Verdict.NEUTRAL])
 def test_any_other_outcome_forgets_at_once(then):
-    memo = ClosedMemo(0.25, Clock())
-    memo.heard("p/m", Verdict.OK, "closed")
-    memo.heard("p/m", then, "closed")
+    clock = Clock()
+    memo = ClosedMemo(0.25, clock)
+    memo.heard("p/m", Verdict.OK, "closed", asked=clock.now)
+    clock.now += 0.01
+    memo.heard("p/m", then, "closed", asked=clock.now)
     assert memo.closed("p/m") is False
 
 
+def test_the_staleness_counts_from_when_the_report_was_sent():
+    clock = Clock()
+    memo = ClosedMemo(0.25, clock)
+    sent = clock.now
+    clock.now += 0.2   # the reply took this long
+    memo.heard("p/m", Verdict.OK, "closed", asked=sent)
+    clock.now += 0.05
+    assert memo.closed("p/m") is False
+
+
+def test_a_reply_to_a_report_sent_before_a_failure_here_does_not_bring_closed_back():
+    clock = Clock()
+    memo = ClosedMemo(0.25, clock)
+    sent = clock.now                     # greenlet A sends its success's report ...
+    clock.now += 0.01
+    memo.heard("p/m", Verdict.FAIL, "open", asked=clock.now)   # ... B's failure is heard first ...
+    clock.now += 0.01
+    memo.heard("p/m", Verdict.OK, "closed", asked=sent)        # ... then A's older reply
+    assert memo.closed("p/m") is False
+    memo.heard("p/m", Verdict.OK, "closed", asked=clock.now)   # a report sent after the failure counts
+    assert memo.closed("p/m") is True
+
+
 def test_without_a_bound_it_never_remembers():
-    memo = ClosedMemo(0.0, Clock())
-    memo.heard("p/m", Verdict.OK, "closed")
+    clock = Clock()
+    memo = ClosedMemo(0.0, clock)
+    memo.heard("p/m", Verdict.OK, "closed", asked=clock.now)
     assert memo.closed("p/m") is False
 
 
