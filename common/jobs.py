@@ -231,6 +231,10 @@ class JobStore:
     def renew_lease(self, job_id: str, execution: str, lease_ttl: float) -> bool:
         return bool(self._renew(keys=[self.lease_key(job_id)], args=[execution, int(lease_ttl * 1000)]))
 
+    def renew_lease_in(self, batch: lua.ScriptBatch, job_id: str, execution: str, lease_ttl: float) -> int:
+        """:meth:`renew_lease`, queued on ``batch`` (a worker renews all its jobs' leases in one trip)."""
+        return batch.script(self._renew, [self.lease_key(job_id)], [execution, int(lease_ttl * 1000)])
+
     def completion_rate(self, provider: str, window_s: int = 60) -> float:
         """Jobs per second the provider's workers settled over the last ``window_s`` seconds."""
         return rate_of(self.redis.hgetall(self.stats_key(provider)), int(self.redis.time()[0]), window_s)

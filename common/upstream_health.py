@@ -98,12 +98,18 @@ class UpstreamHealth:
         return f"{self._key(provider)}:{minute}"
 
     def record_success(self, provider: str, now: float | None = None) -> None:
-        now = time.time() if now is None else now
         pipe = self.redis.pipeline(transaction=False)
+        self.success_in(pipe, provider, now)
+        self._execute(pipe, provider)
+
+    def success_in(self, pipe: Any, provider: str, now: float | None = None) -> None:
+        """Queue a successful attempt's count on ``pipe`` (a pipeline, or a
+        :class:`~common.lua.ScriptBatch`'s): the worker sends it with the rest of a call's
+        bookkeeping, after the caller's answer (``workers/aftercall.py``)."""
+        now = time.time() if now is None else now
         self._count(pipe, provider, now, ("ok",))
         pipe.hset(self._key(provider), "last_ok_at", repr(now))
         pipe.expire(self._key(provider), LAST_SEEN_TTL_S)
-        self._execute(pipe, provider)
 
     def record_failure(self, provider: str, error: UpstreamError, message: str,
                        now: float | None = None) -> str:

@@ -44,6 +44,7 @@ from redis.exceptions import RedisError
 
 from common.contract import JobState
 from common.jobs import JobStore
+from common.lua import ScriptBatch
 from common.taskwire import TASK_NAME
 from workers.periodic import Periodic
 
@@ -178,27 +179,64 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class LeaseHeartbeat:
-    """Renews a running job's lease (and its concurrency permit) every third of its TTL; if the worker
-    dies both lapse."""
+class LeaseKeeper(Periodic):
+    """Renews the leases (and concurrency permits) of every job this process runs, every third of
+    the lease TTL, all in one pipelined round trip; if the worker dies they lapse.
 
-    def __init__(self, store: JobStore, job_id: str, execution: str, ttl: float,
-                 renew_permit: Callable[[], object]) -> None:
-        self._stop = threading.Event()
-        self._renew_permit = renew_permit
-        self._thread = threading.Thread(target=self._loop, args=(store, job_id, execution, ttl), daemon=True)
+    One thread per process, started with the first job — not one per job: a thread (a greenlet under
+    gevent) started and stopped for every job cost ~0.1 ms of CPU per job and a wake-up at its end.
+    A job is renewed at the first tick after it was :meth:`hold`-ed, at most a third of the TTL after
+    its claim set the lease: as before. A lease that is no longer the job's execution's (the job
+    was settled, moved or taken over) is not renewed again.
+    """
 
-    def start(self) -> None:
-        self._thread.start()
+    name = "lease-keeper"
+    retry_on = (RedisError, OSError)
 
-    def stop(self) -> None:
-        self._stop.set()
+    def __init__(self, store: JobStore, ttl: float) -> None:
+        super().__init__(ttl / 3)
+        self.store = store
+        self.ttl = ttl
+        self._held: dict[str, tuple[str, Callable[[], object]]] = {}   # job id → execution, permit renewal
+        self._lock = threading.Lock()
+        self._started = False
 
-    def _loop(self, store: JobStore, job_id: str, execution: str, ttl: float) -> None:
-        while not self._stop.wait(ttl / 3):
-            try:
-                if not store.renew_lease(job_id, execution, ttl):
-                    return
-                self._renew_permit()
-            except RedisError as exc:
-                log.warning("job %s: lease renewal failed: %s", job_id, exc)
+    def hold(self, job_id: str, execution: str, renew_permit: Callable[[], object]) -> None:
+        with self._lock:
+            self._held[job_id] = (execution, renew_permit)
+            if not self._started:
+                self._started = True
+                self.start()
+
+    def release(self, job_id: str, execution: str) -> None:
+        with self._lock:
+            held = self._held.get(job_id)
+            if held is not None and held[0] == execution:
+                del self._held[job_id]
+
+    def tick(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        """Renew every held lease now (one round trip) and, for each still ours, its permit."""
+        with self._lock:
+            held = list(self._held.items())
+        if not held:
+            return
+        batch = ScriptBatch(self.store.redis)
+        for job_id, (execution, _) in held:
+            self.store.renew_lease_in(batch, job_id, execution, self.ttl)
+        for (job_id, (execution, renew_permit)), renewed in zip(held, batch.execute(), strict=True):
+            if isinstance(renewed, Exception):
+                log.warning("job %s: lease renewal failed: %s", job_id, renewed)
+            elif renewed:
+                self._renew_permit(job_id, renew_permit)
+            else:   # no longer this execution's lease: stop renewing it
+                self.release(job_id, execution)
+
+    @staticmethod
+    def _renew_permit(job_id: str, renew_permit: Callable[[], object]) -> None:
+        try:
+            renew_permit()
+        except RedisError as exc:
+            log.warning("job %s: permit renewal failed: %s", job_id, exc)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import redis
 from sqlalchemy.exc import SQLAlchemyError
@@ -60,9 +61,10 @@ from common.types import ChatRequest, ChatResponse, EmbeddingsRequest
 from common.upstream_health import UpstreamHealth, scrub
 from workers.adapters.base import Adapter
 from workers.admission import AdmissionControl, StopAdmitting, scopes_for
+from workers.aftercall import AfterCall, Success
 from workers.failover import Failover, Moved, WaitedOut
 from workers.jobrun import JobRun, money, usage_row
-from workers.leases import LeaseHeartbeat
+from workers.leases import LeaseKeeper
 from workers.observe import observer
 from workers.partial import partial_bill
 from workers.policy import Action, Decision, decide, may_move, reached_upstream
@@ -75,6 +77,16 @@ log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 10.0  # a running job's lease (renewed every third): a dead worker's job is free this soon
 BUSY_POLL_S = 1.0   # how often a delivery of a job whose lease is alive looks whether it lapsed
+
+
+class Answered(NamedTuple):
+    """The upstream's answer to one job's run: its last try's latency and usage-row id, and whether
+    that try was a half-open probe (its breaker heard the success already)."""
+
+    response: ChatResponse
+    latency_ms: int
+    call_id: str
+    probe: bool
 
 
 class JobRunner:
@@ -92,8 +104,10 @@ class JobRunner:
         self.ttft = RedisLatencyStats(store.redis, store.prefix)
         self.upstream = UpstreamHealth(store.redis, settings.key_prefix)
         self.failover = Failover(settings, store)
+        self.aftercall = AfterCall(store.redis, self.upstream, self.failover, self.ttft)
         self.observe = observer(settings)
         self.lease_ttl = job_lease_ttl(settings)
+        self.leases = LeaseKeeper(store, self.lease_ttl)   # renews the running jobs' leases
         registry = settings.registry
         self.limits_configured = (any(p.limits.any for p in registry.providers.values())
                                   or any(m.limits.any for m in registry.models.values())
@@ -142,15 +156,13 @@ class JobRunner:
         if job is None:
             assert claim.spec is not None
             job = self._job(job_id, execution, claim.spec)
-        heartbeat = LeaseHeartbeat(self.store, job_id, execution, self.lease_ttl,
-                                    renew_permit=lambda: self._renew_permit(job))
-        heartbeat.start()
+        self.leases.hold(job_id, execution, renew_permit=lambda: self._renew_permit(job))
         self.running[job_id] = execution
         try:
             return self._execute(job, claim.attempt, claim.queue_wait_s)
         finally:
             self.running.pop(job_id, None)
-            heartbeat.stop()
+            self.leases.release(job_id, execution)
             self._release(job, None)
 
     def _job(self, job_id: str, execution: str, spec: JobSpec) -> JobRun:
@@ -199,7 +211,7 @@ class JobRunner:
         self.observe.started(job, queue_wait_s)
         try:
             invoke = self.observe.timed(job, self._invoker(job))
-            response, latency_ms, call_id = self._call_with_retries(job, attempt, invoke, queue_wait_ms)
+            answered = self._call_with_retries(job, attempt, invoke, queue_wait_ms)
         except GatewayError as exc:
             # a stream cut off mid-way: its budgets are charged what it produced (its try's usage row)
             partial = partial_bill(exc, job.model)
@@ -214,12 +226,20 @@ class JobRunner:
             expired = Expired("every deployment of this model was unavailable (circuit open) until max_wait")
             return self.settler.settle(job.job_id, job.execution, job.spec,
                                        Settlement(JobState.EXPIRED, expired))
-        succeeded = self._succeeded(job, response, attempt, call_id, queue_wait_ms, latency_ms)
-        state = self.settler.settle(job.job_id, job.execution, job.spec, succeeded)
-        if isinstance(job.request, ChatRequest):  # after the caller's answer: `fast` and `auto` read it
-            first = response.first_token_ms
-            self.ttft.observe(job.model.alias, latency_ms if first is None else first)
-        return state
+        succeeded = self._succeeded(job, answered, attempt, queue_wait_ms)
+        try:
+            return self.settler.settle(job.job_id, job.execution, job.spec, succeeded)
+        finally:  # the caller has its answer: now what only later calls read (workers/aftercall.py)
+            self.aftercall.record(self._success(job, answered))
+
+    @staticmethod
+    def _success(job: JobRun, answered: Answered) -> Success:
+        first = answered.response.first_token_ms   # a whole answer's first token is the whole call
+        ttft: float | None = answered.latency_ms if first is None else first
+        if not isinstance(job.request, ChatRequest):
+            ttft = None   # an embeddings call feeds no TTFT average
+        return Success(job.provider.name, job.deployment, job.model.alias, answered.latency_ms,
+                       reported=answered.probe, ttft_ms=ttft)
 
     def _invoker(self, job: JobRun) -> Callable[[], ChatResponse]:
         adapter, request, model = self.adapters[job.provider.name], job.request, job.model
@@ -233,9 +253,9 @@ class JobRunner:
             return lambda: self._relay(job, adapter, request, model)
         return lambda: adapter.complete(request, model)
 
-    def _succeeded(self, job: JobRun, response: ChatResponse, attempt: int, call_id: str, queue_wait_ms: int,
-                   latency_ms: int) -> Settlement:
+    def _succeeded(self, job: JobRun, answered: Answered, attempt: int, queue_wait_ms: int) -> Settlement:
         model, provider = job.model, job.provider
+        response, latency_ms, call_id = answered.response, answered.latency_ms, answered.call_id
         cost = model.price.cost(response.usage.prompt_tokens, response.usage.completion_tokens)
         trail = self.failover.trail(job.spec)
         meta = {"provider": provider.name, "provider_model": model.model, "queue_wait_ms": queue_wait_ms,
@@ -257,10 +277,12 @@ class JobRunner:
                             on_first=lambda ms: setattr(job, "first_token_ms", ms))
 
     def _call_with_retries(self, job: JobRun, attempt: int, invoke: Callable[[], ChatResponse],
-                           queue_wait_ms: int) -> tuple[ChatResponse, int, str]:
+                           queue_wait_ms: int) -> Answered:
         """Call upstream until it answers or :func:`workers.policy.decide` says to fail. Every call
         that got an answer from upstream leaves a usage row; permits are settled after each call (TPM
-        to the real token count; a 429 refunds its tokens and cools the provider down for everyone)."""
+        to the real token count; a 429 refunds its tokens and cools the provider down for everyone).
+        A failure is reported to the breaker before the decision; a success only after the caller's
+        answer (:meth:`_execute`), unless it was a half-open probe: that closes the breaker now."""
         give_up_at = time.time() + self.settings.task_time_limit
         tries = 0
         while True:
@@ -305,14 +327,14 @@ class JobRunner:
                 self._wait_to_retry(job, exc, decision, give_up_at)
                 continue
             latency_ms = int((time.perf_counter() - started) * 1000)
-            self.upstream.record_success(job.provider.name)
-            self.failover.report(job.deployment, None, probe=probe, latency_ms=latency_ms)
+            if probe:   # calls held back by the open breaker wait for this to close it: at once
+                self.failover.report(job.deployment, None, probe=True, latency_ms=latency_ms)
             self.observe.attempt(job, tries, response=response)
             self._release(job, response.usage.total_tokens)
             if response.quota_reset_s and job.scopes:
                 # the provider's headers say its quota is spent: hold everyone back before the 429s come
                 self.admission.limiter.cool_down(job.provider.name, response.quota_reset_s)
-            return response, latency_ms, call_id
+            return Answered(response, latency_ms, call_id, probe)
 
     def _report_failure(self, job: JobRun, exc: UpstreamError, tries: int, decision: Decision) -> None:
         """Make a failed upstream attempt visible to the operator: one warning line (provider, model,

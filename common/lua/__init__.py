@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.commands.core import Script
@@ -43,3 +44,37 @@ def source(name: str) -> str:
 
 def register(client: redis.Redis, name: str) -> Script:
     return client.register_script(source(name))
+
+
+class ScriptBatch:
+    """Scripts (and plain commands) sent in one pipelined round trip, not one trip each.
+
+    A :class:`~redis.commands.core.Script` queued on a redis-py pipeline costs a ``SCRIPT EXISTS``
+    round trip before the pipeline goes out; here each script is queued as a bare ``EVALSHA``, and
+    one that Redis no longer knows (it restarted and lost its script cache) is run again on its own
+    (``Script.__call__`` loads it), after the rest. Not a transaction: each command is its own atomic
+    step, in order — but for such a re-run script: use it for steps whose order does not matter.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.pipe = client.pipeline(transaction=False)   # plain commands go straight on it
+        self._scripts: dict[int, tuple[Script, list[Any], list[Any]]] = {}
+
+    def script(self, script: Script, keys: list[Any], args: list[Any]) -> int:
+        """Queue ``script``; returns the index of its reply in :meth:`execute`'s list."""
+        self.pipe.evalsha(script.sha, len(keys), *keys, *args)
+        index = len(self.pipe) - 1
+        self._scripts[index] = (script, keys, args)
+        return index
+
+    def execute(self) -> list[Any]:
+        """Send everything; the replies in order. A command's error is its reply (an exception
+        instance), not raised; a connection error is raised."""
+        replies = list(self.pipe.execute(raise_on_error=False)) if len(self.pipe) else []
+        for index, (script, keys, args) in self._scripts.items():
+            if isinstance(replies[index], redis.exceptions.NoScriptError):
+                try:
+                    replies[index] = script(keys=keys, args=args)
+                except redis.exceptions.ResponseError as exc:
+                    replies[index] = exc
+        return replies

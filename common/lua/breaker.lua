@@ -10,6 +10,8 @@
 --   half-open --a probe succeeds--> closed          --a probe fails--> open again
 --   any --401/403 (misconfigured)--> open for misconfigured_open_ms
 -- admit -> {'call' | 'probe' | 'open', ms until it may be worth asking again}
+-- report -> {the state after it ('closed' | 'open'), 0}: a worker remembers 'closed' for a moment
+--           (workers/failover.py) instead of asking admit before each call
 local now
 do local t = redis.call('TIME'); now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end
 local h, f = KEYS[1], KEYS[2]
@@ -22,6 +24,7 @@ local function open_for(ms, reason)
              'opened_at', now)
   redis.call('HINCRBY', h, 'opened', 1)
   redis.call('DEL', f)
+  state = 'open'
 end
 
 -- probes in flight; a probe whose worker died stops counting when its lease passes
@@ -62,6 +65,7 @@ if outcome == 'ok' then
   if state == 'open' and was_probe then
     redis.call('HSET', h, 'state', 'closed', 'probes', 0, 'reason', '')
     redis.call('DEL', f)
+    state = 'closed'
   end
 elseif outcome == 'misconfigured' then
   open_for(tonumber(ARGV[5]), 'misconfigured')

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import redis
 
-from common.lua import register
+from common.lua import ScriptBatch, register
 from common.outage import OutageLog
 from common.routing.virtual import MeasuredLatency
 
@@ -44,9 +44,17 @@ class RedisLatencyStats:
         """Feed one sample. Never raises for Redis being down: a lost sample only blurs the average,
         and must not fail the job that produced it."""
         try:
-            self._feed(keys=[self.key], args=[alias, max(0.0, ttft_ms), ALPHA, HALF_LIFE_S, MAX_AGE_S])
+            self._feed(keys=[self.key], args=self._args(alias, ttft_ms))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             _outages.warn("redis", exc, "time-to-first-token samples are dropped until it is back")
+
+    def observe_in(self, batch: ScriptBatch, alias: str, ttft_ms: float) -> None:
+        """:meth:`observe`, queued on ``batch`` (its reply is nothing anyone waits for)."""
+        batch.script(self._feed, [self.key], self._args(alias, ttft_ms))
+
+    @staticmethod
+    def _args(alias: str, ttft_ms: float) -> list[str | float]:
+        return [alias, max(0.0, ttft_ms), ALPHA, HALF_LIFE_S, MAX_AGE_S]
 
     def ttft_ms(self, alias: str) -> float | None:
         return self.snapshot([alias]).ttft_ms(alias)

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from common.lua import ScriptBatch
 from common.registry import BreakerSettings
 from common.routing import BreakerState
-from common.routing.breaker import Breakers, Gate, Verdict, read_load
+from common.routing.breaker import Breakers, ClosedMemo, Gate, Verdict, read_load, state_of
 from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import delete_prefix, wait_until
 
@@ -98,3 +99,44 @@ def test_the_error_rate_decays_towards_recent_outcomes(breakers):
     low = load(breakers).error_rate
     assert high is not None and low is not None and low < 0.15 < high
 
+
+
+def test_a_report_answers_the_state_it_left_the_breaker_in(breakers):
+    assert breakers.report("p/m", Verdict.OK, probe=False, latency_ms=5) == "closed"
+    assert [breakers.report("p/m", Verdict.FAIL, probe=False, latency_ms=5) for _ in range(3)] == [
+        "closed", "closed", "open"]   # the third failure opened it
+    assert breakers.report("p/m", Verdict.OK, probe=False, latency_ms=5) == "open"   # a straggler's success
+    wait_until(lambda: breakers.admit("p/m").gate is Gate.PROBE, 5)
+    assert breakers.report("p/m", Verdict.OK, probe=True, latency_ms=5) == "closed"   # the probe closed it
+    assert breakers.report("p/m", Verdict.MISCONFIGURED, probe=False, latency_ms=5) == "open"
+
+
+def test_a_report_batched_with_other_commands_is_the_same_report(breakers):
+    batch = ScriptBatch(breakers.redis)
+    batch.pipe.set(breakers.key("other"), "x")
+    index = breakers.report_in(batch, "p/m", Verdict.OK, probe=False, latency_ms=70)
+    replies = batch.execute()
+    assert state_of(replies[index]) == "closed" and replies[0] is True
+    assert load(breakers).latency_ms == 70.0
+
+
+def test_a_batched_script_redis_does_not_know_yet_is_loaded_and_run(breakers):
+    # a script never loaded (as after a Redis restart): its EVALSHA fails, the batch runs it again
+    fresh = breakers.redis.register_script(f"-- {secrets.token_hex(8)}\nreturn redis.call('INCR', KEYS[1])")
+    batch = ScriptBatch(breakers.redis)
+    first = batch.script(fresh, [breakers.key("n")], [])
+    batch.pipe.incr(breakers.key("n"))
+    second = batch.script(fresh, [breakers.key("n")], [])
+    replies = batch.execute()
+    assert (replies[first], replies[1], replies[second]) == (2, 1, 3)   # each ran once, the lost ones last
+    assert int(breakers.redis.get(breakers.key("n"))) == 3
+
+
+def test_a_worker_that_heard_closed_sees_another_process_open_it_within_the_bound(breakers):
+    memo = ClosedMemo(OPEN_S / 3)
+    asked = memo.clock()
+    memo.heard("p/m", Verdict.OK, breakers.report("p/m", Verdict.OK, probe=False, latency_ms=5), asked=asked)
+    assert memo.closed("p/m")
+    fail(breakers, 3)   # another process's failures open it
+    assert breakers.admit("p/m").gate is Gate.OPEN
+    wait_until(lambda: not memo.closed("p/m"), OPEN_S)   # ... and this one asks Redis again soon

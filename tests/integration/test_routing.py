@@ -330,3 +330,23 @@ def test_when_every_deployment_is_out_a_call_waits_for_the_first_probe(api, pb_w
     assert "closed" not in states.values(), states
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == \
         "echo: wait for the probe"
+
+
+def test_a_success_is_recorded_after_its_answer(api, fakes, prefix):
+    """The caller's answer comes first; the success's bookkeeping follows in one round trip
+    (workers/aftercall.py): the breaker's count and latency average, /health's count, the alias's TTFT."""
+    client = redis.Redis.from_url(TEST_REDIS_URL, decode_responses=True)
+    ttft_key = f"{prefix}:routing:ttft"
+    client.hdel(ttft_key, "firstcheap")
+    counted = requests.get(f"{api.url}/health", timeout=10).json()["providers"]["fake"]["attempts"]
+    fakes["a"].configure(latency_ms=60)
+    answer = chat(api, "firstcheap", "count me")
+    assert answer.status_code == 200 and answer.headers["x-gateway-deployment"] == "fake/fake-model"
+    wait_until(lambda: breaker(prefix, "fake/fake-model").get("calls") == "1", 10)
+    state = breaker(prefix, "fake/fake-model")
+    assert state.get("state", "closed") == "closed" and float(state["err"]) == 0 and float(state["lat"]) >= 60
+    wait_until(lambda: requests.get(f"{api.url}/health", timeout=10).json()["providers"]["fake"]["attempts"]
+               == counted + 1, 10)
+    wait_until(lambda: client.hget(ttft_key, "firstcheap") is not None, 10)
+    assert float(client.hget(ttft_key, "firstcheap").split()[0]) >= 60
+    client.close()

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.fakeprovider import FakeProvider
-from tests.integration.conftest import ROOT, Api, Process, WorkerFactory, kill_all
+from tests.integration.conftest import ROOT, Api, Process, WorkerFactory, kill_all, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -93,6 +93,9 @@ def test_failed_upstream_attempts_are_logged_and_shown_in_health(stack: tuple[Ap
     assert len(badkey_lines) == 1 and "status=credentials_rejected" in badkey_lines[0], badkey_lines
     assert "WARNING" in badkey_lines[0] and "giving up" in badkey_lines[0]
 
+    # a success is counted right after its caller's answer (workers/aftercall.py), failures before
+    wait_until(lambda: requests.get(f"{api.url}/health", timeout=10).json()["providers"]["good"][
+        "attempts"] == 1, 10)
     health = requests.get(f"{api.url}/health", timeout=10)
     assert health.status_code == 200  # a failing upstream is shown per provider, not as the gateway down
     providers = health.json()["providers"]
