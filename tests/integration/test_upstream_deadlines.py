@@ -108,7 +108,7 @@ def test_answers_reuse_their_connection(fake: FakeProvider) -> None:
     for i in range(5):
         client.complete(ask(f"call {i}"), MODEL)
         list(client.stream(ask(f"stream {i}"), MODEL))
-    pools = list(client.session.get_adapter(fake.base_url).poolmanager.pools._container.values())  # type: ignore[attr-defined]
+    pools = list(client.session.pools.pools._container.values())  # type: ignore[attr-defined]
     assert [pool.num_connections for pool in pools] == [1]
 
 
