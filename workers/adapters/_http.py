@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import certifi
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
 from urllib3.util import make_headers
@@ -39,12 +40,14 @@ READ_SIZE = 512  # bytes per read of a streamed body, as requests' iter_lines re
 
 class HttpClient:
     """One pooled, keep-alive client per worker process and provider: ``pool_size`` connections per
-    host, no retries, no redirects, no proxy or netrc lookups from the environment. Its connections
+    host, no retries, no redirects, no proxy or netrc lookups from the environment, TLS verified
+    against certifi's CA bundle (as requests did; slim images have no system CAs). Its connections
     hand their socket to the call's clock (:mod:`workers.adapters._deadline`), so a drip-fed answer is
     cut before its headers are in too."""
 
     def __init__(self, pool_size: int) -> None:
-        self.pools = urllib3.PoolManager(num_pools=4, maxsize=pool_size, block=False, retries=False)
+        self.pools = urllib3.PoolManager(num_pools=4, maxsize=pool_size, block=False, retries=False,
+                                         ca_certs=certifi.where())
         self.pools.pool_classes_by_scheme = guarded_pool_classes()
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str], clock: CallClock) -> Response:
