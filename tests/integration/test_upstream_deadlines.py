@@ -4,6 +4,8 @@ at their deadline plus a small margin, and the deadlines cost no connection reus
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -101,15 +103,17 @@ def test_a_slow_but_steady_stream_is_not_cut(fake: FakeProvider) -> None:
     )
 
 
-def test_answers_reuse_their_connection(fake: FakeProvider) -> None:
-    """Every call reads its body under the deadline (stream=True underneath): a whole answer still
-    hands its connection back for the next call."""
-    client = adapter(fake, timeout=5)
-    for i in range(5):
-        client.complete(ask(f"call {i}"), MODEL)
-        list(client.stream(ask(f"stream {i}"), MODEL))
-    pools = list(client.session.pools.pools._container.values())  # type: ignore[attr-defined]
-    assert [pool.num_connections for pool in pools] == [1]
+def test_answers_and_streams_reuse_their_connection(fake: FakeProvider) -> None:
+    """Every call reads its body under the deadline: a whole answer hands its connection back for the
+    next call, and so does a stream once its ``[DONE]`` is in (it is not closed with the end of its
+    chunked body unread). Counted as TCP connections the upstream accepted."""
+    upstream = urlsplit(fake.base_url)
+    with TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 80) as proxy:
+        client = adapter(fake, proxy.url(fake.base_url), timeout=5)
+        for i in range(5):
+            client.complete(ask(f"call {i}"), MODEL)
+            list(client.stream(ask(f"stream {i}"), MODEL))
+        assert proxy.accepted == 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
@@ -130,3 +134,33 @@ def test_an_upstream_that_drip_feeds_its_headers_is_cut_at_the_call_deadline(fak
                 client.complete(ask("drip my headers"), MODEL)
         elapsed = time.monotonic() - started
     assert 1.5 <= elapsed + 0.05 and elapsed < 1.5 + MARGIN, elapsed
+
+
+def _hold_after_done(listener: socket.socket, held: threading.Event) -> None:
+    """Answer one streamed call with a choice and ``[DONE]``, then keep the chunked body open."""
+    conn, _ = listener.accept()
+    with conn:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(65536)
+        events = [b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n', b"data: [DONE]\n\n"]
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        conn.sendall(head + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events))
+        held.wait(5)
+
+
+def test_a_stream_held_open_after_its_done_ends_at_once(fake: FakeProvider) -> None:
+    """Reading the rest of a finished stream (to keep its connection) waits only briefly: an upstream
+    that never ends the chunked body after ``[DONE]`` costs the call a moment, not its idle deadline."""
+    held = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server = threading.Thread(target=_hold_after_done, args=(listener, held), daemon=True)
+        server.start()
+        client = adapter(fake, f"http://127.0.0.1:{listener.getsockname()[1]}/v1", timeout=5)
+        started = time.monotonic()
+        chunks = list(client.stream(ask("hello"), MODEL))
+        elapsed = time.monotonic() - started
+        held.set()
+        server.join(5)
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["hi"]
+    assert elapsed < 0.5, elapsed

@@ -36,6 +36,9 @@ Response = urllib3.BaseHTTPResponse
 # what every call sends besides its adapter's headers (gzip'd answers are decoded as they are read)
 DEFAULT_HEADERS = {"User-Agent": "llm-gateway", **make_headers(accept_encoding=True)}
 READ_SIZE = 512  # bytes per read of a streamed body, as requests' iter_lines reads
+# how long, and how much, the rest of a stream whose last event is in may take to come (see finish())
+FINISH_S = 0.05
+FINISH_BYTES = 65536
 
 
 class HttpClient:
@@ -118,6 +121,25 @@ class UpstreamCall:
         expired = self._expired()
         if expired:  # the cut socket read as a clean end of the body
             raise expired
+
+    def finish(self) -> None:
+        """The protocol's last event is in: read the rest of the body — normally only the end of its
+        chunked encoding, already on its way — so the connection goes back to the pool; :meth:`close`
+        drops it if that takes longer than ``FINISH_S`` or runs past ``FINISH_BYTES``. A stream that
+        just stopped being read would be closed, and the next one would connect again (for a TLS
+        upstream: a handshake per streamed call)."""
+        sock = getattr(self.response.connection, "sock", None)
+        if sock is None:
+            return
+        sock.settimeout(FINISH_S)  # the connection's next request sets its own timeouts again
+        left = 0
+        try:
+            for piece in self.response.stream(READ_SIZE, decode_content=True):
+                left += len(piece)
+                if left > FINISH_BYTES:
+                    return
+        except (HTTPError, OSError):
+            return
 
     def close(self) -> None:
         """Stop the clock; a body not read to its end closes its connection (a whole one went back to

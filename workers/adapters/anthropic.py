@@ -71,6 +71,7 @@ class AnthropicAdapter:
                     continue  # "event:" names repeat the data's "type"; blank separators
                 yield from mapper.feed(http.json_event(self.provider.name, line[5:]))
                 if mapper.done:
+                    call.finish()
                     return
             mapper.close()  # raises: the stream ended before message_stop
         finally:

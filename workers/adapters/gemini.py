@@ -70,6 +70,7 @@ class GeminiAdapter:
                     continue  # blank separators
                 yield from mapper.feed(http.json_event(self.provider.name, line[5:]))
                 if mapper.done:
+                    call.finish()
                     return
             mapper.close()  # raises: the stream ended without a finishReason
         finally:

@@ -72,6 +72,7 @@ class OllamaAdapter:
                     continue
                 yield from mapper.feed(http.json_event(self.provider.name, line))
                 if mapper.done:
+                    call.finish()
                     return
             mapper.close()  # raises: the stream ended before its "done": true object
         finally:

@@ -67,6 +67,7 @@ class OpenAIAdapter:
                 if data == b"[DONE]":
                     if not answered:
                         raise UpstreamBadResponse(f"{self.provider.name} sent a stream without choices")
+                    call.finish()
                     return
                 chunk = http.json_event(self.provider.name, data)
                 if chunk.get("error"):
