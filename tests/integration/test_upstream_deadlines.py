@@ -7,12 +7,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from common.errors import UpstreamTimeout
+from common.errors import UpstreamBadResponse, UpstreamTimeout
 from common.registry import Model, Provider
 from common.types import ChatRequest
 from tests.fakeprovider import FakeProvider
@@ -136,31 +138,52 @@ def test_an_upstream_that_drip_feeds_its_headers_is_cut_at_the_call_deadline(fak
     assert 1.5 <= elapsed + 0.05 and elapsed < 1.5 + MARGIN, elapsed
 
 
-def _hold_after_done(listener: socket.socket, held: threading.Event) -> None:
-    """Answer one streamed call with a choice and ``[DONE]``, then keep the chunked body open."""
+STREAM_THEN_HOLD = b"".join([
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+    *(b"%x\r\n%s\r\n" % (len(e), e) for e in (
+        b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n', b"data: [DONE]\n\n")),
+])  # a choice and [DONE], and the chunked body never ended
+
+
+@contextmanager
+def answering_once(answer: bytes) -> Iterator[str]:
+    """A base URL whose server answers one call with ``answer`` as is (a status line and headers, and
+    whatever body), then holds the connection open until the block ends."""
+    held = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server = threading.Thread(target=_answer_once, args=(listener, answer, held), daemon=True)
+        server.start()
+        try:
+            yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        finally:
+            held.set()
+            server.join(5)
+
+
+def _answer_once(listener: socket.socket, answer: bytes, held: threading.Event) -> None:
     conn, _ = listener.accept()
     with conn:
         request = b""
         while b"\r\n\r\n" not in request:
             request += conn.recv(65536)
-        events = [b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n', b"data: [DONE]\n\n"]
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-        conn.sendall(head + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events))
+        conn.sendall(answer)
         held.wait(5)
 
 
 def test_a_stream_held_open_after_its_done_ends_at_once(fake: FakeProvider) -> None:
     """Reading the rest of a finished stream (to keep its connection) waits only briefly: an upstream
     that never ends the chunked body after ``[DONE]`` costs the call a moment, not its idle deadline."""
-    held = threading.Event()
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        server = threading.Thread(target=_hold_after_done, args=(listener, held), daemon=True)
-        server.start()
-        client = adapter(fake, f"http://127.0.0.1:{listener.getsockname()[1]}/v1", timeout=5)
+    with answering_once(STREAM_THEN_HOLD) as base_url:
         started = time.monotonic()
-        chunks = list(client.stream(ask("hello"), MODEL))
+        chunks = list(adapter(fake, base_url, timeout=5).stream(ask("hello"), MODEL))
         elapsed = time.monotonic() - started
-        held.set()
-        server.join(5)
     assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["hi"]
     assert elapsed < 0.5, elapsed
+
+
+@pytest.mark.parametrize("status", [301, 307, 308])
+def test_a_redirect_is_not_followed_and_says_so(fake: FakeProvider, status: int) -> None:
+    moved = b"HTTP/1.1 %d Moved\r\nLocation: https://elsewhere/v1/chat/completions\r\n" % status
+    with answering_once(moved + b"Content-Length: 0\r\n\r\n") as base_url:
+        with pytest.raises(UpstreamBadResponse, match=f"redirect \\(HTTP {status}\\).*base_url"):
+            adapter(fake, base_url, timeout=5).complete(ask("hello"), MODEL)

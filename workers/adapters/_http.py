@@ -219,8 +219,13 @@ def post(client: HttpClient, provider: Provider, url: str, body: dict[str, Any],
 
 def answered(provider: str, response: Response, clock: CallClock, error_for: ErrorFor) -> UpstreamCall:
     """The call whose headers are in; an error status raised as our error (its body read under the
-    call's deadlines too)."""
+    call's deadlines too). Redirects are not followed (a POST's body would not survive most of them):
+    one is an operator's wrong ``base_url``, said as such."""
     call = UpstreamCall(provider, response, clock)
+    if 300 <= response.status < 400:
+        call.close()
+        raise UpstreamBadResponse(f"{provider} answered with a redirect (HTTP {response.status}), which is "
+                                  "not followed: check its base_url")
     if response.status >= 400:
         try:
             raise error_for(provider, response.status, response.headers, response_json(response))
