@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -28,6 +29,7 @@ from common.errors import (
 from common.registry import Model, Provider
 from common.types import ChatRequest
 from tests.fake_native import FakeNative
+from tests.faults import TcpProxy
 from workers.adapters import anthropic, gemini, ollama
 from workers.adapters.base import Adapter, build_adapter, make_http_session
 
@@ -370,6 +372,18 @@ CUTS = per_kind([
     ("connection-dropped", "drop:", UpstreamUnavailable),
     ("ended-without-terminator", "truncate:", UpstreamUnavailable),
 ])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_answers_and_streams_reuse_their_connection(fake, kind):
+    """A stream whose last event is in hands its connection back like a whole answer does (counted as
+    TCP connections the upstream accepted)."""
+    with TcpProxy("127.0.0.1", urlsplit(fake.url).port or 80) as proxy:
+        adapter = make(kind, proxy.url(fake.url))
+        for _ in range(3):
+            adapter.complete(request(), model(kind))
+            list(adapter.stream(request(stream=True), model(kind)))
+        assert proxy.accepted == 1
 
 
 @pytest.mark.parametrize(("kind", "magic", "error"), **cases(CUTS))

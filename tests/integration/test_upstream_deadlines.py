@@ -4,13 +4,17 @@ at their deadline plus a small margin, and the deadlines cost no connection reus
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from common.errors import UpstreamTimeout
+from common.errors import UpstreamBadResponse, UpstreamTimeout
 from common.registry import Model, Provider
 from common.types import ChatRequest
 from tests.fakeprovider import FakeProvider
@@ -101,15 +105,17 @@ def test_a_slow_but_steady_stream_is_not_cut(fake: FakeProvider) -> None:
     )
 
 
-def test_answers_reuse_their_connection(fake: FakeProvider) -> None:
-    """Every call reads its body under the deadline (stream=True underneath): a whole answer still
-    hands its connection back for the next call."""
-    client = adapter(fake, timeout=5)
-    for i in range(5):
-        client.complete(ask(f"call {i}"), MODEL)
-        list(client.stream(ask(f"stream {i}"), MODEL))
-    pools = list(client.session.get_adapter(fake.base_url).poolmanager.pools._container.values())  # type: ignore[attr-defined]
-    assert [pool.num_connections for pool in pools] == [1]
+def test_answers_and_streams_reuse_their_connection(fake: FakeProvider) -> None:
+    """Every call reads its body under the deadline: a whole answer hands its connection back for the
+    next call, and so does a stream once its ``[DONE]`` is in (it is not closed with the end of its
+    chunked body unread). Counted as TCP connections the upstream accepted."""
+    upstream = urlsplit(fake.base_url)
+    with TcpProxy(upstream.hostname or "127.0.0.1", upstream.port or 80) as proxy:
+        client = adapter(fake, proxy.url(fake.base_url), timeout=5)
+        for i in range(5):
+            client.complete(ask(f"call {i}"), MODEL)
+            list(client.stream(ask(f"stream {i}"), MODEL))
+        assert proxy.accepted == 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
@@ -130,3 +136,54 @@ def test_an_upstream_that_drip_feeds_its_headers_is_cut_at_the_call_deadline(fak
                 client.complete(ask("drip my headers"), MODEL)
         elapsed = time.monotonic() - started
     assert 1.5 <= elapsed + 0.05 and elapsed < 1.5 + MARGIN, elapsed
+
+
+STREAM_THEN_HOLD = b"".join([
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+    *(b"%x\r\n%s\r\n" % (len(e), e) for e in (
+        b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n', b"data: [DONE]\n\n")),
+])  # a choice and [DONE], and the chunked body never ended
+
+
+@contextmanager
+def answering_once(answer: bytes) -> Iterator[str]:
+    """A base URL whose server answers one call with ``answer`` as is (a status line and headers, and
+    whatever body), then holds the connection open until the block ends."""
+    held = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server = threading.Thread(target=_answer_once, args=(listener, answer, held), daemon=True)
+        server.start()
+        try:
+            yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        finally:
+            held.set()
+            server.join(5)
+
+
+def _answer_once(listener: socket.socket, answer: bytes, held: threading.Event) -> None:
+    conn, _ = listener.accept()
+    with conn:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(65536)
+        conn.sendall(answer)
+        held.wait(5)
+
+
+def test_a_stream_held_open_after_its_done_ends_at_once(fake: FakeProvider) -> None:
+    """Reading the rest of a finished stream (to keep its connection) waits only briefly: an upstream
+    that never ends the chunked body after ``[DONE]`` costs the call a moment, not its idle deadline."""
+    with answering_once(STREAM_THEN_HOLD) as base_url:
+        started = time.monotonic()
+        chunks = list(adapter(fake, base_url, timeout=5).stream(ask("hello"), MODEL))
+        elapsed = time.monotonic() - started
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["hi"]
+    assert elapsed < 0.5, elapsed
+
+
+@pytest.mark.parametrize("status", [301, 307, 308])
+def test_a_redirect_is_not_followed_and_says_so(fake: FakeProvider, status: int) -> None:
+    moved = b"HTTP/1.1 %d Moved\r\nLocation: https://elsewhere/v1/chat/completions\r\n" % status
+    with answering_once(moved + b"Content-Length: 0\r\n\r\n") as base_url:
+        with pytest.raises(UpstreamBadResponse, match=f"redirect \\(HTTP {status}\\).*base_url"):
+            adapter(fake, base_url, timeout=5).complete(ask("hello"), MODEL)

@@ -11,7 +11,7 @@ from workers.adapters._deadline import CallClock, Watchdog
 
 
 class NoConnection:
-    raw = None
+    connection = None  # a response whose body was read to its end
 
 
 def wait_for(predicate, timeout: float) -> float:

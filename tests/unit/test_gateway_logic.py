@@ -1,7 +1,10 @@
 """Pure pieces of the API and workers: max_wait parsing, error round-trips, auth, upstream errors."""
 
+import json
+from typing import Any
+
 import pytest
-import requests
+from urllib3 import HTTPHeaderDict
 
 from api.auth import Authenticator
 from api.gateway import parse_max_wait
@@ -18,7 +21,7 @@ from common.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from workers.adapters.openai import map_error, retry_after_seconds
+from workers.adapters.openai import error_for, retry_after_seconds
 
 MAX_WAITS = [
     ("default", None, 30.0),
@@ -54,12 +57,12 @@ def test_errors_cross_the_queue_intact(error):
         error.status, error.code, error.message, error.retry_after)
 
 
-def _response(status: int, body: bytes = b"", headers: dict | None = None) -> requests.Response:
-    response = requests.Response()
-    response.status_code = status
-    response._content = body
-    response.headers.update(headers or {})
-    return response
+def _body(raw: bytes) -> Any:
+    """An error body as the adapter hands it to ``error_for``: its JSON, or None."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 UPSTREAM = [
@@ -79,7 +82,7 @@ UPSTREAM = [
 @pytest.mark.parametrize("status,body,headers,kind,client_status", [c[1:] for c in UPSTREAM],
                          ids=[c[0] for c in UPSTREAM])
 def test_upstream_errors_map_to_ours(status, body, headers, kind, client_status):
-    error = map_error("openai", _response(status, body, headers))
+    error = error_for("openai", status, HTTPHeaderDict(headers), _body(body))
     assert type(error) is kind and error.status == client_status
     assert "sk-abc" not in error.message  # upstream credential errors never echo key material
 
@@ -135,4 +138,4 @@ QUOTA = [
 def test_quota_exhaustion_from_rate_limit_headers(headers, seconds):
     from workers.adapters.openai import quota_exhausted_for
 
-    assert quota_exhausted_for(requests.structures.CaseInsensitiveDict(headers)) == seconds
+    assert quota_exhausted_for(HTTPHeaderDict(headers)) == seconds

@@ -5,8 +5,8 @@ seconds never trips it and can hold a call for as long as it likes — its heade
 So the whole call is under a :class:`CallClock`: the process's :class:`Watchdog` (one thread — a
 greenlet in a gevent worker — asleep until the nearest deadline of all calls) shuts the connection's
 socket down when a deadline passes. Until the answer's headers are in, the socket is the one the
-session's connection (:class:`GuardedAdapter`) hands the clock of the call it is making
-(:data:`CURRENT_CLOCK`); after that, the response's. requests' own ``(connect, read)`` timeouts still
+client's connection (:func:`guarded_pool_classes`) hands the clock of the call it is making
+(:data:`CURRENT_CLOCK`); after that, the response's. urllib3's own ``(connect, read)`` timeouts still
 bound a silent connect and each read. The reading code then fails or ends early, and
 :attr:`CallClock.expired` says which deadline it was, so the failure is reported as
 :class:`UpstreamTimeout`, never as a broken or malformed answer.
@@ -29,9 +29,7 @@ import threading
 import time
 from typing import Any
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from common.errors import UpstreamTimeout
@@ -60,7 +58,7 @@ class CallClock:
         self.token = 0  # the watchdog's current entry for this clock (older entries are stale)
         self._scheduled_at = 0.0
         self._progressed = False
-        self._response: requests.Response | None = None
+        self._response: BaseHTTPResponse | None = None
         self._socket: socket.socket | None = None  # the connection's, until the response is in
         self._watchdog = watchdog or Watchdog.of_process()
 
@@ -70,15 +68,15 @@ class CallClock:
         self._schedule()
 
     def guard(self, sock: socket.socket | None) -> None:
-        """The socket the request goes out on (called by the connection, see :class:`GuardedAdapter`)."""
+        """The socket the request goes out on (called by the connection, see :func:`guarded_pool_classes`)."""
         self._socket = sock
 
     @property
     def request_timeout(self) -> tuple[float, float]:
-        """requests' ``(connect, read)`` timeout: the read one bounds the wait for the first byte."""
+        """The socket's ``(connect, read)`` timeouts: the read one bounds the wait for the first byte."""
         return self.deadlines.connect, self.deadlines.first_byte
 
-    def watch(self, response: requests.Response) -> None:
+    def watch(self, response: BaseHTTPResponse) -> None:
         """Guard the rest of ``response`` (its headers are in): cut it when a deadline passes."""
         self.next = self.end if not self.stream else min(self.end, self.started + self.deadlines.first_byte)
         self._response = response
@@ -113,11 +111,11 @@ class CallClock:
             except OSError:  # closed meanwhile: nothing left to cut
                 pass
             return
-        raw = getattr(self._response, "raw", None)
-        if raw is None or getattr(raw, "connection", None) is None:
+        response = self._response
+        if response is None or response.connection is None:
             return  # the body was read to its end and the connection went back to the pool
         try:
-            raw.shutdown()  # a read blocked on the socket returns at once, also in another thread
+            response.shutdown()  # a read blocked on the socket returns at once, also in another thread
         except (ValueError, RuntimeError, OSError):  # closed or released meanwhile: nothing left to cut
             return
 
@@ -241,9 +239,7 @@ def _guard(sock: socket.socket | None) -> None:
         clock.guard(sock)
 
 
-class GuardedAdapter(HTTPAdapter):
-    """requests' adapter whose connections hand their socket to the current call's clock."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+def guarded_pool_classes() -> dict[str, type[HTTPConnectionPool]]:
+    """urllib3's pool classes by scheme whose connections hand their socket to the current call's clock
+    (``PoolManager.pool_classes_by_scheme``)."""
+    return {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}

@@ -21,8 +21,6 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import requests
-
 from common.errors import (
     UpstreamBadResponse,
     UpstreamError,
@@ -32,6 +30,7 @@ from common.protocols import anthropic as protocol
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse
 from workers.adapters import _http as http
+from workers.adapters._http import HttpClient
 
 API_VERSION = "2023-06-01"
 # the limits Anthropic reports in anthropic-ratelimit-<limit>-{limit,remaining,reset}
@@ -39,7 +38,7 @@ RATE_LIMITS = ("requests", "tokens", "input-tokens", "output-tokens")
 
 
 class AnthropicAdapter:
-    def __init__(self, provider: Provider, session: requests.Session) -> None:
+    def __init__(self, provider: Provider, session: HttpClient) -> None:
         self.provider = provider
         self.session = session
         self.url = f"{provider.base_url}/v1/messages"
@@ -72,6 +71,7 @@ class AnthropicAdapter:
                     continue  # "event:" names repeat the data's "type"; blank separators
                 yield from mapper.feed(http.json_event(self.provider.name, line[5:]))
                 if mapper.done:
+                    call.finish()
                     return
             mapper.close()  # raises: the stream ended before message_stop
         finally:

@@ -12,13 +12,11 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-import requests
-
 from common.errors import UpstreamError
 from common.provider_kinds import provider_kind
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest
-from workers.adapters._deadline import GuardedAdapter
+from workers.adapters._http import HttpClient
 
 
 @runtime_checkable
@@ -51,7 +49,7 @@ class EmbeddingAdapter(Protocol):
         ...
 
 
-AdapterFactory = Callable[[Provider, requests.Session], Adapter]
+AdapterFactory = Callable[[Provider, HttpClient], Adapter]
 
 
 def adapter_class(kind: str) -> AdapterFactory:
@@ -61,19 +59,14 @@ def adapter_class(kind: str) -> AdapterFactory:
     return factory
 
 
-def build_adapter(provider: Provider, session: requests.Session) -> Adapter:
+def build_adapter(provider: Provider, session: HttpClient) -> Adapter:
     adapter = adapter_class(provider.kind)(provider, session)
     if not isinstance(adapter, Adapter):
         raise TypeError(f"{type(adapter).__name__} (kind {provider.kind!r}) does not implement Adapter")
     return adapter
 
 
-def make_http_session(pool_size: int) -> requests.Session:
-    """One pooled, keep-alive session per worker process and provider."""
-    session = requests.Session()
-    session.trust_env = False  # no proxy/netrc lookups from the environment on every call (~5% CPU)
-    # its connections let the call's deadline cut a drip-fed answer before its headers are in too
-    adapter = GuardedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+def make_http_session(pool_size: int) -> HttpClient:
+    """One pooled, keep-alive client per worker process and provider (``pool_size``: the registry's
+    ``pool``, connections kept per host)."""
+    return HttpClient(pool_size)

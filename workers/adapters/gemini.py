@@ -23,8 +23,6 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import requests
-
 from common.errors import (
     UpstreamBadResponse,
     UpstreamError,
@@ -33,6 +31,7 @@ from common.protocols import gemini as protocol
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse
 from workers.adapters import _http as http
+from workers.adapters._http import HttpClient
 
 API_VERSION = "v1beta"
 RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
@@ -41,7 +40,7 @@ _SECONDS = re.compile(r"^(\d+(?:\.\d+)?)s$")
 
 
 class GeminiAdapter:
-    def __init__(self, provider: Provider, session: requests.Session) -> None:
+    def __init__(self, provider: Provider, session: HttpClient) -> None:
         self.provider = provider
         self.session = session
         self.headers = {"Content-Type": "application/json"}
@@ -71,6 +70,7 @@ class GeminiAdapter:
                     continue  # blank separators
                 yield from mapper.feed(http.json_event(self.provider.name, line[5:]))
                 if mapper.done:
+                    call.finish()
                     return
             mapper.close()  # raises: the stream ended without a finishReason
         finally:

@@ -12,12 +12,11 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import requests
-
 from common.errors import UpstreamError
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from workers.adapters import _http as http
+from workers.adapters._http import HttpClient
 
 
 def count_words(text: str) -> int:
@@ -25,7 +24,7 @@ def count_words(text: str) -> int:
 
 
 class MockAdapter:
-    def __init__(self, provider: Provider, session: requests.Session) -> None:
+    def __init__(self, provider: Provider, session: HttpClient) -> None:
         self.provider = provider
 
     def map_error(self, status: int, headers: Mapping[str, str], data: Any) -> UpstreamError:

@@ -23,8 +23,6 @@ import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import requests
-
 from common.errors import (
     UpstreamBadResponse,
     UpstreamError,
@@ -36,12 +34,13 @@ from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse
 from workers.adapters import _http as http
 from workers.adapters._deadline import CallClock
+from workers.adapters._http import HttpClient
 
 log = logging.getLogger(__name__)
 
 
 class OllamaAdapter:
-    def __init__(self, provider: Provider, session: requests.Session) -> None:
+    def __init__(self, provider: Provider, session: HttpClient) -> None:
         self.provider = provider
         self.session = session
         self.hosts = tuple(h for h in (provider.base_url, *provider.fallback_base_urls) if h)
@@ -73,6 +72,7 @@ class OllamaAdapter:
                     continue
                 yield from mapper.feed(http.json_event(self.provider.name, line))
                 if mapper.done:
+                    call.finish()
                     return
             mapper.close()  # raises: the stream ended before its "done": true object
         finally:
@@ -88,12 +88,10 @@ class OllamaAdapter:
             clock = CallClock(self.provider.name, self.provider.deadlines, stream=stream)
             try:
                 response = http.send(self.session, f"{host}/api/chat", body, self.headers, clock)
-            except requests.ConnectionError:  # refused, reset, or no connection within connect_timeout
+            except http.NotConnected:  # refused, reset, or no connection within connect_timeout
                 timed_out = False
-            except requests.Timeout:  # connected, but no answer within the first-byte timeout
+            except http.NoAnswer:  # connected, but no answer within the first-byte timeout
                 timed_out = True
-            except requests.RequestException:  # it answered, then broke off: no failover
-                raise UpstreamUnavailable(f"{self.provider.name} broke its answer off") from None
             else:
                 return http.answered(self.provider.name, response, clock, error_for)
             if number < len(self.hosts):

@@ -6,8 +6,6 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import requests
-
 from common.errors import (
     UpstreamBadResponse,
     UpstreamError,
@@ -16,11 +14,14 @@ from common.errors import (
 from common.registry import Model, Provider
 from common.types import ChatRequest, ChatResponse, EmbeddingsRequest, Usage
 from workers.adapters import _http as http
-from workers.adapters._http import retry_after_seconds  # noqa: F401  (part of this module's surface)
+from workers.adapters._http import (
+    HttpClient,
+    retry_after_seconds,  # noqa: F401  (part of this module's surface)
+)
 
 
 class OpenAIAdapter:
-    def __init__(self, provider: Provider, session: requests.Session) -> None:
+    def __init__(self, provider: Provider, session: HttpClient) -> None:
         self.provider = provider
         self.session = session
         self.url = f"{provider.base_url}/chat/completions"
@@ -66,6 +67,7 @@ class OpenAIAdapter:
                 if data == b"[DONE]":
                     if not answered:
                         raise UpstreamBadResponse(f"{self.provider.name} sent a stream without choices")
+                    call.finish()
                     return
                 chunk = http.json_event(self.provider.name, data)
                 if chunk.get("error"):
@@ -106,11 +108,6 @@ def embeddings_problem(data: dict[str, Any]) -> str | None:
     if not isinstance(data.get("data"), list) or not data["data"]:
         return "an embeddings answer without data"
     return None
-
-
-def map_error(provider: str, response: requests.Response) -> UpstreamError:
-    """Our error for an OpenAI-style error response."""
-    return error_for(provider, response.status_code, response.headers, http.response_json(response))
 
 
 def error_for(provider: str, status: int, headers: Any, data: Any) -> UpstreamError:
