@@ -50,6 +50,8 @@ class ChunkSender:
             self._wake.notify_all()
             while urgent and self._taken < self._put and self._error is None:
                 self._wake.wait()
+            if self._error is not None and urgent:
+                raise self._error
 
     def close(self) -> None:
         """Wait until every event handed over went out; raises a failed send's error."""
