@@ -1,8 +1,9 @@
 """One Redis subscription per API process delivers every job event to the request waiting for it.
 
 Workers publish each event of a job to the channel of the API process that submitted it
-(``reply_to``). This process keeps one pubsub connection on its channel and hands each event to
-the waiting request's in-memory queue — so 5,000 held requests cost one Redis connection and no
+(``reply_to``); a stream's chunks come several to a message when they were sent together. This
+process keeps one pubsub connection on its channel and hands each event to the waiting request's
+in-memory queue — so 5,000 held requests cost one Redis connection and no
 polling. If the subscription breaks, every waiter is told to re-read its job's stream (events are
 also kept there), so nothing published during the gap is lost.
 
@@ -111,6 +112,23 @@ class ReplyDispatcher:
             except (redis.RedisError, OSError) as exc:
                 log.warning("API heartbeat failed (%s); retrying in %.0fs", exc, ALIVE_EVERY_S)
 
+    def _deliver(self, data: bytes) -> None:
+        """Hand a message's events (one, or a stream's batch: in order) to the job's waiter. A message
+        that does not decode is not fatal to the subscription: its job's waiter re-reads the job's
+        stream instead (its events are there), before any later message of that job."""
+        try:
+            job_id, events = parse_reply(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.error("undecodable reply message (%s): its job's stream is read instead", exc)
+            found = self._waiters.get(data.split(b"\n", 1)[0].decode(errors="replace"))
+            if found is not None:
+                found.put(RESYNC)
+            return
+        found = self._waiters.get(job_id)
+        if found is not None:
+            for event in events:
+                found.put(event)
+
     def _run(self) -> None:
         backoff = 0.1
         while True:
@@ -124,10 +142,7 @@ class ReplyDispatcher:
                         for waiter in list(self._waiters.values()):
                             waiter.put(RESYNC)
                     elif message["type"] == "message":
-                        job_id, event = parse_reply(message["data"])
-                        found = self._waiters.get(job_id)
-                        if found is not None:
-                            found.put(event)
+                        self._deliver(message["data"])
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 self._subscribed.clear()
                 log.warning("reply subscription lost (%s); reconnecting in %.1fs", exc, backoff)

@@ -11,12 +11,12 @@ tells the caller its position; a later error arrives as an in-stream error event
 disconnects withdraws its queued job, or makes its worker abort the upstream call.
 
 Routing (common/routing): the headers say where the job is when the stream starts —
-``x-gateway-provider``, ``-model``, ``-deployment``, ``-routing-decision``, ``-fallback-used`` from
-its live spec. After a first chunk that is final (a stream fails over only before its first token);
-a stream that starts waiting in line (no chunk within ``HOLD_S``) may still move, so the format's
-``done(meta)`` gets the whole story — for OpenAI, the ``x-gateway`` object of the last chunk, with
-``attempts`` too (api/openai_routes.py). Anthropic's, Ollama's and Gemini's stream shapes have no
-place for it.
+``x-gateway-provider``, ``-model``, ``-deployment``, ``-routing-decision``, ``-fallback-used`` as the
+worker put them on the first chunk (else — a stream that starts waiting in line — from its live spec).
+After a first chunk that is final (a stream fails over only before its first token); a stream that
+starts waiting in line (no chunk within ``HOLD_S``) may still move, so the format's ``done(meta)`` gets
+the whole story — for OpenAI, the ``x-gateway`` object of the last chunk, with ``attempts`` too
+(api/openai_routes.py). Anthropic's, Ollama's and Gemini's stream shapes have no place for it.
 """
 
 from __future__ import annotations
@@ -68,13 +68,22 @@ def stream_response(gateway: Gateway, watch: JobWatch, fmt: StreamFormat,
     worst = watch.reservation.worst if watch.reservation is not None else None
     budget = remaining_headers(watch.reservation, worst.usd if worst else 0, worst.tokens if worst else 0)
     return Response(_relay(gateway, watch, fmt, first), mimetype=fmt.mimetype,
-                    headers={**headers, **routing_headers(watch), **budget, "Cache-Control": "no-cache",
-                             "X-Accel-Buffering": "no", "x-gateway-job-id": watch.job_id})
+                    headers={**headers, **routing_headers(watch, first), **budget,
+                             "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                             "x-gateway-job-id": watch.job_id})
 
 
-def routing_headers(watch: JobWatch) -> dict[str, str]:
-    """Where the job is as its stream starts (its live spec; the route it was queued on if Redis
-    cannot say)."""
+def routing_headers(watch: JobWatch, first: StreamEvent | None = None) -> dict[str, str]:
+    """Where the job is as its stream starts: what its first chunk says (``Chunk.served``; no Redis
+    read between the first token and the client), else its live spec (the route it was queued on if
+    Redis cannot say)."""
+    served = first.event.served if first is not None and isinstance(first.event, Chunk) else None
+    if served is not None:
+        return {"x-gateway-provider": str(served["provider"]),
+                "x-gateway-model": str(served["provider_model"]),
+                "x-gateway-deployment": str(served["deployment"]),
+                "x-gateway-routing-decision": str(served["routing_decision"]),
+                "x-gateway-fallback-used": "true" if served["fallback_used"] else "false"}
     route = watch.current_route()
     spec = watch.live_spec
     trail = spec.trail if spec is not None else None

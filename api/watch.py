@@ -177,9 +177,10 @@ class JobWatch:
             raise JobCancelled(f"the first call under this Idempotency-Key (job {self.job_id}) was cancelled")
 
     def _take(self, entries: list[StreamEvent]) -> None:
+        last = _stream_order(self._last_id)
         for entry in entries:
-            if entry.stream_id and _stream_order(entry.stream_id) > _stream_order(self._last_id):
-                self._last_id = entry.stream_id
+            if entry.stream_id and (order := _stream_order(entry.stream_id)) > last:
+                self._last_id, last = entry.stream_id, order
                 if isinstance(entry.event, Chunk):
                     self.running = True
                 elif self.idem is not None:

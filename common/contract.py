@@ -186,6 +186,16 @@ class Chunk(JobEvent):
 
     type = EventType.CHUNK
     chunk: dict[str, Any]
+    # a stream's first chunk only: where it is served (``provider``, ``provider_model``, ``deployment``,
+    # ``routing_decision``, ``fallback_used``, as in a whole answer's meta). A stream fails over only
+    # before its first chunk, so this is final: the API's stream headers need no read of the live spec.
+    served: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"type": self.type.value, "chunk": self.chunk}
+        if self.served is not None:
+            data["served"] = self.served
+        return data
 
 
 @dataclass(frozen=True)

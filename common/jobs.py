@@ -80,6 +80,8 @@ class StreamEvent:
     event: JobEvent
 
 
+CHUNK_BATCH = 256  # chunks per emit_chunks.lua call at most
+
 # an API process's heartbeat: its queued sync jobs are cancelled this long after it dies
 CALLER_ALIVE_TTL_S = 15.0
 
@@ -94,6 +96,7 @@ class JobStore:
         self._withdraw = lua.register(client, "withdraw")
         self._abandon = lua.register(client, "abandon")
         self._emit = lua.register(client, "emit")
+        self._emit_chunks = lua.register(client, "emit_chunks")
         self._renew = lua.register(client, "renew_lease")
         self._move = lua.register(client, "move")
 
@@ -258,22 +261,13 @@ class JobStore:
         return bool(done)
 
     def emit_chunks(self, job_id: str, events: Sequence[JobEvent]) -> None:
-        """Append non-final ``events`` (a stream's chunks, in order) and publish each, in one round trip:
-        one ``emit.lua`` call per event, pipelined (each its own atomic step, as :meth:`emit`)."""
-        if len(events) == 1:
-            self.emit(job_id, events[0])
-            return
-        keys = [self.events_key(job_id), self.job_key(job_id), self.lease_key(job_id), self.stats_key(""),
-                self.usage_key()]  # as emit() with no final state: only the first three are touched
-        pipe = self.redis.pipeline(transaction=False)
-        for event in events:  # EVALSHA straight away: a Script in a pipeline costs a SCRIPT EXISTS trip
-            pipe.evalsha(self._emit.sha, len(keys), *keys, job_id, event.to_json(), int(EVENT_TTL_S * 1000),
-                         "", "", "", "", 0, 0)
-        try:
-            pipe.execute()
-        except redis.exceptions.NoScriptError:  # Redis lost its scripts (a restart): every EVALSHA failed
-            self.emit(job_id, events[0])       # alike, none ran; emit() loads the script again
-            self.emit_chunks(job_id, events[1:])
+        """Append non-final ``events`` (a stream's chunks, in order) to the job's stream and publish them
+        to the waiting API process as one message, in one round trip (``emit_chunks.lua``; batches of
+        at most ``CHUNK_BATCH`` so no one script holds Redis long)."""
+        for at in range(0, len(events), CHUNK_BATCH):
+            self._emit_chunks(keys=[self.events_key(job_id), self.job_key(job_id)],
+                              args=[job_id, int(EVENT_TTL_S * 1000),
+                                    *(event.to_json() for event in events[at:at + CHUNK_BATCH])])
 
     def queue_usage(self, usage: dict[str, Any]) -> None:
         """Put a usage row on the usage stream (a failed try's: no job settles with it)."""
@@ -289,10 +283,14 @@ def rate_of(ring: dict[Any, Any], now_s: int, window_s: int = 60) -> float:
     return done / float(window_s)
 
 
-def parse_reply(message: bytes) -> tuple[str, StreamEvent]:
-    """Decode one pubsub message published by ``emit.lua``: ``job_id\\nstream_id\\nevent``."""
-    job_id, stream_id, payload = message.split(b"\n", 2)
-    return job_id.decode(), StreamEvent(stream_id.decode(), parse_event(json.loads(payload)))
+def parse_reply(message: bytes) -> tuple[str, list[StreamEvent]]:
+    """Decode one pubsub message published by ``emit.lua`` (one event) or ``emit_chunks.lua`` (a
+    batch): ``job_id``, then ``stream_id`` and ``event`` lines, in the order they were appended."""
+    job_id, *lines = message.split(b"\n")
+    if not lines or len(lines) % 2:
+        raise ValueError(f"a reply message of {len(lines)} lines after the job id, not id/event pairs")
+    return job_id.decode(), [StreamEvent(lines[i].decode(), parse_event(json.loads(lines[i + 1])))
+                             for i in range(0, len(lines), 2)]
 
 
 def _text(value: Any) -> str:

@@ -1,7 +1,7 @@
 """Relaying a streamed upstream call to the API that waits for it, chunk by chunk.
 
-The first chunk goes out the moment it exists; later ones are coalesced only while a send is in
-flight (``workers/chunksend.py``). Once a chunk went out the call cannot be retried: a later failure
+The chunk with the first token goes out the moment it exists; the others are coalesced while a send
+is in flight (``workers/chunksend.py``). Once a chunk went out the call cannot be retried: a later failure
 ends the stream with :class:`UpstreamStreamBroken`, carrying what was produced so it is billed
 (``workers/partial.py``).
 """
@@ -26,16 +26,19 @@ ABORT_CHECK_S = 0.25  # how often a relayed stream checks whether its client wen
 
 
 def relay_stream(store: JobStore, observe: WorkerObserver, job_id: str, adapter: Adapter,
-                 request: ChatRequest, model: Model, *, on_first: Callable[[int], None]) -> ChatResponse:
+                 request: ChatRequest, model: Model, *, on_first: Callable[[int], None],
+                 served: dict[str, Any] | None = None) -> ChatResponse:
     """Forward each upstream chunk to the waiting API as it arrives; returns the usage. Checks every
     ``ABORT_CHECK_S`` whether the client went away, and if so closes the upstream call. Calls
     ``on_first`` with the first chunk's time (ms after the call began, for the usage row); the answer's
-    ``first_token_ms`` is the same (the virtual models' TTFT measure)."""
+    ``first_token_ms`` is the same (the virtual models' TTFT measure). The first chunk carries
+    ``served`` (where the stream runs: the API's stream headers)."""
     began = time.perf_counter()
     chunks: Iterator[dict[str, Any]] = adapter.stream(request, model)
     sender = ChunkSender(lambda batch: store.emit_chunks(job_id, batch))
     sent = 0
     first_ms: float | None = None
+    token_out = False   # the first chunk with text went out (it is sent urgently; see chunksend.py)
     usage: dict[str, Any] = {}
     produced: list[str] = []
     checked = time.monotonic()
@@ -46,8 +49,12 @@ def relay_stream(store: JobStore, observe: WorkerObserver, job_id: str, adapter:
             if first_ms is None:
                 first_ms = (time.perf_counter() - began) * 1000
                 on_first(int(first_ms))
-            produced.extend(chunk_text(chunk))
-            sender.put(Chunk(chunk))  # out at once; coalesced only while a send is in flight
+            text = chunk_text(chunk)
+            produced.extend(text)
+            urgent = not token_out and any(text)
+            token_out = token_out or urgent
+            # out at once (the first token even if the rest is buffered); coalesced while a send is in flight
+            sender.put(Chunk(chunk, served) if not sent else Chunk(chunk), urgent=urgent)
             sent += 1
             observe.first_token(job_id, model)
             if time.monotonic() - checked > ABORT_CHECK_S:

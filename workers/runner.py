@@ -273,8 +273,12 @@ class JobRunner:
     def _relay(self, job: JobRun, adapter: Adapter, request: ChatRequest, model: Model) -> ChatResponse:
         """One try of a streamed call (workers/relay.py); ``job.first_token_ms`` is this try's."""
         job.first_token_ms = None
+        trail = self.failover.trail(job.spec)
+        served = {"provider": job.provider.name, "provider_model": model.model,
+                  "deployment": job.deployment or f"{job.provider.name}/{model.model}",
+                  "routing_decision": trail.decision, "fallback_used": trail.fallback_used}
         return relay_stream(self.store, self.observe, job.job_id, adapter, request, model,
-                            on_first=lambda ms: setattr(job, "first_token_ms", ms))
+                            on_first=lambda ms: setattr(job, "first_token_ms", ms), served=served)
 
     def _call_with_retries(self, job: JobRun, attempt: int, invoke: Callable[[], ChatResponse],
                            queue_wait_ms: int) -> Answered:

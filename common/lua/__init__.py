@@ -8,10 +8,10 @@ Libraries (functions only, no side effects) are prepended to the scripts that us
     line.lua      a provider's line: join, turn (who is head), admit, leave, key blocks, wakes
     permits.lua   the limit kinds (KINDS: check / take / settle per kind) and the loops over scopes
 
-Scripts: create, claim, withdraw, abandon, emit, renew_lease (common/jobs.py); acquire, release, leave,
-renew_permits (common/limits.py); budget_seed (common/budgetstate.py); move (common/jobs.py: a job
-that moves to another deployment's queue); breaker (common/routing/breaker.py); ttft
-(common/routing/ttft.py).
+Scripts: create, claim, withdraw, abandon, emit, emit_chunks, renew_lease (common/jobs.py); acquire,
+release, leave, renew_permits (common/limits.py); budget_seed (common/budgetstate.py); move
+(common/jobs.py: a job that moves to another deployment's queue); breaker (common/routing/breaker.py);
+ttft (common/routing/ttft.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ _HERE = Path(__file__).parent
 
 _LIBRARIES: dict[str, tuple[str, ...]] = {
     "create": ("budget", "job"), "claim": ("budget", "job"), "withdraw": ("budget", "job"),
-    "emit": ("budget", "job"), "renew_lease": (), "abandon": ("budget", "job"),
+    "emit": ("budget", "job"), "emit_chunks": (), "renew_lease": (), "abandon": ("budget", "job"),
     "acquire": ("budget", "job", "line", "permits"), "release": ("budget", "job", "line", "permits"),
     "leave": ("budget", "job", "line"), "renew_permits": ("budget", "job"), "budget_seed": ("budget",),
     "breaker": (), "move": ("budget", "job"),

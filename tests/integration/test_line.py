@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from common.contract import Chunk, Done, Failed, JobSpec, JobState, Kind, Mode, Start
-from common.jobs import JobStore, parse_reply
+from common.jobs import CHUNK_BATCH, JobStore, parse_reply
 from common.limits import Limiter, Scope
 from common.registry import Limits
 from tests.conftest import TEST_REDIS_URL
@@ -323,20 +323,57 @@ def test_creating_a_sync_job_renews_its_callers_heartbeat(limiter):
     assert store.claim("alive-1", "exec", 10).outcome is Start.RUN
 
 
-def test_a_streams_chunks_sent_together_arrive_in_order_each_published(limiter):
-    """emit_chunks (the stream relay's coalesced send): every chunk on the job's stream and on its
-    caller's channel, in order, and the job still running — only a final event settles it."""
+def test_a_streams_chunks_sent_together_arrive_in_order_in_one_message(limiter):
+    """emit_chunks (the stream relay's coalesced send): every chunk on the job's stream, in order, and
+    each batch as ONE message on its caller's channel carrying the same stream ids; the job still
+    running — only a final event settles it. The final event comes after them, as emit.lua's message."""
     store = limiter.store
     channel = store.reply_channel("api-chunks")
     store.create("ch", SPEC, max_wait=30, reply_to=channel, ttl=60)
     store.claim("ch", "exec", 10)
-    sent = [Chunk({"choices": [{"delta": {"content": f"w{i}"}}]}) for i in range(5)]
+    sent = [Chunk({"choices": [{"delta": {"content": f"w{i}\n"}}]}, {"provider": "p"} if i == 0 else None)
+            for i in range(5)]
     with store.redis.pubsub() as sub:
         sub.subscribe(channel)
         assert sub.get_message(timeout=5)["type"] == "subscribe"
         store.emit_chunks("ch", sent[:1])
         store.emit_chunks("ch", sent[1:])
-        published = [sub.get_message(timeout=5) for _ in sent]
-    assert [e.event for e in store.read_events("ch")] == sent
-    assert [parse_reply(m["data"])[1].event for m in published] == sent
-    assert store.state("ch")["state"] == JobState.RUNNING
+        store.emit("ch", Done({}), final_state=JobState.SUCCEEDED, execution="exec")
+        published = [parse_reply(sub.get_message(timeout=5)["data"]) for _ in range(3)]
+    stored = store.read_events("ch")
+    assert [e.event for e in stored] == [*sent, Done({})]
+    assert [job_id for job_id, _ in published] == ["ch"] * 3
+    assert [[e.event for e in events] for _, events in published] == [sent[:1], sent[1:], [Done({})]]
+    assert [e for _, events in published for e in events] == stored   # same ids: a resync dedupes
+    assert store.state("ch")["state"] == JobState.SUCCEEDED
+
+
+def test_a_late_reader_catches_up_from_the_stream_after_a_batch(limiter):
+    """A caller that was not subscribed when a batch went out reads it from the job's stream, in
+    order, and reads on after the last id it saw."""
+    store = limiter.store
+    store.create("late", SPEC, max_wait=30, reply_to=store.reply_channel("api-late"), ttl=60)
+    store.claim("late", "exec", 10)
+    sent = [Chunk({"choices": [{"delta": {"content": f"w{i}"}}]}) for i in range(4)]
+    store.emit_chunks("late", sent[:3])
+    first = store.read_events("late")
+    store.emit_chunks("late", sent[3:])
+    assert [e.event for e in first] == sent[:3]
+    assert [e.event for e in store.read_events("late", first[-1].stream_id)] == sent[3:]
+
+
+def test_a_batch_longer_than_one_script_call_goes_in_several_messages_in_order(limiter):
+    """emit_chunks caps one script call at CHUNK_BATCH chunks (no one call holds Redis long); the
+    order holds across the calls."""
+    store = limiter.store
+    channel = store.reply_channel("api-long")
+    store.create("long", SPEC, max_wait=30, reply_to=channel, ttl=60)
+    sent = [Chunk({"choices": [{"delta": {"content": f"w{i}"}}]}) for i in range(2 * CHUNK_BATCH + 1)]
+    with store.redis.pubsub() as sub:
+        sub.subscribe(channel)
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+        store.emit_chunks("long", sent)
+        published = [parse_reply(sub.get_message(timeout=5)["data"])[1] for _ in range(3)]
+    assert [len(events) for events in published] == [CHUNK_BATCH, CHUNK_BATCH, 1]
+    assert [e.event for events in published for e in events] == sent
+    assert [e.event for e in store.read_events("long")] == sent

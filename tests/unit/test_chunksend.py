@@ -63,3 +63,24 @@ def test_a_failed_send_is_raised_to_the_reader(where):
                 threading.Event().wait(0.01)
         else:
             sender.close()
+
+
+def test_an_urgent_put_waits_until_the_sender_took_it():
+    """The reader's put of the first token returns only once that chunk is on its way: with a send in
+    flight it waits for that send to end and the next (its own) to begin."""
+    release = threading.Event()
+    batches: list[list[Chunk]] = []
+
+    def send(batch):
+        batches.append(list(batch))
+        if len(batches) == 1:
+            release.wait(5)
+
+    sender = ChunkSender(send)
+    sender.put(chunk(0))
+    threading.Timer(0.05, release.set).start()
+    sender.put(chunk(1), urgent=True)
+    assert release.is_set()           # it waited for the first send to end
+    sender.close()
+    assert batches == [[chunk(0)], [chunk(1)]]
+

@@ -36,6 +36,9 @@ from common.types import ChatRequest, EmbeddingsRequest
 CHUNK = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "hi"}}]}
 EVENTS = [
     ("chunk", Chunk(CHUNK), None),
+    ("first-chunk-saying-where-it-runs",
+     Chunk(CHUNK, {"provider": "fake", "provider_model": "m", "deployment": "fake/m",
+                   "routing_decision": "only", "fallback_used": False}), None),
     ("result", Result({"id": "r1", "choices": []}, {"provider": "fake", "cost_usd": "0.1"}),
      JobState.SUCCEEDED),
     ("done", Done({"provider": "fake"}, {"prompt_tokens": 2, "completion_tokens": 3}), JobState.SUCCEEDED),
@@ -56,6 +59,11 @@ def test_event_round_trips_through_json(event: JobEvent, state: JobState | None)
     assert back == event and type(back) is type(event)
     assert back.to_dict()["type"] == type(event).type.value
     assert back.state == state and back.final == (state is not None)
+
+
+def test_a_chunk_without_where_it_runs_carries_no_such_field():
+    """Only a stream's first chunk says where it runs: the others stay as small as they were."""
+    assert json.loads(Chunk(CHUNK).to_json()) == {"type": "chunk", "chunk": CHUNK}
 
 
 def test_error_event_gives_back_the_error_class():
