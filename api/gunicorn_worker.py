@@ -10,6 +10,9 @@ gunicorn's gevent worker with the two things it lacks in front of a public API.
   byte arrives, its headers too must be in within the client timeout (:class:`_NextRequestDeadline`),
   so a client that drip-feeds the headers of its second request holds its slot no longer than one
   that drip-feeds its first.
+* **One send per answer**: gunicorn sends an answer's status line and headers, then its body, in two
+  ``send`` calls — two wake-ups of the client and two segments per call. Here they go together
+  (:class:`_HeadWithBody`).
 * **Errors in JSON**: a request gunicorn cannot parse (bad request line, header, chunk framing,
   limits) is answered in OpenAI's error shape, not gunicorn's HTML page.
 
@@ -34,6 +37,7 @@ from typing import Any
 import gevent
 import gevent.local
 from gunicorn.http import errors as http_errors
+from gunicorn.http.wsgi import Response as HTTP1Response
 from gunicorn.workers.ggevent import GeventWorker
 
 # Nothing of the app may be imported here: gunicorn imports this module before the worker
@@ -208,14 +212,62 @@ def _message(exc: BaseException, reason: str) -> str:
     return reason
 
 
+class _HeadWithBody:
+    """The connection's socket as gunicorn's HTTP/1 response writes to it: its first ``sendall`` —
+    always the status line and headers (``Response.send_headers``, called by the first ``write``) — is
+    held and sent with the body's first bytes, in one ``send``. :meth:`release` (run after the response
+    is closed) sends the headers of an answer that had no body; any other use of the socket
+    (``sendfile`` asks for its ``fileno``) releases them first, so nothing overtakes them."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._head: bytes | None = None
+        self._started = False
+
+    def sendall(self, data: bytes) -> None:
+        if not self._started:
+            self._started, self._head = True, data
+            return
+        head, self._head = self._head, None
+        self._sock.sendall(head + data if head else data)
+
+    def release(self) -> None:
+        head, self._head = self._head, None
+        if head:
+            self._sock.sendall(head)
+
+    def __getattr__(self, name: str) -> Any:
+        self.release()
+        return getattr(self._sock, name)
+
+
+def _send_head_with_body(response: Any) -> None:
+    """``response`` (gunicorn's, for one request) sends its headers with its body (:class:`_HeadWithBody`)."""
+    if type(response) is not HTTP1Response:  # HTTP/2 frames its own
+        return
+    sock = response.sock = _HeadWithBody(response.sock)
+    close = response.close
+
+    def close_and_release() -> None:
+        try:
+            close()
+        finally:
+            sock.release()
+
+    response.close = close_and_release
+
+
 def _closing(app: WSGIApp) -> WSGIApp:
-    """``app``, closing the connection after any answer whose request set :data:`CLOSE_CONNECTION`."""
+    """``app``, its answers' headers sent with their bodies (:func:`_send_head_with_body`), closing the
+    connection after any answer whose request set :data:`CLOSE_CONNECTION`."""
 
     def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        # start_response is a method of gunicorn's Response, which can close the connection
+        response = getattr(start_response, "__self__")  # noqa: B009
+        _send_head_with_body(response)
         result = app(environ, start_response)
         if environ.get(CLOSE_CONNECTION):
-            # start_response is a method of gunicorn's Response, which can close the connection
-            getattr(start_response, "__self__").force_close()  # noqa: B009
+            response.force_close()
         return result
 
     return wsgi

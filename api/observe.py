@@ -16,7 +16,9 @@ import logging
 import time
 from typing import Any
 
+import gevent
 from flask import Flask, Response, current_app, g, has_request_context, request
+from gevent import monkey
 
 from common.contract import JobSpec
 from common.observability.labels import NONE, OTHER, bounded, error_codes, key_label, status_class
@@ -103,8 +105,12 @@ def _error_code(response: Response) -> str:
 
 
 def install(app: Flask, settings: Settings) -> ApiObserver:
-    """Logging configured (level, format) and the observer kept on the app."""
-    configure_logging(settings.observability)
+    """Logging configured (level, format) and the observer kept on the app. Under gunicorn's gevent
+    worker (the standard library patched) the access lines are written in batches from the event loop
+    (:class:`~common.observability.logs.BatchingStreamHandler`): a write per request costs a system
+    call and a wake-up of ``up``'s console each."""
+    configure_logging(settings.observability,
+                      schedule=gevent.spawn_later if monkey.is_module_patched("threading") else None)
     ensure_metrics_dir(settings.observability.metrics_dir)
     observer = ApiObserver(settings, app)
     if observer.active:

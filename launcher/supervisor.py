@@ -281,13 +281,16 @@ class _Children:
                 continue
             child.partial += data
             *lines, rest = child.partial.split(b"\n")
-            for line in lines:
-                self._emit(child, line)
+            if lines:  # every line of one read in one write: a write per line costs a call each
+                self._console.say("\n".join(self._labelled(child, line) for line in lines))
             child.partial = bytearray(rest)
 
     def _emit(self, child: _Child, line: bytes | bytearray) -> None:
+        self._console.say(self._labelled(child, line))
+
+    def _labelled(self, child: _Child, line: bytes | bytearray) -> str:
         text = line.decode("utf-8", errors="replace").rstrip("\r")
-        self._console.say(f"{child.name:>{self._width}} | {text}")
+        return f"{child.name:>{self._width}} | {text}"
 
     def stop_all(self) -> None:
         """SIGTERM every running child; SIGKILL the process group of any still running after the stop

@@ -18,7 +18,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from common.settings import ObservabilitySettings
 
@@ -27,6 +28,11 @@ OUR_LOGGERS = ("api", "workers", "common", "launcher", "gateway")
 ACCESS = "gateway.access"
 UPSTREAM = "gateway.upstream"
 _MARK = "_gateway_handler"
+BATCH_DELAY_S = 0.05     # how long an INFO line may wait to be written with the lines that follow it
+BATCH_MAX_CHARS = 16_384  # written at once past this much
+
+#: ``schedule(delay_s, fn)``: call ``fn`` once, ``delay_s`` from now, in this process's event loop
+Schedule = Callable[[float, Callable[[], None]], object]
 
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
@@ -67,14 +73,69 @@ def _text(value: Any) -> str:
     return json.dumps(text) if (" " in text or not text) else text
 
 
-def configure_logging(settings: ObservabilitySettings) -> None:
+class BatchingStreamHandler(logging.StreamHandler[TextIO]):
+    """A stream handler that writes lines below WARNING together: each waits at most ``delay`` s
+    (or until ``max_chars`` are held) for the lines after it, then all go in one write. The API logs a
+    line per request; written one by one each is a system call and a wake-up of whatever reads the
+    stream (``up``'s console) — per request, for nothing. A WARNING or worse is written at once, with
+    everything held before it (order kept); :meth:`flush` (also run at interpreter exit by logging's
+    shutdown) writes what is held."""
+
+    def __init__(self, stream: TextIO, schedule: Schedule, delay: float = BATCH_DELAY_S,
+                 max_chars: int = BATCH_MAX_CHARS) -> None:
+        super().__init__(stream)
+        self.schedule = schedule
+        self.delay = delay
+        self.max_chars = max_chars
+        self._held: list[str] = []
+        self._chars = 0
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # noqa: BLE001 - logging's contract: a bad record is reported, never raised
+            self.handleError(record)
+            return
+        self._held.append(line)
+        self._chars += len(line)
+        if record.levelno >= logging.WARNING or self._chars >= self.max_chars:
+            try:
+                self._write()
+            except Exception:  # noqa: BLE001 - as StreamHandler.emit: reported on stderr, never raised
+                self.handleError(record)
+        elif not self._scheduled:
+            self._scheduled = True
+            self.schedule(self.delay, self._flush_held)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  # (set by logging.Handler.__init__)
+            self._write()
+
+    def _flush_held(self) -> None:
+        """The scheduled write: what went wrong is reported as for any line, never raised in the loop."""
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001
+            self.handleError(logging.makeLogRecord({"msg": "(lines held for a batched write)"}))
+
+    def _write(self) -> None:
+        held, self._held, self._chars, self._scheduled = self._held, [], 0, False
+        if held:
+            self.stream.write("".join(held))
+        self.stream.flush()
+
+
+def configure_logging(settings: ObservabilitySettings, schedule: Schedule | None = None) -> None:
     """Our loggers at ``settings.log_level``; every root handler formats as ``settings.log_format``
-    (a handler on stderr is added if the root has none). Idempotent."""
+    (a handler on stderr is added if the root has none: with ``schedule``, one that writes INFO lines
+    in batches, :class:`BatchingStreamHandler`). Idempotent."""
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(settings.log_level)
     root = logging.getLogger()
     if not root.handlers:
-        ours = logging.StreamHandler(sys.stderr)
+        ours = (logging.StreamHandler(sys.stderr) if schedule is None
+                else BatchingStreamHandler(sys.stderr, schedule))
         setattr(ours, _MARK, True)
         root.addHandler(ours)
     for handler in root.handlers:

@@ -27,6 +27,11 @@ class Router:
         self.store = store
         self.breakers = Breakers(store.redis, store.prefix, settings.registry.routing.breaker)
         self.rng = rng or random.Random()
+        registry = settings.registry
+        #: the aliases with one deployment and no fallbacks: nothing to decide (the registry is fixed
+        #: for the process; ``Model.routes`` builds its deployments anew on every call)
+        self.fixed = frozenset(alias for alias, model in registry.models.items()
+                               if len(model.routes()) == 1 and not registry.fallbacks_of(model))
 
     def observe(self, candidates: list[Candidate]) -> list[Option]:
         """Each candidate with its :class:`Load` now (see the module's docstring)."""
@@ -80,10 +85,10 @@ def place(router: Router, alias: str,
     with one deployment and no fallbacks (nothing to decide: it runs there, as it always did).
     Deployments whose context window is too small for the request are skipped before anything is
     called; if none of the chain fits, the request is refused (400 ``context_length_exceeded``)."""
+    if alias in router.fixed:
+        return None
     registry = router.settings.registry
     model = registry.models[alias]
-    if len(model.routes()) == 1 and not registry.fallbacks_of(model):
-        return None
     fits = None
     if isinstance(request, ChatRequest):
         chat = request
