@@ -46,6 +46,8 @@ POSTGRES_SYSTEM_USER = "embedded_postgres"
 POSTGRES_DATABASE = "gateway"
 POSTGRES_SUPERUSER = "postgres"
 POSTGRES_START_TIMEOUT = 60.0
+USERADD_ATTEMPTS = 6      # a racing `up` holds /etc/passwd's lock for a moment: look again, then retry
+USERADD_RETRY_S = 0.2
 # PostgreSQL: SIGINT = "fast" shutdown (disconnect clients, checkpoint, exit); SIGQUIT = "immediate"
 # (crash-safe: WAL recovery at the next start); then SIGKILL of the whole process group.
 _POSTGRES_STOP = ((signal.SIGINT, 20.0), (signal.SIGQUIT, 5.0))
@@ -97,27 +99,34 @@ def start_embedded_postgres(state_dir: Path) -> EmbeddedServer:
 
 
 def _postgres_account() -> pwd.struct_passwd | None:
-    """The account PostgreSQL must run as: None (ourselves) unless we are root."""
+    """The account PostgreSQL must run as: None (ourselves) unless we are root. Created if missing;
+    another ``up`` creating it at the same moment (its ``useradd`` holds /etc/passwd's lock, or wins)
+    is not an error: the account is looked up again, and ``useradd`` retried, for about a second."""
     if os.geteuid() != 0:
         return None
-    try:
-        return pwd.getpwnam(POSTGRES_SYSTEM_USER)
-    except KeyError:
-        pass  # not created yet: create it below
     useradd = shutil.which("useradd") or "/usr/sbin/useradd"
     nologin = shutil.which("nologin") or "/bin/false"
-    result = subprocess.run(
-        [useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-         "--shell", nologin, "--comment", "llm-gateway embedded PostgreSQL", POSTGRES_SYSTEM_USER],
-        capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise EmbeddedServerError(
-            "running as root, embedded PostgreSQL needs an unprivileged user; "
-            f"`useradd {POSTGRES_SYSTEM_USER}` failed ({result.returncode}): {result.stderr.strip()}. "
-            "Create the user, run as a non-root user, or set DATABASE_URL.")
-    logger.warning("created system user %s to run the embedded PostgreSQL (it refuses to run as root)",
-                   POSTGRES_SYSTEM_USER)
-    return pwd.getpwnam(POSTGRES_SYSTEM_USER)
+    result: subprocess.CompletedProcess[str] | None = None
+    for attempt in range(USERADD_ATTEMPTS):
+        try:
+            return pwd.getpwnam(POSTGRES_SYSTEM_USER)
+        except KeyError:
+            pass  # not created yet (or not by the time we looked): create it
+        if attempt:
+            time.sleep(USERADD_RETRY_S)
+        result = subprocess.run(
+            [useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", nologin, "--comment", "llm-gateway embedded PostgreSQL", POSTGRES_SYSTEM_USER],
+            capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            logger.warning("created system user %s to run the embedded PostgreSQL "
+                           "(it refuses to run as root)", POSTGRES_SYSTEM_USER)
+            return pwd.getpwnam(POSTGRES_SYSTEM_USER)
+    assert result is not None
+    raise EmbeddedServerError(
+        "running as root, embedded PostgreSQL needs an unprivileged user; "
+        f"`useradd {POSTGRES_SYSTEM_USER}` failed ({result.returncode}): {result.stderr.strip()}. "
+        "Create the user, run as a non-root user, or set DATABASE_URL.")
 
 
 def _check_reachable(directory: Path, account: pwd.struct_passwd, what: str) -> None:
