@@ -154,9 +154,17 @@ def flower_tasks(flower: str, job_ids: list[str]) -> dict[str, Any] | None:
 
 
 def test_flower_shows_every_task_received_started_and_succeeded(api: Api, flower: str) -> None:
-    warm_up = [submit(api, "is Flower listening yet?")]   # Flower subscribes some time after it serves
-    wait_until(lambda: flower_tasks(flower, warm_up) or flower_tasks(flower, [submit(api, "and now?")]), 60,
-               interval=0.5)
+    # Flower subscribes some time after it serves: a probe job every half second until it shows one
+    # (a probe is seen a flush after it ran, so every probe sent so far counts, not just the last)
+    probes = [submit(api, "is Flower listening yet?")]
+
+    def listening() -> bool:
+        tasks = requests.get(f"{flower}/api/tasks", timeout=10).json()
+        if any(tasks.get(job_id, {}).get("state") == "SUCCESS" for job_id in probes):
+            return True
+        probes.append(submit(api, "and now?"))
+        return False
+    wait_until(listening, 60, interval=0.5)
     job_ids = submit_all(api)
     wait_succeeded(api, job_ids)
     wait_until(lambda: flower_tasks(flower, job_ids), 30, interval=0.3)
