@@ -16,36 +16,13 @@ import http.client
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._stack import Stack
-
-
-def first_token_s(conn: http.client.HTTPConnection, path: str, body: bytes) -> float:
-    started = time.perf_counter()
-    conn.request("POST", path, body=body, headers={"Content-Type": "application/json",
-                                                   "Authorization": "Bearer sk-bench"})
-    response = conn.getresponse()
-    if response.status != 200:
-        raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
-    first = None
-    while True:
-        line = response.readline()
-        if not line:
-            break
-        content = line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line
-        if first is None and content:
-            first = time.perf_counter() - started
-        if line.strip() == b"data: [DONE]":
-            break
-    response.read()
-    if first is None:
-        raise RuntimeError("no content chunk")
-    return first
+from bench.users import first_token_s  # the first line with answer text, in any protocol
 
 
 def pct(values: list[float], q: float) -> float:
