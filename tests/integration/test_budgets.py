@@ -25,7 +25,8 @@ import requests
 
 from api.budget_gate import BudgetGate
 from common import webhooks
-from common.budgets import Reservation, to_units, usd_text, window, worst_case
+from common.budgetrows import BudgetRows
+from common.budgets import BudgetFields, Reservation, to_units, usd_text, window, worst_case
 from common.contract import Failed, JobSpec, JobState, Mode
 from common.db import make_session_factory
 from common.errors import InternalError
@@ -233,6 +234,18 @@ def test_a_lowered_budget_blocks_the_next_call_at_once(api, gateway_env):
     assert remaining == 1 - Decimal(ok.headers["x-gateway-cost-usd"])
     assert admin(api, "PATCH", f"/budgets/{b['id']}", {"limit_usd": "0.0000001"}).status_code == 200
     assert chat(api, secret).status_code == 402
+
+
+def test_a_budget_another_process_adds_applies_within_the_books_bound(api, gateway_env):
+    # written straight to Postgres (as another API process's admin call would be): this process learns
+    # of it only from its book's background refresh, every BOOK_TTL_S
+    key_id, secret = new_key(gateway_env, "elsewhere")
+    known(api, secret)
+    assert chat(api, secret).status_code == 200
+    rows = BudgetRows(make_session_factory(gateway_env["DATABASE_URL"], pool_size=1))
+    rows.create(BudgetFields(name="elsewhere", period="daily", limit_usd="0.0000001", scope="key",
+                             key_id=key_id))
+    wait_until(lambda: chat(api, secret).status_code == 402, timeout=10, interval=0.2)
 
 
 # ---- the concurrency proof ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -220,3 +221,23 @@ REMAINING = [
                          ids=[c[0] for c in REMAINING])
 def test_remaining_budget_headers(reservation, cost, tokens, headers):
     assert remaining_headers(reservation, cost, tokens) == headers
+
+
+# ---- the budget book's index: a call's budgets are a lookup, in creation order ---------------------------
+def _b(name: str, key_id: str | None = None) -> Any:
+    from common.budgetrows import Budget
+    return Budget(id=name, name=name, scope="key" if key_id else "global", key_id=key_id)
+
+
+@pytest.mark.parametrize(("order", "key", "expected"), [
+    ([], "k1", []),
+    ([("g1", None)], "k1", ["g1"]),
+    ([("a", "k1"), ("b", "k2")], "k1", ["a"]),
+    ([("a", "k1"), ("g1", None), ("c", "k1"), ("g2", None)], "k1", ["a", "g1", "c", "g2"]),
+    ([("g1", None), ("a", "k1"), ("g2", None)], "k1", ["g1", "a", "g2"]),
+    ([("g1", None), ("a", "k1"), ("g2", None)], "nobody", ["g1", "g2"]),
+])
+def test_the_book_index_keeps_each_keys_budgets_with_the_global_ones_in_order(order, key, expected):
+    from common.budgetrows import _index
+    everyone, by_key = _index([_b(name, key_id) for name, key_id in order])
+    assert [b.name for b in by_key.get(key, everyone)] == expected
