@@ -209,18 +209,11 @@ class Watchdog:
 
 class _Guarded:
     """Hands its socket to the clock of the call using it (:data:`CURRENT_CLOCK`), once connected and
-    again for each request on a kept-alive connection, so the clock can cut a headers drip. (A mixin:
-    ``super()`` in a method copied from one class onto another is a ``TypeError``, so the HTTPS class
-    had to take these by inheritance.)
-
-    A request with a body goes out in one send: urllib3 sends the head, then the body, each its own
-    ``sendall`` — two segments on a ``TCP_NODELAY`` socket, so the upstream reads the head, parses it and
-    waits again for the body (http.client's own ``request`` joins them for this reason). The head is
-    held (:meth:`send`) and goes with the body's first bytes."""
+    again for each request on a kept-alive connection, so the clock can cut a headers drip. A mixin:
+    the HTTPS class had these methods copied from the HTTP one, whose ``super()`` then raised
+    ``TypeError`` on every HTTPS call."""
 
     sock: socket.socket | None
-    _hold_head = False
-    _head: bytes | None = None
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
@@ -229,24 +222,6 @@ class _Guarded:
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         _guard(self.sock)
         return super().getresponse(*args, **kwargs)  # type: ignore[misc]
-
-    def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kwargs: Any) -> None:
-        self._hold_head = isinstance(body, bytes) and bool(body)
-        try:
-            super().request(method, url, body=body, headers=headers, **kwargs)  # type: ignore[misc]
-        finally:
-            self._hold_head = False
-            head, self._head = self._head, None
-        if head is not None:   # no body followed (not with a bytes body): the head alone
-            super().send(head)  # type: ignore[misc]
-
-    def send(self, data: Any) -> None:
-        if self._hold_head and self._head is None:
-            self._head = bytes(data)
-            return
-        if self._head is not None:
-            data, self._head, self._hold_head = self._head + bytes(data), None, False
-        super().send(data)  # type: ignore[misc]
 
 
 class _GuardedHTTPConnection(_Guarded, HTTPConnection):
