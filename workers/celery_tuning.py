@@ -22,6 +22,11 @@ same one Celery keeps a failed single event in — and sent by the next flush or
 (this step flushes before Celery's ``Events`` step replaces its dispatcher, and at shutdown before it
 closes it). Events are fire-and-forget for Celery either way: a worker killed outright loses what it
 had not sent, by at most :data:`FLUSH_AFTER_S` more than before.
+
+**Log lines when stopping.** Under the gevent pool the worker's log lines are written in batches
+(``workers/observe.py``: one ``gateway.upstream`` INFO line per attempt would be a write to ``up``'s pipe
+each); :func:`install` also makes them go out at once from the moment the worker starts stopping, warm
+or cold (``worker_shutting_down``), so an exit that does not run logging's shutdown loses none.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from typing import Any
 
 import gevent
 from celery import Celery, bootsteps
+from celery.signals import worker_shutting_down
 from celery.worker.consumer.events import Events
+
+from common.observability.logs import write_through
 
 FLUSH_AFTER_S = 0.020   # how long the first buffered event waits for company (5 ms: 0.91x the CPU per call)
 
@@ -83,7 +91,13 @@ class BatchedTaskEvents(bootsteps.StartStopStep):
 
 
 def install(app: Celery) -> None:
-    """Add :class:`BatchedTaskEvents` to ``app``'s worker consumer (idempotent)."""
+    """Add :class:`BatchedTaskEvents` to ``app``'s worker consumer, and log lines written at once once
+    the worker is stopping (idempotent)."""
     steps = app.steps["consumer"]
     if BatchedTaskEvents not in steps:
         steps.add(BatchedTaskEvents)
+    worker_shutting_down.connect(_write_logs_through, weak=False, dispatch_uid="gateway-logs-through")
+
+
+def _write_logs_through(**_: Any) -> None:
+    write_through()

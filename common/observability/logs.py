@@ -128,8 +128,9 @@ class BatchingStreamHandler(logging.StreamHandler[TextIO]):
 
 def configure_logging(settings: ObservabilitySettings, schedule: Schedule | None = None) -> None:
     """Our loggers at ``settings.log_level``; every root handler formats as ``settings.log_format``
-    (a handler on stderr is added if the root has none: with ``schedule``, one that writes INFO lines
-    in batches, :class:`BatchingStreamHandler`). Idempotent."""
+    (a handler on stderr is added if the root has none). With ``schedule``, lines go to a stream in
+    batches (:class:`BatchingStreamHandler`): the added handler, or the plain stream handler the root
+    already has (the Celery worker's, on stderr). Idempotent."""
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(settings.log_level)
     root = logging.getLogger()
@@ -138,8 +139,34 @@ def configure_logging(settings: ObservabilitySettings, schedule: Schedule | None
                 else BatchingStreamHandler(sys.stderr, schedule))
         setattr(ours, _MARK, True)
         root.addHandler(ours)
+    elif schedule is not None:
+        _batch_stream_handlers(root, schedule)
     for handler in root.handlers:
         current = handler.formatter
         if isinstance(current, JsonFormatter | TextFormatter):
             continue
         handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter(current))
+
+
+def _batch_stream_handlers(root: logging.Logger, schedule: Schedule) -> None:
+    """Each plain :class:`logging.StreamHandler` of ``root`` (not a file's: its subclass) replaced by a
+    :class:`BatchingStreamHandler` on the same stream, with its level, formatter and filters."""
+    for index, handler in enumerate(root.handlers):
+        if type(handler) is not logging.StreamHandler:
+            continue
+        batching = BatchingStreamHandler(handler.stream, schedule)
+        batching.setLevel(handler.level)
+        batching.setFormatter(handler.formatter)
+        batching.filters = list(handler.filters)
+        root.handlers[index] = batching
+        handler.flush()
+
+
+def write_through() -> None:
+    """Every batching handler of the root writes what it holds now and each line at once from now
+    on: the process is stopping, and whatever ends it (an ``os._exit``, a cold shutdown) may not
+    wait for a scheduled write."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, BatchingStreamHandler):
+            handler.max_chars = 0
+            handler.flush()

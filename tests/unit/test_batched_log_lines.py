@@ -1,6 +1,7 @@
-"""The API's batched log writes (common/observability/logs.py, BatchingStreamHandler): INFO lines wait
-for the scheduled write or for enough of them; a WARNING goes at once with everything before it, in
-order; a flush (the scheduled one, or logging's at exit) writes what is held; one schedule at a time."""
+"""The API's and the gevent worker's batched log writes (common/observability/logs.py,
+BatchingStreamHandler): INFO lines wait for the scheduled write or for enough of them; a WARNING goes
+at once with everything before it, in order; a flush (the scheduled one, or logging's at exit) writes
+what is held; one schedule at a time; a worker that starts stopping writes every line at once."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from common.observability.logs import BatchingStreamHandler
+from common.observability.logs import BatchingStreamHandler, configure_logging, write_through
+from common.settings import ObservabilitySettings
 
 
 class CountingStream(io.StringIO):
@@ -68,3 +70,53 @@ def test_enough_held_characters_are_written_without_waiting():
     logger.info("abc")
     logger.info("def")   # 8 characters with the newlines
     assert (stream.getvalue(), stream.writes) == ("abc\ndef\n", 1)
+
+
+@pytest.fixture
+def root_handlers():
+    """The root logger's handlers put back after the test (configure_logging works on the root)."""
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    yield root
+    root.handlers = saved
+
+
+def _settings():
+    return ObservabilitySettings(log_format="text")
+
+
+def test_the_workers_plain_stream_handler_becomes_a_batching_one_on_the_same_stream(root_handlers, tmp_path):
+    stream, scheduled = CountingStream(), []
+    plain = logging.StreamHandler(stream)
+    plain.setLevel(logging.INFO)
+    to_file = logging.FileHandler(tmp_path / "log")   # a file's handler (Celery's --logfile) is left as it is
+    root_handlers.handlers = [plain, to_file]
+    configure_logging(_settings(), schedule=lambda delay, fn: scheduled.append(fn))
+    batching, kept = root_handlers.handlers
+    to_file.close()
+    assert isinstance(batching, BatchingStreamHandler) and kept is to_file
+    assert (batching.stream, batching.level) == (stream, logging.INFO)
+    logging.getLogger("gateway.upstream").info("ok")
+    assert (stream.writes, len(scheduled)) == (0, 1)
+    scheduled.pop()()
+    assert "gateway.upstream: ok" in stream.getvalue()
+
+
+def test_without_a_schedule_the_root_handlers_stay(root_handlers):
+    plain = logging.StreamHandler(CountingStream())
+    root_handlers.handlers = [plain]
+    configure_logging(_settings())
+    assert root_handlers.handlers == [plain]
+
+
+def test_once_stopping_held_lines_are_written_and_every_next_line_at_once(root_handlers):
+    stream, scheduled = CountingStream(), []
+    handler = BatchingStreamHandler(stream, lambda delay, fn: scheduled.append(fn))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root_handlers.handlers = [handler]
+    log = logging.getLogger("gateway.upstream")
+    log.info("held")
+    write_through()
+    assert (stream.getvalue(), stream.writes) == ("held\n", 1)
+    log.info("next")
+    assert (stream.getvalue(), stream.writes) == ("held\nnext\n", 2)

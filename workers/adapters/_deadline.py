@@ -207,22 +207,29 @@ class Watchdog:
         return due, wait
 
 
-class _GuardedHTTPConnection(HTTPConnection):
+class _Guarded:
     """Hands its socket to the clock of the call using it (:data:`CURRENT_CLOCK`), once connected and
-    again for each request on a kept-alive connection, so the clock can cut a headers drip."""
+    again for each request on a kept-alive connection, so the clock can cut a headers drip. A mixin:
+    the HTTPS class had these methods copied from the HTTP one, whose ``super()`` then raised
+    ``TypeError`` on every HTTPS call."""
+
+    sock: socket.socket | None
 
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # type: ignore[misc]
         _guard(self.sock)
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         _guard(self.sock)
-        return super().getresponse(*args, **kwargs)
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
 
 
-class _GuardedHTTPSConnection(HTTPSConnection):
-    connect = _GuardedHTTPConnection.connect
-    getresponse = _GuardedHTTPConnection.getresponse
+class _GuardedHTTPConnection(_Guarded, HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_Guarded, HTTPSConnection):
+    pass
 
 
 class _GuardedHTTPPool(HTTPConnectionPool):
