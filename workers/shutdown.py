@@ -30,6 +30,7 @@ took ~6 s to stop.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -88,28 +89,59 @@ def parked_waiting_for_broker(frame: FrameType | None) -> bool:
     return False
 
 
+def _runs(frame: FrameType | None, path_end: str, name: str) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == name and frame.f_code.co_filename.endswith(path_end):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def pidbox_greenlet() -> Any:
+    """The greenlet of Celery's remote-control (pidbox) loop under gevent (a raw greenlet Celery keeps
+    no handle on: found among the live objects, once, at the stop), or None. Celery's stop waits for
+    it, and it sees the stop only between one-second broker waits."""
+    from greenlet import greenlet
+
+    for obj in gc.get_objects():
+        if isinstance(obj, greenlet) and _runs(obj.gr_frame, os.path.join("celery", "worker", "pidbox.py"),
+                                                "loop"):
+            return obj
+    return None
+
+
 def wake_consumer(loop: Any) -> None:
     """Make Celery's consumer loop (the greenlet ``loop``, parked in its broker wait) stop now rather
     than after up to two more two-second waits: from the hub, at a moment it waits for the broker,
-    raise in it what its next check of the worker's state would (``WorkerShutdown`` /
-    ``WorkerTerminate``). Tried every 20 ms for ``WAKE_TRIES_S``; never while it reads a reply. A no-op
-    outside gevent."""
+    raise in it — once — what its next check of the worker's state would (``WorkerShutdown`` /
+    ``WorkerTerminate``); then end the current one-second wait of the ``pidbox`` loop (a timeout it
+    expects), which Celery's stop waits for. Tried every 20 ms for ``WAKE_TRIES_S``; never while a
+    reply is being read. A no-op outside gevent."""
     gevent = sys.modules.get("gevent")
     if gevent is None or loop is None:
         return
     from celery.worker import state
+    woken: list[Any] = []
+    pidbox: Any = None
 
     def throw_if_parked() -> None:
-        if loop.dead or not parked_waiting_for_broker(loop.gr_frame):
+        target = pidbox if woken else loop
+        if target is None or target.dead or not parked_waiting_for_broker(target.gr_frame):
+            return
+        if woken:   # its loop catches the timeout and, the stop flagged by now, ends
+            target.throw(TimeoutError())
             return
         try:
             state.maybe_shutdown()
         except SystemExit as exc:   # the stop Celery has flagged, raised where its loop would
-            loop.throw(exc)
+            woken.append(exc)
+            target.throw(exc)
 
     def keep_trying() -> None:
+        nonlocal pidbox
+        pidbox = pidbox_greenlet()
         hub, deadline = gevent.get_hub(), time.monotonic() + WAKE_TRIES_S
-        while not loop.dead and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (woken and (pidbox is None or pidbox.dead)):
             hub.loop.run_callback(throw_if_parked)   # check and throw with no switch in between
             gevent.sleep(0.02)
 
