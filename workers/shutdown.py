@@ -54,7 +54,7 @@ def wait_until_not_consuming(consumer: Any, timeout: float) -> None:
     """Block until Celery's warm shutdown has stopped the worker's consumer (its blueprint, which
     cancels the task consumer), at most ``timeout``: a message put back before that could be taken
     again by this very worker — and put back again, round and round until it stops consuming. (The
-    consumer notices the stop at its next loop, seconds later under load: measured ~4 s.)"""
+    consumer notices the stop at its next wait for the broker: :func:`wake_consumer`.)"""
     blueprint = getattr(consumer, "blueprint", None)
     if blueprint is not None:
         blueprint.shutdown_complete.wait(timeout)
