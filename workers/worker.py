@@ -52,14 +52,17 @@ def create_worker_app(settings: Settings) -> Celery:
     @worker_shutting_down.connect(weak=False)
     def _stop_gracefully(sender: Any = None, how: str = "", **_: Any) -> None:
         """Called from Celery's signal handler — under gevent, in a hub callback where nothing may
-        block: the graceful stop starts in a greenlet of its own, once. A warm stop after a cold one (a
-        SIGTERM after SIGQUIT) starts none: the cold one is the crash path (kombu restores)."""
+        block: the graceful stop starts in a greenlet of its own. Only the first signal counts: a warm
+        stop after a cold one (SIGTERM after SIGQUIT) starts none — the cold one is the crash path
+        (kombu restores) — and a cold one after a warm one is Celery's own (it cancels the tasks)."""
         stopping_already = getattr(app, "gateway_stopping", False)
         app.gateway_stopping = True
+        if stopping_already:
+            return
         runner = getattr(app, "gateway_runner", None)
-        if runner is not None and how == "Warm" and not stopping_already:
+        if runner is not None and how == "Warm":
             outside_the_hub(GracefulStop(runner, settings.drain_timeout).begin)
-        wake_consumer(getattr(app, "gateway_loop", None))
+        wake_consumer(getattr(app, "gateway_loop", None))   # once: later it may be in Celery's stop
 
     return app
 
