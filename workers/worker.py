@@ -5,6 +5,7 @@ the worker's start-up: it reads the settings once and calls :func:`create_worker
 module is free of import-time work.
 """
 
+import sys
 from typing import Any
 
 from celery import Celery
@@ -17,7 +18,13 @@ from workers.assembly import build_runner
 from workers.celery_app import make_celery, restore_interval
 from workers.leases import LeaseSweeper
 from workers.redelivery import RedeliverySweeper
-from workers.shutdown import GracefulStop
+from workers.shutdown import GracefulStop, outside_the_hub, wake_consumer
+
+
+def greenlet_now() -> Any:
+    """The running greenlet, or None outside gevent (nothing to wake then)."""
+    gevent = sys.modules.get("gevent")
+    return gevent.getcurrent() if gevent is not None else None
 
 
 def create_worker_app(settings: Settings) -> Celery:
@@ -36,6 +43,7 @@ def create_worker_app(settings: Settings) -> Celery:
             app.gateway_runner = build_runner(settings)
         runner = app.gateway_runner
         app.gateway_consumer = sender   # worker_ready's sender: the consumer (its stop: workers/shutdown.py)
+        app.gateway_loop = greenlet_now()   # the consumer's loop calls worker_ready: the greenlet to wake
         RedeliverySweeper(app, restore_interval(settings)).start()
         LeaseSweeper(app, runner.store, runner.admission.limiter.proc_key("")).start()
         if settings.observability.worker_metrics_port:  # a worker host without an API: its own /metrics
@@ -43,9 +51,18 @@ def create_worker_app(settings: Settings) -> Celery:
 
     @worker_shutting_down.connect(weak=False)
     def _stop_gracefully(sender: Any = None, how: str = "", **_: Any) -> None:
+        """Called from Celery's signal handler — under gevent, in a hub callback where nothing may
+        block: the graceful stop starts in a greenlet of its own. Only the first signal counts: a warm
+        stop after a cold one (SIGTERM after SIGQUIT) starts none — the cold one is the crash path
+        (kombu restores) — and a cold one after a warm one is Celery's own (it cancels the tasks)."""
+        stopping_already = getattr(app, "gateway_stopping", False)
+        app.gateway_stopping = True
+        if stopping_already:
+            return
         runner = getattr(app, "gateway_runner", None)
-        if runner is not None and how == "Warm":   # a cold shutdown is the crash path (kombu restores)
-            GracefulStop(runner, settings.drain_timeout).begin()
+        if runner is not None and how == "Warm":
+            outside_the_hub(GracefulStop(runner, settings.drain_timeout).begin)
+        wake_consumer(getattr(app, "gateway_loop", None))   # once: later it may be in Celery's stop
 
     return app
 
