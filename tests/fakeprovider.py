@@ -159,6 +159,7 @@ import re
 import socket
 import struct
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -365,10 +366,14 @@ class FakeUpstream:
         self.default_api_key = api_key
         self.default_limits = parse_limits(limits)
         self.default_model_limits = {m: parse_limits(v) for m, v in (model_limits or {}).items()}
+        self._local = threading.local()   # per greenlet (the server is monkey-patched): its call's generation
         self.reset()
 
     # ---------------------------------------------------------------- state
     def reset(self) -> None:
+        # a call still running from before the reset (e.g. a killed worker's sleeping call) answers later;
+        # its answer must not count in the next test's stats: counts are kept per generation
+        self.generation = getattr(self, "generation", 0) + 1
         self.latency_ms = self.default_latency_ms
         self.chunk_delay_ms = 0.0
         self.api_key = self.default_api_key
@@ -581,7 +586,17 @@ class FakeUpstream:
         body = error_body(429, message, "rate_limit_exceeded", type_)
         return self._json(start_response, 429, body, headers)
 
+    def _current(self) -> bool:
+        """Whether the call this thread answers began after the last :meth:`reset`."""
+        return getattr(self._local, "generation", self.generation) == self.generation
+
+    def _call_ended(self) -> None:
+        if self._current():
+            self.in_flight -= 1
+
     def _count_status(self, status: int) -> None:
+        if not self._current():
+            return
         key = str(status)
         self.by_status[key] = self.by_status.get(key, 0) + 1
 
@@ -713,6 +728,7 @@ class FakeUpstream:
     # ---------------------------------------------------------------- model calls
     def _model_call(self, environ: dict[str, Any], start_response: Any, kind: str) -> Iterable[bytes]:
         started = time.monotonic()
+        self._local.generation = self.generation
         if kind == "chat":
             self.calls += 1
         else:
@@ -854,7 +870,7 @@ class FakeUpstream:
             return [payload]
         finally:
             if not streaming:
-                self.in_flight -= 1
+                self._call_ended()
                 self._release(held)
 
     def _dripping(self, payload: bytes, interval: float) -> Iterator[bytes]:
@@ -1002,7 +1018,7 @@ class FakeUpstream:
                 yield b"data: " + _dumps(obj) + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
-            self.in_flight -= 1
+            self._call_ended()
             self._release(held or [])
 
     def _embeddings(self, start_response: Any, body: dict[str, Any], model: str,

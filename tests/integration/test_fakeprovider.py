@@ -418,3 +418,27 @@ def test_limits_from_the_command_line_survive_reset():
             "m": {"rpm": None, "tpm": 9, "concurrency": None}}
         assert _call(c).status_code == 200  # reset forgot the use counted so far
         c.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_call_answered_after_a_reset_does_not_count_in_the_new_stats(fake, stream):
+    """A call still sleeping when a test ends (e.g. its worker was killed) answers during the next test:
+    its answer must not show in that test's stats (status counts, calls in flight)."""
+    import threading
+
+    fake.reset()
+    body = json.dumps({"model": "gpt-4o-mini", "stream": stream,
+                       "messages": [{"role": "user", "content": "sleep:1 a stray"}]}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer x"}
+    request = urllib.request.Request(fake.base_url + "/chat/completions", data=body, method="POST",
+                                     headers=headers)
+    stray = threading.Thread(target=lambda: urllib.request.urlopen(request, timeout=10).read())
+    stray.start()
+    deadline = time.monotonic() + 5
+    while fake.stats()["in_flight"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fake.stats()["in_flight"] == 1
+    fake.reset()                  # the next test begins
+    stray.join()                  # the stray answers
+    stats = fake.stats()
+    assert stats["by_status"] == {} and stats["in_flight"] == 0, stats
