@@ -69,15 +69,18 @@ def test_an_urgent_put_waits_until_the_sender_took_it():
     """The reader's put of the first token returns only once that chunk is on its way: with a send in
     flight it waits for that send to end and the next (its own) to begin."""
     release = threading.Event()
+    first_in_flight = threading.Event()
     batches: list[list[Chunk]] = []
 
     def send(batch):
         batches.append(list(batch))
         if len(batches) == 1:
+            first_in_flight.set()
             release.wait(5)
 
     sender = ChunkSender(send)
     sender.put(chunk(0))
+    assert first_in_flight.wait(5)    # the sender took chunk 0 (else both would go in one batch)
     threading.Timer(0.05, release.set).start()
     sender.put(chunk(1), urgent=True)
     assert release.is_set()           # it waited for the first send to end
