@@ -1,5 +1,5 @@
 """CPU per call of one script call the way the API makes it (gevent, a ``BlockingConnectionPool``,
-``create.lua``-sized arguments): redis-py's ``Script.__call__`` against ``common.lua.run`` (a bare
+``create.lua``-sized arguments): redis-py's ``Script.__call__`` against ``common.lua.LeanScript`` (a bare
 ``EVALSHA`` through ``execute_command``) and, for scale, the pool and connection by hand (no retry,
 no observability hooks: what a leaner client could reach). Short batches interleaved, quantiles over
 batches (the machine is shared).
@@ -40,6 +40,7 @@ def main() -> None:
                                                  health_check_interval=30)
     client = redis.Redis(connection_pool=pool)
     script = client.register_script("return ARGV[1]")
+    lean = lua.LeanScript(client, "return ARGV[1]")
     script(keys=KEYS, args=ARGS)
 
     def by_hand() -> Any:
@@ -52,7 +53,7 @@ def main() -> None:
 
     ways: dict[str, Callable[[], Any]] = {
         "Script()": lambda: script(keys=KEYS, args=ARGS),
-        "lua.run": lambda: lua.run(client, script, KEYS, ARGS),
+        "lua.LeanScript": lambda: lean(keys=KEYS, args=ARGS),
         "by hand": by_hand,
     }
     samples: dict[str, list[float]] = {name: [] for name in ways}

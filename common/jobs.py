@@ -145,10 +145,11 @@ class JobStore:
         that exists is left as it is (None): whoever recreated it first wins. With ``budget`` its worst
         case is reserved in the same step, or — a budget refuses it — :class:`BudgetRefusal` is raised
         and nothing was recorded or queued."""
-        created = lua.run(self.redis, self._create, [self.job_key(job_id), queue or self.job_key(job_id)],
-                          [spec.to_json(), max_wait, reply_to, int(ttl) + 1, message,
-                           1 if only_if_missing else 0, int(CALLER_ALIVE_TTL_S * 1000),
-                           1 if spec.key_limits else 0, *(budget.args() if budget is not None else [0])])
+        created = self._create(keys=[self.job_key(job_id), queue or self.job_key(job_id)],
+                               args=[spec.to_json(), max_wait, reply_to, int(ttl) + 1, message,
+                                     1 if only_if_missing else 0, int(CALLER_ALIVE_TTL_S * 1000),
+                                     1 if spec.key_limits else 0,
+                                     *(budget.args() if budget is not None else [0])])
         if isinstance(created, list):
             if _text(created[0]) != "ok":
                 raise BudgetRefusal(_text(created[0]), int(created[1]) - 1,

@@ -42,8 +42,26 @@ def source(name: str) -> str:
     return "\n".join([*parts, (_HERE / f"{name}.lua").read_text()])
 
 
+class LeanScript(Script):
+    """A :class:`~redis.commands.core.Script` whose call is one bare ``EVALSHA``, loading the script
+    only if Redis lost it (a restart) — what ``Script.__call__`` does, without its per-call wrapping (an
+    import, a pipeline check, tuple copies and the ``evalsha`` command method: ~10 µs of a ~80 µs call
+    under gevent, ``bench/evalsha_micro.py``). Every script the gateway registers is one, so every
+    once-per-call script (create, claim, emit, breaker, ...) takes the lean path; on a pipeline, or
+    given another client, it is redis-py's own call."""
+
+    def __call__(self, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        if client is not None and client is not self.registered_client:
+            return super().__call__(keys=keys, args=args, client=client)
+        keys, args = keys or [], args or []
+        try:
+            return self.registered_client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return super().__call__(keys=keys, args=args)
+
+
 def register(client: redis.Redis, name: str) -> Script:
-    return client.register_script(source(name))
+    return LeanScript(client, source(name))
 
 
 class ScriptBatch:
@@ -78,14 +96,3 @@ class ScriptBatch:
                 except redis.exceptions.ResponseError as exc:
                     replies[index] = exc
         return replies
-
-
-def run(client: redis.Redis, script: Script, keys: list[Any], args: list[Any]) -> Any:
-    """``script(keys=keys, args=args)`` as one bare ``EVALSHA`` on ``client``, loading the script only
-    if Redis lost it (a restart): what ``Script.__call__`` does, without its per-call wrapping (an
-    import, a pipeline check, tuple copies and the ``evalsha`` command method: ~10 µs of a ~80 µs
-    call under gevent, ``bench/evalsha_micro.py``). For the hot path's once-per-call scripts."""
-    try:
-        return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-    except redis.exceptions.NoScriptError:
-        return script(keys=keys, args=args)
